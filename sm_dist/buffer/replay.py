@@ -1,0 +1,351 @@
+"""The replay buffer (DESIGN §3): FIFO Arrow record batches, persisted as IPC segments, restorable.
+
+`ReplayBuffer` is plain Python; the driver makes it an actor with `ray.remote(ReplayBuffer)`. Keep the
+actor's default `max_concurrency=1`: Ray then runs one method at a time, so `add` and `sample` never
+interleave (a lock guards the state as well, for direct multi-threaded use).
+
+Durability contract of `add` (what "acknowledged" means):
+    1. the batch is written to `run_dir/buffer/seg-<seq>.arrow.tmp`, fsynced, renamed to `seg-<seq>.arrow`;
+    2. the manifest (`manifest.json`: the ordered list of live segments, and for a partly evicted oldest
+       segment how many of its head rows are gone) is written the same way (temp, fsync, rename, dir fsync);
+    3. only then is the in-memory state updated, files of evicted segments deleted, and `add` returns.
+A crash before step 2 completes leaves the previous manifest in force; stray `.tmp` files and segment
+files the manifest does not list are removed at the next start. So every row `add` acknowledged before a
+crash is restored, unless eviction removed it.
+
+Staleness: `sample(min_version=v)` keeps model rows with `policy_version >= v` and *always* keeps data
+rows (version -1): expert data never goes stale, so the filter applies to model rows only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sm_dist.buffer.schema import DATA_POLICY_VERSION, SCHEMA, SCHEMA_VERSION, empty_batch, validate_batch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_SEG_PREFIX, _SEG_SUFFIX, _TMP_SUFFIX = "seg-", ".arrow", ".tmp"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One persisted batch. `offset` head rows are evicted (the file keeps them; the manifest records it)."""
+
+    seq: int
+    batch: pa.RecordBatch  # the live rows only (already sliced by `offset`)
+    offset: int = 0
+
+    @property
+    def file(self) -> str:
+        return f"{_SEG_PREFIX}{self.seq:012d}{_SEG_SUFFIX}"
+
+    @property
+    def rows(self) -> int:
+        return self.batch.num_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.batch.nbytes
+
+
+def plan_eviction(
+    segments: list[Segment], capacity_rows: int, capacity_bytes: int
+) -> tuple[list[Segment], list[Segment], int]:
+    """FIFO: drop oldest rows until both capacities hold. Returns (kept, fully evicted, rows evicted).
+
+    Whole oldest segments go first; when only part of the oldest is over capacity, its head is sliced
+    off (by rows, or by an even per-row share of its bytes), so capacity is met to within one row.
+    """
+    kept = list(segments)
+    dropped: list[Segment] = []
+    evicted_rows = 0
+    rows, nbytes = sum(s.rows for s in kept), sum(s.nbytes for s in kept)
+    while kept and (rows > capacity_rows or nbytes > capacity_bytes):
+        head = kept[0]
+        need = max(0, rows - capacity_rows)
+        if nbytes > capacity_bytes:
+            per_row = max(1, head.nbytes // max(1, head.rows))
+            need = max(need, -(-(nbytes - capacity_bytes) // per_row))
+        need = max(1, need)
+        if need >= head.rows:
+            kept.pop(0)
+            dropped.append(head)
+            evicted_rows += head.rows
+            rows, nbytes = rows - head.rows, nbytes - head.nbytes
+        else:
+            sliced = replace(head, batch=head.batch.slice(need), offset=head.offset + need)
+            kept[0] = sliced
+            evicted_rows += need
+            rows, nbytes = rows - need, nbytes - head.nbytes + sliced.nbytes
+    return kept, dropped, evicted_rows
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path) → fsync → rename over `path` → fsync the directory. OSError names the path."""
+    tmp = path.with_name(path.name + _TMP_SUFFIX)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            e.errno,
+            f"replay buffer could not write {path} ({e.strerror or e}); the manifest still lists only "
+            f"the batches acknowledged so far. Free disk space in {path.parent} or point run_dir elsewhere.",
+        ) from e
+
+
+def _write_segment(path: Path, batch: pa.RecordBatch) -> None:
+    def write(tmp: Path) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+            writer.write_batch(batch)
+
+    _write_atomic(path, write)
+
+
+def _read_segment(path: Path) -> pa.RecordBatch:
+    table = _read_segment_table(path)
+    return table.combine_chunks().to_batches()[0] if table.num_rows else empty_batch()
+
+
+def _read_segment_table(path: Path) -> pa.Table:
+    # OSFile reads into memory (no memory map), so the file can be deleted while its rows live on.
+    with pa.OSFile(str(path), "rb") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+class ReplayBuffer:
+    """FIFO replay buffer of `SCHEMA` rows, capped by rows and bytes, persisted under `run_dir/buffer/`.
+
+    Public methods: `add`, `sample`, `stats`, `read_all`. With `run_dir=None` it lives in memory only.
+    """
+
+    def __init__(self, run_dir: str | None, capacity_rows: int, capacity_bytes: int, seed: int = 0):
+        if capacity_rows < 1 or capacity_bytes < 1:
+            raise ValueError(
+                f"capacity_rows={capacity_rows}, capacity_bytes={capacity_bytes}: both must be >= 1 "
+                "(set buffer.capacity_rows / buffer.capacity_bytes)"
+            )
+        self.capacity_rows, self.capacity_bytes = capacity_rows, capacity_bytes
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._segments: list[Segment] = []
+        self._next_seq = 0
+        self._added_rows = self._evicted_rows = 0
+        self._lost_segments = self._lost_rows = 0
+        self._dir = Path(run_dir) / "buffer" if run_dir is not None else None
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._restore()
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    def add(self, batch: pa.RecordBatch) -> int:
+        """Persist `batch`, then append it (evicting FIFO); return the total rows acknowledged so far.
+
+        Raises ValueError for a batch that is not `SCHEMA`, OSError (naming the file) when the disk
+        write fails; in both cases the buffer and its manifest are unchanged.
+        """
+        validate_batch(batch)
+        with self._lock:
+            if batch.num_rows == 0:
+                return self._added_rows
+            seg = Segment(seq=self._next_seq, batch=batch.replace_schema_metadata(SCHEMA.metadata))
+            if self._dir is not None:
+                _write_segment(self._dir / seg.file, seg.batch)
+            kept, dropped, evicted = plan_eviction(
+                [*self._segments, seg], self.capacity_rows, self.capacity_bytes
+            )
+            counters = (self._added_rows + batch.num_rows, self._evicted_rows + evicted)
+            if self._dir is not None:
+                try:
+                    self._write_manifest(kept, seg.seq + 1, *counters)
+                except OSError:
+                    (self._dir / seg.file).unlink(missing_ok=True)
+                    raise
+            self._segments, self._next_seq = kept, seg.seq + 1
+            self._added_rows, self._evicted_rows = counters
+            self._delete_files(dropped)
+            return self._added_rows
+
+    def sample(self, n: int, min_version: int | None = None, newest_first: bool = False) -> pa.RecordBatch:
+        """Return up to `n` distinct rows: uniformly at random, or the newest `n` (newest first).
+
+        `min_version` drops model rows with `policy_version < min_version`; data rows (version -1) are
+        always eligible (module docstring). Fewer than `n` rows come back when fewer are eligible.
+        """
+        if n < 0:
+            raise ValueError(f"sample(n={n}): n must be >= 0")
+        with self._lock:
+            if not self._segments or n == 0:
+                return empty_batch()
+            table = pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
+        pv = table.column("policy_version")
+        if min_version is None:
+            eligible = np.arange(table.num_rows)
+        else:
+            keep = pc.or_(pc.equal(pv, DATA_POLICY_VERSION), pc.greater_equal(pv, min_version))
+            eligible = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+        k = min(n, len(eligible))
+        if newest_first:
+            idx = eligible[::-1][:k]
+        else:
+            idx = self._rng.choice(eligible, size=k, replace=False) if k else eligible[:0]
+        if k == 0:
+            return empty_batch()
+        return table.take(pa.array(idx, type=pa.int64())).combine_chunks().to_batches()[0]
+
+    def stats(self) -> dict:
+        """Counters for logs and the driver: live rows/bytes/segments, totals, per-source rows, newest version."""
+        with self._lock:
+            segs = list(self._segments)
+            out = {
+                "rows": sum(s.rows for s in segs),
+                "bytes": sum(s.nbytes for s in segs),
+                "segments": len(segs),
+                "added_rows": self._added_rows,
+                "evicted_rows": self._evicted_rows,
+                "lost_segments": self._lost_segments,
+                "lost_rows": self._lost_rows,
+                "pid": os.getpid(),
+            }
+        rows_by_source = {"data": 0, "model": 0}
+        newest = None
+        for s in segs:
+            counts = pc.value_counts(s.batch.column("source").cast(pa.string()))
+            for item in counts.to_pylist():
+                rows_by_source[item["values"]] += item["counts"]
+            v = pc.max(s.batch.column("policy_version")).as_py()
+            newest = v if newest is None else max(newest, v)
+        out["rows_by_source"] = rows_by_source
+        out["newest_version"] = newest
+        return out
+
+    def read_all(self) -> pa.Table:
+        """Every live row, oldest first (for inspection and tests)."""
+        with self._lock:
+            return pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
+
+    # ---- persistence ------------------------------------------------------------------------------
+
+    def _write_manifest(self, segments: list[Segment], next_seq: int, added: int, evicted: int) -> None:
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "next_seq": next_seq,
+            "added_rows": added,
+            "evicted_rows": evicted,
+            "segments": [{"file": s.file, "offset": s.offset, "rows": s.rows} for s in segments],
+        }
+        _write_atomic(self._dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
+
+    def _delete_files(self, segments: list[Segment]) -> None:
+        if self._dir is None:
+            return
+        for s in segments:
+            (self._dir / s.file).unlink(missing_ok=True)
+
+    def _restore(self) -> None:
+        """Load every segment the manifest lists; warn about (and count) missing or corrupt ones."""
+        path = self._dir / MANIFEST
+        doc = json.loads(path.read_text()) if path.exists() else None
+        if doc is not None:
+            self._next_seq = int(doc["next_seq"])
+            self._added_rows, self._evicted_rows = int(doc["added_rows"]), int(doc["evicted_rows"])
+            for entry in doc["segments"]:
+                seg = self._load_entry(entry)
+                if seg is not None:
+                    self._segments.append(seg)
+        listed = {s.file for s in self._segments} | {MANIFEST}
+        stray = [
+            p
+            for p in self._dir.iterdir()
+            if p.name not in listed and (p.name.startswith(_SEG_PREFIX) or p.name.endswith(_TMP_SUFFIX))
+        ]
+        for p in stray:  # unacknowledged temp files, evicted or lost segments
+            p.unlink(missing_ok=True)
+        if stray:
+            log.info("replay buffer %s: removed %d stray file(s) not in the manifest", self._dir, len(stray))
+        kept, dropped, evicted = plan_eviction(self._segments, self.capacity_rows, self.capacity_bytes)
+        self._segments, self._evicted_rows = kept, self._evicted_rows + evicted
+        if doc is not None:
+            self._write_manifest(kept, self._next_seq, self._added_rows, self._evicted_rows)
+            self._delete_files(dropped)
+            log.info(
+                "replay buffer %s: restored %d rows in %d segments (%d segments lost)",
+                self._dir,
+                sum(s.rows for s in kept),
+                len(kept),
+                self._lost_segments,
+            )
+
+    def _load_entry(self, entry: dict) -> Segment | None:
+        file, offset, rows = entry["file"], int(entry["offset"]), int(entry["rows"])
+        seq = int(file[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
+        try:
+            batch = _read_segment(self._dir / file)
+            if batch.num_rows != offset + rows:
+                raise ValueError(f"has {batch.num_rows} rows, manifest says {offset} evicted + {rows} live")
+            validate_batch(batch)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            log.warning(
+                "replay buffer: segment %s is missing or corrupt (%s); its %d rows are lost",
+                self._dir / file,
+                e,
+                rows,
+            )
+            self._lost_segments += 1
+            self._lost_rows += rows
+            return None
+        return Segment(seq=seq, batch=batch.slice(offset), offset=offset)
+
+
+def read_run_buffer(run_dir: str | os.PathLike, retries: int = 3) -> pa.Table:
+    """Read a run's live buffer rows with plain pyarrow (no Ray, no actor), oldest first.
+
+    Follows the manifest, so evicted head rows of a partly evicted segment are skipped. On a live run a
+    listed segment can be evicted (deleted) between reading the manifest and the file: then the manifest
+    is read again, up to `retries` times. Raises FileNotFoundError naming the path when there is no
+    `run_dir/buffer/manifest.json`.
+    """
+    bdir = Path(run_dir) / "buffer"
+    path = bdir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no replay-buffer manifest at {path}; is {run_dir} a run dir with a buffer?")
+    for attempt in range(retries + 1):
+        doc = json.loads(path.read_text())
+        try:
+            tables = [
+                _read_segment_table(bdir / e["file"]).slice(int(e["offset"]), int(e["rows"]))
+                for e in doc["segments"]
+            ]
+        except FileNotFoundError:
+            if attempt == retries:
+                raise
+            continue
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+    raise AssertionError("unreachable")
