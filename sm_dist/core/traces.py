@@ -71,3 +71,160 @@ def augment_noise(
         actions.append(int(t))
         is_noise.append(False)
     return actions, is_noise
+
+
+@dataclass
+class TraceInputs:
+    """The single-pass layout of one trace (DESIGN §2). Shapes: N = P + T inputs, T actions.
+
+    input_ids, position_ids, deleted_at: [N] int64, the model inputs and the visibility data
+        (key k is visible to query q iff k <= q < deleted_at[k]).
+    state_index: [T+1] int64, the input position whose logits are l(.|s_t), for s_0 .. s_T.
+    actions: [T] int64, a_t (the label read at state_index[t]; may be <bkspc> or <eos>).
+    bkspc_allowed: [T+1] bool, False where s_t's generated part is empty (<bkspc> masked out there).
+    terminal: True if the last action is <eos> (then V(s_T) = 0, else s_T bootstraps with its own V).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    deleted_at: torch.Tensor
+    state_index: torch.Tensor
+    actions: torch.Tensor
+    bkspc_allowed: torch.Tensor
+    terminal: bool
+    prompt_len: int
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.actions.numel())
+
+    @property
+    def has_backspace(self) -> bool:
+        return bool((self.deleted_at < INF_POS).any())
+
+
+def build_inputs(
+    prompt_ids: Sequence[int],
+    action_ids: Sequence[int],
+    bkspc_id: int,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> TraceInputs:
+    """Lay out a trace for one masked forward pass (DESIGN §2, the stack walk).
+
+    Every action gets one input: a token is appended with position id = current state length; a
+    `<bkspc>` pops the last generated token and re-inputs a *copy* of the new last token (same id,
+    same position id) that replaces it, so the copy's logits are l(.|s) of the collapsed state. An
+    action after `<eos>` is an error; an `<eos>` is terminal and needs no input of its own, but one is
+    laid out anyway (ignored) to keep N = P + T.
+    """
+    _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size)
+    P, T = len(prompt_ids), len(action_ids)
+    input_ids = list(prompt_ids) + [0] * T
+    position_ids = list(range(P)) + [0] * T
+    deleted_at = [INF_POS] * (P + T)
+    stack = list(range(P))
+    bkspc_allowed = [False]
+    for t, a in enumerate(action_ids):
+        i = P + t
+        if a == bkspc_id:
+            if len(stack) > P:
+                deleted_at[stack.pop()] = i
+            last = stack[-1]
+            input_ids[i], position_ids[i] = input_ids[last], position_ids[last]
+            deleted_at[last] = i
+            stack[-1] = i
+        else:
+            input_ids[i], position_ids[i] = int(a), len(stack)
+            stack.append(i)
+        bkspc_allowed.append(len(stack) > P)
+    terminal = T > 0 and eos_id is not None and action_ids[-1] == eos_id
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return TraceInputs(
+        input_ids=as_long(input_ids),
+        position_ids=as_long(position_ids),
+        deleted_at=as_long(deleted_at),
+        state_index=as_long([P - 1 + t for t in range(T + 1)]),
+        actions=as_long(list(action_ids)),
+        bkspc_allowed=torch.tensor(bkspc_allowed, dtype=torch.bool),
+        terminal=bool(terminal),
+        prompt_len=P,
+    )
+
+
+def _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError(
+            "empty prompt: the state s_0 needs at least one input token; prepend a <bos> (tokenizer.bos_token_id)"
+        )
+    if bkspc_id in prompt_ids:
+        raise ValueError(f"<bkspc> id {bkspc_id} appears in the prompt {list(prompt_ids)[:16]}...: it is an action only")
+    if eos_id is not None and eos_id in list(action_ids)[:-1]:
+        raise ValueError(f"<eos> id {eos_id} appears before the last action: nothing follows a terminal state")
+    if vocab_size is not None:
+        for name, ids in (("prompt_ids", prompt_ids), ("action_ids", action_ids)):
+            bad = [x for x in ids if not 0 <= x < vocab_size]
+            if bad:
+                raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab_size}): {bad[:8]}")
+        if not 0 <= bkspc_id < vocab_size:
+            raise ValueError(f"<bkspc> id {bkspc_id} is outside the model's vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class TraceBatch:
+    """Right-padded batch of traces. B traces, N = max inputs, T = max actions.
+
+    input_ids, position_ids, deleted_at: [B, N]; lengths: [B] (inputs per row);
+    state_index: [B, T+1] (padded with 0), actions: [B, T] (padded with 0), action_mask: [B, T] bool,
+    bkspc_allowed: [B, T+1] bool, terminal: [B] bool, any_backspace: whether any row needs the mask.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    deleted_at: torch.Tensor
+    lengths: torch.Tensor
+    state_index: torch.Tensor
+    actions: torch.Tensor
+    action_mask: torch.Tensor
+    bkspc_allowed: torch.Tensor
+    terminal: torch.Tensor
+    any_backspace: bool
+
+    def to(self, device) -> TraceBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return TraceBatch(**moved)
+
+
+def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int = 1) -> TraceBatch:
+    """Right-pad traces into a batch. Pad inputs attend only to earlier keys; they are never read."""
+    if not traces:
+        raise ValueError("collate needs at least one trace")
+    B = len(traces)
+    N = max(int(t.input_ids.numel()) for t in traces)
+    N = -(-N // pad_to_multiple) * pad_to_multiple
+    T = max(t.num_actions for t in traces)
+    input_ids = torch.full((B, N), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, N), dtype=torch.long)
+    deleted_at = torch.full((B, N), INF_POS, dtype=torch.long)
+    state_index = torch.zeros((B, T + 1), dtype=torch.long)
+    actions = torch.zeros((B, T), dtype=torch.long)
+    action_mask = torch.zeros((B, T), dtype=torch.bool)
+    bkspc_allowed = torch.zeros((B, T + 1), dtype=torch.bool)
+    for b, tr in enumerate(traces):
+        n, t = int(tr.input_ids.numel()), tr.num_actions
+        input_ids[b, :n], position_ids[b, :n], deleted_at[b, :n] = tr.input_ids, tr.position_ids, tr.deleted_at
+        position_ids[b, n:] = torch.arange(N - n) + (int(tr.position_ids.max()) + 1)
+        state_index[b, : t + 1], bkspc_allowed[b, : t + 1] = tr.state_index, tr.bkspc_allowed
+        actions[b, :t], action_mask[b, :t] = tr.actions, True
+    return TraceBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        deleted_at=deleted_at,
+        lengths=torch.tensor([int(t.input_ids.numel()) for t in traces], dtype=torch.long),
+        state_index=state_index,
+        actions=actions,
+        action_mask=action_mask,
+        bkspc_allowed=bkspc_allowed,
+        terminal=torch.tensor([t.terminal for t in traces], dtype=torch.bool),
+        any_backspace=any(t.has_backspace for t in traces),
+    )

