@@ -1,0 +1,1 @@
+"""Expert data: loading and tokenising datasets, noise augmentation, buffer rows, and the arithmetic task."""
