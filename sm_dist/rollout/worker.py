@@ -1,0 +1,173 @@
+"""The rollout worker (DESIGN §2, §4): prompts in, backspace-aware rollouts out, weights applied between
+batches. A plain class; the driver applies `ray.remote`:
+
+    Worker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker)
+    w = Worker.remote("w0", model_dir, prompt_shard, RolloutParams(...), batch_size=32, sink=buffer)
+    w.run.remote()                                   # loops until stop()
+    ObjectStoreTransport([w]).publish(version, sd)   # update_weights: applied between two batches
+
+Weight updates are never applied mid-generation: `run_batch` and the weight load both hold
+`self._engine_lock`, so an update requested during a batch (threaded actor, `max_concurrency >= 2`)
+waits for that batch to end. With a single-threaded actor (`max_concurrency=1`, the default) the
+same holds trivially, but then `update_weights` and `stop` queue behind a running `run()`: drive such
+a worker with `run_batch` calls (or `run(max_batches=k)`) instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sm_dist.rollout.engine import BackspaceEngine, Rollout, RolloutParams
+from sm_dist.sync.object_store import ObjectStoreTransport
+
+
+class RolloutWorker:
+    """Samples rollouts for its prompt shard and sends them, as Arrow batches, to `sink`."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        model_dir: str | Path,
+        prompts: Sequence[Sequence[int]],
+        params: RolloutParams,
+        batch_size: int,
+        sink: Any = None,
+        engine_kwargs: dict | None = None,
+        sink_timeout_s: float = 120.0,
+        sync_timeout_s: float = 300.0,
+    ):
+        if not prompts or batch_size < 1:
+            raise ValueError(f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
+                             f"(got {len(prompts)} prompts, batch_size={batch_size})")
+        self.worker_id = worker_id
+        self.prompts = [list(map(int, p)) for p in prompts]
+        self.params = params
+        self.batch_size = batch_size
+        self.sink = sink
+        self.sink_timeout_s = sink_timeout_s
+        self.engine = BackspaceEngine(model_dir, **(engine_kwargs or {}))
+        self.transport = ObjectStoreTransport(timeout_s=sync_timeout_s)
+        self._engine_lock = threading.Lock()  # held by a batch and by a weight load
+        self._stop = threading.Event()
+        self._cursor = 0  # next prompt index in the shard (wraps around)
+        self._batches = 0
+        self._totals = {"actions": 0, "backspaces": 0, "rollouts": 0, "gen_s": 0.0}
+        self._last: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ sampling
+    def run_batch(self) -> dict[str, float]:
+        """Generate one batch of prompts, send its rows to the sink, return `rollout/...` stats."""
+        n = len(self.prompts)
+        batch = [self.prompts[(self._cursor + i) % n] for i in range(self.batch_size)]
+        self._cursor = (self._cursor + self.batch_size) % n
+        with self._engine_lock:
+            version = self.engine.version
+            t0 = time.perf_counter()
+            rollouts = self.engine.generate(batch, self.params)
+            gen_s = time.perf_counter() - t0
+        rows = self.to_rows(rollouts, version)
+        self._send(rows)
+        actions = sum(len(r.action_ids) for r in rollouts)
+        backspaces = sum(r.num_backspaces for r in rollouts)
+        self._batches += 1
+        for k, v in (("actions", actions), ("backspaces", backspaces), ("rollouts", len(rollouts)), ("gen_s", gen_s)):
+            self._totals[k] += v
+        self._last = {
+            "rollout/version": float(version),
+            "rollout/rollouts": float(len(rollouts)),
+            "rollout/actions": float(actions),
+            "rollout/tokens_per_s": actions / max(gen_s, 1e-9),
+            "rollout/backspace_rate": backspaces / max(actions, 1),
+            "rollout/eos_rate": sum(r.finish_reason == "eos" for r in rollouts) / len(rollouts),
+            "rollout/action_cap_rate": sum(r.finish_reason == "action_cap" for r in rollouts) / len(rollouts),
+            "rollout/gen_s": gen_s,
+        }
+        return dict(self._last)
+
+    def run(self, max_batches: int | None = None) -> dict[str, float]:
+        """Loop `run_batch` until `max_batches` or `stop()`; returns `stats()`. Pending weight
+        updates (from a concurrent `update_weights`) are applied between batches."""
+        self._stop.clear()
+        done = 0
+        while not self._stop.is_set() and (max_batches is None or done < max_batches):
+            self.run_batch()
+            done += 1
+            time.sleep(0)  # let a waiting update_weights thread take the engine lock
+        return self.stats()
+
+    def to_rows(self, rollouts: list[Rollout], version: int) -> list[dict]:
+        """Rows of the buffer's Arrow schema (sm_dist.buffer.schema), one per rollout."""
+        now = dt.datetime.now(dt.UTC)
+        return [
+            {
+                "sample_id": f"{self.worker_id}-{uuid.uuid4().hex}",
+                "prompt_ids": r.prompt_ids,
+                "action_ids": r.action_ids,
+                "final_ids": r.final_ids,
+                "source": "model",
+                "policy_version": int(version),
+                "logprobs": r.logprobs,
+                "finish_reason": r.finish_reason,
+                "worker_id": self.worker_id,
+                "created_at": now,
+            }
+            for r in rollouts
+        ]
+
+    def _send(self, rows: list[dict]) -> None:
+        if self.sink is None:
+            return
+        from sm_dist.buffer.schema import rows_to_batch
+
+        batch = rows_to_batch(rows)
+        add = getattr(self.sink, "add", None)
+        if add is not None and hasattr(add, "remote"):  # a Ray actor handle (the replay buffer)
+            import ray
+
+            try:
+                ray.get(add.remote(batch), timeout=self.sink_timeout_s)
+            except ray.exceptions.GetTimeoutError as e:
+                raise TimeoutError(
+                    f"{self.worker_id}: sink did not accept a batch of {len(rows)} rows within "
+                    f"{self.sink_timeout_s}s"
+                ) from e
+        else:
+            self.sink(batch)
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, payload: Any, version: int) -> int:
+        """Load weights `version` (safetensors bytes, an ObjectRef, or `[ObjectRef]`) between batches;
+        return the version now in use."""
+        with self._engine_lock:
+            return self.transport.receive(self.engine, payload, version, self.worker_id)
+
+    def probe_logprobs(self, prompt_ids: Sequence[int], action_ids: Sequence[int]) -> list[float]:
+        """Raw log-probs of `action_ids` after `prompt_ids` under the weights in use (sync check)."""
+        with self._engine_lock:
+            return self.engine.score(prompt_ids, action_ids)
+
+    # ------------------------------------------------------------------ control
+    def stats(self) -> dict[str, float]:
+        t = self._totals
+        return {
+            **self._last,
+            "rollout/version": float(self.engine.version),
+            "rollout/batches": float(self._batches),
+            "rollout/total_rollouts": float(t["rollouts"]),
+            "rollout/total_actions": float(t["actions"]),
+            "rollout/mean_tokens_per_s": t["actions"] / max(t["gen_s"], 1e-9),
+            "rollout/mean_backspace_rate": t["backspaces"] / max(t["actions"], 1),
+        }
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def stop(self) -> None:
+        """Ask `run` to return after the current batch (needs a threaded actor to be called mid-run)."""
+        self._stop.set()
