@@ -66,12 +66,22 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
     if attn == "sdpa":
         with attn_implementation(model, "sdpa"):
             mask = dense_mask(batch.deleted_at)
-            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
+            out = model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=mask,
+                use_cache=False,
+            )
     elif attn == "flex":
         _register_flex()
         with attn_implementation(model, FLEX_IMPL):
             mask = flex_block_mask(batch.deleted_at)
-            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False)
+            out = model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=mask,
+                use_cache=False,
+            )
     else:
         raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex' or 'auto'")
     return out.logits.float()

@@ -93,6 +93,8 @@ class TraceInputs:
     bkspc_allowed: torch.Tensor
     terminal: bool
     prompt_len: int
+    is_noise: torch.Tensor  # [T] bool: the action is an injected noise token (augmented data)
+    from_data: bool = True  # source: augmented expert data (True) or a model rollout (False)
 
     @property
     def num_actions(self) -> int:
@@ -109,6 +111,8 @@ def build_inputs(
     bkspc_id: int,
     eos_id: int | None = None,
     vocab_size: int | None = None,
+    is_noise: Sequence[bool] | None = None,
+    from_data: bool = True,
 ) -> TraceInputs:
     """Lay out a trace for one masked forward pass (DESIGN §2, the stack walk).
 
@@ -119,6 +123,8 @@ def build_inputs(
     laid out anyway (ignored) to keep N = P + T.
     """
     _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size)
+    if is_noise is not None and len(is_noise) != len(action_ids):
+        raise ValueError(f"is_noise has {len(is_noise)} flags for {len(action_ids)} actions")
     P, T = len(prompt_ids), len(action_ids)
     input_ids = list(prompt_ids) + [0] * T
     position_ids = list(range(P)) + [0] * T
@@ -149,6 +155,8 @@ def build_inputs(
         bkspc_allowed=torch.tensor(bkspc_allowed, dtype=torch.bool),
         terminal=bool(terminal),
         prompt_len=P,
+        is_noise=torch.tensor(list(is_noise) if is_noise is not None else [False] * T, dtype=torch.bool),
+        from_data=from_data,
     )
 
 
@@ -158,9 +166,13 @@ def _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size) -> None:
             "empty prompt: the state s_0 needs at least one input token; prepend a <bos> (tokenizer.bos_token_id)"
         )
     if bkspc_id in prompt_ids:
-        raise ValueError(f"<bkspc> id {bkspc_id} appears in the prompt {list(prompt_ids)[:16]}...: it is an action only")
+        raise ValueError(
+            f"<bkspc> id {bkspc_id} appears in the prompt {list(prompt_ids)[:16]}...: it is an action only"
+        )
     if eos_id is not None and eos_id in list(action_ids)[:-1]:
-        raise ValueError(f"<eos> id {eos_id} appears before the last action: nothing follows a terminal state")
+        raise ValueError(
+            f"<eos> id {eos_id} appears before the last action: nothing follows a terminal state"
+        )
     if vocab_size is not None:
         for name, ids in (("prompt_ids", prompt_ids), ("action_ids", action_ids)):
             bad = [x for x in ids if not 0 <= x < vocab_size]
@@ -176,7 +188,9 @@ class TraceBatch:
 
     input_ids, position_ids, deleted_at: [B, N]; lengths: [B] (inputs per row);
     state_index: [B, T+1] (padded with 0), actions: [B, T] (padded with 0), action_mask: [B, T] bool,
-    bkspc_allowed: [B, T+1] bool, terminal: [B] bool, any_backspace: whether any row needs the mask.
+    bkspc_allowed: [B, T+1] bool, terminal: [B] bool, any_backspace: whether any row needs the mask,
+    is_noise: [B, T] bool, from_data: [B] bool, seq_weight: [B] float (1 by default; expectations
+    are weighted means over sequences, which lets exact enumerations carry their probabilities).
     """
 
     input_ids: torch.Tensor
@@ -189,6 +203,9 @@ class TraceBatch:
     bkspc_allowed: torch.Tensor
     terminal: torch.Tensor
     any_backspace: bool
+    is_noise: torch.Tensor
+    from_data: torch.Tensor
+    seq_weight: torch.Tensor
 
     def to(self, device) -> TraceBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -210,12 +227,17 @@ def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int
     actions = torch.zeros((B, T), dtype=torch.long)
     action_mask = torch.zeros((B, T), dtype=torch.bool)
     bkspc_allowed = torch.zeros((B, T + 1), dtype=torch.bool)
+    is_noise = torch.zeros((B, T), dtype=torch.bool)
     for b, tr in enumerate(traces):
         n, t = int(tr.input_ids.numel()), tr.num_actions
-        input_ids[b, :n], position_ids[b, :n], deleted_at[b, :n] = tr.input_ids, tr.position_ids, tr.deleted_at
+        input_ids[b, :n], position_ids[b, :n], deleted_at[b, :n] = (
+            tr.input_ids,
+            tr.position_ids,
+            tr.deleted_at,
+        )
         position_ids[b, n:] = torch.arange(N - n) + (int(tr.position_ids.max()) + 1)
         state_index[b, : t + 1], bkspc_allowed[b, : t + 1] = tr.state_index, tr.bkspc_allowed
-        actions[b, :t], action_mask[b, :t] = tr.actions, True
+        actions[b, :t], action_mask[b, :t], is_noise[b, :t] = tr.actions, True, tr.is_noise
     return TraceBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -227,4 +249,7 @@ def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int
         bkspc_allowed=bkspc_allowed,
         terminal=torch.tensor([t.terminal for t in traces], dtype=torch.bool),
         any_backspace=any(t.has_backspace for t in traces),
+        is_noise=is_noise,
+        from_data=torch.tensor([t.from_data for t in traces], dtype=torch.bool),
+        seq_weight=torch.ones(B),
     )

@@ -1,0 +1,240 @@
+"""The SequenceMatch objective and its relatives (DESIGN §1), as pure functions over tensors.
+
+Raw logits are soft Q-values: pi(a|s) = softmax(l(.|s))[a], V(s) = logsumexp_a l(a|s) (with <bkspc>
+excluded at the prompt boundary, where it is no action). For a transition (s_t, a_t, s_{t+1}):
+
+    r_t = l(a_t|s_t) - gamma * V(s_{t+1}),      V(terminal) = 0, a truncated s_T keeps its own V.
+
+Written as a loss to minimise (IQ-Learn with phi; chi^2-mixture = SequenceMatch):
+
+    L_SM = - E_data[ w(r) * r ]             data term; w = phi'(r) without gradient (w = 1 for chi^2)
+           + c * E_mix[ r^2 ]               chi^2 term (on data only for `chi2`; absent for kl/js/hellinger)
+           + E_mix[ V(s_t) - gamma V(s_{t+1}) ]  value term
+
+where E_x[g] = (1/#sequences of x) * sum_sequences sum_t gamma^t g_t and E_mix = a*E_data + (1-a)*E_model
+(a = `data_mix`, 1/2 by default). Time t counts actions, noise and backspaces included.
+
+Departures, deliberate: the (1-gamma) factor of the discounted occupancy is dropped (a constant: it
+would only rescale the gradient relative to cross-entropy); normalisation is per sequence, never per
+sequence length (a per-length average is not a proper scoring rule). With phi(x) = x and the value term
+on data only (`mle`), the loss is exactly the gamma^t-weighted cross-entropy, since
+-r_t + V(s_t) - gamma V(s_{t+1}) = V(s_t) - l(a_t|s_t) = -log pi(a_t|s_t).
+
+`mask_noise_actions`: the data term (and, for `mle`, the whole per-transition loss) skips injected noise
+actions, so a wrong token is never imitated; the chi^2 and value terms keep every transition (the value
+term telescopes only over complete trajectories). A `<bkspc>` taken at the prompt boundary (a no-op the
+policy cannot take) is dropped from every term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sm_dist.core.traces import TraceBatch
+
+Divergence = Literal["chi2_mixture", "chi2", "kl", "js", "hellinger", "mle"]
+DIVERGENCES: tuple[str, ...] = ("chi2_mixture", "chi2", "kl", "js", "hellinger", "mle")
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """Plain parameters of the objective (the learner builds these from the validated config)."""
+
+    bkspc_id: int
+    divergence: Divergence = "chi2_mixture"
+    gamma: float = 0.998
+    chi2_weight: float = 1e-3  # c = 1/(4 alpha); large c biases the optimum (DESIGN §1)
+    data_mix: float = 0.5  # weight of the data occupancy in E_mix
+    mask_noise_actions: bool = True
+    weight_clip: float = 10.0  # cap on phi'(r) for kl/js/hellinger, whose weights diverge for very negative r
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence={self.divergence!r}; choose one of {DIVERGENCES}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
+        if self.chi2_weight < 0:
+            raise ValueError(f"chi2_weight={self.chi2_weight} must be >= 0")
+        if not 0.0 <= self.data_mix <= 1.0:
+            raise ValueError(f"data_mix={self.data_mix} must be in [0, 1]")
+
+
+def phi_prime(r: torch.Tensor, divergence: str, clip: float) -> torch.Tensor:
+    """IQ-Learn's phi'(r), the data-term weight (no gradient). chi^2 (mixture) and mle: 1."""
+    r = r.detach()
+    if divergence == "kl":  # phi(x) = -exp(-(x+1))
+        w = torch.exp(-r - 1)
+    elif divergence == "js":  # phi(x) = log(2 - exp(-x))
+        e = torch.exp(-r)
+        w = torch.where(e < 2, e / (2 - e).clamp_min(1e-6), torch.full_like(r, clip))
+    elif divergence == "hellinger":  # phi(x) = x / (1 + x)
+        w = torch.where(r > -1, 1.0 / (1 + r).clamp_min(1e-6) ** 2, torch.full_like(r, clip))
+    else:
+        return torch.ones_like(r)
+    return w.clamp(max=clip)
+
+
+def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torch.Tensor:
+    """V(s_t) = logsumexp l(.|s_t), [B, T+1] fp32; <bkspc> excluded where the prompt boundary is.
+
+    logsumexp runs once over the [B, N, V] logits; only the few boundary states are recomputed with
+    the <bkspc> column masked (no [B, T, V] copy of the logits).
+    """
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)  # [B, N]
+    v = lse.gather(1, batch.state_index)  # [B, T+1]
+    fix = ~batch.bkspc_allowed & _state_mask(batch)
+    if fix.any():
+        b, t = fix.nonzero(as_tuple=True)
+        rows = logits[b, batch.state_index[b, t]].clone()  # [K, V]
+        rows[:, bkspc_id] = float("-inf")
+        v = v.masked_scatter(fix, torch.logsumexp(rows, dim=-1))
+    return v
+
+
+def _state_mask(batch: TraceBatch) -> torch.Tensor:
+    """[B, T+1] True for real states s_0..s_{T_b}."""
+    B, T1 = batch.state_index.shape
+    n_actions = batch.action_mask.sum(1, keepdim=True)
+    return torch.arange(T1, device=batch.state_index.device)[None, :] <= n_actions
+
+
+def transitions(logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams) -> dict[str, torch.Tensor]:
+    """Per-transition tensors, all [B, T] fp32: q = l(a_t|s_t), v = V(s_t), v_next = V(s_{t+1}), r, and
+    the time weights gamma^t, zero on padding and on boundary <bkspc> actions."""
+    B, T = batch.actions.shape
+    dev = logits.device
+    v_all = state_values(logits, batch, p.bkspc_id)
+    rows = torch.arange(B, device=dev)[:, None]
+    q = logits[rows, batch.state_index[:, :T], batch.actions].float()
+    v, v_next = v_all[:, :T], v_all[:, 1:]
+    t_idx = torch.arange(T, device=dev)[None, :]
+    last = t_idx == (batch.action_mask.sum(1, keepdim=True) - 1)
+    v_next = torch.where(last & batch.terminal[:, None], torch.zeros_like(v_next), v_next)
+    boundary_bk = (batch.actions == p.bkspc_id) & ~batch.bkspc_allowed[:, :T]
+    valid = batch.action_mask & ~boundary_bk
+    w = (p.gamma ** t_idx.float()) * valid.float()
+    return {"q": q, "v": v, "v_next": v_next, "r": q - p.gamma * v_next, "w": w, "valid": valid}
+
+
+def _expect(per_seq: torch.Tensor, seq_mask: torch.Tensor, seq_w: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the sequences in `seq_mask` of per-sequence sums (0 if there are none)."""
+    w = seq_w * seq_mask
+    return (per_seq * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def _mix(per_seq: torch.Tensor, is_data: torch.Tensor, seq_w: torch.Tensor, data_mix: float) -> torch.Tensor:
+    """E_mix = a E_data + (1-a) E_model; falls back to whichever occupancy the batch has."""
+    has_d, has_m = bool(is_data.any()), bool((~is_data).any())
+    if has_d and has_m:
+        return data_mix * _expect(per_seq, is_data, seq_w) + (1 - data_mix) * _expect(
+            per_seq, ~is_data, seq_w
+        )
+    return _expect(per_seq, is_data if has_d else ~is_data, seq_w)
+
+
+def sequence_match_loss(
+    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DESIGN §1 loss for `p.divergence` on logits [B, N, V]; returns (loss, metrics).
+
+    Rows with `batch.from_data` are data (augmented expert) sequences, the others model rollouts.
+    """
+    tr = transitions(logits, batch, p)
+    is_data = batch.from_data.to(logits.device)
+    sw = batch.seq_weight.to(logits.device, torch.float32)
+    data_act = tr["valid"] & is_data[:, None]
+    if p.mask_noise_actions:
+        data_act = data_act & ~batch.is_noise.to(logits.device)
+    wd = tr["w"] * data_act.float()
+    r, w = tr["r"], tr["w"]
+    phi_w = phi_prime(r, p.divergence, p.weight_clip)
+    data_term = -_expect((wd * phi_w * r).sum(1), is_data, sw)
+    value_per_seq = (w * (tr["v"] - p.gamma * tr["v_next"])).sum(1)
+    if p.divergence == "mle":
+        value_term = _expect((wd * (tr["v"] - p.gamma * tr["v_next"])).sum(1), is_data, sw)
+        chi2_term = torch.zeros((), device=logits.device)
+    else:
+        value_term = _mix(value_per_seq, is_data, sw, p.data_mix)
+        r2 = (w * r.pow(2)).sum(1)
+        if p.divergence == "chi2_mixture":
+            chi2_term = p.chi2_weight * _mix(r2, is_data, sw, p.data_mix)
+        elif p.divergence == "chi2":
+            chi2_term = p.chi2_weight * _expect(r2, is_data, sw)
+        else:
+            chi2_term = torch.zeros((), device=logits.device)
+    loss = data_term + chi2_term + value_term
+    if not torch.isfinite(loss):
+        _check_finite(logits)  # names the bad logits if they are the cause
+        raise FloatingPointError(
+            f"non-finite loss {float(loss)} (data {float(data_term)}, chi2 {float(chi2_term)}, "
+            f"value {float(value_term)}) from finite logits; check gamma/chi2_weight and the batch"
+        )
+    return loss, _metrics(loss, data_term, chi2_term, value_term, tr, is_data)
+
+
+def _metrics(loss, data_term, chi2_term, value_term, tr, is_data) -> dict[str, float]:
+    valid = tr["valid"]
+    vd, vm = valid & is_data[:, None], valid & ~is_data[:, None]
+
+    def mean(x, m):
+        return float((x * m).sum() / m.sum()) if bool(m.any()) else math.nan
+
+    return {
+        "loss/total": float(loss.detach()),
+        "loss/data_term": float(data_term.detach()),
+        "loss/chi2_term": float(chi2_term.detach()),
+        "loss/value_term": float(value_term.detach()),
+        "r/mean_data": mean(tr["r"].detach(), vd),
+        "r/mean_model": mean(tr["r"].detach(), vm),
+        "v/mean": mean(tr["v"].detach(), valid),
+        "v/s0_mean": float(tr["v"].detach()[:, 0].mean()),
+    }
+
+
+def bc_loss(
+    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Behaviour cloning on the data rows: the `mle` objective (gamma^t-weighted cross-entropy)."""
+    mle = ObjectiveParams(
+        bkspc_id=p.bkspc_id, divergence="mle", gamma=p.gamma, mask_noise_actions=p.mask_noise_actions
+    )
+    return sequence_match_loss(logits, batch, mle)
+
+
+def training_loss(
+    logits: torch.Tensor,
+    batch: TraceBatch,
+    p: ObjectiveParams,
+    step: int,
+    warmup_steps: int,
+    sm_lambda: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's schedule: BC for `warmup_steps`, then (1 - lambda) L_BC + lambda L_SM."""
+    if not 0.0 <= sm_lambda <= 1.0:
+        raise ValueError(f"sm_lambda={sm_lambda} must be in [0, 1]")
+    l_bc, m_bc = bc_loss(logits, batch, p)
+    if step < warmup_steps or p.divergence == "mle" or sm_lambda == 0.0:
+        return l_bc, {**m_bc, "loss/bc": m_bc["loss/total"], "loss/sm_lambda": 0.0}
+    l_sm, m_sm = sequence_match_loss(logits, batch, p)
+    loss = (1 - sm_lambda) * l_bc + sm_lambda * l_sm
+    return loss, {
+        **m_sm,
+        "loss/bc": m_bc["loss/total"],
+        "loss/sm": float(l_sm.detach()),
+        "loss/total": float(loss.detach()),
+        "loss/sm_lambda": sm_lambda,
+    }
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).nonzero()[:4].tolist()
+        raise FloatingPointError(
+            f"non-finite logits at [batch, position, token] {bad} (of {int((~torch.isfinite(logits)).sum())}): "
+            "the model produced NaN/inf; lower the learning rate or check the inputs"
+        )

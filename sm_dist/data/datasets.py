@@ -1,0 +1,343 @@
+"""Expert data: load (jsonl/parquet/text) → encode (token ids) → augment (noise + <bkspc>) → buffer rows.
+
+Nothing is dropped silently: every skipped row is counted by reason in a report, and with
+`on_bad="error"` (the default) the first bad row raises a ValueError naming file, line and reason.
+
+Augmentation (DESIGN §2): `augment` calls `sm_dist.core.traces.augment_noise` on `target_ids`, which end
+with eos. Noise may precede *any* true token, eos included: a model can also write a wrong token where it
+should stop, and must learn to delete it then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sm_dist.buffer.schema import DATA_POLICY_VERSION
+from sm_dist.core.traces import augment_noise, collapse
+
+log = logging.getLogger(__name__)
+
+Format = Literal["jsonl", "parquet", "text"]
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+_FIRST_LINES = 5  # line numbers kept per skip reason
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    prompt_ids: list[int]
+    target_ids: list[int]  # answer ids + [eos]
+
+
+@dataclass(frozen=True)
+class AugmentedExample:
+    prompt_ids: list[int]
+    target_ids: list[int]  # collapse(action_ids) == target_ids
+    action_ids: list[int]  # target with `noise, <bkspc>` pairs inserted
+    is_noise: list[bool]  # per action: True at the noise tokens
+
+
+@dataclass
+class Report:
+    """Counts from one load or encode pass: rows seen, kept, skipped by reason (+ first line numbers)."""
+
+    source: str
+    rows_read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_lines: dict[str, list[int]] = field(default_factory=dict)
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] += 1
+        lines = self.first_lines.setdefault(reason, [])
+        if len(lines) < _FIRST_LINES:
+            lines.append(line)
+
+    def summary(self) -> str:
+        parts = [f"{r}={n} (lines {self.first_lines[r]})" for r, n in sorted(self.skipped.items())]
+        return (
+            f"{self.source}: read {self.rows_read}, kept {self.kept}, skipped {sum(self.skipped.values())}"
+            + (f": {', '.join(parts)}" if parts else "")
+        )
+
+
+LoadReport = Report
+EncodeReport = Report
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+
+def load_examples(
+    path: str | Path,
+    fmt: Format | None = None,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    text_field: str | None = None,
+    prompt_chars: int = 0,
+    on_bad: Literal["error", "skip"] = "error",
+    limit: int | None = None,
+) -> tuple[list[Example], LoadReport]:
+    """Load (prompt, answer) examples from a jsonl, parquet or text file.
+
+    fmt: inferred from the suffix when None (.jsonl/.json, .parquet, .txt/.text).
+    text_field (jsonl/parquet) or fmt="text" (one example per non-blank line): plain text, split so the
+        first `prompt_chars` characters are the prompt (0: empty prompt, the whole text is the answer).
+    on_bad: "error" raises on the first bad row (file, line, reason); "skip" counts it in the report.
+        Bad rows: malformed json, a non-object row, a missing field, a non-string value, an empty answer
+        (or an empty prompt outside text mode, where a prompt is expected).
+    limit: stop after this many examples are kept.
+    Line numbers are 1-based (jsonl/text: file lines; parquet: row index + 1).
+    """
+    path = Path(path)
+    fmt = fmt or _SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt not in ("jsonl", "parquet", "text"):
+        raise ValueError(
+            f"cannot infer the format of {path} (suffix {path.suffix!r}); pass fmt='jsonl'|'parquet'|'text'"
+        )
+    if on_bad not in ("error", "skip"):
+        raise ValueError(f"on_bad={on_bad!r}; use 'error' or 'skip'")
+    report = Report(source=str(path))
+    examples: list[Example] = []
+    for line_no, raw in _iter_records(path, fmt):
+        if limit is not None and len(examples) >= limit:
+            break
+        report.rows_read += 1
+        try:
+            record = _decode(raw, fmt, text_field)
+            examples.append(_to_example(record, fmt, prompt_field, answer_field, text_field, prompt_chars))
+            report.kept += 1
+        except _BadRow as e:
+            if on_bad == "error":
+                raise ValueError(
+                    f"{path}:{line_no}: {e.reason}: {e.detail}. Fix the file, or pass on_bad='skip' to skip "
+                    "and count such rows."
+                ) from None
+            report.skip(e.reason, line_no)
+    if report.skipped:
+        log.warning("load_examples %s", report.summary())
+    return examples, report
+
+
+def _iter_records(path: Path, fmt: str) -> Iterator[tuple[int, object]]:
+    """(1-based line number, raw record): a str line for jsonl/text, a dict for parquet."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield i + 1, row
+        return
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():  # blank lines separate nothing and are not rows
+                yield i + 1, line.rstrip("\n")
+
+
+def _decode(raw, fmt: str, text_field: str | None):
+    if fmt == "text":
+        return raw
+    if fmt == "jsonl":
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _BadRow("malformed_json", f"{e.msg} at column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise _BadRow("not_an_object", f"expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _field(record: dict, name: str) -> str:
+    if name not in record or record[name] is None:
+        raise _BadRow("missing_field", f"no field {name!r} (fields: {sorted(record)})")
+    value = record[name]
+    if not isinstance(value, str):
+        raise _BadRow("non_string", f"field {name!r} is {type(value).__name__} {value!r}, expected a string")
+    return value
+
+
+def _to_example(record, fmt, prompt_field, answer_field, text_field, prompt_chars) -> Example:
+    if fmt == "text" or text_field is not None:
+        text = record if fmt == "text" else _field(record, text_field)
+        prompt, answer = text[:prompt_chars], text[prompt_chars:]
+        if not answer:
+            raise _BadRow(
+                "empty", f"text of {len(text)} chars leaves no answer after prompt_chars={prompt_chars}"
+            )
+        return Example(prompt, answer)
+    prompt, answer = _field(record, prompt_field), _field(record, answer_field)
+    for name, value in ((prompt_field, prompt), (answer_field, answer)):
+        if not value.strip():
+            raise _BadRow("empty", f"field {name!r} is empty")
+    return Example(prompt, answer)
+
+
+# ---- tokenisation ------------------------------------------------------------------------------------
+
+
+def encode_examples(
+    examples: Sequence[Example],
+    tokenizer,
+    max_prompt_len: int,
+    max_answer_len: int,
+    on_overlong: Literal["error", "skip", "truncate_left"] = "error",
+) -> tuple[list[EncodedExample], EncodeReport]:
+    """Tokenise examples (no special tokens added) and append eos to each answer.
+
+    Length policy: `max_answer_len` bounds `target_ids` *including* eos. The answer is never truncated
+    (a cut answer teaches the model to stop early). The prompt may be truncated from the left (keeping
+    the end, nearest the answer) with on_overlong="truncate_left"; an over-long answer is then skipped
+    and counted. With "skip" every over-long example is skipped and counted; with "error" the first one
+    raises ValueError naming the example index and lengths. Line numbers in the report are indices + 1.
+    """
+    if on_overlong not in ("error", "skip", "truncate_left"):
+        raise ValueError(f"on_overlong={on_overlong!r}; use 'error', 'skip' or 'truncate_left'")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos token; set one")
+    report = Report(source="encode_examples")
+    out: list[EncodedExample] = []
+    for i, ex in enumerate(examples):
+        report.rows_read += 1
+        prompt_ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
+        target_ids = [*tokenizer.encode(ex.answer, add_special_tokens=False), eos]
+        problem = None
+        if len(target_ids) > max_answer_len:
+            problem = (
+                "overlong_answer",
+                f"answer is {len(target_ids)} tokens with eos > max_answer_len={max_answer_len}",
+            )
+        elif len(prompt_ids) > max_prompt_len and on_overlong != "truncate_left":
+            problem = (
+                "overlong_prompt",
+                f"prompt is {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}",
+            )
+        if problem is not None:
+            if on_overlong == "error":
+                raise ValueError(
+                    f"example {i}: {problem[1]}. Raise the limit, or pass on_overlong='skip' "
+                    "(or 'truncate_left' for prompts)."
+                )
+            report.skip(problem[0], i + 1)
+            continue
+        out.append(
+            EncodedExample(
+                prompt_ids=prompt_ids[-max_prompt_len:] if max_prompt_len else [], target_ids=target_ids
+            )
+        )
+        report.kept += 1
+    if report.skipped:
+        log.warning("encode_examples %s", report.summary())
+    return out, report
+
+
+# ---- augmentation and buffer rows ------------------------------------------------------------------
+
+
+def augment(
+    encoded: Sequence[EncodedExample], bkspc_id: int, p_noise: float, noise_ids: Sequence[int], seed: int
+) -> list[AugmentedExample]:
+    """Insert `noise, <bkspc>` before each target token with probability `p_noise` (DESIGN §2).
+
+    Noise may precede eos too (module docstring). Deterministic in `seed`; noise tokens always differ
+    from the true token they precede (`avoid_true=True`), so each is a real mistake.
+    """
+    rng = random.Random(seed)
+    out = []
+    for ex in encoded:
+        actions, is_noise = augment_noise(ex.target_ids, bkspc_id, p_noise, noise_ids, rng, avoid_true=True)
+        out.append(AugmentedExample(ex.prompt_ids, ex.target_ids, actions, is_noise))
+    return out
+
+
+def make_data_rows(
+    augmented: Sequence[AugmentedExample],
+    bkspc_id: int,
+    worker_id: str = "data",
+    id_prefix: str | None = None,
+) -> list[dict]:
+    """Buffer-schema rows (source="data", policy_version=-1, no log-probs, finish_reason="eos").
+
+    `final_ids` is the collapsed continuation (prompt protected), checked to equal the target.
+    sample_id is f"{id_prefix}-{i}" when `id_prefix` is given (deterministic), else a fresh uuid4.
+    """
+    rows = []
+    for i, ex in enumerate(augmented):
+        n = len(ex.prompt_ids)
+        final = collapse([*ex.prompt_ids, *ex.action_ids], bkspc_id, prompt_len=n)[n:]
+        if final != ex.target_ids:
+            raise ValueError(f"example {i}: actions collapse to {final}, not the target {ex.target_ids}")
+        rows.append(
+            {
+                "sample_id": f"{id_prefix}-{i}" if id_prefix is not None else uuid.uuid4().hex,
+                "prompt_ids": list(ex.prompt_ids),
+                "action_ids": list(ex.action_ids),
+                "final_ids": final,
+                "source": "data",
+                "policy_version": DATA_POLICY_VERSION,
+                "logprobs": [],
+                "finish_reason": "eos",
+                "worker_id": worker_id,
+            }
+        )
+    return rows
+
+
+class ShardedPromptSource:
+    """An endless stream of this shard's examples, reshuffled every epoch (one per rollout worker).
+
+    Shard k of N holds examples[k::N], so shards are disjoint and together cover the data. Epoch e is
+    shuffled with seed (seed, shard_index, e): reproducible, and different across shards and epochs.
+    """
+
+    def __init__(self, examples: Sequence[Example], shard_index: int, num_shards: int, seed: int = 0):
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+        self._shard = list(examples[shard_index::num_shards])
+        if not self._shard:
+            raise ValueError(
+                f"shard {shard_index} of {num_shards} is empty ({len(examples)} examples); use fewer shards"
+            )
+        self._seed, self._index = seed, shard_index
+        self.epoch, self._pos = 0, 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self._shard)))
+        random.Random(f"{self._seed}-{self._index}-{epoch}").shuffle(order)
+        return order
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        if self._pos == len(self._order):
+            self.epoch, self._pos = self.epoch + 1, 0
+            self._order = self._shuffled(self.epoch)
+        self._pos += 1
+        return self._shard[self._order[self._pos - 1]]
+
+    def take(self, n: int) -> list[Example]:
+        """The next `n` examples (crossing epoch boundaries as needed)."""
+        return [next(self) for _ in range(n)]
