@@ -1,0 +1,64 @@
+"""The `sm-dist` command line (also `python -m sm_dist`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_tiny_model(args) -> int:
+    from sm_dist.core.tiny import make_tiny_model
+
+    texts = None
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    out = make_tiny_model(
+        args.out,
+        texts=texts,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        seed=args.seed,
+    )
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def _add_bkspc(args) -> int:
+    from sm_dist.core.vocab import add_bkspc_to_dir
+
+    bid = add_bkspc_to_dir(args.model_dir, args.out)
+    print(f"<bkspc> has id {bid}; model + tokenizer written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny-model", help="build a tiny Llama + locally trained tokenizer (with <bkspc>)")
+    t.add_argument("out", help="output folder (loadable by transformers and vLLM)")
+    t.add_argument("--text", help="train a byte-level BPE on this text file; default: arithmetic alphabet")
+    t.add_argument("--vocab-size", type=int, default=512, help="BPE vocab size when --text is given")
+    t.add_argument("--hidden-size", type=int, default=128)
+    t.add_argument("--num-layers", type=int, default=2)
+    t.add_argument("--num-heads", type=int, default=2, help="hidden/heads must be a vLLM CPU head size (32, 64)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_make_tiny_model)
+
+    a = sub.add_parser("add-bkspc", help="add <bkspc> to an HF model folder (resizes embeddings and head)")
+    a.add_argument("model_dir")
+    a.add_argument("out")
+    a.set_defaults(func=_add_bkspc)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
