@@ -198,6 +198,6 @@ def _check_values(batch: pa.RecordBatch, name: str, allowed: Sequence[str]) -> N
     if pa.types.is_dictionary(col.type):
         col = col.cast(pa.string())
     ok = pc.is_in(col, value_set=pa.array(list(allowed), type=pa.string()))
-    if not pc.all(ok).as_py():
+    if batch.num_rows and not pc.all(ok).as_py():
         i = pc.index(ok, False).as_py()
         raise ValueError(f"row {i} column {name!r}: {col[i].as_py()!r} is not one of {list(allowed)}")
