@@ -69,7 +69,9 @@ class RolloutParams:
                 f"{self.max_actions}, {self.max_backspaces}, {self.samples_per_prompt}"
             )
         if not 0.0 < self.top_p <= 1.0 or self.temperature < 0:
-            raise ValueError(f"need 0 < top_p <= 1 and temperature >= 0; got {self.top_p}, {self.temperature}")
+            raise ValueError(
+                f"need 0 < top_p <= 1 and temperature >= 0; got {self.top_p}, {self.temperature}"
+            )
         if not 0.0 <= self.force_bkspc_rate <= 1.0:
             raise ValueError(f"force_bkspc_rate={self.force_bkspc_rate} must be in [0, 1]")
 

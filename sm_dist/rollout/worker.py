@@ -43,8 +43,10 @@ class RolloutWorker:
         sync_timeout_s: float = 300.0,
     ):
         if not prompts or batch_size < 1:
-            raise ValueError(f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
-                             f"(got {len(prompts)} prompts, batch_size={batch_size})")
+            raise ValueError(
+                f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
+                f"(got {len(prompts)} prompts, batch_size={batch_size})"
+            )
         self.worker_id = worker_id
         self.prompts = [list(map(int, p)) for p in prompts]
         self.params = params
@@ -76,7 +78,12 @@ class RolloutWorker:
         actions = sum(len(r.action_ids) for r in rollouts)
         backspaces = sum(r.num_backspaces for r in rollouts)
         self._batches += 1
-        for k, v in (("actions", actions), ("backspaces", backspaces), ("rollouts", len(rollouts)), ("gen_s", gen_s)):
+        for k, v in (
+            ("actions", actions),
+            ("backspaces", backspaces),
+            ("rollouts", len(rollouts)),
+            ("gen_s", gen_s),
+        ):
             self._totals[k] += v
         self._last = {
             "rollout/version": float(version),

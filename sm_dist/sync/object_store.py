@@ -35,7 +35,9 @@ def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
 class ObjectStoreTransport(WeightTransport):
     """Learner-side publisher to a list of `RolloutWorker` actor handles (and the worker-side loader)."""
 
-    def __init__(self, workers: Sequence[Any] = (), timeout_s: float = 120.0, worker_names: Sequence[str] = ()):
+    def __init__(
+        self, workers: Sequence[Any] = (), timeout_s: float = 120.0, worker_names: Sequence[str] = ()
+    ):
         self.workers = list(workers)
         self.worker_names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
         self.timeout_s = timeout_s
@@ -83,7 +85,9 @@ def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> 
 
     if isinstance(payload, (list, tuple)):
         if len(payload) != 1:
-            raise ValueError(f"{worker_id}: expected [ObjectRef] for version {version}, got {len(payload)} items")
+            raise ValueError(
+                f"{worker_id}: expected [ObjectRef] for version {version}, got {len(payload)} items"
+            )
         payload = payload[0]
     if isinstance(payload, ray.ObjectRef):
         try:
@@ -94,5 +98,7 @@ def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> 
                 f"longer than {timeout_s}s"
             ) from e
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise TypeError(f"{worker_id}: weights of version {version} must be safetensors bytes, got {type(payload)}")
+        raise TypeError(
+            f"{worker_id}: weights of version {version} must be safetensors bytes, got {type(payload)}"
+        )
     return bytes(payload)

@@ -1,0 +1,114 @@
+"""Weight sync through the Ray object store into a RolloutWorker actor's vLLM engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, tiny_model_dir):
+    import ray
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.rollout.worker import RolloutWorker
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [
+        tok.encode(q, add_special_tokens=False) for q in ("In base 7, what is 25 + -3?", "What is 1 + 1?")
+    ]
+
+    @ray.remote(num_cpus=0)
+    class Collector:
+        def __init__(self):
+            self.rows = []
+
+        def add(self, batch):
+            self.rows += batch.to_pylist()
+            return len(self.rows)
+
+        def take(self):
+            rows, self.rows = self.rows, []
+            return rows
+
+    sink = Collector.remote()
+    params = RolloutParams(temperature=1.0, max_actions=16, seed=1)
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
+        "w-sync", str(tiny_model_dir), prompts, params, batch_size=2, sink=sink
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    yield ray, worker, model, tok, prompts, sink
+    ray.kill(worker)
+
+
+@torch.no_grad()
+def hf_logprobs(model, prompt, actions):
+    seq = torch.tensor([prompt + actions])
+    logp = model(seq).logits[0].log_softmax(-1)
+    return [float(logp[len(prompt) + i - 1, a]) for i, a in enumerate(actions)]
+
+
+def test_object_store_sync_updates_probe_and_version(setup):
+    from sm_dist.sync.object_store import ObjectStoreTransport
+
+    ray, worker, model, tok, prompts, sink = setup
+    probe_prompt = prompts[0]
+    probe_actions = tok.encode("12 in base 7.", add_special_tokens=False) + [tok.eos_token_id]
+
+    ray.get(worker.run_batch.remote(), timeout=300)
+    assert {r["policy_version"] for r in ray.get(sink.take.remote())} == {0}
+    before = ray.get(worker.probe_logprobs.remote(probe_prompt, probe_actions), timeout=120)
+    ref_before = hf_logprobs(model, probe_prompt, probe_actions)
+    assert max(abs(a - b) for a, b in zip(before, ref_before, strict=True)) <= 1e-4
+
+    g = torch.Generator().manual_seed(1234)  # perturb every parameter with seeded noise
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ref_after = hf_logprobs(model, probe_prompt, probe_actions)
+    assert max(abs(a - b) for a, b in zip(ref_after, ref_before, strict=True)) > 1e-2
+
+    transport = ObjectStoreTransport([worker], timeout_s=120, worker_names=["w-sync"])
+    metrics = transport.publish(1, model.state_dict())
+    assert metrics["sync/version"] == 1 and metrics["sync/bytes"] > 0
+    assert ray.get(worker.version.remote()) == 1
+
+    after = ray.get(worker.probe_logprobs.remote(probe_prompt, probe_actions), timeout=120)
+    assert max(abs(a - b) for a, b in zip(after, ref_after, strict=True)) <= 1e-4
+
+    stats = ray.get(worker.run_batch.remote(), timeout=300)
+    assert stats["rollout/version"] == 1.0
+    rows = ray.get(sink.take.remote())
+    assert len(rows) == 2 and {r["policy_version"] for r in rows} == {1}
+
+    # A second publish moves the version on again, and new rows are tagged with it.
+    transport.publish(2, model.state_dict())
+    ray.get(worker.run_batch.remote(), timeout=300)
+    rows = ray.get(sink.take.remote())
+    assert len(rows) == 2 and {r["policy_version"] for r in rows} == {2}
+    assert ray.get(worker.stats.remote())["rollout/version"] == 2.0
+
+
+def test_sync_timeout_names_worker_and_version(setup):
+    """A worker that cannot confirm in time gives a WeightSyncError naming it, the version, the timeout."""
+    from sm_dist.sync.base import WeightSyncError
+    from sm_dist.sync.object_store import ObjectStoreTransport
+
+    ray, *_ = setup
+
+    @ray.remote(num_cpus=0)
+    class Hung:
+        def update_weights(self, payload, version):
+            import time
+
+            time.sleep(30)
+            return version
+
+    hung = Hung.remote()
+    transport = ObjectStoreTransport([hung], timeout_s=1.0, worker_names=["hung-worker"])
+    with pytest.raises(WeightSyncError, match=r"version 7 timed out after 1.0s: \['hung-worker'\]"):
+        transport.publish(7, {"w": torch.zeros(3)})
+    ray.kill(hung)
