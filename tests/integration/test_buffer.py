@@ -1,0 +1,236 @@
+"""ReplayBuffer as a Ray actor: FIFO eviction, staleness, concurrent writers, kill -9 restore, full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+
+from sm_dist.buffer import ReplayBuffer, read_run_buffer, rows_to_batch
+from sm_dist.buffer.replay import MANIFEST
+
+BIG = 10**12  # "no eviction" capacity
+
+
+def make_batch(prefix: str, start: int, n: int, version: int = 0, source: str = "model") -> pa.RecordBatch:
+    """`n` rows with sample_ids f"{prefix}-{start + i}" (5 actions each)."""
+    return rows_to_batch(
+        [
+            {
+                "sample_id": f"{prefix}-{start + i}",
+                "prompt_ids": [1, 2, 3],
+                "action_ids": [4, 5, 6, 7, 2],
+                "final_ids": [4, 5, 6, 7, 2],
+                "source": source,
+                "policy_version": version if source == "model" else -1,
+                "logprobs": [-1.0] * 5 if source == "model" else [],
+                "finish_reason": "eos",
+                "worker_id": prefix,
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def ids(table) -> list[str]:
+    return table.column("sample_id").to_pylist()
+
+
+def buffer_actor(ray, run_dir, capacity_rows=BIG, capacity_bytes=BIG, seed=0):
+    return (
+        ray.remote(ReplayBuffer)
+        .options(num_cpus=0.25)
+        .remote(str(run_dir), capacity_rows, capacity_bytes, seed)
+    )
+
+
+def test_fifo_eviction_by_rows_persists_and_restores(ray_cluster, tmp_path):
+    ray = ray_cluster
+    buf = buffer_actor(ray, tmp_path, capacity_rows=25)
+    totals = [ray.get(buf.add.remote(make_batch("w", 10 * j, 10))) for j in range(4)]
+    assert totals == [10, 20, 30, 40]
+    kept = ids(ray.get(buf.read_all.remote()))
+    assert kept == [f"w-{i}" for i in range(15, 40)]  # oldest 15 evicted, incl. half of the 2nd batch
+    stats = ray.get(buf.stats.remote())
+    assert (stats["rows"], stats["evicted_rows"], stats["added_rows"], stats["segments"]) == (25, 15, 40, 3)
+    files = sorted(p.name for p in (tmp_path / "buffer").iterdir())
+    assert files == [MANIFEST, "seg-000000000001.arrow", "seg-000000000002.arrow", "seg-000000000003.arrow"]
+    assert ids(read_run_buffer(tmp_path)) == kept
+    ray.kill(buf)
+    again = buffer_actor(ray, tmp_path, capacity_rows=25)
+    assert ids(ray.get(again.read_all.remote())) == kept
+    assert ray.get(again.add.remote(make_batch("w", 40, 5))) == 45
+    assert ids(ray.get(again.read_all.remote())) == [f"w-{i}" for i in range(20, 45)]
+
+
+def test_fifo_eviction_by_bytes(ray_cluster, tmp_path):
+    ray = ray_cluster
+    one = make_batch("b", 0, 10)
+    buf = buffer_actor(ray, tmp_path, capacity_bytes=3 * one.nbytes)
+    for j in range(6):
+        ray.get(buf.add.remote(make_batch("b", 10 * j, 10)))
+    stats = ray.get(buf.stats.remote())
+    assert stats["bytes"] <= 3 * one.nbytes and stats["rows"] >= 29  # within a row of the byte cap
+    assert ids(ray.get(buf.read_all.remote())) == [f"b-{i}" for i in range(60 - stats["rows"], 60)]
+    assert stats["evicted_rows"] == 60 - stats["rows"]
+    assert len(list((tmp_path / "buffer").glob("seg-*.arrow"))) == stats["segments"]
+
+
+def test_staleness_filter_newest_first_and_uniform(ray_cluster, tmp_path):
+    ray = ray_cluster
+    buf = buffer_actor(ray, tmp_path, seed=1)
+    for v in range(4):
+        ray.get(buf.add.remote(make_batch(f"v{v}", 0, 10, version=v)))
+    ray.get(buf.add.remote(make_batch("d", 0, 10, source="data")))
+    fresh = ray.get(buf.sample.remote(1000, min_version=2))
+    assert fresh.num_rows == 30  # 20 model rows with version >= 2, plus all 10 data rows (never stale)
+    assert sorted(set(fresh.column("policy_version").to_pylist())) == [-1, 2, 3]
+    newest = ray.get(buf.sample.remote(12, newest_first=True))
+    assert ids(newest) == [f"d-{i}" for i in range(9, -1, -1)] + ["v3-9", "v3-8"]
+    draws = [ids(ray.get(buf.sample.remote(8))) for _ in range(20)]
+    assert all(len(set(d)) == 8 for d in draws)  # without replacement
+    assert len({i for d in draws for i in d}) > 30  # spread over the buffer, not a fixed window
+    assert ray.get(buf.sample.remote(5, min_version=99)).num_rows == 5  # only data rows remain eligible
+    stats = ray.get(buf.stats.remote())
+    assert stats["rows_by_source"] == {"data": 10, "model": 40} and stats["newest_version"] == 3
+
+
+@pytest.mark.slow
+def test_two_writers_and_a_reader_lose_and_duplicate_nothing(ray_cluster, tmp_path):
+    ray = ray_cluster
+
+    @ray.remote(num_cpus=0.25)
+    class Writer:
+        """Adds batches of uniquely-named rows until `seconds` pass; returns every acknowledged id."""
+
+        def __init__(self, name: str, buffer):
+            self.name, self.buffer = name, buffer
+
+        def run(self, seconds: float, rows_per_batch: int) -> list[str]:
+            acked, n, deadline = [], 0, time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                batch = make_batch(self.name, n, rows_per_batch)
+                ray.get(self.buffer.add.remote(batch))
+                acked += ids(batch)
+                n += rows_per_batch
+            return acked
+
+    # pytest imports this file as a top-level module the Ray workers cannot import: ship Writer (and the
+    # helpers it calls) by value instead of by reference.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    buf = buffer_actor(ray, tmp_path)
+    writers = [Writer.remote(f"writer{k}", buf) for k in range(2)]
+    pending = [w.run.remote(30.0, 7 + k) for k, w in enumerate(writers)]
+    samples = 0
+    while True:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+        sample = ray.get(buf.sample.remote(16))
+        assert len(set(ids(sample))) == sample.num_rows
+        samples += 1
+        if len(done) == len(pending):
+            break
+    acked = [i for ref in pending for i in ray.get(ref)]
+    held = ids(ray.get(buf.read_all.remote()))
+    assert len(acked) > 100 and samples > 10
+    assert len(held) == len(set(held)), "duplicated rows"
+    assert set(held) == set(acked), (
+        f"lost {len(set(acked) - set(held))}, unexpected {len(set(held) - set(acked))}"
+    )
+    assert sorted(ids(read_run_buffer(tmp_path))) == sorted(held)
+
+
+def test_kill_9_restores_every_acknowledged_row(ray_cluster, tmp_path):
+    ray = ray_cluster
+    buf = buffer_actor(ray, tmp_path)
+    acked = []
+    for j in range(8):
+        batch = make_batch("k", 10 * j, 10, version=j)
+        ray.get(buf.add.remote(batch))
+        acked += ids(batch)
+    pid = ray.get(buf.stats.remote())["pid"]
+    in_flight = buf.add.remote(make_batch("late", 0, 10))  # may or may not land before the kill
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(buf.stats.remote(), timeout=60)
+    del in_flight
+    restored = buffer_actor(ray, tmp_path)
+    held = ids(ray.get(restored.read_all.remote()))
+    assert len(held) == len(set(held))
+    assert set(acked) <= set(held) and set(held) - set(acked) <= {f"late-{i}" for i in range(10)}
+    assert not list((tmp_path / "buffer").glob("*.tmp"))
+    table = read_run_buffer(tmp_path)  # plain pyarrow, no actor
+    assert ids(table) == held and table.column("policy_version").to_pylist()[:10] == [0] * 10
+    first = sorted((tmp_path / "buffer").glob("seg-*.arrow"))[0]
+    assert ids(pa.ipc.open_file(str(first)).read_all()) == [f"k-{i}" for i in range(10)]
+
+
+def test_missing_and_corrupt_segments_are_counted_and_logged(tmp_path, caplog):
+    buf = ReplayBuffer(str(tmp_path), BIG, BIG)
+    for j in range(3):
+        buf.add(make_batch("c", 10 * j, 10))
+    segs = sorted((tmp_path / "buffer").glob("seg-*.arrow"))
+    segs[0].unlink()
+    segs[1].write_bytes(b"not arrow")
+    (tmp_path / "buffer" / "seg-000000000099.arrow.tmp").write_bytes(b"half written")
+    with caplog.at_level(logging.WARNING, logger="sm_dist.buffer.replay"):
+        again = ReplayBuffer(str(tmp_path), BIG, BIG)
+    stats = again.stats()
+    assert (stats["lost_segments"], stats["lost_rows"], stats["rows"]) == (2, 20, 10)
+    assert sum("missing or corrupt" in r.message for r in caplog.records) == 2
+    assert ids(again.read_all()) == [f"c-{i}" for i in range(20, 30)]
+    assert sorted(p.name for p in (tmp_path / "buffer").iterdir()) == [MANIFEST, segs[2].name]
+    assert json.loads((tmp_path / "buffer" / MANIFEST).read_text())["segments"][0]["file"] == segs[2].name
+
+
+def test_full_disk_raises_naming_the_path_and_keeps_the_manifest(tmp_path, monkeypatch):
+    buf = ReplayBuffer(str(tmp_path), BIG, BIG)
+    buf.add(make_batch("f", 0, 10))
+    manifest = (tmp_path / "buffer" / MANIFEST).read_text()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"could not write .*seg-000000000001\.arrow .*Free disk space") as info:
+        buf.add(make_batch("f", 10, 10))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert (tmp_path / "buffer" / MANIFEST).read_text() == manifest
+    assert sorted(p.name for p in (tmp_path / "buffer").iterdir()) == [MANIFEST, "seg-000000000000.arrow"]
+    assert buf.stats()["rows"] == 10 and buf.stats()["added_rows"] == 10
+    assert buf.add(make_batch("f", 10, 10)) == 20
+    assert ids(read_run_buffer(tmp_path)) == [f"f-{i}" for i in range(20)]
+
+
+def test_manifest_write_failure_rolls_back_the_segment(tmp_path, monkeypatch):
+    import sm_dist.buffer.replay as replay
+
+    buf = ReplayBuffer(str(tmp_path), BIG, BIG)
+    real = replay._write_atomic
+
+    def fail_manifest(path, write):
+        if path.name == MANIFEST:
+            raise OSError(errno.ENOSPC, f"replay buffer could not write {path}")
+        real(path, write)
+
+    monkeypatch.setattr(replay, "_write_atomic", fail_manifest)
+    with pytest.raises(OSError, match="manifest.json"):
+        buf.add(make_batch("m", 0, 10))
+    monkeypatch.undo()
+    assert buf.stats()["rows"] == 0 and not list((tmp_path / "buffer").glob("seg-*"))
+
+
+def test_invalid_batch_is_rejected_before_anything_is_written(tmp_path):
+    buf = ReplayBuffer(str(tmp_path), BIG, BIG)
+    with pytest.raises(ValueError, match="schema differs"):
+        buf.add(make_batch("x", 0, 3).drop_columns(["logprobs"]))
+    with pytest.raises(ValueError, match="capacity_rows=0"):
+        ReplayBuffer(None, 0, BIG)
+    assert not list((tmp_path / "buffer").iterdir())
