@@ -272,7 +272,7 @@ class ReplayBuffer:
     def _restore(self) -> None:
         """Load every segment the manifest lists; warn about (and count) missing or corrupt ones."""
         path = self._dir / MANIFEST
-        doc = json.loads(path.read_text()) if path.exists() else None
+        doc = _load_manifest(path) if path.exists() else None
         if doc is not None:
             self._next_seq = int(doc["next_seq"])
             self._added_rows, self._evicted_rows = int(doc["added_rows"]), int(doc["evicted_rows"])
@@ -324,6 +324,19 @@ class ReplayBuffer:
         return Segment(seq=seq, batch=batch.slice(offset), offset=offset)
 
 
+def _load_manifest(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc.get("segments"), list):
+            raise ValueError("no 'segments' list")
+    except (json.JSONDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(
+            f"replay-buffer manifest {path} is unreadable ({e}); it is only ever replaced atomically, so "
+            "something else wrote it. Restore it from a backup or move the buffer dir aside to start empty."
+        ) from e
+    return doc
+
+
 def read_run_buffer(run_dir: str | os.PathLike, retries: int = 3) -> pa.Table:
     """Read a run's live buffer rows with plain pyarrow (no Ray, no actor), oldest first.
 
@@ -337,7 +350,7 @@ def read_run_buffer(run_dir: str | os.PathLike, retries: int = 3) -> pa.Table:
     if not path.exists():
         raise FileNotFoundError(f"no replay-buffer manifest at {path}; is {run_dir} a run dir with a buffer?")
     for attempt in range(retries + 1):
-        doc = json.loads(path.read_text())
+        doc = _load_manifest(path)
         try:
             tables = [
                 _read_segment_table(bdir / e["file"]).slice(int(e["offset"]), int(e["rows"]))

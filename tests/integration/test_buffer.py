@@ -234,3 +234,16 @@ def test_invalid_batch_is_rejected_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="capacity_rows=0"):
         ReplayBuffer(None, 0, BIG)
     assert not list((tmp_path / "buffer").iterdir())
+
+
+def test_unreadable_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "buffer").mkdir()
+    (tmp_path / "buffer" / MANIFEST).write_text("{ not json")
+    with pytest.raises(
+        ValueError, match=r"manifest .*manifest\.json is unreadable.*move the buffer dir aside"
+    ):
+        ReplayBuffer(str(tmp_path), BIG, BIG)
+    with pytest.raises(ValueError, match="is unreadable"):
+        read_run_buffer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no replay-buffer manifest"):
+        read_run_buffer(tmp_path / "elsewhere")
