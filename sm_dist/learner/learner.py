@@ -1,0 +1,415 @@
+"""The learner rank: a plain class (the driver applies `ray.remote`), one per data-parallel rank.
+
+    Learner = ray.remote(num_cpus=1)(Learner)
+    ranks = [Learner.remote(r, M, addr, port, model_dir, learner_params, objective_params, seed)
+             for r in range(M)]
+    metrics = ray.get([l.train_step.remote(data_shard[r], replay_shard[r]) for r, l in enumerate(ranks)])
+    blob = ranks[0].state_dict_bytes.remote()        # an ObjectRef the rollout workers load
+
+Public methods: `train_step`, `state_dict_bytes`, `save_checkpoint`, `load_checkpoint`.
+
+Normalisation (why M ranks with B/M rows each equal one rank with B rows): the objective takes
+per-sequence means within each occupancy (data, model) and mixes them with fixed weights; DDP averages
+gradients over ranks. The mean of M per-rank means equals the global mean exactly when every rank holds
+the same number of data rows and the same number of model rows, so the driver splits each source
+evenly (the config validator enforces divisibility). Gradient accumulation splits the same way.
+
+NaN guard: a non-finite loss does not throw on the rank that sees it; the rank backpropagates a zero
+loss (so DDP's gradient all-reduce still matches on every rank), all ranks agree through an all-reduce
+of a "bad" flag and skip the optimiser step together; `nan_tolerance` bad steps in a row raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sm_dist.core.objective import ObjectiveParams
+from sm_dist.core.traces import TraceInputs, build_inputs
+from sm_dist.learner.step import StepParams, loss_and_backward
+
+
+@dataclass(frozen=True)
+class OptimParams:
+    """Optimiser, schedule and numerics of one learner rank (plain values from `LearnerConfig`)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    schedule: str = "cosine"  # "cosine" | "constant"
+    lr_warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    total_steps: int = 100
+    grad_accum: int = 1
+    clip_norm: float | None = 1.0
+    bf16_autocast: bool = True
+    attn: str = "auto"
+    nan_tolerance: int = 3
+    strategy: str = "ddp"  # "ddp" | "fsdp2"
+
+    @classmethod
+    def from_dict(cls, d: dict, total_steps: int) -> OptimParams:
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "betas" in keep:
+            keep["betas"] = tuple(keep["betas"])
+        return cls(**keep, total_steps=total_steps)
+
+
+@dataclass(frozen=True)
+class SMParams:
+    """The objective section as plain values (`ObjectiveConfig`)."""
+
+    divergence: str = "chi2_mixture"
+    gamma: float = 0.998
+    chi2_weight: float = 1e-3
+    data_mix: float = 0.5
+    mask_noise_actions: bool = True
+    warmup_steps: int = 0
+    sm_lambda: float = 1.0
+    weight_clip: float = 10.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SMParams:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def lr_factor(step: int, p: OptimParams) -> float:
+    """Linear warmup to 1, then cosine down to `min_lr_ratio` at `total_steps` (or constant)."""
+    if step < p.lr_warmup_steps:
+        return (step + 1) / p.lr_warmup_steps
+    if p.schedule == "constant":
+        return 1.0
+    span = max(1, p.total_steps - p.lr_warmup_steps)
+    frac = min(1.0, (step - p.lr_warmup_steps) / span)
+    return p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def noise_flags(action_ids: list[int], bkspc_id: int) -> list[bool]:
+    """Augmented data: a token directly followed by `<bkspc>` is an injected mistake (DESIGN §2)."""
+    n = len(action_ids)
+    return [a != bkspc_id and i + 1 < n and action_ids[i + 1] == bkspc_id for i, a in enumerate(action_ids)]
+
+
+def _as_rows(rows) -> list[dict]:
+    """list[dict] | pa.RecordBatch | pa.Table | None -> list of dict rows."""
+    if rows is None:
+        return []
+    if isinstance(rows, list):
+        return rows
+    from sm_dist.buffer.schema import batch_to_rows
+
+    return batch_to_rows(rows)
+
+
+class _DDPModel:
+    """What `loss_and_backward` sees under DDP: calls go through DDP (gradient all-reduce hooks),
+    attributes (config, get_output_embeddings, set_attn_implementation) come from the HF model."""
+
+    def __init__(self, ddp, inner):
+        self.ddp, self.inner = ddp, inner
+
+    def __call__(self, *args, **kwargs):
+        return self.ddp(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@dataclass
+class _Counters:
+    step: int = 0  # train_step calls completed (the schedule's clock, skipped steps included)
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    sequences: int = 0
+    history: list = field(default_factory=list)
+
+
+class Learner:
+    """One data-parallel rank: HF model, AdamW, LR schedule, SequenceMatch step."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_dir: str,
+        learner: dict,
+        objective: dict,
+        total_steps: int,
+        seed: int = 0,
+        device: str = "auto",
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from sm_dist.core.vocab import check_model_has_bkspc, get_bkspc_id
+
+        self.rank, self.world_size, self.model_dir = rank, world_size, str(model_dir)
+        self.opt_p = OptimParams.from_dict(learner, total_steps)
+        self.sm_p = SMParams.from_dict(objective)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        self.bkspc_id, self.eos_id = get_bkspc_id(tok), tok.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
+        check_model_has_bkspc(model, self.bkspc_id)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.module = model  # the HF model (sharded in place under FSDP2)
+        self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
+        if world_size > 1:
+            self._init_distributed(master_addr, master_port)
+        self.optimizer = torch.optim.AdamW(
+            self.module.parameters(),
+            lr=self.opt_p.lr,
+            betas=self.opt_p.betas,
+            eps=self.opt_p.eps,
+            weight_decay=self.opt_p.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.opt_p))
+        on_gpu = self.device.type == "cuda"
+        self.step_params = StepParams(
+            objective=ObjectiveParams(
+                bkspc_id=self.bkspc_id,
+                divergence=self.sm_p.divergence,
+                gamma=self.sm_p.gamma,
+                chi2_weight=self.sm_p.chi2_weight,
+                data_mix=self.sm_p.data_mix,
+                mask_noise_actions=self.sm_p.mask_noise_actions,
+                weight_clip=self.sm_p.weight_clip,
+            ),
+            warmup_steps=self.sm_p.warmup_steps,
+            sm_lambda=self.sm_p.sm_lambda,
+            attn=self.opt_p.attn,
+            autocast_dtype=torch.bfloat16 if (on_gpu and self.opt_p.bf16_autocast) else None,
+            pad_to_multiple=8 if on_gpu else 1,
+        )
+        self.c = _Counters()
+
+    def _init_distributed(self, addr: str, port: int) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size
+        )
+        if self.opt_p.strategy == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.module.model.layers:  # HF decoder blocks, then the root
+                fully_shard(layer)
+            fully_shard(self.module)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = _DDPModel(DDP(self.module, device_ids=ids), self.module)
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def traces(self, rows: list[dict]) -> list[TraceInputs]:
+        """Buffer rows -> single-pass layouts; data rows carry their noise flags, model rows none."""
+        out = []
+        for r in rows:
+            is_data = r["source"] == "data"
+            acts = list(r["action_ids"])
+            out.append(
+                build_inputs(
+                    r["prompt_ids"],
+                    acts,
+                    self.bkspc_id,
+                    eos_id=self.eos_id,
+                    vocab_size=self.vocab_size,
+                    is_noise=noise_flags(acts, self.bkspc_id) if is_data else None,
+                    from_data=is_data,
+                )
+            )
+        return out
+
+    def train_step(self, data_rows, replay_rows=None) -> dict[str, float]:
+        """One optimiser step on this rank's rows (Arrow batch or list of dicts each); returns metrics."""
+        t0 = time.perf_counter()
+        data, replay = _as_rows(data_rows), _as_rows(replay_rows)
+        if not data and not replay:
+            raise ValueError(f"learner rank {self.rank}: train_step got no rows")
+        g = self.opt_p.grad_accum
+        micro = [data[i::g] + replay[i::g] for i in range(g)]
+        micro = [m for m in micro if m]
+        self.module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, float] = {}
+        bad = False
+        for i, rows in enumerate(micro):
+            last = i == len(micro) - 1
+            ctx = (
+                self.step_model.ddp.no_sync()
+                if (not last and isinstance(self.step_model, _DDPModel))
+                else _null()
+            )
+            with ctx:
+                try:
+                    m = loss_and_backward(
+                        self.step_model, self.traces(rows), self.step_params, self.c.step, 1.0 / len(micro)
+                    )
+                except FloatingPointError as e:
+                    bad, m = True, {"learner/error": 1.0}
+                    self._last_error = str(e)
+                    # keep DDP's all-reduce in step with the other ranks: zero gradients for every parameter
+                    (sum(p.sum() for p in self.module.parameters()) * 0.0).backward()
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+        grad_norm = self._clip()
+        bad = self._any_rank(bad or not math.isfinite(grad_norm))
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.c.skipped += 1
+            self.c.bad_in_a_row += 1
+            if self.c.bad_in_a_row >= self.opt_p.nan_tolerance:
+                raise FloatingPointError(
+                    f"learner rank {self.rank}: {self.c.bad_in_a_row} non-finite steps in a row at step "
+                    f"{self.c.step} (learner.nan_tolerance={self.opt_p.nan_tolerance}); last: "
+                    f"{getattr(self, '_last_error', 'non-finite grad norm')}. Lower learner.lr or "
+                    "objective.chi2_weight"
+                )
+        else:
+            self.optimizer.step()
+            self.c.bad_in_a_row = 0
+        self.scheduler.step()
+        self.c.step += 1
+        self.c.sequences += len(data) + len(replay)
+        metrics.update(
+            {
+                "learner/step": float(self.c.step),
+                "learner/lr": self.scheduler.get_last_lr()[0],
+                "learner/grad_norm": grad_norm,
+                "learner/skipped_total": float(self.c.skipped),
+                "learner/data_rows": float(len(data)),
+                "learner/replay_rows": float(len(replay)),
+                "perf/learner_step_s": time.perf_counter() - t0,
+            }
+        )
+        return metrics
+
+    def _clip(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.opt_p.clip_norm if self.opt_p.clip_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    # ---- weights and checkpoints ----------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named CPU tensors of the whole model (a collective under FSDP2: call on every rank)."""
+        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.module, options=opts)
+        return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}
+
+    def state_dict_bytes(self) -> bytes:
+        """Rank 0: safetensors bytes (HF names) for the vLLM weight load; other ranks: b"". Call on all
+        ranks (FSDP2 gathers collectively)."""
+        from sm_dist.sync.object_store import state_dict_to_bytes
+
+        sd = self.full_state_dict()
+        return state_dict_to_bytes(sd) if self.rank == 0 else b""
+
+    def save_checkpoint(self, ckpt_dir: str) -> dict:
+        """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
+        Call on every rank (FSDP2 gathers collectively)."""
+        import shutil
+
+        sd = self.full_state_dict()
+        osd = self._optimizer_state()
+        if self.rank != 0:
+            return {}
+        out = Path(ckpt_dir)
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
+        for f in os.listdir(self.model_dir):  # tokenizer and generation files
+            if f.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
+                shutil.copy2(Path(self.model_dir) / f, out / "model" / f)
+        torch.save({"optimizer": osd, "scheduler": self.scheduler.state_dict()}, out / "optimizer.pt")
+        state = {
+            "step": self.c.step,
+            "skipped": self.c.skipped,
+            "sequences": self.c.sequences,
+            "optim": asdict(self.opt_p),
+        }
+        (out / "learner_state.json").write_text(json.dumps(state, indent=1))
+        return state
+
+    def _optimizer_state(self) -> dict:
+        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+        return self.optimizer.state_dict()
+
+    def load_checkpoint(self, ckpt_dir: str) -> int:
+        """Restore weights, optimizer, scheduler and counters on every rank; return the step."""
+        from safetensors.torch import load_file
+
+        d = Path(ckpt_dir)
+        files = sorted((d / "model").glob("*.safetensors"))
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
+        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+            set_model_state_dict(self.module, sd, options=opts)
+            set_optimizer_state_dict(self.module, self.optimizer, opt["optimizer"], options=opts)
+        else:
+            missing, unexpected = self.module.load_state_dict(sd, strict=False)
+            real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+            if real_missing or unexpected:
+                raise RuntimeError(
+                    f"checkpoint {d} does not match the model: missing {real_missing[:5]}, unexpected {unexpected[:5]}"
+                )
+            self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        st = json.loads((d / "learner_state.json").read_text())
+        self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
+        return self.c.step
+
+    def get_step(self) -> int:
+        return self.c.step
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
