@@ -1,0 +1,97 @@
+"""Trace collapsing, noise augmentation and the single-pass layout (DESIGN §2)."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sm_dist.core.traces import INF_POS, augment_noise, build_inputs, collapse, collate
+
+BK = 9
+tokens = st.integers(min_value=0, max_value=8)
+actions = st.lists(st.one_of(tokens, st.just(BK)), max_size=30)
+prompts = st.lists(tokens, min_size=1, max_size=6)
+
+
+def test_collapse_examples():
+    assert collapse([1, 2, BK, 3], BK) == [1, 3]
+    assert collapse([BK, BK, 1], BK) == [1]
+    assert collapse([1, 2, BK, BK, BK, 3], BK, prompt_len=1) == [1, 3]
+    with pytest.raises(ValueError, match="prompt_len"):
+        collapse([1], BK, prompt_len=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts, actions)
+def test_layout_properties(prompt, acts):
+    tr = build_inputs(prompt, acts, BK)
+    P, T = len(prompt), len(acts)
+    assert tr.input_ids.numel() == P + T
+    assert BK not in tr.input_ids.tolist()  # <bkspc> is never an input
+    for t in range(T + 1):
+        state = collapse(prompt + acts[:t], BK, prompt_len=P)
+        i = int(tr.state_index[t])
+        # the tokens visible to the state's last input are exactly the collapsed state, in order
+        visible = [k for k in range(i + 1) if i < int(tr.deleted_at[k])]
+        assert tr.input_ids[visible].tolist() == state
+        assert tr.position_ids[visible].tolist() == list(range(len(state)))
+        assert int(tr.position_ids[i]) == len(state) - 1  # position id = state length - 1
+        assert bool(tr.bkspc_allowed[t]) == (len(state) > P)
+
+
+@settings(max_examples=100, deadline=None)
+@given(prompts, st.lists(tokens, max_size=20))
+def test_no_backspace_is_plain_causal(prompt, acts):
+    tr = build_inputs(prompt, acts, BK)
+    assert tr.input_ids.tolist() == prompt + acts
+    assert tr.position_ids.tolist() == list(range(len(prompt) + len(acts)))
+    assert bool((tr.deleted_at == INF_POS).all())
+    assert not tr.has_backspace
+    assert not collate([tr]).any_backspace
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(tokens, max_size=20), st.floats(0, 1), st.integers(0, 1000))
+def test_augment_collapses_to_target(target, p, seed):
+    acts, noise = augment_noise(target, BK, p, list(range(9)), random.Random(seed))
+    assert collapse(acts, BK) == target
+    assert len(noise) == len(acts)
+    for i, is_n in enumerate(noise):
+        if is_n:
+            assert acts[i + 1] == BK and acts[i] != acts[i + 2]
+
+
+def test_augment_is_seeded():
+    a = augment_noise(list(range(8)) * 4, BK, 0.3, list(range(9)), random.Random(5))
+    b = augment_noise(list(range(8)) * 4, BK, 0.3, list(range(9)), random.Random(5))
+    assert a == b
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="empty prompt"):
+        build_inputs([], [1, 2], BK)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        build_inputs([1], [1, 42], BK, vocab_size=10)
+    with pytest.raises(ValueError, match="appears in the prompt"):
+        build_inputs([1, BK], [1], BK)
+    with pytest.raises(ValueError, match="<eos>"):
+        build_inputs([1], [3, 2, 3], BK, eos_id=2)
+    with pytest.raises(ValueError, match="p_noise"):
+        augment_noise([1], BK, 1.5, [1, 2], random.Random(0))
+    with pytest.raises(ValueError, match="contains the <bkspc>"):
+        augment_noise([1], BK, 0.5, [1, BK], random.Random(0))
+
+
+def test_collate_pads_and_flags():
+    a = build_inputs([1, 2], [3, BK, 4], BK, eos_id=None)
+    b = build_inputs([1], [5, 6, 7, 8, 2], BK, eos_id=2, is_noise=[False, True, False, False, False])
+    batch = collate([a, b])
+    assert batch.input_ids.shape == (2, 6)
+    assert batch.lengths.tolist() == [5, 6]
+    assert batch.action_mask.sum(1).tolist() == [3, 5]
+    assert batch.terminal.tolist() == [False, True]
+    assert batch.is_noise[1].tolist() == [False, True, False, False, False]
+    assert batch.any_backspace
+    assert torch.equal(batch.state_index[0, :4], a.state_index)
