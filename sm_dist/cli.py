@@ -34,17 +34,37 @@ def _add_bkspc(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from sm_dist.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"run.run_dir={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+        from sm_dist.driver import train
+
+        return train(cfg, resume=args.resume, address=args.address)
+    except ConfigError as e:
+        print(f"sm-dist: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("make-tiny-model", help="build a tiny Llama + locally trained tokenizer (with <bkspc>)")
+    t = sub.add_parser(
+        "make-tiny-model", help="build a tiny Llama + locally trained tokenizer (with <bkspc>)"
+    )
     t.add_argument("out", help="output folder (loadable by transformers and vLLM)")
     t.add_argument("--text", help="train a byte-level BPE on this text file; default: arithmetic alphabet")
     t.add_argument("--vocab-size", type=int, default=512, help="BPE vocab size when --text is given")
     t.add_argument("--hidden-size", type=int, default=128)
     t.add_argument("--num-layers", type=int, default=2)
-    t.add_argument("--num-heads", type=int, default=2, help="hidden/heads must be a vLLM CPU head size (32, 64)")
+    t.add_argument(
+        "--num-heads", type=int, default=2, help="hidden/heads must be a vLLM CPU head size (32, 64)"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_make_tiny_model)
 
@@ -52,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("model_dir")
     a.add_argument("out")
     a.set_defaults(func=_add_bkspc)
+
+    tr = sub.add_parser("train", help="run (or resume) a SequenceMatch job from a YAML config")
+    tr.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 run.total_steps=50")
+    tr.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    tr.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    tr.set_defaults(func=_train)
     return p
 
 

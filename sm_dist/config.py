@@ -224,6 +224,11 @@ class BufferConfig(_Section):
         0.5, ge=0.0, le=1.0, description="Fraction of each batch from model rollouts (once there are any)."
     )
     newest_first: bool = Field(False, description="Sample the newest model rows instead of uniformly.")
+    wait_for_replay: bool = Field(
+        True,
+        description="After objective.warmup_steps, a step waits until enough fresh model rows exist "
+        "(bounded staleness); false: fill the batch with data rows instead.",
+    )
 
 
 class SyncConfig(_Section):
@@ -250,6 +255,9 @@ class RunConfig(_Section):
         None, ge=1, description="CPUs of the local Ray (null: this machine's count)."
     )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
+    asynchronous: bool = Field(
+        True, description="Workers generate while learners step; false alternates them (benchmark baseline)."
+    )
 
 
 class Config(_Section):

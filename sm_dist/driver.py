@@ -1,0 +1,493 @@
+"""The driver (`sm-dist train`): builds the actors and runs the asynchronous actor/learner loop.
+
+    expert rows ──► expert buffer ─┐
+    RolloutWorker×N ──► replay buffer ─┴─► sample ½ data ½ replay ─► Learner×M ─► weights (version v)
+          ▲                                                                            │
+          └──────────────── update_weights([ref], v) between two run_batch calls ─────┘
+
+Set-up, then one loop. Every worker always has one `run_batch` (or `update_weights`) in flight; while
+the learners step, the driver `ray.wait`s on learner and worker futures together, resubmitting each
+worker's next batch as soon as its last one lands. Weights are published every `sync.every` steps: rank
+0's `state_dict_bytes` result stays in the object store and each worker gets its reference; because
+actor calls run in submission order, the update lands between two batches, never inside one.
+
+Deliberate choices: expert rows live in their own `ReplayBuffer` actor (`<run_dir>/expert/buffer`) and
+rollouts in the replay buffer (`<run_dir>/buffer`), so "½ data ½ replay" is two samples, not a filter.
+Until the replay buffer has enough fresh rows, the batch is filled with data rows (an even number per
+learner rank, so the DDP equivalence of learner.py holds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sm_dist.config import Config, ConfigError, dump_config
+from sm_dist.learner import checkpoint as ckpt
+
+WORKER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class RunState:
+    """What a checkpoint records for the driver (run_state.json)."""
+
+    step: int = 0
+    version: int = 0
+    syncs: dict[str, int] = field(default_factory=dict)  # weight versions applied, per worker
+    expert_rows: int = 0
+    rollout_batches: int = 0
+
+
+# ---- set-up -----------------------------------------------------------------------------------------
+
+
+def prepare_model(cfg: Config) -> None:
+    md = Path(cfg.model.dir)
+    if md.exists():
+        return
+    from sm_dist.core.tiny import make_tiny_model
+
+    t = cfg.model.tiny
+    print(f"[sm-dist] building tiny model at {md}")
+    make_tiny_model(
+        md, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
+    )
+
+
+def load_train_examples(cfg: Config):
+    """Examples from data.train_path, or generated arithmetic data (data.fallback) when it is missing."""
+    from sm_dist.data.datasets import load_examples
+
+    path = Path(cfg.data.train_path)
+    d = cfg.data
+    if not path.exists():
+        from sm_dist.data.arith import generate
+
+        level = d.fallback.removeprefix("arith_")
+        path = Path(cfg.run.run_dir) / "data" / f"add_or_sub_in_base.train-{level}.generated.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = generate(d.fallback_size, level, seed=cfg.run.seed)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"[sm-dist] data.train_path {d.train_path} is missing; using generated {path} ({d.fallback})")
+    ex, report = load_examples(
+        path, prompt_field=d.prompt_field, answer_field=d.answer_field, on_bad=d.on_bad, limit=d.limit
+    )
+    return ex, str(path)
+
+
+def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
+    """Augmented expert rows (for the expert buffer) and the encoded prompts (for rollout workers)."""
+    from sm_dist.core.vocab import get_bkspc_id
+    from sm_dist.data.datasets import augment, encode_examples, make_data_rows
+
+    d = cfg.data
+    examples, _ = load_train_examples(cfg)
+    enc, _ = encode_examples(examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad)
+    if not enc:
+        raise ConfigError("data.train_path", f"no usable examples in {d.train_path} after encoding.")
+    bk = get_bkspc_id(tok)
+    specials = set(tok.all_special_ids) | {bk}
+    if d.noise == "task":
+        noise_ids = sorted({t for e in enc for t in e.target_ids} - specials)
+    else:
+        noise_ids = [i for i in range(len(tok)) if i not in specials]
+    rows: list[dict] = []
+    for c in range(d.augment_copies):
+        aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
+        rows += make_data_rows(aug, bk, id_prefix=f"data{c}")
+    return rows, [e.prompt_ids for e in enc]
+
+
+def start_ray(cfg: Config, address: str | None):
+    import ray
+
+    address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return ray, False
+    env = {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.engine.cpu_kvcache_gib)}
+    ray.init(
+        num_cpus=cfg.run.num_cpus or os.cpu_count(),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+        logging_level="WARNING",
+    )
+    return ray, True
+
+
+def check_resources(ray, cfg: Config) -> None:
+    """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
+    have = ray.cluster_resources()
+    r, lc = cfg.rollout, cfg.learner
+    cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
+    gpu_need = r.num_workers * r.gpus_per_worker + lc.num_learners * lc.gpus_per_learner
+    if cpu_need > have.get("CPU", 0):
+        raise ConfigError(
+            "rollout.num_workers",
+            f"{r.num_workers} workers x rollout.cpus_per_worker={r.cpus_per_worker} + {lc.num_learners} learners "
+            f"x learner.cpus_per_learner={lc.cpus_per_learner} = {cpu_need} CPUs, but the cluster has "
+            f"{have.get('CPU', 0)}.",
+            "lower rollout.num_workers / rollout.cpus_per_worker (or learner.*), or add CPUs (run.num_cpus)",
+        )
+    if gpu_need > have.get("GPU", 0):
+        raise ConfigError(
+            "rollout.gpus_per_worker",
+            f"rollout.num_workers={r.num_workers} x rollout.gpus_per_worker={r.gpus_per_worker} + "
+            f"{lc.num_learners} learners x learner.gpus_per_learner={lc.gpus_per_learner} = {gpu_need} GPUs, "
+            f"but the cluster has {have.get('GPU', 0)}.",
+            "lower rollout.num_workers / rollout.gpus_per_worker, or run on a cluster with GPUs",
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
+    from sm_dist.buffer.replay import ReplayBuffer
+    from sm_dist.learner.learner import Learner
+    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.rollout.worker import RolloutWorker
+
+    b, r, lc = cfg.buffer, cfg.rollout, cfg.learner
+    run_dir = cfg.run.run_dir
+    env = {"env_vars": {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(r.engine.cpu_kvcache_gib)}}
+    Buf = ray.remote(num_cpus=0)(ReplayBuffer)
+    replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
+    expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
+    params = RolloutParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_actions=r.max_actions,
+        max_backspaces=r.max_backspaces,
+        samples_per_prompt=r.samples_per_prompt,
+        seed=cfg.run.seed,
+    )
+    e = r.engine
+    engine_kwargs = {
+        "dtype": cfg.model.dtype,
+        "max_model_len": e.max_model_len,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "enforce_eager": e.enforce_eager,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "max_num_seqs": e.max_num_seqs,
+        "rpc_timeout_s": cfg.sync.timeout_s,
+    }
+    W = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, runtime_env=env)(RolloutWorker)
+    names = [f"w{i}" for i in range(r.num_workers)]
+    workers = [
+        W.remote(
+            names[i], model_dir, prompts[i :: r.num_workers], params, r.batch_size, sink=replay,
+            engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
+        )
+        for i in range(r.num_workers)
+    ]  # fmt: skip
+    L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
+    addr, port = ray.util.get_node_ip_address(), lc.master_port or _free_port()
+    learners = [
+        L.remote(
+            rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),
+            cfg.run.total_steps, cfg.run.seed,
+        )
+        for rank in range(lc.num_learners)
+    ]  # fmt: skip
+    return replay, expert, workers, names, learners
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the actors and the loop state; `run()` is the loop."""
+
+    def __init__(self, ray, cfg, replay, expert, workers, names, learners, state: RunState, logger):
+        self.ray, self.cfg = ray, cfg
+        self.replay, self.expert, self.workers, self.names, self.learners = (
+            replay,
+            expert,
+            workers,
+            names,
+            learners,
+        )
+        self.s, self.log = state, logger
+        self.inflight: dict = {}  # future -> (worker index, "batch" | "sync", version)
+        self.stop_requested = False
+        self.rollout_stats: dict[str, list[float]] = {}
+        self.busy = {"learner_s": 0.0, "gen_s": 0.0}
+        self.t_start = time.perf_counter()
+
+    # -- workers
+    def submit_batch(self, i: int) -> None:
+        self.inflight[self.workers[i].run_batch.remote()] = (i, "batch", None)
+
+    def handle(self, fut) -> None:
+        i, kind, version = self.inflight.pop(fut)
+        out = self.ray.get(fut)
+        if kind == "sync":
+            if out != version:
+                from sm_dist.sync.base import WeightSyncError
+
+                raise WeightSyncError(
+                    f"{self.names[i]} reports version {out} after a sync of version {version}"
+                )
+            self.s.syncs[self.names[i]] = self.s.syncs.get(self.names[i], 0) + 1
+            return
+        self.s.rollout_batches += 1
+        self.busy["gen_s"] += out.get("rollout/gen_s", 0.0)
+        for k, v in out.items():
+            self.rollout_stats.setdefault(k, []).append(v)
+        if self.cfg.run.asynchronous and not self.stop_requested:
+            self.submit_batch(i)
+
+    def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
+        """Wait for `futures`, handling worker completions meanwhile; return their results."""
+        pending = list(futures)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = self.ray.wait(pending + list(self.inflight), num_returns=1, timeout=left)
+            if not ready:
+                raise TimeoutError(f"{len(pending)} calls did not finish within {timeout_s}s")
+            for f in ready:
+                if f in self.inflight:
+                    self.handle(f)
+                elif f in pending:
+                    pending.remove(f)
+        return self.ray.get(futures)
+
+    def check_sync_deadline(self) -> None:
+        for i, kind, version in list(self.inflight.values()):
+            if kind == "sync" and time.monotonic() - self.sync_started[version] > self.cfg.sync.timeout_s:
+                from sm_dist.sync.base import WeightSyncError
+
+                raise WeightSyncError(
+                    f"{self.names[i]} did not apply weights version {version} within sync.timeout_s="
+                    f"{self.cfg.sync.timeout_s}s"
+                )
+
+    def publish(self) -> dict[str, float]:
+        """Send rank 0's weights (an object-store ref) to every worker, queued after its current batch."""
+        t0 = time.perf_counter()
+        self.s.version += 1
+        refs = [lr.state_dict_bytes.remote() for lr in self.learners]
+        self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
+        self.ray.wait([refs[0]])
+        self.blob_ref = refs[0]  # held until every worker has loaded it
+        self.sync_started = getattr(self, "sync_started", {})
+        self.sync_started[self.s.version] = time.monotonic()
+        for i, w in enumerate(self.workers):
+            self.inflight[w.update_weights.remote([refs[0]], self.s.version)] = (i, "sync", self.s.version)
+        return {"sync/version": float(self.s.version), "sync/publish_s": time.perf_counter() - t0}
+
+    # -- learners
+    def sample(self) -> tuple[list, list]:
+        """Per-rank (data, replay) Arrow batches: each source split evenly over ranks."""
+        import pyarrow as pa
+
+        M = len(self.learners)
+        n_rep, n_dat = self.cfg.split_batch()
+        min_v = self.s.version - self.cfg.buffer.max_staleness
+        need = self.cfg.buffer.wait_for_replay and self.s.step >= self.cfg.objective.warmup_steps
+        while True:
+            rep = self.ray.get(
+                self.replay.sample.remote(n_rep, min_version=min_v, newest_first=self.cfg.buffer.newest_first)
+            )
+            if rep.num_rows >= n_rep or not need or self.stop_requested:
+                break
+            self.wait_for_rollouts()  # bounded staleness: the learner waits for fresh rollouts
+        k = (rep.num_rows // M) * M
+        rep = rep.slice(0, k)
+        dat = self.ray.get(self.expert.sample.remote(n_dat + n_rep - k))
+        if dat.num_rows % M:
+            dat = dat.slice(0, (dat.num_rows // M) * M)
+
+        def shard(b, r):
+            return b.take(pa.array(list(range(r, b.num_rows, M)), type=pa.int64()))
+
+        return [shard(dat, r) for r in range(M)], [shard(rep, r) for r in range(M)]
+
+    def wait_for_rollouts(self) -> None:
+        t0 = time.perf_counter()
+        if not self.inflight:
+            raise RuntimeError("the learner waits for rollouts, but no rollout batch is in flight")
+        ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=self.cfg.sync.timeout_s)
+        if not ready:
+            raise TimeoutError(
+                f"no rollout batch finished within sync.timeout_s={self.cfg.sync.timeout_s}s while the learner "
+                "waited for fresh rows (buffer.wait_for_replay)"
+            )
+        self.handle(ready[0])
+        self.busy["wait_s"] = self.busy.get("wait_s", 0.0) + time.perf_counter() - t0
+
+    def learner_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        data, rep = self.sample()
+        futs = [lr.train_step.remote(d, r) for lr, d, r in zip(self.learners, data, rep)]
+        results = self.wait_for(futs)
+        self.busy["learner_s"] += max(m["perf/learner_step_s"] for m in results)
+        avg = {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+        avg["perf/step_s"] = time.perf_counter() - t0
+        return avg
+
+    def rollout_round(self) -> None:
+        """Synchronous mode: one batch per worker, learners idle meanwhile."""
+        for i in range(len(self.workers)):
+            self.submit_batch(i)
+        while any(kind == "batch" for kind in (v[1] for v in self.inflight.values())):
+            ready, _ = self.ray.wait(list(self.inflight), num_returns=1)
+            self.handle(ready[0])
+
+    def metrics(self, learner_m: dict, extra: dict) -> dict[str, float]:
+        wall = time.perf_counter() - self.t_start
+        out = {**learner_m, **extra}
+        for k, v in self.rollout_stats.items():
+            out[k] = sum(v) / len(v)
+        self.rollout_stats = {}
+        out["sync/applied_min"] = float(min([self.s.syncs.get(n, 0) for n in self.names]))
+        out["rollout/batches_total"] = float(self.s.rollout_batches)
+        out["perf/learner_busy"] = self.busy["learner_s"] / wall
+        out["perf/rollout_busy"] = self.busy["gen_s"] / wall / len(self.workers)
+        out["perf/learner_wait_s_total"] = self.busy.get("wait_s", 0.0)
+        return out
+
+
+def _install_signal_handlers(trainer: Trainer) -> None:
+    def handler(signum, _frame):
+        if trainer.stop_requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        print(f"\n[sm-dist] got signal {signum}: finishing the current step, then a final checkpoint")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def save_checkpoint(t: Trainer) -> Path:
+    tmp = ckpt.begin(t.cfg.run.run_dir, t.s.step)
+    t.wait_for([lr.save_checkpoint.remote(str(tmp)) for lr in t.learners])
+    stats = t.ray.get(t.replay.stats.remote())
+    state = {**t.s.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
+    return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
+
+
+def run_loop(t: Trainer) -> None:
+    from tqdm import tqdm
+
+    cfg = t.cfg
+    bar = tqdm(
+        total=cfg.run.total_steps, initial=t.s.step, disable=not cfg.run.progress, desc="sm-dist train"
+    )
+    if cfg.run.asynchronous:
+        for i in range(len(t.workers)):
+            t.submit_batch(i)
+    while t.s.step < cfg.run.total_steps and not t.stop_requested:
+        if not cfg.run.asynchronous:
+            t.rollout_round()
+        m = t.learner_step()
+        t.s.step += 1
+        extra: dict[str, float] = {}
+        if t.s.step % cfg.sync.every == 0:
+            extra.update(t.publish())
+        t.check_sync_deadline()
+        if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < cfg.run.total_steps:
+            save_checkpoint(t)
+        if t.s.step % cfg.run.log_every == 0:
+            t.log.log(t.s.step, t.metrics(m, extra))
+        bar.update(1)
+        bar.set_postfix(loss=f"{m.get('loss/total', float('nan')):.3f}", v=t.s.version)
+    bar.close()
+    # drain: let in-flight batches and syncs land so the final state counts them
+    t.stop_requested = True
+    t.wait_for([], None)
+    while t.inflight:
+        ready, _ = t.ray.wait(list(t.inflight), num_returns=1, timeout=cfg.sync.timeout_s)
+        if not ready:
+            raise TimeoutError(f"rollout workers did not finish within sync.timeout_s={cfg.sync.timeout_s}s")
+        t.handle(ready[0])
+
+
+def train(cfg: Config, resume: str | None = None, address: str | None = None) -> int:
+    """Run (or resume) a training job; returns the process exit code."""
+    from transformers import AutoTokenizer
+
+    from sm_dist.metrics import MetricsLogger
+
+    run_dir = Path(cfg.run.run_dir)
+    last = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and last is None:
+        raise ConfigError("--resume", f"{run_dir} has no completed checkpoint under checkpoints/.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = dump_config(cfg)
+    print(f"[sm-dist] resolved config:\n{text}")
+    (run_dir / ("config.resume.yaml" if resume else "config.yaml")).write_text(text)
+    prepare_model(cfg)
+    tok = AutoTokenizer.from_pretrained(cfg.model.dir)
+    data_rows, prompts = build_data(cfg, tok)
+    if len(prompts) < cfg.rollout.num_workers:
+        raise ConfigError(
+            "rollout.num_workers", f"{len(prompts)} prompts cannot feed {cfg.rollout.num_workers} workers."
+        )
+    saved = ckpt.read_run_state(last) if last else {}
+    state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
+    ray, local = start_ray(cfg, address)
+    try:
+        check_resources(ray, cfg)
+        model_dir = str(last / "model") if last else cfg.model.dir
+        replay, expert, workers, names, learners = build_actors(ray, cfg, prompts, model_dir)
+        logger = MetricsLogger(run_dir)
+        logger.text("config", text)
+        t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
+        _install_signal_handlers(t)
+        if last:
+            t.wait_for([lr.load_checkpoint.remote(str(last)) for lr in learners])
+            print(f"[sm-dist] resumed from {last} at step {state.step}, weights version {state.version}")
+            t.s.version -= 1
+            t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
+        if ray.get(expert.stats.remote())["rows"] == 0:
+            from sm_dist.buffer.schema import rows_to_batch
+
+            ray.get(expert.add.remote(rows_to_batch(data_rows)))
+            state.expert_rows = len(data_rows)
+        run_loop(t)
+        final = save_checkpoint(t)
+        logger.close()
+        summary = {
+            "run_dir": str(run_dir),
+            "step": t.s.step,
+            "version": t.s.version,
+            "syncs_applied": t.s.syncs,
+            "rollout_batches": t.s.rollout_batches,
+            "last_checkpoint": str(final),
+            "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
+            "metrics": str(logger.path),
+            "tensorboard": str(logger.tb_dir),
+            "buffer": ray.get(replay.stats.remote()),
+            "stopped_early": t.s.step < cfg.run.total_steps,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(
+            f"[sm-dist] {'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
+            f"(weights version {t.s.version})\n  run dir:     {run_dir}\n  checkpoint:  {final}\n"
+            f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
+            f"  resume with: sm-dist train <config> --resume {run_dir}"
+        )
+        return 0
+    finally:
+        if local:
+            ray.shutdown()
