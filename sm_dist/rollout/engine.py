@@ -157,6 +157,7 @@ class BackspaceEngine:
         worker_extension_cls: str | None = "sm_dist.sync.vllm_ext.WeightSyncExtension",
         max_num_seqs: int = 256,
         rpc_timeout_s: float = 300.0,
+        weight_transfer_backend: str | None = None,  # "nccl" on GPU clusters (sm_dist.sync.nccl)
     ):
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -172,6 +173,10 @@ class BackspaceEngine:
         kwargs = {}
         if worker_extension_cls:
             kwargs["worker_extension_cls"] = worker_extension_cls
+        if weight_transfer_backend:
+            from vllm.config import WeightTransferConfig
+
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
         self.llm = LLM(
             model=self.model_dir,
             seed=seed,
@@ -342,3 +347,23 @@ class BackspaceEngine:
         self.last_load_s = time.perf_counter() - t0
         self.last_load_tensors = counts
         return self._version
+
+    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> None:
+        """One stage of vLLM's native weight-transfer protocol (engine built with
+        `weight_transfer_backend`): "init" | "start" | "update" | "finish". "finish" drops the prefix
+        cache and sets `version`. Driven by `sm_dist.sync.nccl.NcclTransport` through the worker."""
+        llm = self.llm
+        if stage == "init":
+            llm.init_weight_transfer_engine({"init_info": info})
+        elif stage == "start":
+            llm.start_weight_update()
+        elif stage == "update":
+            llm.update_weights({"update_info": info})
+        elif stage == "finish":
+            llm.finish_weight_update()
+            if not llm.reset_prefix_cache():
+                raise RuntimeError(f"could not reset the prefix cache after weight version {version}")
+            if version is not None:
+                self._version = int(version)
+        else:
+            raise ValueError(f"unknown weight_transfer stage {stage!r}; use init/start/update/finish")

@@ -154,6 +154,21 @@ class RolloutWorker:
         with self._engine_lock:
             return self.transport.receive(self.engine, payload, version, self.worker_id)
 
+    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> int:
+        """NCCL path (sm_dist.sync.nccl): the engine lock is taken at "start" and released at
+        "finish", so the broadcast lands between batches. Needs a threaded actor (max_concurrency >= 2)."""
+        if stage == "start":
+            self._engine_lock.acquire()
+        try:
+            self.engine.weight_transfer(stage, info, version)
+        except BaseException:
+            if stage in ("start", "update") and self._engine_lock.locked():
+                self._engine_lock.release()
+            raise
+        if stage == "finish" and self._engine_lock.locked():
+            self._engine_lock.release()
+        return self.engine.version
+
     def probe_logprobs(self, prompt_ids: Sequence[int], action_ids: Sequence[int]) -> list[float]:
         """Raw log-probs of `action_ids` after `prompt_ids` under the weights in use (sync check)."""
         with self._engine_lock:
