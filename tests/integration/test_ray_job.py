@@ -1,0 +1,69 @@
+"""`ray job submit --working-dir . -- python -m sm_dist train ...` against a head started with `ray start`.
+
+The head runs as `ray start --head --block`, a child of this test, and is stopped by signalling that
+process group (not `ray stop`, which would stop every Ray on the machine, other sessions' included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_tiny_config(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="smj-", dir="/tmp")
+    port, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "3", "--temp-dir", ray_tmp],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    try:
+        addr = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            ok = subprocess.run(["ray", "job", "list", "--address", addr], env=env, capture_output=True)
+            if ok.returncode == 0:
+                break
+            time.sleep(2)
+        out = subprocess.run(
+            ["ray", "job", "submit", "--address", addr, "--working-dir", ".", "--",
+             "python", "-m", "sm_dist", "train", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
+             "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert "succeeded" in out.stdout
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["step"] == 12
+        # ../shared is not in the job's working dir: the bundled arithmetic fallback was used
+        assert list((run / "data").glob("*.generated.jsonl"))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
