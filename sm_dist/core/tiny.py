@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
-from sm_dist.core.vocab import BKSPC_TOKEN, get_bkspc_id
+from sm_dist.core.vocab import add_bkspc
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", BKSPC_TOKEN]
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # <bkspc> is added to the model by add_bkspc
 # Every character of the DeepMind add_or_sub_in_base questions and answers (bases 2..16).
 ARITH_ALPHABET = "0123456789abcdef +-?,.InbasewhtiWI"
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def train_tokenizer(texts: Iterable[str] | None, vocab_size: int = 512, alphabet: str | None = None):
-    """Train a byte-level BPE tokenizer; with `alphabet` and no texts it is character-level."""
+    """Train a byte-level BPE tokenizer (without `<bkspc>`); with `alphabet` and no texts it is
+    character-level."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -46,7 +47,6 @@ def train_tokenizer(texts: Iterable[str] | None, vocab_size: int = 512, alphabet
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
-    fast.add_special_tokens({"additional_special_tokens": [BKSPC_TOKEN]})
     return fast
 
 
@@ -92,11 +92,7 @@ def make_tiny_model(
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(cfg)
-    bid = get_bkspc_id(tok)
-    with torch.no_grad():  # make <bkspc> rare before training (DESIGN §2)
-        head = model.lm_head.weight
-        others = torch.cat([head[:bid], head[bid + 1 :]])
-        head[bid] = others.mean(0) - 4.0 * others.norm(dim=1).mean() * others.mean(0) / others.mean(0).norm()
+    add_bkspc(model, tok)  # the same path as for any HF model: <bkspc> last, its head row made rare
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

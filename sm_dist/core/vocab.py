@@ -54,9 +54,9 @@ def check_model_has_bkspc(model, bkspc_id: int) -> None:
 def add_bkspc(model, tokenizer, margin: float = 4.0) -> int:
     """Add `<bkspc>` to `tokenizer` and `model` in place; return its id. Idempotent.
 
-    The new LM-head row is `mean_row - margin * u`, with `u` the unit mean of the final hidden
-    states' typical direction approximated by the mean row itself; this gives the new action a
-    logit well below the average token's, i.e. it is rarely sampled before training.
+    The new LM-head row is `mean_row - margin * |row| * h_mean / |h_mean|`, with `h_mean` the mean
+    final hidden state over a probe of the vocabulary: on typical states its logit sits about
+    `margin * |row| * |h_mean|` below the average token's, so it is rarely sampled before training.
     """
     vocab = tokenizer.get_vocab()
     if BKSPC_TOKEN in vocab and vocab[BKSPC_TOKEN] < model.get_output_embeddings().weight.shape[0]:
@@ -64,19 +64,35 @@ def add_bkspc(model, tokenizer, margin: float = 4.0) -> int:
     tokenizer.add_special_tokens({"additional_special_tokens": [BKSPC_TOKEN]})
     bid = get_bkspc_id(tokenizer)
     old_rows = model.get_output_embeddings().weight.shape[0]
+    h_mean = _mean_hidden(model, old_rows)
     if bid >= old_rows:
         model.resize_token_embeddings(bid + 1, mean_resizing=False)
+    if getattr(model.config, "vocab_size", None) is not None:
+        model.config.vocab_size = model.get_output_embeddings().weight.shape[0]
     emb_in = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if head.weight.data_ptr() != emb_in.data_ptr():
         emb_in[bid] = emb_in[:old_rows].mean(0)  # never read: <bkspc> is never an input (DESIGN §2)
     # LM-head row (shared with the input row when tied, which is harmless for the same reason).
-    mean_row = head.weight[:old_rows].mean(0)
-    u = mean_row / mean_row.norm().clamp_min(1e-6)
-    head.weight[bid] = mean_row - margin * u * head.weight[:old_rows].norm(dim=1).mean()
+    rows = head.weight[:old_rows].float()
+    u = h_mean / h_mean.norm().clamp_min(1e-6)
+    head.weight[bid] = (rows.mean(0) - margin * rows.norm(dim=1).mean() * u).to(head.weight.dtype)
     if getattr(head, "bias", None) is not None:
         head.bias[bid] = head.bias[:old_rows].mean() - margin
     return bid
+
+
+def _mean_hidden(model, n_vocab: int, n_probe: int = 64) -> torch.Tensor:
+    """Mean final hidden state (the LM head's input) over a sequence of evenly spaced token ids."""
+    dev = model.get_output_embeddings().weight.device
+    ids = torch.linspace(0, n_vocab - 1, min(n_probe, n_vocab), device=dev).long()[None]
+    captured = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0].float().reshape(-1, captured[0].shape[-1]).mean(0)
 
 
 def add_bkspc_to_dir(model_dir: str | Path, out_dir: str | Path) -> int:
@@ -87,9 +103,8 @@ def add_bkspc_to_dir(model_dir: str | Path, out_dir: str | Path) -> int:
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"model dir {str(model_dir)!r} has no config.json; pass an HF model folder")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     bid = add_bkspc(model, tok)
-    model.config.vocab_size = model.get_output_embeddings().weight.shape[0]
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return bid

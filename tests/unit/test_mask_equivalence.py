@@ -9,7 +9,14 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from sm_dist.core.forward import forward_traces
 from sm_dist.core.traces import build_inputs, collapse
@@ -20,7 +27,9 @@ N_TRACES = 200
 
 def _models():
     torch.manual_seed(0)
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128)
+    common = dict(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128
+    )
     return {
         "llama": LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)),
         "qwen2": Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)),
