@@ -131,6 +131,12 @@ def start_ray(cfg: Config, address: str | None):
 
 def check_resources(ray, cfg: Config) -> None:
     """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
+    if cfg.sync.transport != "object_store":
+        raise ConfigError(
+            "sync.transport",
+            f"{cfg.sync.transport!r} is not wired into the driver yet (only the object-store path is).",
+            "set sync.transport=object_store",
+        )
     have = ray.cluster_resources()
     r, lc = cfg.rollout, cfg.learner
     cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
