@@ -28,7 +28,6 @@ policy cannot take) is dropped from every term.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,20 +86,12 @@ def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torc
     logits = logits.float()
     lse = torch.logsumexp(logits, dim=-1)  # [B, N]
     v = lse.gather(1, batch.state_index)  # [B, T+1]
-    fix = ~batch.bkspc_allowed & _state_mask(batch)
-    if fix.any():
-        b, t = fix.nonzero(as_tuple=True)
+    b, t = batch.boundary_b, batch.boundary_t
+    if b.numel():
         rows = logits[b, batch.state_index[b, t]].clone()  # [K, V]
         rows[:, bkspc_id] = float("-inf")
-        v = v.masked_scatter(fix, torch.logsumexp(rows, dim=-1))
+        v = v.index_put((b, t), torch.logsumexp(rows, dim=-1))
     return v
-
-
-def _state_mask(batch: TraceBatch) -> torch.Tensor:
-    """[B, T+1] True for real states s_0..s_{T_b}."""
-    B, T1 = batch.state_index.shape
-    n_actions = batch.action_mask.sum(1, keepdim=True)
-    return torch.arange(T1, device=batch.state_index.device)[None, :] <= n_actions
 
 
 def transitions(logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams) -> dict[str, torch.Tensor]:
@@ -127,22 +118,23 @@ def _expect(per_seq: torch.Tensor, seq_mask: torch.Tensor, seq_w: torch.Tensor) 
     return (per_seq * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def _mix(per_seq: torch.Tensor, is_data: torch.Tensor, seq_w: torch.Tensor, data_mix: float) -> torch.Tensor:
+def _mix(
+    per_seq: torch.Tensor, batch: TraceBatch, is_data: torch.Tensor, seq_w: torch.Tensor, a: float
+) -> torch.Tensor:
     """E_mix = a E_data + (1-a) E_model; falls back to whichever occupancy the batch has."""
-    has_d, has_m = bool(is_data.any()), bool((~is_data).any())
-    if has_d and has_m:
-        return data_mix * _expect(per_seq, is_data, seq_w) + (1 - data_mix) * _expect(
-            per_seq, ~is_data, seq_w
-        )
-    return _expect(per_seq, is_data if has_d else ~is_data, seq_w)
+    if batch.has_data and batch.has_model:
+        return a * _expect(per_seq, is_data, seq_w) + (1 - a) * _expect(per_seq, ~is_data, seq_w)
+    return _expect(per_seq, is_data if batch.has_data else ~is_data, seq_w)
 
 
 def sequence_match_loss(
-    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams
-) -> tuple[torch.Tensor, dict[str, float]]:
+    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DESIGN §1 loss for `p.divergence` on logits [B, N, V]; returns (loss, metrics).
 
     Rows with `batch.from_data` are data (augmented expert) sequences, the others model rollouts.
+    Metrics are detached 0-d tensors (no device sync here; `float()` them after backward).
+    `check_finite=False` leaves the (synchronising) non-finite check to the caller.
     """
     tr = transitions(logits, batch, p)
     is_data = batch.from_data.to(logits.device)
@@ -159,51 +151,59 @@ def sequence_match_loss(
         value_term = _expect((wd * (tr["v"] - p.gamma * tr["v_next"])).sum(1), is_data, sw)
         chi2_term = torch.zeros((), device=logits.device)
     else:
-        value_term = _mix(value_per_seq, is_data, sw, p.data_mix)
+        value_term = _mix(value_per_seq, batch, is_data, sw, p.data_mix)
         r2 = (w * r.pow(2)).sum(1)
         if p.divergence == "chi2_mixture":
-            chi2_term = p.chi2_weight * _mix(r2, is_data, sw, p.data_mix)
+            chi2_term = p.chi2_weight * _mix(r2, batch, is_data, sw, p.data_mix)
         elif p.divergence == "chi2":
             chi2_term = p.chi2_weight * _expect(r2, is_data, sw)
         else:
             chi2_term = torch.zeros((), device=logits.device)
     loss = data_term + chi2_term + value_term
-    if not torch.isfinite(loss):
-        _check_finite(logits)  # names the bad logits if they are the cause
-        raise FloatingPointError(
-            f"non-finite loss {float(loss)} (data {float(data_term)}, chi2 {float(chi2_term)}, "
-            f"value {float(value_term)}) from finite logits; check gamma/chi2_weight and the batch"
-        )
-    return loss, _metrics(loss, data_term, chi2_term, value_term, tr, is_data)
+    metrics = _metrics(loss, data_term, chi2_term, value_term, tr, is_data)
+    if check_finite:
+        raise_if_not_finite(loss, logits, metrics)
+    return loss, metrics
 
 
-def _metrics(loss, data_term, chi2_term, value_term, tr, is_data) -> dict[str, float]:
+def raise_if_not_finite(loss: torch.Tensor, logits: torch.Tensor, metrics: dict) -> None:
+    """Raise FloatingPointError naming the bad logits (or the loss terms) if `loss` is not finite."""
+    if bool(torch.isfinite(loss)):
+        return
+    _check_finite(logits)  # names the bad logits if they are the cause
+    terms = {k: float(v) for k, v in metrics.items() if k.startswith("loss/")}
+    raise FloatingPointError(
+        f"non-finite loss {float(loss)} (terms {terms}) from finite logits; check gamma/chi2_weight and the batch"
+    )
+
+
+def _metrics(loss, data_term, chi2_term, value_term, tr, is_data) -> dict[str, torch.Tensor]:
     valid = tr["valid"]
     vd, vm = valid & is_data[:, None], valid & ~is_data[:, None]
 
-    def mean(x, m):
-        return float((x * m).sum() / m.sum()) if bool(m.any()) else math.nan
+    def mean(x, m):  # nan when m is empty (0/0), without a host sync
+        return (x.detach() * m).sum() / m.sum()
 
     return {
-        "loss/total": float(loss.detach()),
-        "loss/data_term": float(data_term.detach()),
-        "loss/chi2_term": float(chi2_term.detach()),
-        "loss/value_term": float(value_term.detach()),
-        "r/mean_data": mean(tr["r"].detach(), vd),
-        "r/mean_model": mean(tr["r"].detach(), vm),
-        "v/mean": mean(tr["v"].detach(), valid),
-        "v/s0_mean": float(tr["v"].detach()[:, 0].mean()),
+        "loss/total": loss.detach(),
+        "loss/data_term": data_term.detach(),
+        "loss/chi2_term": chi2_term.detach(),
+        "loss/value_term": value_term.detach(),
+        "r/mean_data": mean(tr["r"], vd),
+        "r/mean_model": mean(tr["r"], vm),
+        "v/mean": mean(tr["v"], valid),
+        "v/s0_mean": tr["v"].detach()[:, 0].mean(),
     }
 
 
 def bc_loss(
-    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams
-) -> tuple[torch.Tensor, dict[str, float]]:
+    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Behaviour cloning on the data rows: the `mle` objective (gamma^t-weighted cross-entropy)."""
     mle = ObjectiveParams(
         bkspc_id=p.bkspc_id, divergence="mle", gamma=p.gamma, mask_noise_actions=p.mask_noise_actions
     )
-    return sequence_match_loss(logits, batch, mle)
+    return sequence_match_loss(logits, batch, mle, check_finite=check_finite)
 
 
 def training_loss(
@@ -213,20 +213,27 @@ def training_loss(
     step: int,
     warmup_steps: int,
     sm_lambda: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The paper's schedule: BC for `warmup_steps`, then (1 - lambda) L_BC + lambda L_SM."""
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The paper's schedule: BC for `warmup_steps`, then (1 - lambda) L_BC + lambda L_SM.
+
+    Each term is computed only when its weight is non-zero (BC needs data rows).
+    """
     if not 0.0 <= sm_lambda <= 1.0:
         raise ValueError(f"sm_lambda={sm_lambda} must be in [0, 1]")
-    l_bc, m_bc = bc_loss(logits, batch, p)
     if step < warmup_steps or p.divergence == "mle" or sm_lambda == 0.0:
+        l_bc, m_bc = bc_loss(logits, batch, p, check_finite)
         return l_bc, {**m_bc, "loss/bc": m_bc["loss/total"], "loss/sm_lambda": 0.0}
-    l_sm, m_sm = sequence_match_loss(logits, batch, p)
+    l_sm, m_sm = sequence_match_loss(logits, batch, p, check_finite)
+    if sm_lambda == 1.0:
+        return l_sm, {**m_sm, "loss/sm": m_sm["loss/total"], "loss/sm_lambda": 1.0}
+    l_bc, m_bc = bc_loss(logits, batch, p, check_finite)
     loss = (1 - sm_lambda) * l_bc + sm_lambda * l_sm
     return loss, {
         **m_sm,
         "loss/bc": m_bc["loss/total"],
-        "loss/sm": float(l_sm.detach()),
-        "loss/total": float(loss.detach()),
+        "loss/sm": m_sm["loss/total"],
+        "loss/total": loss.detach(),
         "loss/sm_lambda": sm_lambda,
     }
 

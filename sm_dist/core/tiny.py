@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sm_dist.core.vocab import add_bkspc
+from sm_dist.core.vocab import BKSPC_TOKEN, add_bkspc
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # <bkspc> is added to the model by add_bkspc
 # Every character of the DeepMind add_or_sub_in_base questions and answers (bases 2..16).
@@ -21,9 +21,12 @@ ARITH_ALPHABET = "0123456789abcdef +-?,.InbasewhtiWI"
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def train_tokenizer(texts: Iterable[str] | None, vocab_size: int = 512, alphabet: str | None = None):
-    """Train a byte-level BPE tokenizer (without `<bkspc>`); with `alphabet` and no texts it is
-    character-level."""
+def train_tokenizer(
+    texts: Iterable[str] | None, vocab_size: int = 512, alphabet: str | None = None, with_bkspc: bool = True
+):
+    """Train a byte-level BPE tokenizer; with `alphabet` and no texts it is character-level.
+
+    `with_bkspc` adds `<bkspc>` as a special token (tokenizer only; a model gets it via add_bkspc)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -47,6 +50,8 @@ def train_tokenizer(texts: Iterable[str] | None, vocab_size: int = 512, alphabet
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
+    if with_bkspc:
+        fast.add_special_tokens({"additional_special_tokens": [BKSPC_TOKEN]})
     return fast
 
 
@@ -75,7 +80,9 @@ def make_tiny_model(
             f"hidden_size={hidden_size} / num_heads={num_heads} gives head size {hidden_size / num_heads}; "
             f"vLLM's CPU attention needs one of {VLLM_CPU_HEAD_SIZES} (e.g. hidden 128 with 2 heads)"
         )
-    tok = train_tokenizer(texts, vocab_size=vocab_size, alphabet=None if texts is not None else alphabet)
+    tok = train_tokenizer(
+        texts, vocab_size=vocab_size, alphabet=None if texts is not None else alphabet, with_bkspc=False
+    )
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),

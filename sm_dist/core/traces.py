@@ -191,6 +191,9 @@ class TraceBatch:
     bkspc_allowed: [B, T+1] bool, terminal: [B] bool, any_backspace: whether any row needs the mask,
     is_noise: [B, T] bool, from_data: [B] bool, seq_weight: [B] float (1 by default; expectations
     are weighted means over sequences, which lets exact enumerations carry their probabilities).
+    boundary_b, boundary_t: [K] indices of the states s_t at the prompt boundary (<bkspc> masked there);
+    has_data, has_model: whether any row is data / a model rollout. These are computed on the host at
+    collation so the objective needs no device-to-host synchronisation.
     """
 
     input_ids: torch.Tensor
@@ -206,6 +209,10 @@ class TraceBatch:
     is_noise: torch.Tensor
     from_data: torch.Tensor
     seq_weight: torch.Tensor
+    boundary_b: torch.Tensor
+    boundary_t: torch.Tensor
+    has_data: bool
+    has_model: bool
 
     def to(self, device) -> TraceBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -238,6 +245,8 @@ def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int
         position_ids[b, n:] = torch.arange(N - n) + (int(tr.position_ids.max()) + 1)
         state_index[b, : t + 1], bkspc_allowed[b, : t + 1] = tr.state_index, tr.bkspc_allowed
         actions[b, :t], action_mask[b, :t], is_noise[b, :t] = tr.actions, True, tr.is_noise
+    real_state = torch.arange(T + 1)[None, :] <= action_mask.sum(1, keepdim=True)
+    boundary = (~bkspc_allowed & real_state).nonzero(as_tuple=True)
     return TraceBatch(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -252,4 +261,8 @@ def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int
         is_noise=is_noise,
         from_data=torch.tensor([t.from_data for t in traces], dtype=torch.bool),
         seq_weight=torch.ones(B),
+        boundary_b=boundary[0],
+        boundary_t=boundary[1],
+        has_data=any(t.from_data for t in traces),
+        has_model=not all(t.from_data for t in traces),
     )

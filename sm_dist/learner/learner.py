@@ -263,8 +263,8 @@ class Learner:
                 except FloatingPointError as e:
                     bad, m = True, {"learner/error": 1.0}
                     self._last_error = str(e)
-                    # keep DDP's all-reduce in step with the other ranks: zero gradients for every parameter
-                    (sum(p.sum() for p in self.module.parameters()) * 0.0).backward()
+                    # loss_and_backward raises only after its backward (DDP's all-reduce already ran on
+                    # every rank, so ranks stay in step); the gradients are discarded below.
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro)
         grad_norm = self._clip()
