@@ -50,6 +50,35 @@ def _train(args) -> int:
         return 2
 
 
+def _eval(args) -> int:
+    import json
+
+    from sm_dist.eval.arith_eval import evaluate, format_table
+
+    try:
+        summary = evaluate(
+            args.model,
+            args.data,
+            backspace=args.backspace == "on",
+            limit=args.limit,
+            prompt_field=args.prompt_field,
+            answer_field=args.answer_field,
+            on_bad=args.on_bad,
+            max_actions=args.max_actions,
+            max_backspaces=args.max_backspaces,
+            batch_size=args.batch_size,
+        )
+    except ValueError as e:
+        print(f"sm-dist eval: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        print(f"results written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="greedy evaluation (exact match) of a model on a jsonl of prompt/answer")
+    ev.add_argument("--model", required=True, help="HF model folder (with <bkspc>)")
+    ev.add_argument("--data", required=True, help="jsonl with prompt/answer fields")
+    ev.add_argument("--out", help="write the results (metrics + per-example) as JSON here")
+    ev.add_argument("--backspace", choices=("on", "off"), default="on", help="allow <bkspc> (default on)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--prompt-field", default="prompt")
+    ev.add_argument("--answer-field", default="answer")
+    ev.add_argument("--on-bad", choices=("error", "skip"), default="error", help="bad data rows")
+    ev.add_argument("--max-actions", type=int, default=64)
+    ev.add_argument("--max-backspaces", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
+    ev.set_defaults(func=_eval)
     return p
 
 
