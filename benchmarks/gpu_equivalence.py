@@ -9,7 +9,14 @@ import argparse
 import random
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from sm_dist.core.forward import forward_traces
 from sm_dist.core.traces import build_inputs, collapse
@@ -19,7 +26,9 @@ V, BK = 512, 511
 
 def models(device):
     torch.manual_seed(0)
-    c = dict(vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_position_embeddings=256)
+    c = dict(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, max_position_embeddings=256
+    )
     return {
         "llama": LlamaForCausalLM(LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **c)),
         "qwen2": Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **c)),

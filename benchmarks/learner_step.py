@@ -35,8 +35,14 @@ def build_model(preset: str, device: str, dtype: torch.dtype):
 
     h, n_layer, heads, kv, inter, vocab, _, seq = PRESETS[preset]
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=h, num_hidden_layers=n_layer, num_attention_heads=heads,
-        num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=seq, attn_implementation="sdpa",
+        vocab_size=vocab,
+        hidden_size=h,
+        num_hidden_layers=n_layer,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        max_position_embeddings=seq,
+        attn_implementation="sdpa",
     )
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
@@ -85,7 +91,9 @@ def main() -> None:
     traces, bk = make_traces(batch, seq, vocab, args.bkspc_rate, seed=0)
     n_bk = sum(int((t.actions == bk).sum()) for t in traces)
     print(f"model {args.preset} on {args.device} ({dtype}), B={batch} L={seq}, {n_bk} <bkspc> actions")
-    p = StepParams(objective=ObjectiveParams(bkspc_id=bk, divergence="chi2_mixture", chi2_weight=1e-3), attn=args.attn)
+    p = StepParams(
+        objective=ObjectiveParams(bkspc_id=bk, divergence="chi2_mixture", chi2_weight=1e-3), attn=args.attn
+    )
     ids = torch.stack([t.input_ids for t in traces]).to(args.device)
 
     def sm_step():

@@ -39,9 +39,19 @@ def ray_cluster():
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=tmp,
-        runtime_env={"env_vars": {k: os.environ[k] for k in (
-            "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "VLLM_ENABLE_V1_MULTIPROCESSING",
-            "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TOKENIZERS_PARALLELISM")}},
+        runtime_env={
+            "env_vars": {
+                k: os.environ[k]
+                for k in (
+                    "VLLM_CPU_KVCACHE_SPACE",
+                    "HF_HUB_OFFLINE",
+                    "VLLM_ENABLE_V1_MULTIPROCESSING",
+                    "VLLM_CACHE_ROOT",
+                    "TORCHINDUCTOR_CACHE_DIR",
+                    "TOKENIZERS_PARALLELISM",
+                )
+            }
+        },
         logging_level="WARNING",
     )
     yield ray
