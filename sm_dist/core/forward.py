@@ -64,26 +64,16 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         return out.logits.float()
     if attn == "sdpa":
-        with attn_implementation(model, "sdpa"):
-            mask = dense_mask(batch.deleted_at)
-            out = model(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                attention_mask=mask,
-                use_cache=False,
-            )
+        impl, mask = "sdpa", dense_mask(batch.deleted_at)
     elif attn == "flex":
         _register_flex()
-        with attn_implementation(model, FLEX_IMPL):
-            mask = flex_block_mask(batch.deleted_at)
-            out = model(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                attention_mask=mask,
-                use_cache=False,
-            )
+        impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at)
     else:
         raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex' or 'auto'")
+    with attn_implementation(model, impl):
+        out = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
+        )
     return out.logits.float()
 
 
