@@ -13,32 +13,20 @@ RolloutWorker actors (Ray, one CPU each). Last line: `bkspc_gen_over_plain_gen: 
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import statistics
 import tempfile
 import time
 
-for _k, _v in (
-    ("VLLM_CPU_KVCACHE_SPACE", "1"),
-    ("HF_HUB_OFFLINE", "1"),
-    ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-):
-    os.environ.setdefault(_k, _v)
+from sm_dist.cluster import init_local_ray, set_process_env
+
+set_process_env()  # before any vllm import
 
 
 def make_prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    digits = "0123456789abcdef"
-    out = []
-    for _ in range(n):
-        base = rng.randint(2, 16)
-        a = "".join(rng.choice(digits[:base]) for _ in range(rng.randint(1, 4)))
-        b = "".join(rng.choice(digits[:base]) for _ in range(rng.randint(1, 4)))
-        q = f"In base {base}, what is {a} {rng.choice('+-')} {b}?"
-        out.append(tok.encode(q, add_special_tokens=False))
-    return out
+    """n arithmetic questions (the project's add_or_sub_in_base generator), tokenised."""
+    from sm_dist.data.arith import generate
+
+    return [tok.encode(q["prompt"], add_special_tokens=False) for q in generate(n, "easy", seed)]
 
 
 def time_plain(engine, prompts, params) -> tuple[float, int]:
@@ -145,22 +133,7 @@ def main():
         import ray
 
         gc.collect()
-        env = {
-            k: os.environ[k]
-            for k in (
-                "VLLM_CPU_KVCACHE_SPACE",
-                "HF_HUB_OFFLINE",
-                "VLLM_ENABLE_V1_MULTIPROCESSING",
-                "TOKENIZERS_PARALLELISM",
-            )
-        }
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            logging_level="WARNING",
-        )
+        init_local_ray(num_cpus=2)
         for n_workers in (1, 2):
             tps = bench_workers(model_dir, prompts, bk_p, n_workers, args.worker_batches)
             print(f"{n_workers} worker actor(s): {tps:.0f} tok/s aggregate (backspace-aware)", flush=True)

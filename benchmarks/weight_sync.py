@@ -11,18 +11,13 @@ Median over `--repeats`. Last line: `sync_over_roundtrip: X`.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 
-for _k, _v in (
-    ("VLLM_CPU_KVCACHE_SPACE", "1"),
-    ("HF_HUB_OFFLINE", "1"),
-    ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-):
-    os.environ.setdefault(_k, _v)
+from sm_dist.cluster import init_local_ray, set_process_env
+
+set_process_env()  # before any vllm import
 
 
 def main():
@@ -51,22 +46,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {model_dir}: {n_params / 1e6:.1f}M params", flush=True)
 
-    env = {
-        k: os.environ[k]
-        for k in (
-            "VLLM_CPU_KVCACHE_SPACE",
-            "HF_HUB_OFFLINE",
-            "VLLM_ENABLE_V1_MULTIPROCESSING",
-            "TOKENIZERS_PARALLELISM",
-        )
-    }
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": env},
-        logging_level="WARNING",
-    )
+    init_local_ray(num_cpus=4)
 
     @ray.remote(num_cpus=1)
     class Reader:

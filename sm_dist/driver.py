@@ -27,15 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sm_dist.cluster import init_local_ray, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.learner import checkpoint as ckpt
-
-WORKER_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @dataclass
@@ -111,22 +105,15 @@ def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
 
 
 def start_ray(cfg: Config, address: str | None):
+    """Join the cluster at `address` (or RAY_ADDRESS / run.address); else start a local one."""
     import ray
 
     address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
-    os.environ.update({k: v for k, v in WORKER_ENV.items() if k not in os.environ})
+    set_process_env()
     if address:
         ray.init(address=address, logging_level="WARNING")
         return ray, False
-    env = {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.engine.cpu_kvcache_gib)}
-    ray.init(
-        num_cpus=cfg.run.num_cpus or os.cpu_count(),
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-        logging_level="WARNING",
-    )
-    return ray, True
+    return init_local_ray(cfg.run.num_cpus, env=vllm_env(cfg.rollout.engine.cpu_kvcache_gib)), True
 
 
 def check_resources(ray, cfg: Config) -> None:
@@ -173,7 +160,7 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
 
     b, r, lc = cfg.buffer, cfg.rollout, cfg.learner
     run_dir = cfg.run.run_dir
-    env = {"env_vars": {**WORKER_ENV, "VLLM_CPU_KVCACHE_SPACE": str(r.engine.cpu_kvcache_gib)}}
+    env = {"env_vars": vllm_env(r.engine.cpu_kvcache_gib)}
     Buf = ray.remote(num_cpus=0)(ReplayBuffer)
     replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
     expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
@@ -223,16 +210,15 @@ class Trainer:
     """Holds the actors and the loop state; `run()` is the loop."""
 
     def __init__(self, ray, cfg, replay, expert, workers, names, learners, state: RunState, logger):
+        from sm_dist.sync.object_store import ObjectStoreTransport
+
         self.ray, self.cfg = ray, cfg
-        self.replay, self.expert, self.workers, self.names, self.learners = (
-            replay,
-            expert,
-            workers,
-            names,
-            learners,
-        )
+        self.replay, self.expert, self.workers, self.names = replay, expert, workers, names
+        self.learners = learners
+        self.transport = ObjectStoreTransport(workers, cfg.sync.timeout_s, names)
         self.s, self.log = state, logger
         self.inflight: dict = {}  # future -> (worker index, "batch" | "sync", version)
+        self.sync_started: dict[int, float] = {}  # version -> monotonic time it was sent
         self.stop_requested = False
         self.rollout_stats: dict[str, list[float]] = {}
         self.busy = {"learner_s": 0.0, "gen_s": 0.0}
@@ -246,12 +232,9 @@ class Trainer:
         i, kind, version = self.inflight.pop(fut)
         out = self.ray.get(fut)
         if kind == "sync":
-            if out != version:
-                from sm_dist.sync.base import WeightSyncError
+            from sm_dist.sync.base import confirm_version
 
-                raise WeightSyncError(
-                    f"{self.names[i]} reports version {out} after a sync of version {version}"
-                )
+            confirm_version(self.names[i], out, version)
             self.s.syncs[self.names[i]] = self.s.syncs.get(self.names[i], 0) + 1
             return
         self.s.rollout_batches += 1
@@ -295,10 +278,10 @@ class Trainer:
         self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
         self.ray.wait([refs[0]])
         self.blob_ref = refs[0]  # held until every worker has loaded it
-        self.sync_started = getattr(self, "sync_started", {})
         self.sync_started[self.s.version] = time.monotonic()
-        for i, w in enumerate(self.workers):
-            self.inflight[w.update_weights.remote([refs[0]], self.s.version)] = (i, "sync", self.s.version)
+        # queued behind each worker's current batch: applied between batches, never inside one
+        for i, fut in enumerate(self.transport.send(self.s.version, refs[0])):
+            self.inflight[fut] = (i, "sync", self.s.version)
         return {"sync/version": float(self.s.version), "sync/publish_s": time.perf_counter() - t0}
 
     # -- learners

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# vLLM's CPU build: set before any vllm import (PLATFORM.md).
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from sm_dist.cluster import init_local_ray, set_process_env, vllm_env
+
+set_process_env()  # vLLM's CPU build: before any vllm import (PLATFORM.md)
 
 _CACHE = Path(tempfile.mkdtemp(prefix="smdist-cache-"))
 os.environ.setdefault("VLLM_CACHE_ROOT", str(_CACHE / "vllm"))
@@ -30,30 +28,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole session (2 CPUs, loopback only, own temp dir)."""
-    import ray
-
+    """One local Ray cluster for the whole session (4 logical CPUs, loopback only, own temp dir)."""
     tmp = tempfile.mkdtemp(prefix="smdist-ray-", dir="/tmp")
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=tmp,
-        runtime_env={
-            "env_vars": {
-                k: os.environ[k]
-                for k in (
-                    "VLLM_CPU_KVCACHE_SPACE",
-                    "HF_HUB_OFFLINE",
-                    "VLLM_ENABLE_V1_MULTIPROCESSING",
-                    "VLLM_CACHE_ROOT",
-                    "TORCHINDUCTOR_CACHE_DIR",
-                    "TOKENIZERS_PARALLELISM",
-                )
-            }
-        },
-        logging_level="WARNING",
-    )
+    caches = {k: os.environ[k] for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")}
+    ray = init_local_ray(num_cpus=4, env=vllm_env(**caches), temp_dir=tmp)
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ the version and the timeout when one does not confirm in time.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,26 @@ import torch
 
 class WeightSyncError(TimeoutError):
     """A weight sync step did not finish in time, or a worker reported the wrong version."""
+
+
+def wait_all(futures: Sequence[Any], names: Sequence[str], timeout_s: float, what: str) -> list:
+    """`ray.get` of one future per worker, after waiting at most `timeout_s` for all of them; a
+    `WeightSyncError` names the workers that did not answer and `what` they were doing."""
+    import ray
+
+    ready, not_ready = ray.wait(list(futures), num_returns=len(futures), timeout=timeout_s)
+    if not_ready:
+        late = [names[futures.index(f)] for f in not_ready]
+        raise WeightSyncError(
+            f"{what} timed out after {timeout_s}s: {late} did not confirm ({len(ready)}/{len(futures)} did)"
+        )
+    return ray.get(list(futures))
+
+
+def confirm_version(name: str, got: int, version: int) -> None:
+    """A worker's answer to a sync must be the version it was sent."""
+    if got != version:
+        raise WeightSyncError(f"{name} reports version {got} after a sync of version {version}")
 
 
 class WeightTransport(ABC):

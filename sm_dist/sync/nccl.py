@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport
+from sm_dist.sync.base import WeightSyncError, WeightTransport, wait_all
 
 
 def _require_cuda() -> None:
@@ -49,17 +49,13 @@ class _WorkerClient:
         self.version: int | None = None  # set by NcclTransport.publish before each round
 
     def _all(self, stage: str, info: Any = None) -> None:
-        import ray
-
         futures = [w.weight_transfer.remote(stage, info, self.version) for w in self.workers]
-        _, not_ready = ray.wait(futures, num_returns=len(futures), timeout=self.timeout_s)
-        if not_ready:
-            late = [self.names[futures.index(f)] for f in not_ready]
-            raise WeightSyncError(
-                f"NCCL weight transfer stage {stage!r} (version {self.version}) timed out after "
-                f"{self.timeout_s}s on {late}"
-            )
-        ray.get(futures)
+        wait_all(
+            futures,
+            self.names,
+            self.timeout_s,
+            f"NCCL weight transfer stage {stage!r} (version {self.version})",
+        )
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._all("init", init_info)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport
+from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_version, wait_all
 
 
 def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
@@ -42,6 +42,14 @@ class ObjectStoreTransport(WeightTransport):
         self.worker_names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
         self.timeout_s = timeout_s
 
+    def send(self, version: int, ref: Any) -> list:
+        """Queue `version` (an ObjectRef to safetensors bytes) on every worker, after its current
+        batch; return one future per worker (answering the version it loaded) without waiting.
+
+        The ref is wrapped in a list so Ray does not resolve it before the call: the worker's own
+        ray.get then carries the timeout and the error names the worker."""
+        return [w.update_weights.remote([ref], version) for w in self.workers]
+
     def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
         import ray
 
@@ -50,19 +58,11 @@ class ObjectStoreTransport(WeightTransport):
         t1 = time.perf_counter()
         ref = ray.put(blob)
         t2 = time.perf_counter()
-        # The ref is wrapped in a list so Ray does not resolve it before the call: the worker's own
-        # ray.get then carries the timeout and the error names the worker.
-        futures = [w.update_weights.remote([ref], version) for w in self.workers]
-        ready, not_ready = ray.wait(futures, num_returns=len(futures), timeout=self.timeout_s)
-        if not_ready:
-            late = [self.worker_names[futures.index(f)] for f in not_ready]
-            raise WeightSyncError(
-                f"weight sync of version {version} timed out after {self.timeout_s}s: "
-                f"{late} did not confirm ({len(ready)}/{len(futures)} did)"
-            )
-        for name, got in zip(self.worker_names, ray.get(futures), strict=True):
-            if got != version:
-                raise WeightSyncError(f"{name} reports version {got} after a sync of version {version}")
+        got = wait_all(
+            self.send(version, ref), self.worker_names, self.timeout_s, f"weight sync of version {version}"
+        )
+        for name, v in zip(self.worker_names, got, strict=True):
+            confirm_version(name, v, version)
         t3 = time.perf_counter()
         return {
             "sync/version": float(version),

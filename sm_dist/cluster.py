@@ -1,0 +1,44 @@
+"""Starting Ray for sm-dist: the environment vLLM's CPU build needs, and a loopback-only local cluster.
+
+One place for what the driver, the benchmarks and the tests all need (PLATFORM.md): vLLM's CPU build
+refuses to start without `VLLM_CPU_KVCACHE_SPACE`, must not reach a hub (`HF_HUB_OFFLINE`), and starts
+fast and small in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Importing this module imports no Ray.
+"""
+
+from __future__ import annotations
+
+import os
+
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def vllm_env(kvcache_gib: int = 1, **extra: str) -> dict[str, str]:
+    """The env vars a rollout actor needs (`runtime_env={"env_vars": ...}`), with the KV-cache size."""
+    return {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), **extra}
+
+
+def set_process_env() -> None:
+    """Give this process the vLLM defaults it lacks (before any vllm import); set values win."""
+    for k, v in VLLM_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, temp_dir: str | None = None):
+    """Start a local Ray bound to 127.0.0.1 (no dashboard) whose workers get `env`; return `ray`."""
+    import ray
+
+    set_process_env()
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": env if env is not None else vllm_env()},
+        logging_level="WARNING",
+    )
+    return ray
