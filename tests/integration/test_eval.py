@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import subprocess
 import sys
@@ -64,16 +63,6 @@ def test_on_bad_error_names_the_line(tiny_model_dir, data_file):
 
     with pytest.raises(ValueError, match=r"eval\.jsonl:4: malformed_json"):
         evaluate(tiny_model_dir, data_file, on_bad="error", engine=object())  # fails before generating
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from sm_dist.rollout.engine import BackspaceEngine
-
-    eng = BackspaceEngine(tiny_model_dir, worker_extension_cls=None)
-    yield eng
-    del eng
-    gc.collect()
 
 
 KEYS = {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -34,16 +32,6 @@ def hf_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from sm_dist.rollout.engine import BackspaceEngine
-
-    eng = BackspaceEngine(tiny_model_dir, worker_extension_cls=None)
-    yield eng
-    del eng
-    gc.collect()
 
 
 @torch.no_grad()
