@@ -14,9 +14,9 @@ gradients over ranks. The mean of M per-rank means equals the global mean exactl
 the same number of data rows and the same number of model rows, so the driver splits each source
 evenly (the config validator enforces divisibility). Gradient accumulation splits the same way.
 
-NaN guard: a non-finite loss does not throw on the rank that sees it; the rank backpropagates a zero
-loss (so DDP's gradient all-reduce still matches on every rank), all ranks agree through an all-reduce
-of a "bad" flag and skip the optimiser step together; `nan_tolerance` bad steps in a row raise.
+NaN guard: `loss_and_backward` reports a non-finite loss only after its backward, so DDP's gradient
+all-reduce has run on every rank; all ranks then agree through an all-reduce of a "bad" flag and skip
+the optimiser step together (gradients discarded); `nan_tolerance` bad steps in a row raise.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,7 @@ class Learner:
             ctx = (
                 self.step_model.ddp.no_sync()
                 if (not last and isinstance(self.step_model, _DDPModel))
-                else _null()
+                else nullcontext()
             )
             with ctx:
                 try:
@@ -405,11 +406,3 @@ class Learner:
 
     def get_step(self) -> int:
         return self.c.step
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -39,8 +39,6 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from sm_dist.core.traces import collapse
-
 EXTRA_ARGS_KEY = "sm_bkspc"  # SamplingParams.extra_args key read by BkspcLogitsProcessor
 
 
@@ -296,13 +294,11 @@ class BackspaceEngine:
             r.finish = "length"  # stopped without <bkspc>/<eos>: budget or model length reached
 
     def _to_rollout(self, r: _Live) -> Rollout:
-        final = collapse(r.prompt + r.actions, self.bkspc_id, len(r.prompt))[len(r.prompt) :]
-        assert final == r.stack, (final, r.stack)
         return Rollout(
             prompt_ids=r.prompt,
             action_ids=r.actions,
             logprobs=r.logprobs,
-            final_ids=final,
+            final_ids=list(r.stack),  # the stack is the collapsed continuation, kept as actions land
             finish_reason=r.finish or "length",
             num_backspaces=r.n_bkspc,
             prompt_index=r.prompt_index,
