@@ -31,12 +31,15 @@ def _free_port() -> int:
 
 def test_ray_job_submit_runs_tiny_config(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="smj-", dir="/tmp")
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"
+    # Own agent port: the session's local Ray (other tests) already holds the default one (52365), and
+    # a head whose dashboard agent cannot bind answers every submit with "No available agent".
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "3", "--temp-dir", ray_tmp],
+         "--port", str(port), "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+         "--num-cpus", "3", "--temp-dir", ray_tmp],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     run = tmp_path / "run"
@@ -48,16 +51,12 @@ def test_ray_job_submit_runs_tiny_config(tmp_path):
             if ok.returncode == 0:
                 break
             time.sleep(2)
-        for _ in range(30):  # the dashboard answers before its job agent registers: retry that case only
-            out = subprocess.run(
-                ["ray", "job", "submit", "--address", addr, "--working-dir", ".", "--",
-                 "python", "-m", "sm_dist", "train", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
-                 "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
-                env=env, cwd=ROOT, capture_output=True, text=True, timeout=400,
-            )  # fmt: skip
-            if "No available agent to submit job" not in out.stdout + out.stderr:
-                break
-            time.sleep(3)
+        out = subprocess.run(
+            ["ray", "job", "submit", "--address", addr, "--working-dir", ".", "--",
+             "python", "-m", "sm_dist", "train", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
+             "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         assert "succeeded" in out.stdout
         summary = json.loads((run / "summary.json").read_text())
