@@ -79,6 +79,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from sm_dist.eval.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-backspaces", type=int, default=16)
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     ev.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="training curves of a run (metrics.jsonl) to PNG files")
+    pl.add_argument("run_dir", help="a run directory written by `sm-dist train`")
+    pl.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
+    pl.set_defaults(func=_plot)
     return p
 
 
