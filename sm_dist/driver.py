@@ -8,7 +8,7 @@
 Set-up, then one loop. Every worker always has one `run_batch` (or `update_weights`) in flight; while
 the learners step, the driver `ray.wait`s on learner and worker futures together, resubmitting each
 worker's next batch as soon as its last one lands. Weights are published every `sync.every` steps: rank
-0's `state_dict_bytes` result stays in the object store and each worker gets its reference; because
+0's `state_dict_blob` result stays in the object store and each worker gets its reference; because
 actor calls run in submission order, the update lands between two batches, never inside one.
 
 Deliberate choices: expert rows live in their own `ReplayBuffer` actor (`<run_dir>/expert/buffer`) and
@@ -274,7 +274,7 @@ class Trainer:
         """Send rank 0's weights (an object-store ref) to every worker, queued after its current batch."""
         t0 = time.perf_counter()
         self.s.version += 1
-        refs = [lr.state_dict_bytes.remote() for lr in self.learners]
+        refs = [lr.state_dict_blob.remote() for lr in self.learners]
         self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
         self.ray.wait([refs[0]])
         self.blob_ref = refs[0]  # held until every worker has loaded it

@@ -4,9 +4,9 @@
     ranks = [Learner.remote(r, M, addr, port, model_dir, learner_params, objective_params, seed)
              for r in range(M)]
     metrics = ray.get([l.train_step.remote(data_shard[r], replay_shard[r]) for r, l in enumerate(ranks)])
-    blob = ranks[0].state_dict_bytes.remote()        # an ObjectRef the rollout workers load
+    blob = ranks[0].state_dict_blob.remote()        # an ObjectRef the rollout workers load
 
-Public methods: `train_step`, `state_dict_bytes`, `save_checkpoint`, `load_checkpoint`.
+Public methods: `train_step`, `state_dict_blob`, `save_checkpoint`, `load_checkpoint`.
 
 Normalisation (why M ranks with B/M rows each equal one rank with B rows): the objective takes
 per-sequence means within each occupancy (data, model) and mixes them with fixed weights; DDP averages
@@ -330,13 +330,17 @@ class Learner:
             return get_model_state_dict(self.module, options=opts)
         return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}
 
-    def state_dict_bytes(self) -> bytes:
-        """Rank 0: safetensors bytes (HF names) for the vLLM weight load; other ranks: b"". Call on all
-        ranks (FSDP2 gathers collectively)."""
-        from sm_dist.sync.object_store import state_dict_to_bytes
+    def state_dict_blob(self):
+        """Rank 0: the weights (HF names) as a safetensors buffer for the vLLM weight load (a uint8
+        numpy array, stored zero-copy by Ray); other ranks: None. Call on all ranks (FSDP2 gathers
+        collectively)."""
+        from sm_dist.sync.object_store import state_dict_to_buffer
 
-        sd = self.full_state_dict()
-        return state_dict_to_bytes(sd) if self.rank == 0 else b""
+        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+            sd = self.full_state_dict()
+        else:  # no CPU staging copy: the buffer writer copies each tensor straight into place
+            sd = self.module.state_dict()
+        return state_dict_to_buffer(sd) if self.rank == 0 else None
 
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.

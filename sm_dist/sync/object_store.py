@@ -7,29 +7,89 @@ them into vLLM through the worker extension (`sm_dist.sync.vllm_ext`). Every wai
 
 from __future__ import annotations
 
+import json
+import struct
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_version, wait_all
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
-def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
-    """safetensors bytes of `state_dict` on the CPU; a tensor sharing storage with an earlier one
-    (tied embeddings) is sent once, under its first name (vLLM skips the tied copy anyway)."""
-    from safetensors.torch import save
 
+def state_dict_to_buffer(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """The weights in safetensors' file layout (8-byte header length, JSON header, raw data), written
+    with one copy into a uint8 numpy array.
+
+    Why numpy and not bytes: Ray stores a numpy array out of band, so a reader on the same node maps it
+    from the object store without a copy (bytes are copied on every `ray.get`); and the layout is still
+    a valid safetensors file (`safetensors.torch.load(bytes(buf))` reads it). Tensors are ordered by
+    element size, largest first, so every tensor's offset is aligned to its element size. A tensor
+    sharing storage with an earlier one (tied embeddings) is sent once, under its first name.
+    """
     seen: set[tuple[int, int]] = set()
-    out: dict[str, torch.Tensor] = {}
+    items: list[tuple[str, torch.Tensor]] = []
     for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
-    return save(out)
+        if key not in seen:
+            seen.add(key)
+            items.append((name, t.detach()))
+    items.sort(key=lambda kv: -kv[1].element_size())
+    header, off = {}, 0
+    for name, t in items:
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)  # keep the data section 8-byte aligned
+    buf = np.empty(8 + len(hb) + off, dtype=np.uint8)
+    buf[:8] = np.frombuffer(struct.pack("<Q", len(hb)), dtype=np.uint8)
+    buf[8 : 8 + len(hb)] = np.frombuffer(hb, dtype=np.uint8)
+    data = torch.from_numpy(buf[8 + len(hb) :])
+    for name, t in items:
+        a, b = header[name]["data_offsets"]
+        data[a:b].copy_(t.contiguous().reshape(-1).view(torch.uint8))  # device -> host copy if on GPU
+    return buf
+
+
+def safetensors_views(buf: Any) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors buffer (bytes, memoryview or uint8 array) as views, without copying.
+
+    The views share the (possibly read-only) buffer: read them, never write them. Misaligned data
+    (another writer's file) falls back to a copy.
+    """
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1)
+    n = int.from_bytes(arr[:8].tobytes(), "little")
+    header = json.loads(arr[8 : 8 + n].tobytes())
+    header.pop("__metadata__", None)
+    with warnings.catch_warnings():  # a read-only buffer: torch warns that writes would be undefined
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(arr[8 + n :]) if arr.size > 8 + n else torch.empty(0, dtype=torch.uint8)
+    out = {}
+    for name, h in header.items():
+        a, b = h["data_offsets"]
+        dtype, part = _ST_TORCH[h["dtype"]], raw[a:b]
+        if part.data_ptr() % torch.empty(0, dtype=dtype).element_size():
+            part = part.clone()
+        out[name] = part.view(dtype).reshape(h["shape"])
+    return out
 
 
 class ObjectStoreTransport(WeightTransport):
@@ -54,7 +114,7 @@ class ObjectStoreTransport(WeightTransport):
         import ray
 
         t0 = time.perf_counter()
-        blob = state_dict_to_bytes(state_dict)
+        blob = state_dict_to_buffer(state_dict)
         t1 = time.perf_counter()
         ref = ray.put(blob)
         t2 = time.perf_counter()
@@ -66,7 +126,7 @@ class ObjectStoreTransport(WeightTransport):
         t3 = time.perf_counter()
         return {
             "sync/version": float(version),
-            "sync/bytes": float(len(blob)),
+            "sync/bytes": float(blob.nbytes),
             "sync/serialize_s": t1 - t0,
             "sync/put_s": t2 - t1,
             "sync/apply_s": t3 - t2,
@@ -79,8 +139,9 @@ class ObjectStoreTransport(WeightTransport):
         return engine.load_weights_bytes(blob, version)
 
 
-def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> bytes:
-    """Resolve what `publish` sent into bytes, with a timeout that names the worker and version."""
+def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> Any:
+    """Resolve what `publish` sent into a safetensors buffer, with a timeout that names the worker
+    and version."""
     import ray
 
     if isinstance(payload, (list, tuple)):
@@ -97,8 +158,8 @@ def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> 
                 f"{worker_id}: fetching the weights of version {version} from the object store took "
                 f"longer than {timeout_s}s"
             ) from e
-    if not isinstance(payload, (bytes, bytearray, memoryview)):
+    if not isinstance(payload, (bytes, bytearray, memoryview, np.ndarray)):
         raise TypeError(
-            f"{worker_id}: weights of version {version} must be safetensors bytes, got {type(payload)}"
+            f"{worker_id}: weights of version {version} must be a safetensors buffer, got {type(payload)}"
         )
-    return bytes(payload)
+    return payload  # no copy: a numpy array from the object store is a view of shared memory
