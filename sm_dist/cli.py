@@ -87,6 +87,26 @@ def _plot(args) -> int:
     return 0
 
 
+def _text_metrics(args) -> int:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sm_dist.data.datasets import load_examples
+    from sm_dist.eval.text_metrics import text_metrics
+
+    examples, report = load_examples(args.data, text_field=args.field, on_bad=args.on_bad, limit=args.limit)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    samples = [tok.encode(e.prompt + e.answer, add_special_tokens=False) for e in examples]
+    out = {**text_metrics(samples, model), "skipped": dict(report.skipped)}
+    print(json.dumps(out, indent=1))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-backspaces", type=int, default=16)
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     ev.set_defaults(func=_eval)
+
+    tm = sub.add_parser(
+        "text-metrics", help="distinct-n, repetition, n-gram entropy and perplexity of texts under a model"
+    )
+    tm.add_argument("--model", required=True, help="HF model folder (perplexity and tokenisation)")
+    tm.add_argument("--data", required=True, help="plain text (one sample a line) or jsonl with --field")
+    tm.add_argument("--field", default=None, help="jsonl field holding each text (default: plain text file)")
+    tm.add_argument("--on-bad", choices=["error", "skip"], default="error")
+    tm.add_argument("--limit", type=int, default=None)
+    tm.add_argument("--out", help="also write the JSON here")
+    tm.set_defaults(func=_text_metrics)
 
     pl = sub.add_parser("plot", help="training curves of a run (metrics.jsonl) to PNG files")
     pl.add_argument("run_dir", help="a run directory written by `sm-dist train`")
