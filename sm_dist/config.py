@@ -145,7 +145,9 @@ class LearnerConfig(_Section):
         1, ge=1, description="Learner ranks (Ray actors); DDP/FSDP2 over them when > 1."
     )
     strategy: Literal["ddp", "fsdp2"] = Field(
-        "ddp", description="Data parallelism: ddp, or fsdp2 (GPU only)."
+        "ddp",
+        description="Data parallelism: ddp (replicated weights), or fsdp2 (parameters, gradients and "
+        "optimiser state sharded over the ranks; gloo on CPU, NCCL on GPU).",
     )
     lr: float = Field(3e-4, gt=0.0, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -167,15 +169,6 @@ class LearnerConfig(_Section):
     cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per learner actor.")
     gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per learner actor (0: CPU, gloo).")
     master_port: int | None = Field(None, description="torch.distributed port (null: pick a free one).")
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.strategy == "fsdp2" and self.gpus_per_learner == 0:
-            raise ValueError(
-                "learner.strategy: fsdp2 is the GPU path and needs learner.gpus_per_learner >= 1. "
-                "Fix: set learner.strategy=ddp, or give each learner a GPU"
-            )
-        return self
 
 
 # ---- rollout ----------------------------------------------------------------------------------------

@@ -410,3 +410,7 @@ class Learner:
 
     def get_step(self) -> int:
         return self.c.step
+
+    def local_param_numel(self) -> int:
+        """Parameter elements this rank holds (its shard under FSDP2, everything under DDP)."""
+        return sum(getattr(p, "_local_tensor", p).numel() for p in self.module.parameters())

@@ -39,7 +39,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("learner.batch_size=6", "learner.batch_size"),  # with num_learners=2: 3 + 3 rows do not split
         ("model.tiny.hidden_size=48", "model.tiny"),
         ("rollout.engine.max_model_len=16", "rollout.engine.max_model_len"),
-        ("learner.strategy=fsdp2", "learner.strategy"),
+        ("learner.strategy=zero3", "learner.strategy"),
     ],
 )
 def test_errors_name_the_key(override, key):
