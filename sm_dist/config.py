@@ -248,6 +248,11 @@ class RunConfig(_Section):
         None, ge=1, description="CPUs of the local Ray (null: this machine's count)."
     )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
+    startup_timeout_s: float = Field(
+        900.0,
+        gt=0.0,
+        description="How long the learners and rollout workers (vLLM engines) may take to start.",
+    )
     asynchronous: bool = Field(
         True, description="Workers generate while learners step; false alternates them (benchmark baseline)."
     )

@@ -203,6 +203,23 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
     return replay, expert, workers, names, learners
 
 
+def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
+    """Block until every actor has finished its constructor (vLLM engines built, models loaded), so
+    the loop, its clock and the staleness bound start with every worker able to generate; return the
+    seconds it took. A constructor error is re-raised naming the actor; a timeout names the late ones."""
+    from sm_dist.sync.base import wait_all
+
+    t0 = time.perf_counter()
+    futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
+    labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
+    print(f"[sm-dist] starting {len(workers)} rollout workers and {len(learners)} learners ...", flush=True)
+    try:
+        wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"an actor failed to start: {e}") from e
+    return time.perf_counter() - t0
+
+
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
@@ -439,6 +456,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         check_resources(ray, cfg)
         model_dir = str(last / "model") if last else cfg.model.dir
         replay, expert, workers, names, learners = build_actors(ray, cfg, prompts, model_dir)
+        print(f"[sm-dist] actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s", flush=True)
         logger = MetricsLogger(run_dir)
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
