@@ -11,6 +11,10 @@ worker's next batch as soon as its last one lands. Weights are published every `
 0's `state_dict_blob` result stays in the object store and each worker gets its reference; because
 actor calls run in submission order, the update lands between two batches, never inside one.
 
+With `sync.transport=gloo|nccl` the publish is a collective instead: learner rank 0 broadcasts, each
+(threaded) worker takes its engine lock after its current batch, receives, and resumes; the driver keeps
+handling batch completions while it waits.
+
 Deliberate choices: expert rows live in their own `ReplayBuffer` actor (`<run_dir>/expert/buffer`) and
 rollouts in the replay buffer (`<run_dir>/buffer`), so "½ data ½ replay" is two samples, not a filter.
 Until the replay buffer has enough fresh rows, the batch is filled with data rows (an even number per
@@ -118,12 +122,6 @@ def start_ray(cfg: Config, address: str | None):
 
 def check_resources(ray, cfg: Config) -> None:
     """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
-    if cfg.sync.transport != "object_store":
-        raise ConfigError(
-            "sync.transport",
-            f"{cfg.sync.transport!r} is not wired into the driver yet (only the object-store path is).",
-            "set sync.transport=object_store",
-        )
     have = ray.cluster_resources()
     r, lc = cfg.rollout, cfg.learner
     cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
@@ -182,7 +180,15 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
         "max_num_seqs": e.max_num_seqs,
         "rpc_timeout_s": cfg.sync.timeout_s,
     }
-    W = ray.remote(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, runtime_env=env)(RolloutWorker)
+    collective = cfg.sync.transport != "object_store"
+    if cfg.sync.transport == "nccl":
+        engine_kwargs["weight_transfer_backend"] = "nccl"
+    W = ray.remote(
+        num_cpus=r.cpus_per_worker,
+        num_gpus=r.gpus_per_worker,
+        runtime_env=env,
+        max_concurrency=2 if collective else 1,  # a transfer stage runs beside the batch it waits for
+    )(RolloutWorker)
     names = [f"w{i}" for i in range(r.num_workers)]
     workers = [
         W.remote(
@@ -288,9 +294,15 @@ class Trainer:
                 )
 
     def publish(self) -> dict[str, float]:
-        """Send rank 0's weights (an object-store ref) to every worker, queued after its current batch."""
+        """Send rank 0's weights to every worker: an object-store ref queued after each worker's current
+        batch, or (gloo / nccl) a collective broadcast that waits for the current batches to end."""
         t0 = time.perf_counter()
         self.s.version += 1
+        if self.cfg.sync.transport != "object_store":
+            m = self.wait_for([lr.publish_weights.remote(self.s.version) for lr in self.learners])[0]
+            for n in self.names:  # publish_weights returns once every worker confirmed the version
+                self.s.syncs[n] = self.s.syncs.get(n, 0) + 1
+            return {**m, "sync/publish_s": time.perf_counter() - t0}
         refs = [lr.state_dict_blob.remote() for lr in self.learners]
         self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
         self.ray.wait([refs[0]])
@@ -457,6 +469,13 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         model_dir = str(last / "model") if last else cfg.model.dir
         replay, expert, workers, names, learners = build_actors(ray, cfg, prompts, model_dir)
         print(f"[sm-dist] actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s", flush=True)
+        if cfg.sync.transport != "object_store":
+            ray.get(
+                [
+                    lr.connect_weight_transfer.remote(cfg.sync.transport, workers, names, cfg.sync.timeout_s)
+                    for lr in learners
+                ]
+            )
         logger = MetricsLogger(run_dir)
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)

@@ -342,6 +342,49 @@ class Learner:
             sd = self.module.state_dict()
         return state_dict_to_buffer(sd) if self.rank == 0 else None
 
+    def connect_weight_transfer(
+        self,
+        backend: str,
+        workers: list,
+        names: list[str],
+        timeout_s: float,
+        vllm_workers_per_engine: int = 1,
+    ) -> None:
+        """Rank 0 joins the rollout workers' collective weight-transfer group (sync.transport gloo or
+        nccl); other ranks keep nothing. Call on every rank."""
+        if self.rank != 0:
+            return
+        if backend == "gloo":
+            from sm_dist.sync.collective import GlooTransport
+
+            self._wt = GlooTransport(workers, worker_names=names, timeout_s=timeout_s)
+            self._wt.connect()
+        elif backend == "nccl":
+            import ray
+
+            from sm_dist.sync.collective import _free_port
+            from sm_dist.sync.nccl import NcclTransport
+
+            addr = ray.util.get_node_ip_address()
+            self._wt = NcclTransport(
+                workers, addr, _free_port(addr), len(workers) * vllm_workers_per_engine, timeout_s,
+                worker_names=names,
+            )  # fmt: skip
+            self._wt.connect(self.module)
+        else:
+            raise ValueError(f"unknown weight-transfer backend {backend!r}; use gloo or nccl")
+
+    def publish_weights(self, version: int) -> dict[str, float]:
+        """Send the current weights as `version` through the connected collective transport; returns
+        once every worker runs them. Call on every rank (FSDP2 gathers the full weights collectively)."""
+        sharded = self.opt_p.strategy == "fsdp2" and self.world_size > 1
+        sd = self.full_state_dict() if sharded else self.module.state_dict()
+        if self.rank != 0:
+            return {}
+        if getattr(self, "_wt", None) is None:
+            raise RuntimeError("publish_weights before connect_weight_transfer")
+        return self._wt.publish(version, sd)
+
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
         Call on every rank (FSDP2 gathers collectively)."""

@@ -55,6 +55,8 @@ class RolloutWorker:
         self.sink_timeout_s = sink_timeout_s
         self.engine = BackspaceEngine(model_dir, **(engine_kwargs or {}))
         self.transport = ObjectStoreTransport(timeout_s=sync_timeout_s)
+        self.sync_timeout_s = sync_timeout_s
+        self._gloo = None  # sm_dist.sync.collective.GlooReceiver once a gloo transport connects
         self._engine_lock = threading.Lock()  # held by a batch and by a weight load
         self._stop = threading.Event()
         self._cursor = 0  # next prompt index in the shard (wraps around)
@@ -155,12 +157,28 @@ class RolloutWorker:
             return self.transport.receive(self.engine, payload, version, self.worker_id)
 
     def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> int:
-        """NCCL path (sm_dist.sync.nccl): the engine lock is taken at "start" and released at
-        "finish", so the broadcast lands between batches. Needs a threaded actor (max_concurrency >= 2)."""
-        if stage == "start":
-            self._engine_lock.acquire()
+        """Collective weight sync, one stage per call: "init" | "start" | "update" | "finish".
+
+        Driven by the learner's `GlooTransport` (sm_dist.sync.collective: this worker joins a gloo
+        group and receives the safetensors buffer itself) or `NcclTransport` (sm_dist.sync.nccl: the
+        stages go to vLLM's native NCCL weight-transfer engine). The engine lock is taken at "start"
+        and released at "finish" (or on an error), so the weights land between batches. Needs a
+        threaded actor (max_concurrency >= 2) when batches run meanwhile."""
+        if stage == "start" and not self._engine_lock.acquire(timeout=self.sync_timeout_s):
+            raise TimeoutError(
+                f"{self.worker_id}: the current batch did not end within {self.sync_timeout_s}s, so "
+                f"weights version {version} could not start"
+            )
         try:
-            self.engine.weight_transfer(stage, info, version)
+            if stage == "init" and (info or {}).get("backend") == "gloo":
+                from sm_dist.sync.collective import GlooReceiver
+
+                self._gloo = GlooReceiver(info)
+            elif self._gloo is not None and stage in ("init", "start", "update", "finish"):
+                if stage == "update":
+                    self.engine.load_weights_bytes(self._gloo.receive(info["nbytes"]), version)
+            else:
+                self.engine.weight_transfer(stage, info, version)
         except BaseException:
             if stage in ("start", "update") and self._engine_lock.locked():
                 self._engine_lock.release()

@@ -8,6 +8,11 @@ arg `weight_transfer_config=WeightTransferConfig(backend="nccl")`). It has NOT b
 machines have no CUDA and the lent GPU machine has no vLLM/Ray. pyproject pins `vllm==0.33.0` for GPU
 images; re-check these names against it before the first GPU run.
 
+The driver wires it exactly like the gloo transport (`sm_dist.sync.collective`), which shares the
+worker protocol and runs in CI: `sync.transport=nccl` builds threaded workers with
+`weight_transfer_backend="nccl"`, learner rank 0 `connect_weight_transfer("nccl", ...)`s once, and every
+`sync.every` steps `publish_weights(version)` runs start -> update -> finish.
+
 Ordering (learner rank 0, one process that holds the full weights on a GPU):
 
     transport = NcclTransport(workers, master_address, master_port, num_vllm_workers=len(workers))

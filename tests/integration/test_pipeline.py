@@ -41,9 +41,30 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
-def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp):
+COLLECTIVE_FSDP2 = [
+    "sync.transport=gloo",
+    "learner.num_learners=2",
+    "learner.strategy=fsdp2",
+    "learner.cpus_per_learner=0.5",
+]
+
+
+@pytest.mark.parametrize("extra", [[], COLLECTIVE_FSDP2], ids=["object_store", "gloo-fsdp2"])
+def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
+    """The default run, and the collective path: 2 FSDP2 learner ranks gather the weights and rank 0
+    broadcasts them over gloo to threaded workers (the CPU stand-in for the NCCL transport)."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", "run.total_steps=40", *FAST]
+    args = [
+        sys.executable,
+        "-m",
+        "sm_dist",
+        "train",
+        TINY,
+        f"run.run_dir={run}",
+        "run.total_steps=40",
+        *FAST,
+        *extra,
+    ]
     out = subprocess.run(
         args, env=_env(tmp_path, ray_tmp), capture_output=True, text=True, timeout=400, cwd=ROOT
     )

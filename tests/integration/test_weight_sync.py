@@ -112,3 +112,30 @@ def test_sync_timeout_names_worker_and_version(setup):
     with pytest.raises(WeightSyncError, match=r"version 7 timed out after 1.0s: \['hung-worker'\]"):
         transport.publish(7, {"w": torch.zeros(3)})
     ray.kill(hung)
+
+
+def test_gloo_broadcast_sync_updates_probe_and_version(setup):
+    """The collective path (GlooTransport: rendezvous, start/update/finish under the engine lock),
+    with this process as learner rank 0: after a publish the worker's log-probs are the new weights'."""
+    from sm_dist.sync.collective import GlooTransport
+
+    ray, worker, model, tok, prompts, sink = setup
+    probe_actions = tok.encode("4 in base 7.", add_special_tokens=False) + [tok.eos_token_id]
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ref = hf_logprobs(model, prompts[1], probe_actions)
+    before = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
+    assert max(abs(a - b) for a, b in zip(before, ref, strict=True)) > 1e-2
+
+    transport = GlooTransport([worker], worker_names=["w-sync"], timeout_s=120)
+    transport.connect()
+    m = transport.publish(10, model.state_dict())
+    assert m["sync/version"] == 10 and m["sync/bytes"] > 0
+    after = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
+    assert max(abs(a - b) for a, b in zip(after, ref, strict=True)) <= 1e-4
+    ray.get(worker.run_batch.remote(), timeout=300)
+    assert {r["policy_version"] for r in ray.get(sink.take.remote())} == {10}
+    transport.publish(11, model.state_dict())  # the group is reused for the next version
+    assert ray.get(worker.version.remote()) == 11

@@ -40,6 +40,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("model.tiny.hidden_size=48", "model.tiny"),
         ("rollout.engine.max_model_len=16", "rollout.engine.max_model_len"),
         ("learner.strategy=zero3", "learner.strategy"),
+        ("sync.transport=nccl", "sync.transport"),  # nccl on a CPU-only config
     ],
 )
 def test_errors_name_the_key(override, key):
