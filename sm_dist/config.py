@@ -199,6 +199,12 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
     max_actions: int = Field(32, ge=1, description="Cap on actions per rollout (tokens, <bkspc>, <eos>).")
     max_backspaces: int = Field(8, ge=0, description="Cap on <bkspc> actions per rollout.")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a dead rollout worker (crash, OOM kill) is restarted; it then loads the latest "
+        "weights (object_store transport) and resumes. A worker that dies once more stops the run.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
 
 

@@ -188,6 +188,7 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
         num_gpus=r.gpus_per_worker,
         runtime_env=env,
         max_concurrency=2 if collective else 1,  # a transfer stage runs beside the batch it waits for
+        max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
     )(RolloutWorker)
     names = [f"w{i}" for i in range(r.num_workers)]
     workers = [
@@ -243,6 +244,8 @@ class Trainer:
         self.inflight: dict = {}  # future -> (worker index, "batch" | "sync", version)
         self.sync_started: dict[int, float] = {}  # version -> monotonic time it was sent
         self.stop_requested = False
+        self.restarts: dict[str, int] = {}  # rollout-worker restarts after a crash
+        self.blob_ref = None  # the last published weights (object_store), re-sent to restarted workers
         self.rollout_stats: dict[str, list[float]] = {}
         self.busy = {"learner_s": 0.0, "gen_s": 0.0}
         self.t_start = time.perf_counter()
@@ -253,7 +256,11 @@ class Trainer:
 
     def handle(self, fut) -> None:
         i, kind, version = self.inflight.pop(fut)
-        out = self.ray.get(fut)
+        try:
+            out = self.ray.get(fut)
+        except self.ray.exceptions.RayActorError as e:
+            self.worker_died(i, kind, e)
+            return
         if kind == "sync":
             from sm_dist.sync.base import confirm_version
 
@@ -265,6 +272,50 @@ class Trainer:
         for k, v in out.items():
             self.rollout_stats.setdefault(k, []).append(v)
         if self.cfg.run.asynchronous and not self.stop_requested:
+            self.submit_batch(i)
+
+    def worker_died(self, i: int, kind: str, err: Exception) -> None:
+        """Rollout worker `i` died during a `kind` call: wait for Ray to restart it (`rollout.max_restarts`),
+        give it the latest weights, and resubmit its batch. Its lost batch is simply not in the buffer;
+        the buffer's acknowledged rows are untouched."""
+        name, cfg = self.names[i], self.cfg
+        n = self.restarts[name] = self.restarts.get(name, 0) + 1
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if n > cfg.rollout.max_restarts:
+            raise RuntimeError(
+                f"rollout worker {name} died {n} times (rollout.max_restarts={cfg.rollout.max_restarts}); "
+                f"last: {first_line}"
+            ) from err
+        if cfg.sync.transport != "object_store":
+            raise RuntimeError(
+                f"rollout worker {name} died ({first_line}); a restarted worker cannot rejoin the "
+                f"sync.transport={cfg.sync.transport} group. Resume the run (--resume), or use "
+                "sync.transport=object_store, which survives worker restarts"
+            ) from err
+        print(f"[sm-dist] rollout worker {name} died during {kind} ({first_line}); restart {n}/"
+              f"{cfg.rollout.max_restarts}", flush=True)  # fmt: skip
+        for f, (j, _, _) in list(self.inflight.items()):  # the dead incarnation's other calls fail too
+            if j == i:
+                del self.inflight[f]
+        deadline = time.monotonic() + cfg.run.startup_timeout_s
+        while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
+            try:
+                self.ray.get(self.workers[i].version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (self.ray.exceptions.ActorUnavailableError, self.ray.exceptions.GetTimeoutError) as e2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"rollout worker {name} did not restart within run.startup_timeout_s="
+                        f"{cfg.run.startup_timeout_s}s"
+                    ) from e2
+                time.sleep(0.5)
+        if self.s.version > 0 and self.blob_ref is not None:  # it restarted with its initial weights
+            self.sync_started.setdefault(self.s.version, time.monotonic())
+            (f,) = self.transport.send(self.s.version, self.blob_ref, [self.workers[i]])
+            self.inflight[f] = (i, "sync", self.s.version)
+        if (
+            self.cfg.run.asynchronous and not self.stop_requested
+        ):  # its lost batch, whatever call failed first
             self.submit_batch(i)
 
     def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
@@ -396,12 +447,34 @@ def _install_signal_handlers(trainer: Trainer) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def save_checkpoint(t: Trainer) -> Path:
+def save_checkpoint(t: Trainer, timeout_s: float | None = None) -> Path:
     tmp = ckpt.begin(t.cfg.run.run_dir, t.s.step)
-    t.wait_for([lr.save_checkpoint.remote(str(tmp)) for lr in t.learners])
+    futs = [lr.save_checkpoint.remote(str(tmp)) for lr in t.learners]
+    if timeout_s is None:
+        t.wait_for(futs)
+    else:  # after a failure: touch no worker future, bound the wait
+        t.ray.get(futs, timeout=timeout_s)
     stats = t.ray.get(t.replay.stats.remote())
     state = {**t.s.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
     return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
+
+
+def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
+    """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
+    last checkpoint is lost, and say how to resume."""
+    run_dir = t.cfg.run.run_dir
+    print(f"\n[sm-dist] the run failed at step {t.s.step}: {type(err).__name__}: {err}", flush=True)
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is not None and last.name == f"step-{t.s.step:08d}":
+        print(f"[sm-dist] checkpoint {last} already holds step {t.s.step}", flush=True)
+    else:
+        try:
+            last = save_checkpoint(t, timeout_s=t.cfg.sync.timeout_s)
+            print(f"[sm-dist] saved checkpoint {last}", flush=True)
+        except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
+            print(f"[sm-dist] could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})", flush=True)
+    if last is not None:
+        print(f"[sm-dist] resume from {last} with: sm-dist train <config> --resume {run_dir}", flush=True)
 
 
 def run_loop(t: Trainer) -> None:
@@ -490,7 +563,11 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
 
             ray.get(expert.add.remote(rows_to_batch(data_rows)))
             state.expert_rows = len(data_rows)
-        run_loop(t)
+        try:
+            run_loop(t)
+        except Exception as e:
+            rescue_checkpoint(t, e)
+            raise
         final = save_checkpoint(t)
         logger.close()
         summary = {
@@ -499,6 +576,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
             "version": t.s.version,
             "syncs_applied": t.s.syncs,
             "rollout_batches": t.s.rollout_batches,
+            "worker_restarts": t.restarts,
             "last_checkpoint": str(final),
             "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
             "metrics": str(logger.path),

@@ -102,13 +102,15 @@ class ObjectStoreTransport(WeightTransport):
         self.worker_names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
         self.timeout_s = timeout_s
 
-    def send(self, version: int, ref: Any) -> list:
-        """Queue `version` (an ObjectRef to safetensors bytes) on every worker, after its current
-        batch; return one future per worker (answering the version it loaded) without waiting.
+    def send(self, version: int, ref: Any, workers: Sequence[Any] | None = None) -> list:
+        """Queue `version` (an ObjectRef to safetensors bytes) on every worker (or on `workers`), after
+        its current batch; return one future per worker (answering the version it loaded) without waiting.
 
         The ref is wrapped in a list so Ray does not resolve it before the call: the worker's own
         ray.get then carries the timeout and the error names the worker."""
-        return [w.update_weights.remote([ref], version) for w in self.workers]
+        return [
+            w.update_weights.remote([ref], version) for w in (self.workers if workers is None else workers)
+        ]
 
     def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
         import ray

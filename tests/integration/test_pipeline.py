@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -123,3 +124,92 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert second["buffer"]["added_rows"] >= rows_at_stop  # the replay buffer was restored, then grew
     opt2 = torch.load(Path(second["last_checkpoint"]) / "optimizer.pt", weights_only=False)
     assert {float(s["step"]) for s in opt2["optimizer"]["state"].values()} == {float(k + 8)}
+
+
+def _rollout_worker_pids(ray_tmp: str) -> set[int]:
+    """PIDs of this run's RolloutWorker processes (their environment carries the run's RAY_TMPDIR)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if not (d / "cmdline").read_bytes().startswith(b"ray::RolloutWorker"):
+                continue
+            if f"RAY_TMPDIR={ray_tmp}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                pids.add(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _wait(pred, what: str, proc, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended while waiting for {what}: {proc.stdout.read()[-3000:]}")
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_dead_rollout_worker_restarts_then_rescue_checkpoint(tmp_path, ray_tmp):
+    """kill -9 of a rollout worker: Ray restarts it, the driver re-sends the latest weights (no row
+    after the restart comes from the initial weights) and the run goes on. Killed once more than
+    rollout.max_restarts allows, the run stops non-zero naming the worker, with a checkpoint of the
+    step it reached (nothing since the last periodic checkpoint is lost)."""
+    import datetime as dt
+
+    from sm_dist.buffer import read_run_buffer
+
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, "run.total_steps=400",
+        "run.checkpoint_every=1000", "sync.every=2", "rollout.max_restarts=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args,
+        env=_env(tmp_path, ray_tmp),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def names_since(t0):
+        try:
+            rows = read_run_buffer(run).to_pylist()
+        except FileNotFoundError:
+            return set()
+        return {r["worker_id"] for r in rows if r["created_at"] > t0}
+
+    start = dt.datetime.now(dt.UTC)
+    try:
+        _wait(lambda: names_since(start) == {"w0", "w1"}, "rollouts from both workers", proc)
+        first = _wait(lambda: _rollout_worker_pids(ray_tmp), "rollout workers", proc)
+        killed_at = dt.datetime.now(dt.UTC)
+        step_at_kill = _metrics(run)[-1]["step"]
+        os.kill(min(first), signal.SIGKILL)
+        new = _wait(lambda: _rollout_worker_pids(ray_tmp) - first, "the restarted worker", proc)
+        _wait(lambda: _metrics(run)[-1]["step"] >= step_at_kill + 12, "12 more steps", proc)
+        # the restarted worker has written rollouts (and the other one has too)
+        _wait(lambda: names_since(killed_at + dt.timedelta(seconds=1)) == {"w0", "w1"}, "new rollouts", proc)
+        os.kill(new.pop(), signal.SIGKILL)  # max_restarts=1 is used up: the run must stop
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log[-3000:]
+    died = re.search(r"rollout worker (w\d) died during \w+ .*restart 1/1", log)
+    assert died, log[-3000:]
+    assert f"rollout worker {died.group(1)} died 2 times (rollout.max_restarts=1)" in log, log[-3000:]
+    last_step = _metrics(run)[-1]["step"]
+    assert f"saved checkpoint {run / 'checkpoints' / f'step-{last_step:08d}'}" in log, log[-3000:]
+    state = json.loads((run / "checkpoints" / f"step-{last_step:08d}" / "run_state.json").read_text())
+    assert state["step"] == last_step >= step_at_kill + 12
+
+    rows = read_run_buffer(run).to_pylist()
+    # every rollout the restarted worker wrote ran on published weights, not its initial ones
+    late = [r for r in rows if r["worker_id"] == died.group(1) and r["created_at"] > killed_at]
+    assert late and min(r["policy_version"] for r in late) > 0, [r["policy_version"] for r in late]
