@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent GPU machine with torch + transformers only (no Ray/vLLM):
-# the bf16/fp32 mask equivalence (SDPA + FlexAttention) and the 1.1B learner-step ratio.
+# the bf16/fp32 mask equivalence (SDPA, FlexAttention, split) and the 1.1B learner-step ratio.
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 200 python benchmarks/learner_step.py --preset 1b --device cuda --repeats 6 2>&1 | grep -v "Model config" | tail -8 | tee "$OUT/learner_step_1b.txt"
+for attn in split flex; do  # split: causal flash over survivors + small masked remainder; flex: FlexAttention
+  timeout 200 python benchmarks/learner_step.py --preset 1b --device cuda --repeats 6 --attn $attn 2>&1 | grep -v "Model config" | tail -4 | tee "$OUT/learner_step_1b_$attn.txt"
+done
 timeout 200 python benchmarks/gpu_equivalence.py --traces 60 2>&1 | grep -v "Model config" | tail -16 | tee "$OUT/equivalence.txt"

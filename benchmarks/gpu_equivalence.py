@@ -29,7 +29,7 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             model = model.to(device=args.device, dtype=dtype)
             cache: dict = {}  # reference logits, shared by the two attention paths of one dtype
-            for attn in ("sdpa", "flex"):
+            for attn in ("sdpa", "flex", "split"):
                 worst, scale, _ = max_state_diff(model, traces, BK, attn, cache=cache)
                 rel = worst / max(scale, 1e-6)
                 print(f"{name:6s} {attn:5s} {str(dtype):15s} max_abs {worst:.2e} rel {rel:.2e}", flush=True)

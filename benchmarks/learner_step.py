@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--bkspc-rate", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--attn", choices=["auto", "sdpa", "flex"], default="auto")
+    ap.add_argument("--attn", choices=["auto", "sdpa", "flex", "split"], default="auto")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)

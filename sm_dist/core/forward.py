@@ -3,7 +3,9 @@
 Supported: any HF causal LM whose forward takes `position_ids` and passes a 4-D mask (tensor or
 FlexAttention BlockMask) through unchanged, which transformers 5.x does for Llama, Qwen2, GPT-2 and
 most decoder models. `attn="sdpa"` uses a dense [B,1,N,N] bool mask (portable; O(N^2) memory),
-`attn="flex"` a block-sparse BlockMask. A batch with no backspace takes the plain causal path.
+`attn="flex"` a block-sparse BlockMask, `attn="split"` causal SDPA over the surviving inputs plus a
+small masked SDPA for the deleted ones (`sm_dist.core.split_attn`). A batch with no backspace takes
+the plain causal path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from sm_dist.core.masks import dense_mask, flex_block_mask
 from sm_dist.core.traces import TraceBatch, TraceInputs, collate
 
-AttnBackend = Literal["sdpa", "flex", "auto"]
+AttnBackend = Literal["sdpa", "flex", "split", "auto"]
 FLEX_IMPL = "sm_flex"  # transformers' flex_attention_forward, registered under our own name
 
 
@@ -68,8 +70,13 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
     elif attn == "flex":
         _register_flex()
         impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at)
+    elif attn == "split":
+        from sm_dist.core.split_attn import SPLIT_IMPL, register_split, split_mask
+
+        register_split()
+        impl, mask = SPLIT_IMPL, split_mask(batch.deleted_at)
     else:
-        raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex' or 'auto'")
+        raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex', 'split' or 'auto'")
     with attn_implementation(model, impl):
         out = model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False

@@ -28,7 +28,7 @@ def ref_cache():
     return {"llama": {}, "qwen2": {}, "gpt2": {}}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "flex"])
+@pytest.mark.parametrize("attn", ["sdpa", "flex", "split"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @torch.no_grad()
 def test_single_pass_equals_separate_passes(models, ref_cache, arch, attn):

@@ -41,6 +41,30 @@ def test_layout_properties(prompt, acts):
         assert bool(tr.bkspc_allowed[t]) == (len(state) > P)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(prompts, actions), min_size=1, max_size=4))
+def test_survivors_see_only_survivors_and_split_plan_is_exact(batch):
+    """The fact `attn="split"` rests on: an input that is never deleted sees no deleted input, so the
+    survivors are a plain causal sequence; and the plan's gather indices put every position back."""
+    from sm_dist.core.masks import dense_mask
+    from sm_dist.core.split_attn import make_split_plan
+
+    b = collate([build_inputs(p, a, BK) for p, a in batch])
+    full = dense_mask(b.deleted_at)[:, 0]  # [B, q, k]
+    surv = b.deleted_at >= INF_POS
+    for r in range(len(batch)):
+        s = surv[r]
+        assert not (full[r][s][:, ~s]).any()  # survivor queries x deleted keys: nothing visible
+    plan = make_split_plan(b.deleted_at)
+    B, N = b.deleted_at.shape
+    cat = torch.cat([plan.surv_idx, plan.del_idx], 1)
+    assert torch.equal(cat.gather(1, plan.back), torch.arange(N).expand(B, N))  # a true inverse
+    # each position's output comes from the exact part: survivors from the causal one
+    assert bool(((plan.back < plan.surv_idx.shape[1]) == surv).all())
+    for r in range(B):  # masked-part rows are the full mask's rows
+        assert torch.equal(plan.del_mask[r, 0], full[r][plan.del_idx[r]])
+
+
 @settings(max_examples=100, deadline=None)
 @given(prompts, st.lists(tokens, max_size=20))
 def test_no_backspace_is_plain_causal(prompt, acts):
