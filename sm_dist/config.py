@@ -259,6 +259,14 @@ class RunConfig(_Section):
         None, ge=1, description="CPUs of the local Ray (null: this machine's count)."
     )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
+    wandb_project: str | None = Field(
+        None,
+        description="Also log metrics to Weights & Biases under this project (needs `pip install wandb`).",
+    )
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); null: your default.")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="W&B mode; offline writes <run_dir>/wandb for a later `wandb sync`."
+    )
     startup_timeout_s: float = Field(
         900.0,
         gt=0.0,

@@ -549,7 +549,9 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
                     for lr in learners
                 ]
             )
-        logger = MetricsLogger(run_dir)
+        r = cfg.run
+        wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
+        logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
         _install_signal_handlers(t)

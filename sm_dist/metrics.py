@@ -1,4 +1,5 @@
-"""Metrics sink: one JSON object per line in `<run_dir>/metrics.jsonl`, mirrored to TensorBoard.
+"""Metrics sink: one JSON object per line in `<run_dir>/metrics.jsonl`, mirrored to TensorBoard and,
+optionally, to Weights & Biases (one W&B run per run dir: a resumed run continues the same W&B run).
 
 Keys are namespaced (`loss/…`, `learner/…`, `rollout/…`, `sync/…`, `buffer/…`, `perf/…`); each line
 also carries `step` and `time` (seconds since the run started).
@@ -9,13 +10,22 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 
 
 class MetricsLogger:
     """Append-only metrics writer (jsonl + TensorBoard event files under `<run_dir>/tb`)."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        wandb: dict | None = None,
+        config: dict | None = None,
+    ):
+        """`wandb`: {"project", "entity", "mode"} to also log to W&B (None: off); `config` is the run's
+        resolved config, recorded with the W&B run."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
@@ -29,6 +39,7 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(self.tb_dir))
             except ImportError:  # tensorboard is optional (extra "plot"); jsonl is always written
                 self._tb = None
+        self._wb = _start_wandb(Path(run_dir), wandb, config) if wandb and wandb.get("project") else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
@@ -39,6 +50,8 @@ class MetricsLogger:
             for k, v in clean.items():
                 if v is not None:
                     self._tb.add_scalar(k, v, step)
+        if self._wb is not None:
+            self._wb.log({k: v for k, v in clean.items() if v is not None}, step=step)
 
     def text(self, tag: str, text: str) -> None:
         if self._tb is not None:
@@ -48,6 +61,31 @@ class MetricsLogger:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wb is not None:
+            self._wb.finish()
+
+
+def _start_wandb(run_dir: Path, opts: dict, config: dict | None):
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError(
+            f"run.wandb_project={opts['project']!r} needs the wandb package: pip install 'sm-dist[wandb]' "
+            "(or set run.wandb_project=null)"
+        ) from e
+    id_file = run_dir / "wandb_run_id"  # a resumed run continues the same W&B run
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=opts["project"],
+        entity=opts.get("entity"),
+        mode=opts.get("mode", "online"),
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        name=run_dir.name,
+        config=config,
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
