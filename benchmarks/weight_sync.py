@@ -88,7 +88,18 @@ def main():
             sync_s.append(t1 - t0)
             rt_s.append(t3 - t2)
             rt_bytes_s.append(t5 - t4)
+    # the collective path (sync.transport=gloo) on the same worker and weights, for comparison
+    from sm_dist.sync.collective import GlooTransport
+
+    gloo = GlooTransport([worker], worker_names=["bench"], timeout_s=300)
+    gloo.connect()
+    gloo_s = []
+    for rep in range(args.repeats + 1):
+        m = gloo.publish(100 + rep, model.state_dict())
+        if rep:
+            gloo_s.append(m["sync/total_s"])
     sync, rt, rt_b = statistics.median(sync_s), statistics.median(rt_s), statistics.median(rt_bytes_s)
+    print(f"gloo broadcast sync (sync.transport=gloo): median {statistics.median(gloo_s):.3f}s", flush=True)
     print(f"median sync {sync:.3f}s, median round trip {rt:.3f}s (as bytes {rt_b:.3f}s)", flush=True)
     print(f"sync over the bytes round trip: {sync / rt_b:.3f}", flush=True)
     ray.shutdown()

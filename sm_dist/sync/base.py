@@ -47,6 +47,12 @@ def confirm_version(name: str, got: int, version: int) -> None:
         raise WeightSyncError(f"{name} reports version {got} after a sync of version {version}")
 
 
+def confirm_versions(names: Sequence[str], got: Sequence[int], version: int) -> None:
+    """Every worker's answer to a sync must be the version it was sent."""
+    for name, v in zip(names, got, strict=True):
+        confirm_version(name, v, version)
+
+
 class WeightTransport(ABC):
     """Moves `(version, weights)` from the learner to every rollout worker."""
 

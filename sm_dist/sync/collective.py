@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_version, wait_all
+from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_versions, wait_all
 
 _PREFIX = "sm_dist/weights"
 
@@ -150,8 +150,7 @@ class GlooTransport(WeightTransport):
                 ) from e
             fut.result()
         got = self._all("finish", [None] * n)
-        for name, v in zip(self.names, got, strict=True):
-            confirm_version(name, v, version)
+        confirm_versions(self.names, got, version)
         t3 = time.perf_counter()
         return {
             "sync/version": float(version),

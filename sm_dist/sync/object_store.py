@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_version, wait_all
+from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_versions, wait_all
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -123,8 +123,7 @@ class ObjectStoreTransport(WeightTransport):
         got = wait_all(
             self.send(version, ref), self.worker_names, self.timeout_s, f"weight sync of version {version}"
         )
-        for name, v in zip(self.worker_names, got, strict=True):
-            confirm_version(name, v, version)
+        confirm_versions(self.worker_names, got, version)
         t3 = time.perf_counter()
         return {
             "sync/version": float(version),
