@@ -18,8 +18,12 @@ VLLM_ENV = {
 
 
 def vllm_env(kvcache_gib: int = 1, **extra: str) -> dict[str, str]:
-    """The env vars a rollout actor needs (`runtime_env={"env_vars": ...}`), with the KV-cache size."""
-    return {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), **extra}
+    """The env vars a rollout actor needs (`runtime_env={"env_vars": ...}`), with the KV-cache size.
+
+    vLLM logs at WARNING unless this process sets VLLM_LOGGING_LEVEL (e.g. INFO, to see the engine's
+    own start-up and per-sync lines, which otherwise interleave with the progress bar)."""
+    level = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
+    return {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kvcache_gib), "VLLM_LOGGING_LEVEL": level, **extra}
 
 
 def set_process_env() -> None:

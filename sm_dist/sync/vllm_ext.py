@@ -12,6 +12,21 @@ loading, so `model.load_weights` on the live model fails; `reload_weights` (chec
 
 from __future__ import annotations
 
+import logging
+
+
+class _RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning, logged at every reload: the
+    rotary cos/sin cache is derived from the config, never a checkpoint weight, and vLLM puts the
+    existing cache back (model_loader/reload/layerwise.py). Any other layer's failure still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
+_FILTER = _RotaryReloadFilter()
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; never instantiated on its own."""
@@ -21,6 +36,9 @@ class WeightSyncExtension:
         return how many. The tensors are zero-copy views: `reload_weights` copies them into place."""
         from sm_dist.sync.object_store import safetensors_views
 
+        logger = logging.getLogger(_RELOAD_LOGGER)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
         tensors = safetensors_views(blob)
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         return len(tensors)
