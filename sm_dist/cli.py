@@ -107,6 +107,32 @@ def _text_metrics(args) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "learner-step": "learner_step.py",
+    "rollout": "rollout.py",
+    "weight-sync": "weight_sync.py",
+    "pipeline": "pipeline.py",
+    "gpu-equivalence": "gpu_equivalence.py",
+    "arith": "arith_sm_vs_mle.py",
+}
+
+
+def _bench(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    script = root / BENCHMARKS[args.name]
+    if not script.exists():
+        print(
+            f"sm-dist bench: {script} not found; the benchmarks live in the sm-dist source tree "
+            "(git clone, then pip install -e .), not in an installed wheel",
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.args], cwd=root.parent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", help="a run directory written by `sm-dist train`")
     pl.add_argument("--out", help="output folder (default: RUN_DIR/plots)")
     pl.set_defaults(func=_plot)
+
+    b = sub.add_parser(
+        "bench",
+        help="run a benchmark of benchmarks/ (its last line is `name: value`)",
+        description="Benchmarks: "
+        + ", ".join(f"{k} ({v})" for k, v in BENCHMARKS.items())
+        + ". Arguments after the name go to the script (e.g. sm-dist bench learner-step -- --attn split).",
+    )
+    b.add_argument("name", choices=sorted(BENCHMARKS))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+    b.set_defaults(func=_bench)
     return p
 
 
