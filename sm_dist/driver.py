@@ -259,6 +259,8 @@ class Trainer:
         try:
             out = self.ray.get(fut)
         except self.ray.exceptions.RayActorError as e:
+            if isinstance(e, self.ray.exceptions.RayTaskError):
+                raise  # the worker is alive; an actor it called (e.g. the replay buffer) died
             self.worker_died(i, kind, e)
             return
         if kind == "sync":
@@ -454,16 +456,29 @@ def save_checkpoint(t: Trainer, timeout_s: float | None = None) -> Path:
         t.wait_for(futs)
     else:  # after a failure: touch no worker future, bound the wait
         t.ray.get(futs, timeout=timeout_s)
-    stats = t.ray.get(t.replay.stats.remote())
+    try:  # informational: the buffer restores itself from its own manifest on resume
+        stats = t.ray.get(t.replay.stats.remote(), timeout=t.cfg.sync.timeout_s)
+    except (t.ray.exceptions.RayActorError, t.ray.exceptions.GetTimeoutError):
+        stats = {"rows": None, "added_rows": None}
     state = {**t.s.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
     return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the error (for a Ray task error, its cause) and the actor class that died, if any."""
+    import re
+
+    cause = getattr(err, "cause", None) or err
+    first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+    died = re.search(r"class_name: (\w+)", str(err))
+    return f"{type(cause).__name__}: {first}" + (f" [dead actor: {died.group(1)}]" if died else "")
 
 
 def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
     """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
     last checkpoint is lost, and say how to resume."""
     run_dir = t.cfg.run.run_dir
-    print(f"\n[sm-dist] the run failed at step {t.s.step}: {type(err).__name__}: {err}", flush=True)
+    print(f"\n[sm-dist] the run failed at step {t.s.step}: {describe_error(err)}", flush=True)
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.name == f"step-{t.s.step:08d}":
         print(f"[sm-dist] checkpoint {last} already holds step {t.s.step}", flush=True)

@@ -126,20 +126,24 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert {float(s["step"]) for s in opt2["optimizer"]["state"].values()} == {float(k + 8)}
 
 
-def _rollout_worker_pids(ray_tmp: str) -> set[int]:
-    """PIDs of this run's RolloutWorker processes (their environment carries the run's RAY_TMPDIR)."""
+def _actor_pids(ray_tmp: str, cls: str) -> set[int]:
     pids = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            if not (d / "cmdline").read_bytes().startswith(b"ray::RolloutWorker"):
+            if not (d / "cmdline").read_bytes().startswith(f"ray::{cls}".encode()):
                 continue
             if f"RAY_TMPDIR={ray_tmp}".encode() in (d / "environ").read_bytes().split(b"\0"):
                 pids.add(int(d.name))
         except OSError:
             continue
     return pids
+
+
+def _rollout_worker_pids(ray_tmp: str) -> set[int]:
+    """PIDs of this run's RolloutWorker processes (their environment carries the run's RAY_TMPDIR)."""
+    return _actor_pids(ray_tmp, "RolloutWorker")
 
 
 def _wait(pred, what: str, proc, timeout: float = 300):
@@ -213,3 +217,40 @@ def test_dead_rollout_worker_restarts_then_rescue_checkpoint(tmp_path, ray_tmp):
     # every rollout the restarted worker wrote ran on published weights, not its initial ones
     late = [r for r in rows if r["worker_id"] == died.group(1) and r["created_at"] > killed_at]
     assert late and min(r["policy_version"] for r in late) > 0, [r["policy_version"] for r in late]
+
+
+def test_dead_replay_buffer_stops_with_checkpoint_and_resumes(tmp_path, ray_tmp):
+    """kill -9 of the replay buffer actor: the run stops non-zero with a clear message and a checkpoint
+    of the step it reached; `--resume` restores the buffer from its segments and goes on."""
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "run.checkpoint_every=1000"]
+    proc = subprocess.Popen(
+        [*base, f"run.run_dir={run}", "run.total_steps=400"], env=_env(tmp_path, ray_tmp), cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait(lambda: (m := _metrics(run)) and m[-1].get("rollout/batches_total", 0) >= 4, "rollouts", proc)
+        pids = _wait(lambda: _actor_pids(ray_tmp, "ReplayBuffer"), "the buffer actors", proc)
+        # the replay buffer is the first ReplayBuffer actor created (the expert buffer is the second)
+        os.kill(min(pids), signal.SIGKILL)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log[-3000:]
+    k = _metrics(run)[-1]["step"]
+    assert re.search(r"the run failed at step \d+: .*\[dead actor: ReplayBuffer\]", log), log[-3000:]
+    assert f"saved checkpoint {run / 'checkpoints' / f'step-{k:08d}'}" in log, log[-3000:]
+    from sm_dist.buffer import read_run_buffer
+
+    on_disk = read_run_buffer(run).num_rows
+    assert on_disk > 0
+
+    out = subprocess.run(
+        [*base, f"run.total_steps={k + 4}", "--resume", str(run)], env=_env(tmp_path, ray_tmp), cwd=ROOT,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"at step {k}" in out.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == k + 4 and summary["buffer"]["added_rows"] >= on_disk
