@@ -162,7 +162,11 @@ class LearnerConfig(_Section):
     bf16_autocast: bool = Field(
         True, description="bf16 autocast for forward/backward on GPU (ignored on CPU)."
     )
-    attn: Literal["auto", "sdpa", "flex"] = Field("auto", description="Masked-attention backend.")
+    attn: Literal["auto", "sdpa", "flex", "split"] = Field(
+        "auto",
+        description="Masked-attention backend: auto (flex on CUDA, split on CPU); sdpa (dense mask); flex "
+        "(FlexAttention block mask); split (causal SDPA over surviving inputs + masked SDPA for deleted ones).",
+    )
     nan_tolerance: int = Field(
         3, ge=1, description="Skip a step with a non-finite loss/grad; stop after this many in a row."
     )

@@ -53,14 +53,16 @@ def attn_implementation(model, impl: str):
 def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch.Tensor:
     """Logits [B, N, V] (fp32) of the traces in `batch`, in one forward pass.
 
-    `auto` picks FlexAttention on CUDA and SDPA elsewhere (FlexAttention without compilation runs an
-    unfused reference path on the CPU, which is correct but slow).
+    `auto` picks FlexAttention on CUDA (measured; `split` is the candidate to replace it once measured
+    on a GPU, see benchmarks/gpu_check.sh) and `split` elsewhere: on the CPU it is as fast as the dense
+    mask at short lengths and needs O(N * deleted) mask memory instead of O(N^2) (FlexAttention without
+    compilation runs an unfused reference path on the CPU, which is correct but slow).
     """
     _check_vocab(model, batch)
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     if attn == "auto":
-        attn = "flex" if dev.type == "cuda" else "sdpa"
+        attn = "flex" if dev.type == "cuda" else "split"
     if not batch.any_backspace:
         # Plain causal path: right padding needs no mask (pads come after every real token).
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)

@@ -87,11 +87,11 @@ def split_attention_forward(
             "sm_split attention needs the mask made by sm_dist.core.split_attn.split_mask (got "
             f"{type(attention_mask).__name__}); call the model through sm_dist.core.masked_logits"
         )
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # GQA: repeat the KV heads (what transformers' sdpa path does without enable_gqa)
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    B, H, _, D = query.shape
+    Hkv = key.shape[1]
+    groups = H // Hkv
     drop = dropout if module.training else 0.0
+    # causal part: GQA natively (enable_gqa), as transformers' own SDPA path does for the MLE baseline
     out_s = F.scaled_dot_product_attention(
         _take(query, plan.surv_idx),
         _take(key, plan.surv_idx),
@@ -99,10 +99,15 @@ def split_attention_forward(
         is_causal=True,
         dropout_p=drop,
         scale=scaling,
+        enable_gqa=groups > 1,
     )
-    out_d = F.scaled_dot_product_attention(
-        _take(query, plan.del_idx), key, value, attn_mask=plan.del_mask, dropout_p=drop, scale=scaling
-    )
+    # masked part: the query heads that share a KV head are stacked along the query axis (head
+    # h = kv * groups + g, transformers' repeat_kv order), so K/V are never repeated
+    Ld = plan.del_idx.shape[1]
+    q_d = _take(query, plan.del_idx).reshape(B, Hkv, groups * Ld, D)
+    mask = plan.del_mask.expand(B, groups, Ld, -1).reshape(B, 1, groups * Ld, -1)
+    out_d = F.scaled_dot_product_attention(q_d, key, value, attn_mask=mask, dropout_p=drop, scale=scaling)
+    out_d = out_d.reshape(B, H, Ld, D)
     out = _take(torch.cat([out_s, out_d], dim=2), plan.back)  # [B, H, N, D], input order
     return out.transpose(1, 2).contiguous(), None
 
