@@ -362,12 +362,12 @@ class Learner:
         elif backend == "nccl":
             import ray
 
-            from sm_dist.sync.collective import _free_port
+            from sm_dist.sync.collective import free_port
             from sm_dist.sync.nccl import NcclTransport
 
             addr = ray.util.get_node_ip_address()
             self._wt = NcclTransport(
-                workers, addr, _free_port(addr), len(workers) * vllm_workers_per_engine, timeout_s,
+                workers, addr, free_port(addr), len(workers) * vllm_workers_per_engine, timeout_s,
                 worker_names=names,
             )  # fmt: skip
             self._wt.connect(self.module)

@@ -88,7 +88,7 @@ class GlooTransport(WeightTransport):
         self.names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
         self.timeout_s = timeout_s
         self.master_address = master_address or _node_ip()
-        self.master_port = master_port or _free_port(self.master_address)
+        self.master_port = master_port or free_port(self.master_address)
         self.world_size = 1 + len(self.workers)
         self.version: int | None = None
         self.pg = None
@@ -178,7 +178,7 @@ def _node_ip() -> str:
     return "127.0.0.1"
 
 
-def _free_port(address: str) -> int:
+def free_port(address: str) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
