@@ -246,6 +246,7 @@ class Trainer:
         self.stop_requested = False
         self.restarts: dict[str, int] = {}  # rollout-worker restarts after a crash
         self.blob_ref = None  # the last published weights (object_store), re-sent to restarted workers
+        self.blob_version = 0  # ... and their version (s.version moves on before the next blob exists)
         self.rollout_stats: dict[str, list[float]] = {}
         self.busy = {"learner_s": 0.0, "gen_s": 0.0}
         self.t_start = time.perf_counter()
@@ -311,10 +312,11 @@ class Trainer:
                         f"{cfg.run.startup_timeout_s}s"
                     ) from e2
                 time.sleep(0.5)
-        if self.s.version > 0 and self.blob_ref is not None:  # it restarted with its initial weights
-            self.sync_started.setdefault(self.s.version, time.monotonic())
-            (f,) = self.transport.send(self.s.version, self.blob_ref, [self.workers[i]])
-            self.inflight[f] = (i, "sync", self.s.version)
+        if self.blob_ref is not None:  # it restarted with its initial weights
+            v = self.blob_version
+            self.sync_started.setdefault(v, time.monotonic())
+            (f,) = self.transport.send(v, self.blob_ref, [self.workers[i]])
+            self.inflight[f] = (i, "sync", v)
         if (
             self.cfg.run.asynchronous and not self.stop_requested
         ):  # its lost batch, whatever call failed first
@@ -359,7 +361,7 @@ class Trainer:
         refs = [lr.state_dict_blob.remote() for lr in self.learners]
         self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
         self.ray.wait([refs[0]])
-        self.blob_ref = refs[0]  # held until every worker has loaded it
+        self.blob_ref, self.blob_version = refs[0], self.s.version  # held until the next publish
         self.sync_started[self.s.version] = time.monotonic()
         # queued behind each worker's current batch: applied between batches, never inside one
         for i, fut in enumerate(self.transport.send(self.s.version, refs[0])):
