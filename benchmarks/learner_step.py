@@ -26,6 +26,7 @@ from sm_dist.learner.step import StepParams, loss_and_backward, mle_loss_and_bac
 PRESETS = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab, batch, seq_len)
     "cpu": (256, 4, 4, 4, 1024, 512, 8, 256),
+    "cpu-long": (256, 4, 4, 2, 1024, 512, 2, 1024),  # GQA, long rows: where the dense mask's O(N^2) shows
     "1b": (2048, 22, 32, 4, 5632, 32000, 4, 2048),
 }
 
