@@ -5,8 +5,8 @@ nccl_engine.py`: `NCCLTrainerWeightTransferEngine`, `NCCLTrainerInitInfo`; `base
 `ParamMeta`, the `VLLMWeightSyncClient` protocol; `entrypoints/rl/offline.py`: `LLM.
 init_weight_transfer_engine / start_weight_update / update_weights / finish_weight_update`; engine
 arg `weight_transfer_config=WeightTransferConfig(backend="nccl")`). It has NOT been run: the CPU
-machines have no CUDA and the lent GPU machine has no vLLM/Ray. pyproject pins `vllm==0.33.0` for GPU
-images; re-check these names against it before the first GPU run.
+machines have no CUDA and the lent GPU machine has no vLLM/Ray. pyproject pins the GPU extra to the
+same vLLM release (`vllm==0.32.0`) so that these names hold; re-read them before moving the pin.
 
 The driver wires it exactly like the gloo transport (`sm_dist.sync.collective`), which shares the
 worker protocol and runs in CI: `sync.transport=nccl` builds threaded workers with
