@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from sm_dist.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "arith"
 VARIANTS = {
@@ -162,7 +164,7 @@ def write_report(docs: Path, out: Path, results: dict, a, minutes: float) -> Non
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant in VARIANTS:
-        rows = [json.loads(x) for x in (out / f"{variant}-s0" / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(out / f"{variant}-s0")
         ax.plot(
             [r["step"] for r in rows], [r.get("loss/bc") for r in rows], label=f"{variant} (BC loss, seed 0)"
         )

@@ -11,13 +11,14 @@ the last metrics line of each run) and learner steps per second; the last line i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sm_dist.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def run(mode: str, steps: int, extra: list[str], tmp: Path) -> dict:
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(run_dir)
     first, last = lines[0], lines[-1]
     span = max(1e-9, last["time"] - first["time"])  # excludes start-up (engines, model load)
     return {

@@ -89,5 +89,18 @@ def _start_wandb(run_dir: Path, opts: dict, config: dict | None):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The metric lines of a run; a truncated last line (a run killed mid-write) is ignored."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory written by `sm-dist train`")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines):
+                raise ValueError(f"{path}:{i}: not a JSON object") from None
+    if not rows:
+        raise ValueError(f"{path} holds no metrics yet")
+    return rows

@@ -6,9 +6,10 @@ whose keys a run never logged is skipped. Keys are the stable namespaced metric 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from sm_dist.metrics import read_metrics
 
 PANELS: dict[str, tuple[str, ...]] = {
     "loss": ("loss/total", "loss/bc", "loss/sm", "loss/data_term", "loss/chi2_term", "loss/value_term"),
@@ -17,24 +18,6 @@ PANELS: dict[str, tuple[str, ...]] = {
     "sync": ("sync/version", "sync/applied_min", "rollout/version"),
     "perf": ("perf/learner_busy", "perf/rollout_busy", "perf/step_s"),
 }
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The metric lines of a run; a truncated last line (a run killed mid-write) is ignored."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass a run directory written by `sm-dist train`")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines):
-                raise ValueError(f"{path}:{i}: not a JSON object") from None
-    if not rows:
-        raise ValueError(f"{path} holds no metrics yet")
-    return rows
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
