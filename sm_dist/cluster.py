@@ -8,6 +8,7 @@ fast and small in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Importing this m
 from __future__ import annotations
 
 import os
+import socket
 
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -30,6 +31,13 @@ def set_process_env() -> None:
     """Give this process the vLLM defaults it lacks (before any vllm import); set values win."""
     for k, v in VLLM_ENV.items():
         os.environ.setdefault(k, v)
+
+
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port free on `address` now (for a torch.distributed / gloo rendezvous or a Ray head)."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
 
 
 def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, temp_dir: str | None = None):

@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sm_dist.cluster import init_local_ray, set_process_env, vllm_env
+from sm_dist.cluster import free_port, init_local_ray, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.learner import checkpoint as ckpt
 
@@ -144,12 +143,6 @@ def check_resources(ray, cfg: Config) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
     from sm_dist.buffer.replay import ReplayBuffer
     from sm_dist.learner.learner import Learner
@@ -199,7 +192,8 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
         for i in range(r.num_workers)
     ]  # fmt: skip
     L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
-    addr, port = ray.util.get_node_ip_address(), lc.master_port or _free_port()
+    addr = ray.util.get_node_ip_address()
+    port = lc.master_port or free_port(addr)
     learners = [
         L.remote(
             rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),

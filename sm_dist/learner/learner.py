@@ -362,7 +362,7 @@ class Learner:
         elif backend == "nccl":
             import ray
 
-            from sm_dist.sync.collective import free_port
+            from sm_dist.cluster import free_port
             from sm_dist.sync.nccl import NcclTransport
 
             addr = ray.util.get_node_ip_address()

@@ -20,7 +20,6 @@ A timed-out collective cannot be cancelled: after a `WeightSyncError` restart th
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sm_dist.cluster import free_port
 from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_versions, wait_all
 
 _PREFIX = "sm_dist/weights"
@@ -176,9 +176,3 @@ def _node_ip() -> str:
     except ImportError:
         pass
     return "127.0.0.1"
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]

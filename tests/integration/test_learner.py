@@ -4,19 +4,13 @@ the NaN guard skips and then stops."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
+from sm_dist.cluster import free_port
+
 LEARNER = {"lr": 1e-3, "lr_warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0, "grad_accum": 1}
 OBJECTIVE = {"divergence": "chi2_mixture", "warmup_steps": 0, "sm_lambda": 0.5, "chi2_weight": 1e-3}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +69,7 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
     p1 = _params_after([one], [(data, model)], steps)
     ray.kill(one)
 
-    port = _free_port()
+    port = free_port()
     cfg = {**LEARNER, "strategy": strategy}
     two = [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10, seed=0) for r in (0, 1)]
     if strategy == "fsdp2":  # really sharded: each rank holds about half of every parameter
@@ -108,7 +102,7 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
     shards = [(data[r::2], model[r::2]) for r in (0, 1)]
 
     def pair():
-        port = _free_port()
+        port = free_port()
         return [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10) for r in (0, 1)]
 
     a = pair()
