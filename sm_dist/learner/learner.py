@@ -321,9 +321,14 @@ class Learner:
 
     # ---- weights and checkpoints ----------------------------------------------------------------------
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 over more than one rank: parameters and optimiser state are sharded."""
+        return self.opt_p.strategy == "fsdp2" and self.world_size > 1
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """HF-named CPU tensors of the whole model (a collective under FSDP2: call on every rank)."""
-        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -336,11 +341,13 @@ class Learner:
         collectively)."""
         from sm_dist.sync.object_store import state_dict_to_buffer
 
-        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
-            sd = self.full_state_dict()
-        else:  # no CPU staging copy: the buffer writer copies each tensor straight into place
-            sd = self.module.state_dict()
+        sd = self._sync_state_dict()
         return state_dict_to_buffer(sd) if self.rank == 0 else None
+
+    def _sync_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights to publish: gathered under FSDP2 (a collective), else the live tensors, with no
+        CPU staging copy (the transports copy each tensor straight into their buffer)."""
+        return self.full_state_dict() if self.sharded else self.module.state_dict()
 
     def connect_weight_transfer(
         self,
@@ -377,8 +384,7 @@ class Learner:
     def publish_weights(self, version: int) -> dict[str, float]:
         """Send the current weights as `version` through the connected collective transport; returns
         once every worker runs them. Call on every rank (FSDP2 gathers the full weights collectively)."""
-        sharded = self.opt_p.strategy == "fsdp2" and self.world_size > 1
-        sd = self.full_state_dict() if sharded else self.module.state_dict()
+        sd = self._sync_state_dict()
         if self.rank != 0:
             return {}
         if getattr(self, "_wt", None) is None:
@@ -411,7 +417,7 @@ class Learner:
         return state
 
     def _optimizer_state(self) -> dict:
-        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -428,7 +434,7 @@ class Learner:
         for f in files:
             sd.update(load_file(str(f)))
         opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
-        if self.opt_p.strategy == "fsdp2" and self.world_size > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
