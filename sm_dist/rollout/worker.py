@@ -173,12 +173,9 @@ class RolloutWorker:
             if stage == "init" and (info or {}).get("backend") == "gloo":
                 from sm_dist.sync.collective import GlooReceiver
 
-                self._gloo = GlooReceiver(info)
-            elif self._gloo is not None and stage in ("init", "start", "update", "finish"):
-                if stage == "update":
-                    self.engine.load_weights_bytes(self._gloo.receive(info["nbytes"]), version)
-            else:
-                self.engine.weight_transfer(stage, info, version)
+                self._gloo = GlooReceiver(self.engine, info)  # joins the group (the "init" stage)
+            else:  # the gloo receiver has the engine's stage interface
+                (self._gloo or self.engine).weight_transfer(stage, info, version)
         except BaseException:
             if stage in ("start", "update") and self._engine_lock.locked():
                 self._engine_lock.release()

@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from sm_dist.cluster import free_port
@@ -52,23 +51,47 @@ def broadcast_(pg, tensor: torch.Tensor) -> None:
     pg.broadcast([tensor], opts).wait()
 
 
-class GlooReceiver:
-    """Worker side: joins the group at "init", receives one buffer per "update"."""
+class StageClient:
+    """Runs one weight-transfer stage on every `RolloutWorker` (`weight_transfer(stage, info, version)`)
+    and waits for all of them; a timeout names the late workers. Shared by the gloo and NCCL transports."""
 
-    def __init__(self, info: dict[str, Any]):
-        self.rank, self.world_size = int(info["rank"]), int(info["world_size"])
+    def __init__(self, workers: Sequence[Any], names: Sequence[str], timeout_s: float, label: str):
+        if not workers:
+            raise ValueError(f"{label} weight transfer needs at least one rollout worker")
+        self.workers = list(workers)
+        self.names = list(names) or [f"worker[{i}]" for i in range(len(self.workers))]
+        self.timeout_s, self.label = timeout_s, label
+        self.version: int | None = None  # the version being sent, set by the transport each round
+
+    def call(self, stage: str, info: Any = None, per_worker: Sequence[Any] | None = None) -> list:
+        """`stage` on every worker with `info` (or `per_worker[i]` for worker i); their answers."""
+        infos = per_worker if per_worker is not None else [info] * len(self.workers)
+        futures = [w.weight_transfer.remote(stage, i, self.version) for w, i in zip(self.workers, infos)]
+        what = f"{self.label} weight transfer stage {stage!r} (version {self.version})"
+        return wait_all(futures, self.names, self.timeout_s, what)
+
+
+class GlooReceiver:
+    """Worker side of the gloo transport, with the stage interface of `BackspaceEngine.weight_transfer`:
+    joins the group at "init", receives the safetensors buffer and loads it into `engine` at "update"."""
+
+    def __init__(self, engine: Any, info: dict[str, Any]):
+        self.engine = engine
         self.pg, self._store = open_group(
             info["master_address"],
             int(info["master_port"]),
-            self.rank,
-            self.world_size,
+            int(info["rank"]),
+            int(info["world_size"]),
             float(info["timeout_s"]),
         )
 
-    def receive(self, nbytes: int) -> np.ndarray:
-        buf = torch.empty(int(nbytes), dtype=torch.uint8)
-        broadcast_(self.pg, buf)
-        return buf.numpy()
+    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> None:
+        if stage == "update":
+            buf = torch.empty(int(info["nbytes"]), dtype=torch.uint8)
+            broadcast_(self.pg, buf)
+            self.engine.load_weights_bytes(buf.numpy(), version)  # also drops the prefix cache
+        elif stage not in ("init", "start", "finish"):
+            raise ValueError(f"unknown weight_transfer stage {stage!r}; use init/start/update/finish")
 
 
 class GlooTransport(WeightTransport):
@@ -82,27 +105,12 @@ class GlooTransport(WeightTransport):
         master_address: str | None = None,
         master_port: int | None = None,
     ):
-        if not workers:
-            raise ValueError("GlooTransport needs at least one rollout worker")
-        self.workers = list(workers)
-        self.names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
-        self.timeout_s = timeout_s
+        self.client = StageClient(workers, worker_names, timeout_s, "gloo")
+        self.names, self.timeout_s = self.client.names, timeout_s
         self.master_address = master_address or _node_ip()
         self.master_port = master_port or free_port(self.master_address)
-        self.world_size = 1 + len(self.workers)
-        self.version: int | None = None
+        self.world_size = 1 + len(self.client.workers)
         self.pg = None
-
-    def _all(self, stage: str, infos: Sequence[Any]) -> list:
-        futures = [
-            w.weight_transfer.remote(stage, info, self.version) for w, info in zip(self.workers, infos)
-        ]
-        return wait_all(
-            futures,
-            self.names,
-            self.timeout_s,
-            f"gloo weight transfer stage {stage!r} (version {self.version})",
-        )
 
     def connect(self) -> None:
         """Rendezvous with every worker (they block in "init" until rank 0 opens the store)."""
@@ -113,9 +121,9 @@ class GlooTransport(WeightTransport):
             "world_size": self.world_size,
             "timeout_s": self.timeout_s,
         }
-        infos = [{**base, "rank": i + 1} for i in range(len(self.workers))]
+        infos = [{**base, "rank": i + 1} for i in range(len(self.client.workers))]
         with ThreadPoolExecutor(max_workers=1) as exe:
-            fut = exe.submit(self._all, "init", infos)
+            fut = exe.submit(self.client.call, "init", per_worker=infos)
             try:
                 self.pg, self._store = open_group(
                     self.master_address, self.master_port, 0, self.world_size, self.timeout_s
@@ -132,15 +140,14 @@ class GlooTransport(WeightTransport):
 
         if self.pg is None:
             raise RuntimeError("GlooTransport.publish before connect()")
-        self.version = version
+        self.client.version = version
         t0 = time.perf_counter()
         buf = state_dict_to_buffer(state_dict)
         t1 = time.perf_counter()
-        n = len(self.workers)
-        self._all("start", [None] * n)  # every worker holds its engine lock: between two batches
+        self.client.call("start")  # every worker holds its engine lock: between two batches
         t2 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1) as exe:
-            fut = exe.submit(self._all, "update", [{"nbytes": int(buf.nbytes)}] * n)
+            fut = exe.submit(self.client.call, "update", {"nbytes": int(buf.nbytes)})
             try:
                 broadcast_(self.pg, torch.from_numpy(buf))
             except RuntimeError as e:
@@ -149,7 +156,7 @@ class GlooTransport(WeightTransport):
                     f"or took longer than {self.timeout_s}s: {e}. The group is unusable; restart the workers"
                 ) from e
             fut.result()
-        got = self._all("finish", [None] * n)
+        got = self.client.call("finish")
         confirm_versions(self.names, got, version)
         t3 = time.perf_counter()
         return {

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport, wait_all
+from sm_dist.sync.base import WeightSyncError, WeightTransport
+from sm_dist.sync.collective import StageClient
 
 
 def _require_cuda() -> None:
@@ -46,33 +47,20 @@ def _require_cuda() -> None:
         )
 
 
-class _WorkerClient:
+class _WorkerClient(StageClient):
     """`VLLMWeightSyncClient` (vLLM's structural protocol) over RolloutWorker actor handles."""
 
-    def __init__(self, workers: Sequence[Any], names: Sequence[str], timeout_s: float):
-        self.workers, self.names, self.timeout_s = list(workers), list(names), timeout_s
-        self.version: int | None = None  # set by NcclTransport.publish before each round
-
-    def _all(self, stage: str, info: Any = None) -> None:
-        futures = [w.weight_transfer.remote(stage, info, self.version) for w in self.workers]
-        wait_all(
-            futures,
-            self.names,
-            self.timeout_s,
-            f"NCCL weight transfer stage {stage!r} (version {self.version})",
-        )
-
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        self._all("init", init_info)
+        self.call("init", init_info)
 
     def start_weight_update(self) -> None:
-        self._all("start")
+        self.call("start")
 
     def update_weights(self, update_info) -> None:
-        self._all("update", update_info)
+        self.call("update", update_info)
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._all("finish")
+        self.call("finish")
 
 
 def _make_source(module: torch.nn.Module):
@@ -111,9 +99,7 @@ class NcclTransport(WeightTransport):
         worker_names: Sequence[str] = (),
     ):
         _require_cuda()
-        self.client = _WorkerClient(
-            workers, list(worker_names) or [f"worker[{i}]" for i in range(len(workers))], timeout_s
-        )
+        self.client = _WorkerClient(workers, worker_names, timeout_s, "NCCL")
         self.master_address, self.master_port = master_address, master_port
         self.world_size = 1 + num_vllm_workers  # trainer rank 0 + every vLLM worker process
         self.timeout_s, self.packed = timeout_s, packed
