@@ -24,8 +24,8 @@ class _RotaryReloadFilter(logging.Filter):
         return record.getMessage() != "RotaryEmbedding: Failed to load weights"
 
 
-_FILTER = _RotaryReloadFilter()
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+# installed once, in the vLLM worker process that imports this module for `worker_extension_cls`
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryReloadFilter())
 
 
 class WeightSyncExtension:
@@ -36,9 +36,6 @@ class WeightSyncExtension:
         return how many. The tensors are zero-copy views: `reload_weights` copies them into place."""
         from sm_dist.sync.object_store import safetensors_views
 
-        logger = logging.getLogger(_RELOAD_LOGGER)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
         tensors = safetensors_views(blob)
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         return len(tensors)
