@@ -217,7 +217,7 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     try:
         wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
     except ray.exceptions.RayActorError as e:
-        raise RuntimeError(f"an actor failed to start: {e}") from e
+        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
     return time.perf_counter() - t0
 
 
@@ -239,8 +239,9 @@ class Trainer:
         self.sync_started: dict[int, float] = {}  # version -> monotonic time it was sent
         self.stop_requested = False
         self.restarts: dict[str, int] = {}  # rollout-worker restarts after a crash
-        self.blob_ref = None  # the last published weights (object_store), re-sent to restarted workers
-        self.blob_version = 0  # ... and their version (s.version moves on before the next blob exists)
+        # (version, ObjectRef) of the last published weights (object_store), re-sent to a restarted
+        # worker; s.version moves on before the next blob exists, so the pair keeps its own version
+        self.published: tuple[int, object] | None = None
         self.rollout_stats: dict[str, list[float]] = {}
         self.busy = {"learner_s": 0.0, "gen_s": 0.0}
         self.t_start = time.perf_counter()
@@ -262,7 +263,9 @@ class Trainer:
             from sm_dist.sync.base import confirm_version
 
             confirm_version(self.names[i], out, version)
-            self.s.syncs[self.names[i]] = self.s.syncs.get(self.names[i], 0) + 1
+            self.count_sync(self.names[i])
+            if not any(k == "sync" and v == version for _, k, v in self.inflight.values()):
+                self.sync_started.pop(version, None)  # every worker has it: no deadline left to watch
             return
         self.s.rollout_batches += 1
         self.busy["gen_s"] += out.get("rollout/gen_s", 0.0)
@@ -271,25 +274,28 @@ class Trainer:
         if self.cfg.run.asynchronous and not self.stop_requested:
             self.submit_batch(i)
 
+    def count_sync(self, name: str) -> None:
+        self.s.syncs[name] = self.s.syncs.get(name, 0) + 1
+
     def worker_died(self, i: int, kind: str, err: Exception) -> None:
         """Rollout worker `i` died during a `kind` call: wait for Ray to restart it (`rollout.max_restarts`),
         give it the latest weights, and resubmit its batch. Its lost batch is simply not in the buffer;
         the buffer's acknowledged rows are untouched."""
         name, cfg = self.names[i], self.cfg
         n = self.restarts[name] = self.restarts.get(name, 0) + 1
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = describe_error(err)
         if n > cfg.rollout.max_restarts:
             raise RuntimeError(
                 f"rollout worker {name} died {n} times (rollout.max_restarts={cfg.rollout.max_restarts}); "
-                f"last: {first_line}"
+                f"last: {why}"
             ) from err
         if cfg.sync.transport != "object_store":
             raise RuntimeError(
-                f"rollout worker {name} died ({first_line}); a restarted worker cannot rejoin the "
+                f"rollout worker {name} died ({why}); a restarted worker cannot rejoin the "
                 f"sync.transport={cfg.sync.transport} group. Resume the run (--resume), or use "
                 "sync.transport=object_store, which survives worker restarts"
             ) from err
-        print(f"[sm-dist] rollout worker {name} died during {kind} ({first_line}); restart {n}/"
+        print(f"[sm-dist] rollout worker {name} died during {kind} ({why}); restart {n}/"
               f"{cfg.rollout.max_restarts}", flush=True)  # fmt: skip
         for f, (j, _, _) in list(self.inflight.items()):  # the dead incarnation's other calls fail too
             if j == i:
@@ -306,14 +312,12 @@ class Trainer:
                         f"{cfg.run.startup_timeout_s}s"
                     ) from e2
                 time.sleep(0.5)
-        if self.blob_ref is not None:  # it restarted with its initial weights
-            v = self.blob_version
+        if self.published is not None:  # it restarted with its initial weights
+            v, ref = self.published
             self.sync_started.setdefault(v, time.monotonic())
-            (f,) = self.transport.send(v, self.blob_ref, [self.workers[i]])
+            (f,) = self.transport.send(v, ref, [self.workers[i]])
             self.inflight[f] = (i, "sync", v)
-        if (
-            self.cfg.run.asynchronous and not self.stop_requested
-        ):  # its lost batch, whatever call failed first
+        if self.cfg.run.asynchronous and not self.stop_requested:  # its lost batch, whichever call failed
             self.submit_batch(i)
 
     def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
@@ -350,12 +354,12 @@ class Trainer:
         if self.cfg.sync.transport != "object_store":
             m = self.wait_for([lr.publish_weights.remote(self.s.version) for lr in self.learners])[0]
             for n in self.names:  # publish_weights returns once every worker confirmed the version
-                self.s.syncs[n] = self.s.syncs.get(n, 0) + 1
+                self.count_sync(n)
             return {**m, "sync/publish_s": time.perf_counter() - t0}
         refs = [lr.state_dict_blob.remote() for lr in self.learners]
         self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
         self.ray.wait([refs[0]])
-        self.blob_ref, self.blob_version = refs[0], self.s.version  # held until the next publish
+        self.published = (self.s.version, refs[0])  # the ref is held until the next publish
         self.sync_started[self.s.version] = time.monotonic()
         # queued behind each worker's current batch: applied between batches, never inside one
         for i, fut in enumerate(self.transport.send(self.s.version, refs[0])):
