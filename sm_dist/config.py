@@ -170,6 +170,14 @@ class LearnerConfig(_Section):
     nan_tolerance: int = Field(
         3, ge=1, description="Skip a step with a non-finite loss/grad; stop after this many in a row."
     )
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        description="Times the learner ranks are rebuilt after one dies (crash, OOM kill): every rank is "
+        "replaced, loads the latest checkpoint (or the initial model), the weights are re-published, and "
+        "the run goes on from that checkpoint's step (the steps since it are redone). object_store "
+        "transport only; 0, or one death more, stops the run.",
+    )
     cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per learner actor.")
     gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per learner actor (0: CPU, gloo).")
     master_port: int | None = Field(None, description="torch.distributed port (null: pick a free one).")

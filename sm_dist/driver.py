@@ -145,11 +145,10 @@ def check_resources(ray, cfg: Config) -> None:
 
 def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
     from sm_dist.buffer.replay import ReplayBuffer
-    from sm_dist.learner.learner import Learner
     from sm_dist.rollout.engine import RolloutParams
     from sm_dist.rollout.worker import RolloutWorker
 
-    b, r, lc = cfg.buffer, cfg.rollout, cfg.learner
+    b, r = cfg.buffer, cfg.rollout
     run_dir = cfg.run.run_dir
     env = {"env_vars": vllm_env(r.engine.cpu_kvcache_gib)}
     Buf = ray.remote(num_cpus=0)(ReplayBuffer)
@@ -191,17 +190,25 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
         )
         for i in range(r.num_workers)
     ]  # fmt: skip
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir)
+
+
+def build_learners(ray, cfg: Config, model_dir: str) -> list:
+    """The learner ranks (one torch.distributed group), with weights from `model_dir`."""
+    from sm_dist.learner.learner import Learner
+
+    lc = cfg.learner
+    env = {"env_vars": vllm_env(cfg.rollout.engine.cpu_kvcache_gib)}
     L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
     addr = ray.util.get_node_ip_address()
     port = lc.master_port or free_port(addr)
-    learners = [
+    return [
         L.remote(
             rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),
             cfg.run.total_steps, cfg.run.seed,
         )
         for rank in range(lc.num_learners)
     ]  # fmt: skip
-    return replay, expert, workers, names, learners
 
 
 def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
@@ -224,6 +231,11 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank died and could not be replaced (learner.max_restarts used up, or a collective
+    transport); the dead ranks cannot save, so the last checkpoint stands."""
+
+
 class Trainer:
     """Holds the actors and the loop state; `run()` is the loop."""
 
@@ -239,6 +251,7 @@ class Trainer:
         self.sync_started: dict[int, float] = {}  # version -> monotonic time it was sent
         self.stop_requested = False
         self.restarts: dict[str, int] = {}  # rollout-worker restarts after a crash
+        self.learner_restarts = 0  # times the learner ranks were rebuilt from a checkpoint
         # (version, ObjectRef) of the last published weights (object_store), re-sent to a restarted
         # worker; s.version moves on before the next blob exists, so the pair keeps its own version
         self.published: tuple[int, object] | None = None
@@ -321,8 +334,11 @@ class Trainer:
             self.submit_batch(i)
 
     def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
-        """Wait for `futures`, handling worker completions meanwhile; return their results."""
+        """Wait for `futures`, handling worker completions meanwhile; return their results. A failed
+        future raises as soon as it lands: when one learner rank dies, the others hang in their
+        collective and would never finish."""
         pending = list(futures)
+        results = {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -334,7 +350,8 @@ class Trainer:
                     self.handle(f)
                 elif f in pending:
                     pending.remove(f)
-        return self.ray.get(futures)
+                    results[f] = self.ray.get(f)
+        return [results[f] for f in futures]
 
     def check_sync_deadline(self) -> None:
         for i, kind, version in list(self.inflight.values()):
@@ -345,6 +362,63 @@ class Trainer:
                     f"{self.names[i]} did not apply weights version {version} within sync.timeout_s="
                     f"{self.cfg.sync.timeout_s}s"
                 )
+
+    def learner_rank(self, err: BaseException, probe_s: float = 10.0) -> int | None:
+        """The rank of a dead learner behind `err`, or None. Either `err` reports a learner's death, or a
+        call failed with an error (e.g. a learner's collective lost its peer), and then a rank whose
+        process is gone is found by asking every rank for its step (a rank stuck in a collective does
+        not answer within `probe_s` and counts as alive)."""
+        ray = self.ray
+        ids = [lr._actor_id.hex() for lr in self.learners]
+        if isinstance(err, ray.exceptions.RayActorError) and not isinstance(err, ray.exceptions.RayTaskError):
+            return ids.index(err.actor_id) if err.actor_id in ids else None
+        if not isinstance(err, ray.exceptions.RayTaskError):
+            return None
+        futs = [lr.get_step.remote() for lr in self.learners]
+        ready, _ = ray.wait(futs, num_returns=len(futs), timeout=probe_s)
+        for rank, f in enumerate(futs):
+            if f in ready:
+                try:
+                    ray.get(f)
+                except ray.exceptions.RayActorError:
+                    return rank
+        return None
+
+    def restart_learners(self, rank: int, err: BaseException) -> None:
+        """Learner `rank` died: replace every rank (the survivors hang in their collective), load the
+        latest checkpoint into the new ones (or start from the initial model), re-publish their weights
+        under a new version, and go on from the checkpoint's step. Rollout workers, both buffers and
+        their rows are untouched; the replay rows written since the checkpoint came from weights the
+        new learners never had, and age out through buffer.max_staleness like any stale rows."""
+        cfg, ray = self.cfg, self.ray
+        self.learner_restarts += 1
+        n, most = self.learner_restarts, cfg.learner.max_restarts
+        why = describe_error(err)
+        if n > most:
+            raise LearnerDied(
+                f"learner rank {rank} died; learner.max_restarts={most} restarts used up: {why}"
+            ) from err
+        if cfg.sync.transport != "object_store":
+            raise LearnerDied(
+                f"learner rank {rank} died ({why}); new learners cannot rejoin the sync.transport="
+                f"{cfg.sync.transport} group. Resume the run (--resume), or use sync.transport=object_store, "
+                "which survives learner restarts"
+            ) from err
+        last = ckpt.latest_checkpoint(cfg.run.run_dir)
+        src = f"checkpoint {last}" if last else f"the initial model {cfg.model.dir} (no checkpoint yet)"
+        print(f"[sm-dist] learner rank {rank} died at step {self.s.step} ({why}); restart {n}/{most}: "
+              f"every rank restarts from {src}", flush=True)  # fmt: skip
+        for lr in self.learners:
+            ray.kill(lr, no_restart=True)
+        self.learners = build_learners(ray, cfg, str(last / "model") if last else cfg.model.dir)
+        self.wait_for([lr.get_step.remote() for lr in self.learners], cfg.run.startup_timeout_s)
+        step = 0
+        if last is not None:
+            self.wait_for([lr.load_checkpoint.remote(str(last)) for lr in self.learners])
+            step = ckpt.read_run_state(last)["step"]
+        self.s.step = step
+        self.publish()  # the workers drop the lost steps' weights; the version keeps counting up
+        print(f"[sm-dist] learners restarted at step {step}, weights version {self.s.version}", flush=True)
 
     def publish(self) -> dict[str, float]:
         """Send rank 0's weights to every worker: an object-store ref queued after each worker's current
@@ -357,8 +431,10 @@ class Trainer:
                 self.count_sync(n)
             return {**m, "sync/publish_s": time.perf_counter() - t0}
         refs = [lr.state_dict_blob.remote() for lr in self.learners]
-        self.wait_for(refs[1:])  # FSDP2 gathers on every rank; rank 0's bytes stay in the object store
-        self.ray.wait([refs[0]])
+        # FSDP2 gathers on every rank; rank 0's bytes stay in the object store. Rank 0 runs get_step
+        # after state_dict_blob (actor calls run in order): it answers once the blob exists, and
+        # raises if rank 0 died, before a dead ref reaches the workers
+        self.wait_for(refs[1:] + [self.learners[0].get_step.remote()])
         self.published = (self.s.version, refs[0])  # the ref is held until the next publish
         self.sync_started[self.s.version] = time.monotonic()
         # queued behind each worker's current batch: applied between batches, never inside one
@@ -432,6 +508,7 @@ class Trainer:
         self.rollout_stats = {}
         out["sync/applied_min"] = float(min([self.s.syncs.get(n, 0) for n in self.names]))
         out["rollout/batches_total"] = float(self.s.rollout_batches)
+        out["run/learner_restarts"] = float(self.learner_restarts)
         out["perf/learner_busy"] = self.busy["learner_s"] / wall
         out["perf/rollout_busy"] = self.busy["gen_s"] / wall / len(self.workers)
         out["perf/learner_wait_s_total"] = self.busy.get("wait_s", 0.0)
@@ -482,6 +559,8 @@ def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.name == f"step-{t.s.step:08d}":
         print(f"[sm-dist] checkpoint {last} already holds step {t.s.step}", flush=True)
+    elif isinstance(err, LearnerDied) or t.learner_rank(err) is not None:
+        print(f"[sm-dist] a dead learner cannot save step {t.s.step}: the last checkpoint stands", flush=True)
     else:
         try:
             last = save_checkpoint(t, timeout_s=t.cfg.sync.timeout_s)
@@ -490,6 +569,24 @@ def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
             print(f"[sm-dist] could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})", flush=True)
     if last is not None:
         print(f"[sm-dist] resume from {last} with: sm-dist train <config> --resume {run_dir}", flush=True)
+
+
+def run_step(t: Trainer) -> dict[str, float]:
+    """One learner step, then (on their schedules) a weight publish, a checkpoint and a metrics line."""
+    cfg = t.cfg
+    if not cfg.run.asynchronous:
+        t.rollout_round()
+    m = t.learner_step()
+    t.s.step += 1
+    extra: dict[str, float] = {}
+    if t.s.step % cfg.sync.every == 0:
+        extra.update(t.publish())
+    t.check_sync_deadline()
+    if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < cfg.run.total_steps:
+        save_checkpoint(t)
+    if t.s.step % cfg.run.log_every == 0:
+        t.log.log(t.s.step, t.metrics(m, extra))
+    return m
 
 
 def run_loop(t: Trainer) -> None:
@@ -503,18 +600,16 @@ def run_loop(t: Trainer) -> None:
         for i in range(len(t.workers)):
             t.submit_batch(i)
     while t.s.step < cfg.run.total_steps and not t.stop_requested:
-        if not cfg.run.asynchronous:
-            t.rollout_round()
-        m = t.learner_step()
-        t.s.step += 1
-        extra: dict[str, float] = {}
-        if t.s.step % cfg.sync.every == 0:
-            extra.update(t.publish())
-        t.check_sync_deadline()
-        if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < cfg.run.total_steps:
-            save_checkpoint(t)
-        if t.s.step % cfg.run.log_every == 0:
-            t.log.log(t.s.step, t.metrics(m, extra))
+        try:
+            m = run_step(t)
+        except t.ray.exceptions.RayError as e:
+            rank = t.learner_rank(e)
+            if rank is None:
+                raise
+            t.restart_learners(rank, e)
+            bar.reset(total=cfg.run.total_steps)
+            bar.update(t.s.step)
+            continue
         bar.update(1)
         bar.set_postfix(loss=f"{m.get('loss/total', float('nan')):.3f}", v=t.s.version)
     bar.close()
@@ -554,7 +649,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     ray, local = start_ray(cfg, address)
     try:
         check_resources(ray, cfg)
-        model_dir = str(last / "model") if last else cfg.model.dir
+        model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
         replay, expert, workers, names, learners = build_actors(ray, cfg, prompts, model_dir)
         print(f"[sm-dist] actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s", flush=True)
         if cfg.sync.transport != "object_store":
@@ -594,6 +689,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
             "syncs_applied": t.s.syncs,
             "rollout_batches": t.s.rollout_batches,
             "worker_restarts": t.restarts,
+            "learner_restarts": t.learner_restarts,
             "last_checkpoint": str(final),
             "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
             "metrics": str(logger.path),

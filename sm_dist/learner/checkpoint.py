@@ -73,3 +73,24 @@ def commit(tmp: Path, run_state: dict, run_dir: str | Path, keep_last: int) -> P
 
 def read_run_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "run_state.json").read_text())
+
+
+def pin_model(ckpt: Path, run_dir: str | Path) -> Path:
+    """`<run_dir>/resumed-model`: a copy of `ckpt/model` that outlives the checkpoint, which `keep_last`
+    prunes while the run goes on. A rollout worker that Ray restarts re-runs its constructor on the same
+    folder, so a resumed run must not start its actors on the checkpoint itself. Hard links where the
+    filesystem allows (checkpoints are never modified in place), else copies."""
+    dst = Path(run_dir) / "resumed-model"
+    tmp = dst.with_name(dst.name + _TMP)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src: str, to: str) -> None:
+        try:
+            os.link(src, to)
+        except OSError:
+            shutil.copy2(src, to)
+
+    shutil.copytree(Path(ckpt) / "model", tmp, copy_function=link)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -160,7 +159,7 @@ class Learner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(seed)
-        tok = AutoTokenizer.from_pretrained(self.model_dir)
+        tok = self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.bkspc_id, self.eos_id = get_bkspc_id(tok), tok.eos_token_id
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
         check_model_has_bkspc(model, self.bkspc_id)
@@ -393,9 +392,8 @@ class Learner:
 
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
-        Call on every rank (FSDP2 gathers collectively)."""
-        import shutil
-
+        Call on every rank (FSDP2 gathers collectively). Nothing is copied from the folder the model
+        came from: that may be a checkpoint `keep_last` has pruned since."""
         sd = self.full_state_dict()
         osd = self._optimizer_state()
         if self.rank != 0:
@@ -403,9 +401,7 @@ class Learner:
         out = Path(ckpt_dir)
         (out / "model").mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
-        for f in os.listdir(self.model_dir):  # tokenizer and generation files
-            if f.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
-                shutil.copy2(Path(self.model_dir) / f, out / "model" / f)
+        self.tokenizer.save_pretrained(out / "model")
         torch.save({"optimizer": osd, "scheduler": self.scheduler.state_dict()}, out / "optimizer.pt")
         state = {
             "step": self.c.step,

@@ -42,6 +42,18 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
+def _start(tmp_path: Path, ray_tmp: str, args: list[str]) -> subprocess.Popen:
+    """`sm-dist train` in the background, stdout and stderr together (read with `communicate`)."""
+    return subprocess.Popen(
+        args,
+        env=_env(tmp_path, ray_tmp),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 COLLECTIVE_FSDP2 = [
     "sync.transport=gloo",
     "learner.num_learners=2",
@@ -85,10 +97,7 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
 def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "run.total_steps=400"]
-    proc = subprocess.Popen(
-        [*base, f"run.run_dir={run}"], env=_env(tmp_path, ray_tmp), cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}"])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         m = _metrics(run)
@@ -172,14 +181,7 @@ def test_dead_rollout_worker_restarts_then_rescue_checkpoint(tmp_path, ray_tmp):
         sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, "run.total_steps=400",
         "run.checkpoint_every=1000", "sync.every=2", "rollout.max_restarts=1",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        args,
-        env=_env(tmp_path, ray_tmp),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start(tmp_path, ray_tmp, args)
 
     def names_since(t0):
         try:
@@ -219,15 +221,58 @@ def test_dead_rollout_worker_restarts_then_rescue_checkpoint(tmp_path, ray_tmp):
     assert late and min(r["policy_version"] for r in late) > 0, [r["policy_version"] for r in late]
 
 
+def test_dead_learner_rank_restarts_from_checkpoint(tmp_path, ray_tmp):
+    """kill -9 of one of two DDP learner ranks: the driver replaces both (the survivor is stuck in its
+    collective), the new ranks load the latest checkpoint, their weights are re-published under a new
+    version, and the run finishes with exit 0. The steps since the checkpoint are redone, and the
+    optimiser continues from the checkpoint's state (one Adam step per learner step in all)."""
+    run, total = tmp_path / "run", 36
+    args = [
+        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, f"run.total_steps={total}",
+        "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
+    ]  # fmt: skip
+    proc = _start(tmp_path, ray_tmp, args)
+    try:
+        _wait(
+            lambda: (m := _metrics(run)) and m[-1]["step"] >= 13,
+            "step 13 (after the step-10 checkpoint)",
+            proc,
+        )
+        pids = _wait(lambda: _actor_pids(ray_tmp, "Learner"), "the learner ranks", proc)
+        assert len(pids) == 2, pids
+        os.kill(max(pids), signal.SIGKILL)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    died = re.search(
+        r"learner rank \d died at step (\d+) .*restart 1/2: every rank restarts from checkpoint (\S+?step-\d{8})",
+        log,
+    )
+    assert died, log[-3000:]
+    k, ck = int(died.group(1)), Path(died.group(2))
+    c = int(ck.name.removeprefix("step-"))
+    assert ck.parent == run / "checkpoints" and 10 <= c <= k and c % 10 == 0, (k, ck)
+    restarted = re.search(rf"learners restarted at step {c}, weights version (\d+)", log)
+    assert restarted, log[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == total and summary["learner_restarts"] == 1, summary
+    assert summary["version"] > int(restarted.group(1))  # published on after the restart
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps[:k] == list(range(1, k + 1)) and steps[-(total - c) :] == list(range(c + 1, total + 1)), (
+        steps
+    )
+    opt = torch.load(Path(summary["last_checkpoint"]) / "optimizer.pt", weights_only=False)
+    assert {float(s["step"]) for s in opt["optimizer"]["state"].values()} == {float(total)}
+
+
 def test_dead_replay_buffer_stops_with_checkpoint_and_resumes(tmp_path, ray_tmp):
     """kill -9 of the replay buffer actor: the run stops non-zero with a clear message and a checkpoint
     of the step it reached; `--resume` restores the buffer from its segments and goes on."""
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "run.checkpoint_every=1000"]
-    proc = subprocess.Popen(
-        [*base, f"run.run_dir={run}", "run.total_steps=400"], env=_env(tmp_path, ray_tmp), cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}", "run.total_steps=400"])
     try:
         _wait(lambda: (m := _metrics(run)) and m[-1].get("rollout/batches_total", 0) >= 4, "rollouts", proc)
         pids = _wait(lambda: _actor_pids(ray_tmp, "ReplayBuffer"), "the buffer actors", proc)
