@@ -50,6 +50,20 @@ def _train(args) -> int:
         return 2
 
 
+def _config(args) -> int:
+    from sm_dist.config import ConfigError, dump_config, load_config, reference
+
+    if args.reference:
+        print(reference(), end="")
+        return 0
+    try:
+        print(dump_config(load_config(args.config, list(args.overrides))), end="")
+    except ConfigError as e:
+        print(f"sm-dist: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -164,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     tr.set_defaults(func=_train)
+
+    c = sub.add_parser(
+        "config",
+        help="validate a config and print it resolved (defaults, overrides, absolute paths), or list every key",
+    )
+    c.add_argument("config", nargs="?", help="YAML config (default: all defaults)")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    c.add_argument(
+        "--reference",
+        action="store_true",
+        help="print every key with type, default and meaning (docs/config.md)",
+    )
+    c.set_defaults(func=_config)
 
     ev = sub.add_parser("eval", help="greedy evaluation (exact match) of a model on a jsonl of prompt/answer")
     ev.add_argument("--model", required=True, help="HF model folder (with <bkspc>)")

@@ -396,7 +396,9 @@ def _validation_error(e: ValidationError) -> ConfigError:
         m = re.match(r"([a-z_][a-z0-9_.]*): (.*)", inner, re.S)
         return ConfigError(m.group(1), m.group(2)) if m else ConfigError(key, inner)
     bad = err.get("input")
-    return ConfigError(key, f"{msg} (got {bad!r}).", f"see the description of `{key}` in sm_dist/config.py")
+    return ConfigError(
+        key, f"{msg} (got {bad!r}).", f"see `{key}` in `sm-dist config --reference` (docs/config.md)"
+    )
 
 
 def _allowed_keys(section: str) -> list[str]:
@@ -488,3 +490,58 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what the run logs and saves as `<run_dir>/config.yaml`)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(ann: Any) -> str:
+    """A short, readable type for the reference: `int`, `float | null`, `"ddp" | "fsdp2"`, ..."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _md_cell(text: str) -> str:
+    """Text for a markdown table cell: `|` escaped, and `<` outside code spans (else `<bkspc>` would
+    read as an HTML tag and vanish)."""
+    parts = text.replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+
+def reference() -> str:
+    """Every config key (dotted), with its type, default and description, as markdown: the source of
+    `docs/config.md` and of `sm-dist config --reference`."""
+    out = [
+        "# Config reference",
+        "",
+        "Every key of a run config (`sm-dist train CONFIG key=value ...`), with its type, default and",
+        "meaning. Generated from `sm_dist/config.py` by `sm-dist config --reference`; do not edit by hand.",
+        "",
+    ]
+
+    def section(cls: type[BaseModel], prefix: str) -> None:
+        nested: list[tuple[str, type[BaseModel]]] = []
+        rows = []
+        for name, f in cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((f"{prefix}{name}", ann))
+                continue
+            default = f.get_default(call_default_factory=True)
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").strip()
+            text = _md_cell(f.description or "")
+            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{shown}` | {text} |")
+        if rows:
+            out.extend([f"## `{prefix.rstrip('.')}`", "", (cls.__doc__ or "").strip(), ""])
+            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for name, sub in nested:
+            section(sub, f"{name}.")
+
+    section(Config, "")
+    return "\n".join(out).rstrip() + "\n"

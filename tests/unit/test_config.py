@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from sm_dist.config import Config, ConfigError, load_config
 
@@ -102,3 +103,37 @@ def test_example_configs_validate(name):
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())
     cfg = Config.model_validate(raw)  # schema and cross-field checks; paths exist only on their cluster
     assert cfg.run.total_steps >= 1
+
+
+def test_reference_lists_every_key_with_a_description_and_docs_are_current():
+    from sm_dist.config import reference
+
+    text = reference()
+
+    def keys(cls, prefix=""):
+        for name, f in cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from keys(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", f
+
+    for key, f in keys(Config):
+        assert f.description, f"{key} has no description"
+        assert f"| `{key}` |" in text, key
+    assert "&lt;bkspc>" in text and "`<run_dir>/model`" in text  # escaped outside code spans only
+    doc = (ROOT / "docs" / "config.md").read_text()
+    assert doc == text, "docs/config.md is stale: run `sm-dist config --reference > docs/config.md`"
+
+
+def test_config_command_prints_the_resolved_config_or_names_the_bad_key(tmp_path):
+    run = [sys.executable, "-m", "sm_dist", "config", TINY, "learner.lr=0.01", f"run.run_dir={tmp_path}"]
+    out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    cfg = Config.model_validate(yaml.safe_load(out.stdout))
+    assert cfg.learner.lr == 0.01 and cfg.run.run_dir == str(tmp_path)
+    assert cfg.model.dir == str(tmp_path / "model")  # resolved: null -> <run_dir>/model
+    bad = subprocess.run(
+        [*run[:4], TINY, "rollout.engine.colour=red"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert bad.returncode == 2 and "rollout.engine.colour" in bad.stderr and "max_model_len" in bad.stderr
