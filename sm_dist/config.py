@@ -259,7 +259,12 @@ class RunConfig(_Section):
     """The run: where it writes, how long, checkpoints, seed, cluster."""
 
     run_dir: str = Field("runs/tiny-cpu", description="Output folder: checkpoints, metrics, buffer, config.")
-    total_steps: int = Field(100, ge=1, description="Learner steps.")
+    total_steps: int | None = Field(
+        100,
+        ge=1,
+        description="Learner steps; null: run as a service until stopped (SIGINT/SIGTERM end it with a final "
+        "checkpoint), which needs learner.schedule=constant.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every K steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
     seed: int = Field(0, description="Global seed.")
@@ -339,6 +344,12 @@ class Config(_Section):
                     "sync.transport: nccl sends rank 0's full weights, which learner.strategy=fsdp2 shards. "
                     "Fix: use sync.transport=object_store with fsdp2, or learner.strategy=ddp"
                 )
+        if self.run.total_steps is None and self.learner.schedule != "constant":
+            raise ValueError(
+                "run.total_steps: null (run until stopped) has no end for the learner.schedule="
+                f"{self.learner.schedule} decay to reach. Fix: set learner.schedule=constant, or give "
+                "run.total_steps a number"
+            )
         if self.model.dir is None and not self.model.make_tiny_if_missing:
             raise ValueError(
                 "model.dir: null (= <run_dir>/model) needs model.make_tiny_if_missing=true. "

@@ -237,7 +237,7 @@ class LearnerDied(RuntimeError):
 
 
 class Trainer:
-    """Holds the actors and the loop state; `run()` is the loop."""
+    """Holds the actors and the loop state; `run_loop` drives it, one `run_step` at a time."""
 
     def __init__(self, ray, cfg, replay, expert, workers, names, learners, state: RunState, logger):
         from sm_dist.sync.object_store import ObjectStoreTransport
@@ -571,6 +571,11 @@ def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
         print(f"[sm-dist] resume from {last} with: sm-dist train <config> --resume {run_dir}", flush=True)
 
 
+def step_limit(cfg: Config) -> float:
+    """run.total_steps, or infinity for a run that goes on until it is stopped (total_steps: null)."""
+    return float("inf") if cfg.run.total_steps is None else cfg.run.total_steps
+
+
 def run_step(t: Trainer) -> dict[str, float]:
     """One learner step, then (on their schedules) a weight publish, a checkpoint and a metrics line."""
     cfg = t.cfg
@@ -582,7 +587,7 @@ def run_step(t: Trainer) -> dict[str, float]:
     if t.s.step % cfg.sync.every == 0:
         extra.update(t.publish())
     t.check_sync_deadline()
-    if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < cfg.run.total_steps:
+    if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < step_limit(cfg):
         save_checkpoint(t)
     if t.s.step % cfg.run.log_every == 0:
         t.log.log(t.s.step, t.metrics(m, extra))
@@ -599,7 +604,7 @@ def run_loop(t: Trainer) -> None:
     if cfg.run.asynchronous:
         for i in range(len(t.workers)):
             t.submit_batch(i)
-    while t.s.step < cfg.run.total_steps and not t.stop_requested:
+    while t.s.step < step_limit(cfg) and not t.stop_requested:
         try:
             m = run_step(t)
         except t.ray.exceptions.RayError as e:
@@ -695,7 +700,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
             "metrics": str(logger.path),
             "tensorboard": str(logger.tb_dir),
             "buffer": ray.get(replay.stats.remote()),
-            "stopped_early": t.s.step < cfg.run.total_steps,
+            "stopped_early": t.s.step < step_limit(cfg),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         print(

@@ -47,7 +47,7 @@ class OptimParams:
     schedule: str = "cosine"  # "cosine" | "constant"
     lr_warmup_steps: int = 10
     min_lr_ratio: float = 0.1
-    total_steps: int = 100
+    total_steps: int | None = 100  # None: no end (run until stopped; constant schedule only)
     grad_accum: int = 1
     clip_norm: float | None = 1.0
     bf16_autocast: bool = True
@@ -56,7 +56,7 @@ class OptimParams:
     strategy: str = "ddp"  # "ddp" | "fsdp2"
 
     @classmethod
-    def from_dict(cls, d: dict, total_steps: int) -> OptimParams:
+    def from_dict(cls, d: dict, total_steps: int | None) -> OptimParams:
         keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "betas" in keep:
             keep["betas"] = tuple(keep["betas"])
@@ -87,6 +87,8 @@ def lr_factor(step: int, p: OptimParams) -> float:
         return (step + 1) / p.lr_warmup_steps
     if p.schedule == "constant":
         return 1.0
+    if p.total_steps is None:
+        raise ValueError("a cosine schedule needs total_steps; with total_steps=None use schedule='constant'")
     span = max(1, p.total_steps - p.lr_warmup_steps)
     frac = min(1.0, (step - p.lr_warmup_steps) / span)
     return p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
@@ -144,7 +146,7 @@ class Learner:
         model_dir: str,
         learner: dict,
         objective: dict,
-        total_steps: int,
+        total_steps: int | None,
         seed: int = 0,
         device: str = "auto",
     ):

@@ -95,9 +95,11 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
 
 
 def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
+    """A service run (run.total_steps=null) ends on SIGTERM with a final checkpoint of the step it
+    reached; `--resume` with a step count goes on from exactly there."""
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "run.total_steps=400"]
-    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}"])
+    base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "learner.schedule=constant"]
+    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}", "run.total_steps=null"])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         m = _metrics(run)
@@ -110,7 +112,7 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert proc.returncode == 0, log[-3000:]
     first = json.loads((run / "summary.json").read_text())
     k = first["step"]
-    assert first["stopped_early"] and 24 <= k < 400
+    assert first["stopped_early"] and k >= 24
     last = Path(first["last_checkpoint"])
     assert last.name == f"step-{k:08d}"
     state = json.loads((last / "run_state.json").read_text())
@@ -126,6 +128,7 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {last} at step {k}" in out.stdout
+    assert (run / "resumed-model" / "config.json").exists()  # actors start on the pinned copy
     steps = [r["step"] for r in _metrics(run)]
     assert steps[-8:] == list(range(k + 1, k + 9))  # the step counter continues
     second = json.loads((run / "summary.json").read_text())

@@ -42,6 +42,8 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("rollout.engine.max_model_len=16", "rollout.engine.max_model_len"),
         ("learner.strategy=zero3", "learner.strategy"),
         ("sync.transport=nccl", "sync.transport"),  # nccl on a CPU-only config
+        ("run.total_steps=null", "run.total_steps"),  # run until stopped, with the cosine schedule
+        ("run.total_steps=0", "run.total_steps"),
     ],
 )
 def test_errors_name_the_key(override, key):
@@ -137,3 +139,8 @@ def test_config_command_prints_the_resolved_config_or_names_the_bad_key(tmp_path
         [*run[:4], TINY, "rollout.engine.colour=red"], capture_output=True, text=True, cwd=ROOT
     )
     assert bad.returncode == 2 and "rollout.engine.colour" in bad.stderr and "max_model_len" in bad.stderr
+
+
+def test_total_steps_null_runs_until_stopped_with_a_constant_schedule():
+    cfg = load_config(TINY, ["run.total_steps=null", "learner.schedule=constant"])
+    assert cfg.run.total_steps is None
