@@ -1,7 +1,8 @@
 """The mask-equivalence check on a GPU (no pytest, Ray or vLLM needed): for random traces, logits of
 the single masked pass vs separate plain passes per collapsed state, for Llama, Qwen2 and GPT-2, via
-the dense SDPA mask and the FlexAttention BlockMask, in fp32 and in bf16 (the same functions as
-tests/unit/test_mask_equivalence.py, larger models). Prints one line per case and, last,
+the dense SDPA mask, the FlexAttention BlockMask and the split path, in fp32 and in bf16 (the same
+functions as tests/unit/test_mask_equivalence.py, larger models), then the parameter gradients of the
+flex and split paths against the dense mask's. Prints one line per case and, last,
 `bf16_max_rel_diff: X` (worst |diff| / max|logit| over the bf16 cases; goal ~1e-2).
 
     PYTHONPATH=. python benchmarks/gpu_equivalence.py --traces 60
@@ -13,7 +14,7 @@ import argparse
 
 import torch
 
-from tests.unit.equivalence import max_state_diff, random_traces, tiny_models
+from tests.unit.equivalence import grad_rel_diff, max_state_diff, random_traces, tiny_models
 
 V, BK = 512, 511
 
@@ -35,6 +36,13 @@ def main():
                 print(f"{name:6s} {attn:5s} {str(dtype):15s} max_abs {worst:.2e} rel {rel:.2e}", flush=True)
                 if dtype == torch.bfloat16:
                     worst_bf16 = max(worst_bf16, rel)
+            # the learner's backward through each path (FlexAttention has no CPU backward)
+            for attn in ("flex", "split") if args.device != "cpu" else ("split",):
+                g, n = grad_rel_diff(model, traces[:16], BK, attn)  # eval mode: no dropout noise
+                print(
+                    f"{name:6s} {attn:5s} {str(dtype):15s} grad rel diff vs sdpa {g:.2e} ({n} params)",
+                    flush=True,
+                )
     print(f"bf16_max_rel_diff: {worst_bf16:.3e}")
 
 

@@ -4,7 +4,7 @@ Supported: any HF causal LM whose forward takes `position_ids` and passes a 4-D 
 FlexAttention BlockMask) through unchanged, which transformers 5.x does for Llama, Qwen2, GPT-2 and
 most decoder models. `attn="sdpa"` uses a dense [B,1,N,N] bool mask (portable; O(N^2) memory),
 `attn="flex"` a block-sparse BlockMask, `attn="split"` causal SDPA over the surviving inputs plus a
-small masked SDPA for the deleted ones (`sm_dist.core.split_attn`). A batch with no backspace takes
+small masked SDPA for the deleted ones, on inputs permuted once (`sm_dist.core.split_attn`). A batch with no backspace takes
 the plain causal path.
 """
 
@@ -67,16 +67,23 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
         # Plain causal path: right padding needs no mask (pads come after every real token).
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         return out.logits.float()
+    if attn == "split":
+        from sm_dist.core.split_attn import SPLIT_IMPL, register_split, split_forward
+
+        register_split()
+        with attn_implementation(model, SPLIT_IMPL):
+            out = split_forward(model, batch.input_ids, batch.position_ids, batch.deleted_at)
+        return out.logits.float()
     if attn == "sdpa":
         impl, mask = "sdpa", dense_mask(batch.deleted_at)
     elif attn == "flex":
+        if dev.type == "cpu" and torch.is_grad_enabled():
+            raise ValueError(
+                "attn='flex': FlexAttention has no backward pass on the CPU; train with attn='split' "
+                "(the CPU default, learner.attn=auto) or attn='sdpa'"
+            )
         _register_flex()
         impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at)
-    elif attn == "split":
-        from sm_dist.core.split_attn import SPLIT_IMPL, register_split, split_mask
-
-        register_split()
-        impl, mask = SPLIT_IMPL, split_mask(batch.deleted_at)
     else:
         raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex', 'split' or 'auto'")
     with attn_implementation(model, impl):

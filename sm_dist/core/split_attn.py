@@ -2,22 +2,24 @@
 
 The visibility rule (key k visible to query q iff k <= q < deleted_at[k]) has a structure the general
 block-sparse kernel does not use: a *surviving* input (never deleted, deleted_at = +inf) sees only
-surviving inputs. (If a survivor q saw a key k that is deleted later, k would lie below q on the
-stack; a `<bkspc>` reaches k only after popping q, so q would not survive.) So:
+surviving inputs, namely all those before it. (If a survivor q saw a key k that is deleted later, k
+would lie below q on the stack; a `<bkspc>` reaches k only after popping q, so q would not survive.)
 
-* survivors, compacted in input order, are a plain causal sequence: one `scaled_dot_product_attention`
-  with `is_causal=True`, which dispatches to the flash / cuDNN kernels on a GPU;
-* the deleted inputs (about two per `<bkspc>`: the popped token and the replaced one) are the only
-  queries that need the general mask: a second SDPA call with `Ld` queries against all `N` keys and a
-  dense [B, 1, Ld, N] bool mask, `Ld / N` of the full cost;
-* one gather puts both outputs back in input order.
+So the pass runs on the inputs *permuted once*, per row: surviving inputs first, then the deleted ones,
+each group in input order (`position_ids` travel with their tokens, so RoPE / learned positions are
+unchanged; every other layer is per-token). In that order, with `c` = the fewest survivors of any row:
 
-Padding makes it exact for ragged batches: rows with fewer survivors fill the causal part with their
-deleted inputs (after every real survivor, so invisible to them under the causal mask, and their
-outputs are taken from the masked part instead); rows with fewer deleted inputs fill the masked part
-with survivors, for which the general mask is also exact. Pure torch; registered with transformers as
-the attention function `sm_split`, so any HF model whose attention goes through `AttentionInterface`
-(Llama, Qwen2, GPT-2, ...) can use it.
+* slots [0, c) are survivors in every row, a plain causal sequence: one `scaled_dot_product_attention`
+  with `is_causal=True` on a prefix slice, which dispatches to the flash / cuDNN kernels on a GPU;
+* slots [c, N) (the deleted inputs, about two per `<bkspc>`, plus the extra survivors of rows with
+  fewer deletions) are queries of a second SDPA call against all N keys with a dense
+  [B, 1, N - c, N] bool mask, exact for any query, `(N - c) / N` of the full cost;
+* the two outputs are concatenated (no gather: the next layer works in the same permuted order), and a
+  forward pre-hook on the LM head puts the final hidden states back in input order, once.
+
+Pure torch; registered with transformers as the attention function `sm_split`, so any HF model whose
+attention goes through `AttentionInterface` (Llama, Qwen2, GPT-2, ...) can use it, through
+`split_forward` (which applies the permutation and the hook).
 """
 
 from __future__ import annotations
@@ -36,79 +38,90 @@ SPLIT_IMPL = "sm_split"
 class SplitPlan:
     """Index tensors of one batch (all on the model's device)."""
 
-    surv_idx: torch.Tensor  # [B, Ls] input positions of the causal part (survivors first)
-    del_idx: torch.Tensor  # [B, Ld] input positions of the masked part (deleted first)
-    del_mask: torch.Tensor  # [B, 1, Ld, N] bool: what each masked-part query sees
-    back: torch.Tensor  # [B, N] index into cat(causal part, masked part) of each input position
+    perm: torch.Tensor  # [B, N] input position held by each slot (survivors first, input order kept)
+    inv: torch.Tensor  # [B, N] slot of each input position (perm's inverse)
+    n_causal: int  # c: the leading slots that are survivors in every row
+    del_mask: torch.Tensor  # [B, 1, N - c, N] bool: what the query in slot c + i sees, over slots
 
 
 def make_split_plan(deleted_at: torch.Tensor) -> SplitPlan:
-    """[B, N] deleted_at -> the plan (a few sorts and cumsums; one host sync, for the two sizes)."""
+    """[B, N] deleted_at -> the plan (one stable sort, one gather; one host sync, for `c`)."""
     B, N = deleted_at.shape
     surv = deleted_at >= INF_POS
-    n_s = surv.sum(1)
-    Ls, Ld = torch.stack([n_s.max(), N - n_s.min()]).tolist()  # one host sync for both sizes
-    # stable sorts keep input order within each group
-    surv_first = torch.argsort((~surv).to(torch.int8), dim=1, stable=True)
-    del_first = torch.argsort(surv.to(torch.int8), dim=1, stable=True)
-    surv_idx, del_idx = surv_first[:, :Ls], del_first[:, : max(Ld, 1)]
-    k = torch.arange(N, device=deleted_at.device)
-    q = del_idx[:, :, None]
-    del_mask = (k[None, None, :] <= q) & (q < deleted_at[:, None, :])
-    rank_s = torch.cumsum(surv, 1) - 1
-    rank_d = torch.cumsum(~surv, 1) - 1
-    back = torch.where(surv, rank_s, Ls + rank_d)
-    return SplitPlan(surv_idx, del_idx, del_mask[:, None], back)
+    n_causal = int(surv.sum(1).min())
+    perm = torch.argsort((~surv).to(torch.int8), dim=1, stable=True)
+    slots = torch.arange(N, device=deleted_at.device).expand(B, N)
+    inv = torch.empty_like(perm).scatter_(1, perm, slots)
+    d_at = deleted_at.gather(1, perm)  # deleted_at of the input in each slot
+    q = perm[:, n_causal:, None]  # input position of each masked-part query
+    k = perm[:, None, :]
+    del_mask = (k <= q) & (q < d_at[:, None, :])
+    return SplitPlan(perm, inv, n_causal, del_mask[:, None])
 
 
-def split_mask(deleted_at: torch.Tensor) -> torch.Tensor:
+def split_mask(plan: SplitPlan) -> torch.Tensor:
     """The `attention_mask` handed through the HF model: an empty 4-D bool tensor (transformers returns
     a ready 4-D mask unchanged) carrying the plan, as `.sm_split_plan`, to `split_attention_forward`."""
-    B = deleted_at.shape[0]
-    m = torch.empty(B, 1, 0, 0, dtype=torch.bool, device=deleted_at.device)
-    m.sm_split_plan = make_split_plan(deleted_at)
+    B = plan.perm.shape[0]
+    m = torch.empty(B, 1, 0, 0, dtype=torch.bool, device=plan.perm.device)
+    m.sm_split_plan = plan
     return m
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D], idx [B, L] -> [B, H, L, D]."""
-    B, H, _, D = x.shape
-    return x.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], D))
+def split_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, deleted_at: torch.Tensor):
+    """The model's output for the traces (logits in input order), computed in the permuted order.
+    The model's attention implementation must be `sm_split` (see `register_split`)."""
+    plan = make_split_plan(deleted_at)
+    head = model.get_output_embeddings()
+
+    def unpermute(_module, args):
+        h = args[0]  # [B, N, hidden]: the final hidden states, in slot order
+        return (h.gather(1, plan.inv[..., None].expand(-1, -1, h.shape[-1])), *args[1:])
+
+    hook = head.register_forward_pre_hook(unpermute)
+    try:
+        return model(
+            input_ids=input_ids.gather(1, plan.perm),
+            position_ids=position_ids.gather(1, plan.perm),
+            attention_mask=split_mask(plan),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
 
 
 def split_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention-function signature: query [B, H, N, D], key/value [B, Hkv, N, D];
-    returns ([B, N, H, D], None)."""
+    """transformers attention-function signature: query [B, H, N, D], key/value [B, Hkv, N, D], all in
+    the plan's slot order; returns ([B, N, H, D], None) in the same order."""
     plan: SplitPlan | None = getattr(attention_mask, "sm_split_plan", None)
     if plan is None:
         raise ValueError(
             "sm_split attention needs the mask made by sm_dist.core.split_attn.split_mask (got "
             f"{type(attention_mask).__name__}); call the model through sm_dist.core.masked_logits"
         )
-    B, H, _, D = query.shape
+    B, H, N, D = query.shape
     Hkv = key.shape[1]
     groups = H // Hkv
     drop = dropout if module.training else 0.0
-    # causal part: GQA natively (enable_gqa), as transformers' own SDPA path does for the MLE baseline
-    out_s = F.scaled_dot_product_attention(
-        _take(query, plan.surv_idx),
-        _take(key, plan.surv_idx),
-        _take(value, plan.surv_idx),
-        is_causal=True,
-        dropout_p=drop,
-        scale=scaling,
-        enable_gqa=groups > 1,
-    )
+    c = plan.n_causal
+    parts = []
+    if c > 0:  # causal part: GQA natively (enable_gqa), as transformers' SDPA path does for the MLE baseline
+        parts.append(
+            F.scaled_dot_product_attention(
+                query[:, :, :c], key[:, :, :c], value[:, :, :c], is_causal=True, dropout_p=drop,
+                scale=scaling, enable_gqa=groups > 1,
+            )
+        )  # fmt: skip
     # masked part: the query heads that share a KV head are stacked along the query axis (head
     # h = kv * groups + g, transformers' repeat_kv order), so K/V are never repeated
-    Ld = plan.del_idx.shape[1]
-    q_d = _take(query, plan.del_idx).reshape(B, Hkv, groups * Ld, D)
-    mask = plan.del_mask.expand(B, groups, Ld, -1).reshape(B, 1, groups * Ld, -1)
+    Lq = N - c
+    q_d = query[:, :, c:].reshape(B, Hkv, groups * Lq, D)
+    mask = plan.del_mask.expand(B, groups, Lq, N).reshape(B, 1, groups * Lq, N)
     out_d = F.scaled_dot_product_attention(q_d, key, value, attn_mask=mask, dropout_p=drop, scale=scaling)
-    out_d = out_d.reshape(B, H, Ld, D)
-    out = _take(torch.cat([out_s, out_d], dim=2), plan.back)  # [B, H, N, D], input order
+    parts.append(out_d.reshape(B, H, Lq, D))
+    out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -105,3 +105,27 @@ def max_state_diff(
                 worst = max(worst, (logits[int(layout.state_index[t])] - ref).abs().max().item())
                 scale, checked = max(scale, ref.abs().max().item()), checked + 1
     return worst, scale, checked
+
+
+def grad_rel_diff(model, traces: list[Trace], bkspc: int, attn: str, ref_attn: str = "sdpa", seed: int = 0):
+    """Worst over parameters of max|g_attn - g_ref| / max|g_ref|, the parameter gradients of one loss
+    over the logits of a batched masked pass (a fixed random weighting of the log-softmax), through
+    `attn` and through `ref_attn`. Returns (worst, number of parameters compared)."""
+    inputs = [build_inputs(p, a, bkspc) for p, a in traces]
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    V = model.get_output_embeddings().weight.shape[0]
+    weights = [torch.randn(len(t.input_ids), V, generator=gen).to(dev) for t in inputs]
+
+    def grads(backend: str) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        logits = forward_traces(model, inputs, attn=backend)
+        sum((lg.log_softmax(-1) * w).sum() for lg, w in zip(logits, weights)).backward()
+        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, got = grads(ref_attn), grads(attn)
+    model.zero_grad(set_to_none=True)
+    if ref.keys() != got.keys():
+        raise AssertionError(f"{attn} and {ref_attn} reach different parameters")
+    worst = max(((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-6)).item() for n in ref)
+    return worst, len(ref)

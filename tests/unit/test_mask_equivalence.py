@@ -11,7 +11,7 @@ import torch
 from sm_dist.core.forward import forward_traces
 from sm_dist.core.traces import build_inputs
 
-from .equivalence import max_state_diff, random_traces, tiny_models
+from .equivalence import grad_rel_diff, max_state_diff, random_traces, tiny_models
 
 V, BK = 48, 47
 N_TRACES = 200
@@ -52,3 +52,19 @@ def test_out_of_vocab_is_named(models):
     tr = build_inputs([1, 2], [3, V + 5], BK)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         forward_traces(models["llama"], [tr])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_split_parameter_gradients_match_the_dense_mask(models, arch):
+    """The learner differentiates through the masked pass: the parameter gradients of a loss over the
+    logits of a ragged batch (GQA for Llama) agree with the dense-mask path's. `split` runs the model
+    on permuted inputs and un-permutes before the LM head, so this checks that permutation's backward.
+    (FlexAttention has no backward on the CPU; benchmarks/gpu_equivalence.py checks it on a GPU.)"""
+    worst, n = grad_rel_diff(models[arch], random_traces(12, seed=7, bkspc=BK), BK, "split")
+    assert n > 10 and worst <= 1e-4, f"{arch}: worst relative gradient diff {worst:.2e}"
+
+
+def test_flex_training_on_cpu_is_refused_with_the_fix(models):
+    tr = build_inputs([1, 2], [3, BK, 4], BK)
+    with pytest.raises(ValueError, match="attn='split'"):
+        forward_traces(models["llama"], [tr], attn="flex")

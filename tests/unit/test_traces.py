@@ -45,7 +45,8 @@ def test_layout_properties(prompt, acts):
 @given(st.lists(st.tuples(prompts, actions), min_size=1, max_size=4))
 def test_survivors_see_only_survivors_and_split_plan_is_exact(batch):
     """The fact `attn="split"` rests on: an input that is never deleted sees no deleted input, so the
-    survivors are a plain causal sequence; and the plan's gather indices put every position back."""
+    survivors are a plain causal sequence; and the plan (survivors first, a causal prefix, the rest
+    under the full mask) is exact and invertible."""
     from sm_dist.core.masks import dense_mask
     from sm_dist.core.split_attn import make_split_plan
 
@@ -57,12 +58,18 @@ def test_survivors_see_only_survivors_and_split_plan_is_exact(batch):
         assert not (full[r][s][:, ~s]).any()  # survivor queries x deleted keys: nothing visible
     plan = make_split_plan(b.deleted_at)
     B, N = b.deleted_at.shape
-    cat = torch.cat([plan.surv_idx, plan.del_idx], 1)
-    assert torch.equal(cat.gather(1, plan.back), torch.arange(N).expand(B, N))  # a true inverse
-    # each position's output comes from the exact part: survivors from the causal one
-    assert bool(((plan.back < plan.surv_idx.shape[1]) == surv).all())
-    for r in range(B):  # masked-part rows are the full mask's rows
-        assert torch.equal(plan.del_mask[r, 0], full[r][plan.del_idx[r]])
+    idx = torch.arange(N).expand(B, N)
+    assert torch.equal(plan.perm.gather(1, plan.inv), idx)  # inv is perm's inverse
+    slot_surv = surv.gather(1, plan.perm)
+    c = plan.n_causal
+    assert bool(slot_surv[:, :c].all())  # the causal prefix holds only survivors, in every row
+    assert c == int(surv.sum(1).min())  # and is as long as it can be
+    for r in range(B):
+        s = plan.perm[r][slot_surv[r]]
+        assert torch.equal(s, torch.sort(s).values)  # survivors keep input order: causal is exact
+        # masked-part rows are the full mask's rows, queries and keys both in slot order
+        want = full[r][plan.perm[r, c:]][:, plan.perm[r]]
+        assert torch.equal(plan.del_mask[r, 0], want)
 
 
 @settings(max_examples=100, deadline=None)
