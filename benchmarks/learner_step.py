@@ -1,7 +1,7 @@
 """(SequenceMatch learner step with a 5 % backspace rate) / (plain MLE step), same tokens and model.
 
 Both steps are forward + backward on the same number of input positions: the SequenceMatch step runs
-the single masked pass (`--attn`, default auto: FlexAttention on CUDA, split on the CPU) over traces with 5 % <bkspc>
+the single masked pass (`--attn`, default auto: FlexAttention on CUDA, on the CPU dense up to 512 inputs, split beyond) over traces with 5 % <bkspc>
 actions and computes the chi^2-mixture objective (half data rows, half model rows); the MLE step is
 HF's plain causal LM pass (flash SDPA on CUDA) with gamma^t-weighted cross-entropy. Medians of
 `--repeats` timed steps after `--warmup` untimed ones. Last line: `sm_step_over_mle_step: X`.

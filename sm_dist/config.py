@@ -164,7 +164,7 @@ class LearnerConfig(_Section):
     )
     attn: Literal["auto", "sdpa", "flex", "split"] = Field(
         "auto",
-        description="Masked-attention backend: auto (flex on CUDA, split on CPU); sdpa (dense mask); flex "
+        description="Masked-attention backend: auto (flex on CUDA; on CPU sdpa up to 512 inputs, split beyond); sdpa (dense mask); flex "
         "(FlexAttention block mask); split (causal SDPA over surviving inputs + masked SDPA for deleted ones).",
     )
     nan_tolerance: int = Field(
@@ -344,6 +344,11 @@ class Config(_Section):
                     "sync.transport: nccl sends rank 0's full weights, which learner.strategy=fsdp2 shards. "
                     "Fix: use sync.transport=object_store with fsdp2, or learner.strategy=ddp"
                 )
+        if self.learner.attn == "flex" and self.learner.gpus_per_learner == 0:
+            raise ValueError(
+                "learner.attn: flex has no backward pass on the CPU (learner.gpus_per_learner=0). "
+                "Fix: learner.attn=auto (or split / sdpa), or give the learners GPUs"
+            )
         if self.run.total_steps is None and self.learner.schedule != "constant":
             raise ValueError(
                 "run.total_steps: null (run until stopped) has no end for the learner.schedule="

@@ -21,6 +21,7 @@ from sm_dist.core.traces import TraceBatch, TraceInputs, collate
 
 AttnBackend = Literal["sdpa", "flex", "split", "auto"]
 FLEX_IMPL = "sm_flex"  # transformers' flex_attention_forward, registered under our own name
+CPU_DENSE_MAX_LEN = 512  # `auto` on the CPU: dense mask up to this many inputs, split beyond
 
 
 def _register_flex() -> None:
@@ -54,15 +55,19 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
     """Logits [B, N, V] (fp32) of the traces in `batch`, in one forward pass.
 
     `auto` picks FlexAttention on CUDA (measured; `split` is the candidate to replace it once measured
-    on a GPU, see benchmarks/gpu_check.sh) and `split` elsewhere: on the CPU it is as fast as the dense
-    mask at short lengths and needs O(N * deleted) mask memory instead of O(N^2) (FlexAttention without
-    compilation runs an unfused reference path on the CPU, which is correct but slow).
+    on a GPU, see benchmarks/gpu_check.sh). On the CPU (where FlexAttention runs an unfused reference
+    path and has no backward) it picks the dense mask up to `CPU_DENSE_MAX_LEN` inputs and `split`
+    beyond: measured SequenceMatch/MLE step ratios, dense vs split, 1.02-1.03 vs 1.04-1.10 at 256
+    inputs, 1.07 vs 1.07 at 512, 1.13-1.39 vs 1.01-1.04 at 1024 (O(N^2) mask memory vs O(N * deleted)).
     """
     _check_vocab(model, batch)
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     if attn == "auto":
-        attn = "flex" if dev.type == "cuda" else "split"
+        if dev.type == "cuda":
+            attn = "flex"
+        else:
+            attn = "sdpa" if batch.input_ids.shape[1] <= CPU_DENSE_MAX_LEN else "split"
     if not batch.any_backspace:
         # Plain causal path: right padding needs no mask (pads come after every real token).
         out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
@@ -80,7 +85,7 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
         if dev.type == "cpu" and torch.is_grad_enabled():
             raise ValueError(
                 "attn='flex': FlexAttention has no backward pass on the CPU; train with attn='split' "
-                "(the CPU default, learner.attn=auto) or attn='sdpa'"
+                "or attn='sdpa' (learner.attn=auto picks one of them on the CPU)"
             )
         _register_flex()
         impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at)

@@ -44,6 +44,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("sync.transport=nccl", "sync.transport"),  # nccl on a CPU-only config
         ("run.total_steps=null", "run.total_steps"),  # run until stopped, with the cosine schedule
         ("run.total_steps=0", "run.total_steps"),
+        ("learner.attn=flex", "learner.attn"),  # FlexAttention has no CPU backward
     ],
 )
 def test_errors_name_the_key(override, key):
