@@ -146,7 +146,7 @@ def check_resources(ray, cfg: Config) -> None:
 def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
     from sm_dist.buffer.replay import ReplayBuffer
     from sm_dist.rollout.engine import RolloutParams
-    from sm_dist.rollout.worker import RolloutWorker
+    from sm_dist.rollout.worker import PromptShard, RolloutWorker
 
     b, r = cfg.buffer, cfg.rollout
     run_dir = cfg.run.run_dir
@@ -183,14 +183,17 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
         max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
     )(RolloutWorker)
     names = [f"w{i}" for i in range(r.num_workers)]
+    # by reference: small creation arguments survive a restart (PromptShard); the caller holds the
+    # refs for the whole run, so a restarted worker can still read its prompts
+    shards = [ray.put(prompts[i :: r.num_workers]) for i in range(r.num_workers)]
     workers = [
         W.remote(
-            names[i], model_dir, prompts[i :: r.num_workers], params, r.batch_size, sink=replay,
+            names[i], model_dir, PromptShard(shards[i]), params, r.batch_size, sink=replay,
             engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
         )
         for i in range(r.num_workers)
     ]  # fmt: skip
-    return replay, expert, workers, names, build_learners(ray, cfg, model_dir)
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), shards
 
 
 def build_learners(ray, cfg: Config, model_dir: str) -> list:
@@ -655,7 +658,8 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     try:
         check_resources(ray, cfg)
         model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
-        replay, expert, workers, names, learners = build_actors(ray, cfg, prompts, model_dir)
+        # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
+        replay, expert, workers, names, learners, prompt_refs = build_actors(ray, cfg, prompts, model_dir)
         print(f"[sm-dist] actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s", flush=True)
         if cfg.sync.transport != "object_store":
             ray.get(

@@ -20,11 +20,29 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sm_dist.rollout.engine import BackspaceEngine, Rollout, RolloutParams
 from sm_dist.sync.object_store import ObjectStoreTransport
+
+
+@dataclass(frozen=True)
+class PromptShard:
+    """A worker's prompts by reference (an ObjectRef the driver holds for the whole run).
+
+    Passed to the constructor instead of the prompts themselves, it keeps the actor's creation
+    arguments a few bytes long, so they are inlined in its creation task and Ray can re-run the
+    constructor on a restart (`rollout.max_restarts`): creation arguments that Ray moved to the object
+    store may be gone by then (ray-project/ray#53727)."""
+
+    ref: Any
+
+    def load(self) -> list:
+        import ray
+
+        return ray.get(self.ref)
 
 
 class RolloutWorker:
@@ -34,7 +52,7 @@ class RolloutWorker:
         self,
         worker_id: str,
         model_dir: str | Path,
-        prompts: Sequence[Sequence[int]],
+        prompts: Sequence[Sequence[int]] | PromptShard,
         params: RolloutParams,
         batch_size: int,
         sink: Any = None,
@@ -42,6 +60,8 @@ class RolloutWorker:
         sink_timeout_s: float = 120.0,
         sync_timeout_s: float = 300.0,
     ):
+        if isinstance(prompts, PromptShard):
+            prompts = prompts.load()
         if not prompts or batch_size < 1:
             raise ValueError(
                 f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
