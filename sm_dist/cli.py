@@ -64,6 +64,20 @@ def _config(args) -> int:
     return 0
 
 
+def _status(args) -> int:
+    import json
+
+    from sm_dist.status import format_status, run_status
+
+    try:
+        st = run_status(args.run_dir)
+    except FileNotFoundError as e:
+        print(f"sm-dist status: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -178,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     tr.set_defaults(func=_train)
+
+    st = sub.add_parser("status", help="where a run stands: running or not, step, loss, checkpoint, buffer")
+    st.add_argument("run_dir", help="a run directory written by `sm-dist train`")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.set_defaults(func=_status)
 
     c = sub.add_parser(
         "config",

@@ -33,6 +33,7 @@ from pathlib import Path
 from sm_dist.cluster import free_port, init_local_ray, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.learner import checkpoint as ckpt
+from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
 
 
 @dataclass
@@ -632,16 +633,28 @@ def run_loop(t: Trainer) -> None:
 
 
 def train(cfg: Config, resume: str | None = None, address: str | None = None) -> int:
-    """Run (or resume) a training job; returns the process exit code."""
-    from transformers import AutoTokenizer
-
-    from sm_dist.metrics import MetricsLogger
-
+    """Run (or resume) a training job; returns the process exit code. The run directory is claimed
+    for the duration (`sm_dist.status`): a second driver on it is refused."""
     run_dir = Path(cfg.run.run_dir)
     last = ckpt.latest_checkpoint(run_dir) if resume else None
     if resume and last is None:
         raise ConfigError("--resume", f"{run_dir} has no completed checkpoint under checkpoints/.")
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        claim_run_dir(run_dir)
+    except RunDirBusy as e:
+        raise ConfigError("run.run_dir", str(e)) from None
+    try:
+        return _train(cfg, run_dir, last, resume, address)
+    finally:
+        release_run_dir(run_dir)
+
+
+def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
+    from transformers import AutoTokenizer
+
+    from sm_dist.metrics import MetricsLogger
+
     text = dump_config(cfg)
     print(f"[sm-dist] resolved config:\n{text}")
     (run_dir / ("config.resume.yaml" if resume else "config.yaml")).write_text(text)

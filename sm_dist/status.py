@@ -1,0 +1,151 @@
+"""Who owns a run directory, and where a run stands (`sm-dist status RUN_DIR`), from its files alone.
+
+A running `sm-dist train` holds `<run_dir>/driver.json` (pid, host, start time): a second driver on
+the same run directory is refused while the first is alive (two would interleave checkpoints, buffer
+segments and metrics), and a file left by a killed driver is recognised as stale and taken over.
+`run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, buffer/manifest.json and
+summary.json; it imports no torch or Ray, so it works on a login node while the job runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from pathlib import Path
+
+DRIVER_FILE = "driver.json"
+
+
+class RunDirBusy(RuntimeError):
+    """Another live driver holds the run directory."""
+
+
+def _alive(info: dict) -> bool | None:
+    """Is the driver in `info` alive? None when it runs on another host (cannot tell from here)."""
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_driver(run_dir: str | Path) -> dict | None:
+    p = Path(run_dir) / DRIVER_FILE
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def claim_run_dir(run_dir: str | Path) -> None:
+    """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it."""
+    info = read_driver(run_dir)
+    if info is not None and info.get("pid") != os.getpid() and _alive(info) is not False:
+        where = f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
+        raise RunDirBusy(
+            f"{run_dir} is in use by another sm-dist train ({where}). Stop it first (SIGTERM ends it with a "
+            f"checkpoint), or use another run.run_dir. If that driver is gone, delete {Path(run_dir) / DRIVER_FILE}."
+        )
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
+    tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
+    tmp.write_text(json.dumps(me))
+    os.replace(tmp, Path(run_dir) / DRIVER_FILE)
+
+
+def release_run_dir(run_dir: str | Path) -> None:
+    info = read_driver(run_dir)
+    if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+        (Path(run_dir) / DRIVER_FILE).unlink(missing_ok=True)
+
+
+def run_status(run_dir: str | Path, window: int = 10) -> dict:
+    """Where the run in `run_dir` stands (see the module docstring for the files read)."""
+    import yaml
+
+    from sm_dist.learner.checkpoint import list_checkpoints
+    from sm_dist.metrics import read_metrics
+
+    d = Path(run_dir)
+    configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
+    if not configs:
+        raise FileNotFoundError(f"{d} is not a run directory (no config.yaml): pass the run.run_dir of a run")
+    cfg = yaml.safe_load(max(configs, key=lambda c: c.stat().st_mtime).read_text())  # the latest (re)start
+    try:
+        rows = read_metrics(d)
+    except (FileNotFoundError, ValueError):
+        rows = []
+    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
+    driver = read_driver(d)
+    alive = _alive(driver) if driver else False
+    if driver and alive is not False:
+        state = "running" if alive else "running on another host (not checked from here)"
+    elif driver:
+        state = "died"  # driver.json left behind: killed without its clean exit
+    elif summary:
+        state = "stopped early" if summary.get("stopped_early") else "finished"
+    else:
+        state = "not started"
+    last = rows[-1] if rows else {}
+    recent = rows[-window:]
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in recent if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    span = rows[-50:]
+    rate = None
+    if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
+        rate = (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
+    version = next((r["sync/version"] for r in reversed(rows) if r.get("sync/version") is not None), None)
+    manifest = d / "buffer" / "manifest.json"
+    buf = json.loads(manifest.read_text()) if manifest.exists() else {}
+    ckpts = list_checkpoints(d)
+    return {
+        "run_dir": str(d),
+        "state": state,
+        "driver": driver,
+        "step": last.get("step"),
+        "total_steps": cfg.get("run", {}).get("total_steps"),
+        "steps_per_s": rate,
+        "weights_version": version,
+        "loss_total": mean("loss/total"),
+        "loss_bc": mean("loss/bc"),
+        "learner_restarts": last.get("run/learner_restarts"),
+        "checkpoints": [p.name for p in ckpts],
+        "last_checkpoint": str(ckpts[-1]) if ckpts else None,
+        "buffer_added_rows": buf.get("added_rows"),
+        "buffer_evicted_rows": buf.get("evicted_rows"),
+        "summary": summary,
+    }
+
+
+def format_status(st: dict) -> str:
+    def num(x, fmt="{:.3f}"):
+        return "-" if x is None else fmt.format(x)
+
+    total = "until stopped" if st["total_steps"] is None else st["total_steps"]
+    drv = st["driver"]
+    lines = [
+        f"run dir:     {st['run_dir']}",
+        f"state:       {st['state']}"
+        + (f" (pid {drv['pid']} on {drv['host']}, since {drv['started']})" if drv else ""),
+        f"step:        {num(st['step'], '{}')} of {total}   ({num(st['steps_per_s'], '{:.2f}')} steps/s recently)",
+        f"loss:        total {num(st['loss_total'])}, bc {num(st['loss_bc'])} (mean of the last metric lines)",
+        f"weights:     version {num(st['weights_version'], '{:.0f}')}"
+        + (f", learner restarts {st['learner_restarts']:.0f}" if st["learner_restarts"] else ""),
+        f"checkpoint:  {st['last_checkpoint'] or '-'}"
+        + (f"  ({len(st['checkpoints'])} kept)" if st["checkpoints"] else ""),
+        f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted",
+    ]
+    if st["state"] == "died":
+        lines.append(
+            f"resume with: sm-dist train <config> --resume {st['run_dir']}   (the driver exited without "
+            "cleaning up: killed, or its machine went away)"
+        )
+    return "\n".join(lines)

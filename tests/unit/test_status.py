@@ -1,0 +1,114 @@
+"""Run-directory ownership (one live driver per run dir) and `sm-dist status` from a run's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sm_dist.learner import checkpoint as ckpt
+from sm_dist.status import DRIVER_FILE, RunDirBusy, claim_run_dir, format_status, release_run_dir, run_status
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (stands in for another driver)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _hold(run_dir: Path, pid: int, host: str | None = None) -> None:
+    info = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (run_dir / DRIVER_FILE).write_text(json.dumps(info))
+
+
+def test_a_live_driver_keeps_the_run_dir_and_a_dead_one_is_taken_over(tmp_path, other_process):
+    _hold(tmp_path, other_process.pid)
+    with pytest.raises(RunDirBusy, match=f"pid {other_process.pid}"):
+        claim_run_dir(tmp_path)
+    _hold(tmp_path, other_process.pid, host="some-other-node")  # cannot be checked from here: kept
+    with pytest.raises(RunDirBusy, match="some-other-node"):
+        claim_run_dir(tmp_path)
+    _hold(tmp_path, other_process.pid)
+    other_process.kill()
+    other_process.wait()
+    claim_run_dir(tmp_path)  # stale: its driver is gone
+    assert json.loads((tmp_path / DRIVER_FILE).read_text())["pid"] == os.getpid()
+    claim_run_dir(tmp_path)  # the same driver again (e.g. a retry) is fine
+    release_run_dir(tmp_path)
+    assert not (tmp_path / DRIVER_FILE).exists()
+
+
+def _run_dir(tmp_path: Path, steps: int) -> Path:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"run": {"total_steps": 100}}))
+    lines = [
+        {"step": s, "time": 0.5 * s, "loss/total": 10.0 - s * 0.1, "loss/bc": 5.0, "sync/version": s // 5}
+        for s in range(1, steps + 1)
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tmp = ckpt.begin(tmp_path, 20)
+    ckpt.commit(tmp, {"step": 20}, tmp_path, keep_last=2)
+    (tmp_path / "buffer").mkdir()
+    (tmp_path / "buffer" / "manifest.json").write_text(json.dumps({"added_rows": 640, "evicted_rows": 16}))
+    return tmp_path
+
+
+def test_status_of_a_running_a_dead_and_a_finished_run(tmp_path, other_process):
+    run = _run_dir(tmp_path, steps=24)
+    _hold(run, other_process.pid)
+    st = run_status(run)
+    assert st["state"] == "running" and st["step"] == 24 and st["total_steps"] == 100
+    assert st["steps_per_s"] == pytest.approx(2.0) and st["weights_version"] == 4
+    assert st["loss_total"] == pytest.approx(sum(10.0 - s * 0.1 for s in range(15, 25)) / 10)
+    assert st["last_checkpoint"].endswith("step-00000020")
+    assert (st["buffer_added_rows"], st["buffer_evicted_rows"]) == (640, 16)
+    text = format_status(st)
+    assert "running (pid" in text and "24 of 100" in text and "step-00000020" in text
+
+    other_process.kill()
+    other_process.wait()
+    st = run_status(run)
+    assert st["state"] == "died" and "--resume" in format_status(st)
+
+    (run / DRIVER_FILE).unlink()
+    (run / "summary.json").write_text(json.dumps({"stopped_early": False, "step": 24}))
+    assert run_status(run)["state"] == "finished"
+
+
+def test_cli_status_and_a_refused_second_driver(tmp_path, other_process):
+    (tmp_path / "run").mkdir()
+    run = _run_dir(tmp_path / "run", steps=3)
+    out = subprocess.run(
+        [sys.executable, "-m", "sm_dist", "status", str(run), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["step"] == 3
+    _hold(run, other_process.pid)
+    train = [
+        sys.executable,
+        "-m",
+        "sm_dist",
+        "train",
+        str(ROOT / "configs" / "tiny-cpu.yaml"),
+        f"run.run_dir={run}",
+    ]
+    out = subprocess.run(train, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert (
+        "run.run_dir" in out.stderr
+        and f"in use by another sm-dist train (pid {other_process.pid}" in out.stderr
+    )
+    assert json.loads((run / DRIVER_FILE).read_text())["pid"] == other_process.pid  # left as it was
