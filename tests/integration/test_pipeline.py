@@ -92,6 +92,10 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     assert any(r["learner/replay_rows"] > 0 for r in m)  # SequenceMatch steps used rollouts
     assert (run / "checkpoints" / "step-00000040" / "model" / "config.json").exists()
     assert "run dir:" in out.stdout and str(run) in out.stdout
+    from sm_dist.status import run_status
+
+    st = run_status(run)  # the driver released the run dir on its way out
+    assert st["state"] == "finished" and st["step"] == 40 and st["driver"] is None
 
 
 def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
