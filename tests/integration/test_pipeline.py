@@ -267,9 +267,10 @@ def test_dead_learner_rank_restarts_from_checkpoint(tmp_path, ray_tmp):
     assert summary["step"] == total and summary["learner_restarts"] == 1, summary
     assert summary["version"] > int(restarted.group(1))  # published on after the restart
     steps = [r["step"] for r in _metrics(run)]
-    assert steps[:k] == list(range(1, k + 1)) and steps[-(total - c) :] == list(range(c + 1, total + 1)), (
-        steps
-    )
+    cut = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # where the redo starts
+    # the step that died is logged unless the death surfaced in its publish or checkpoint
+    assert steps[:cut] == list(range(1, cut + 1)) and cut in (k - 1, k), (k, steps)
+    assert steps[cut:] == list(range(c + 1, total + 1)), (c, steps)
     opt = torch.load(Path(summary["last_checkpoint"]) / "optimizer.pt", weights_only=False)
     assert {float(s["step"]) for s in opt["optimizer"]["state"].values()} == {float(total)}
 
