@@ -510,12 +510,13 @@ def dump_config(cfg: Config) -> str:
 
 def _type_name(ann: Any) -> str:
     """A short, readable type for the reference: `int`, `float | null`, `"ddp" | "fsdp2"`, ..."""
+    import types
     import typing
 
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in args) + "]"

@@ -563,7 +563,7 @@ def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.name == f"step-{t.s.step:08d}":
         print(f"[sm-dist] checkpoint {last} already holds step {t.s.step}", flush=True)
-    elif isinstance(err, LearnerDied) or t.learner_rank(err) is not None:
+    elif isinstance(err, LearnerDied):  # run_loop turns every learner death it cannot mend into this
         print(f"[sm-dist] a dead learner cannot save step {t.s.step}: the last checkpoint stands", flush=True)
     else:
         try:
