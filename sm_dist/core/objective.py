@@ -12,7 +12,8 @@ Written as a loss to minimise (IQ-Learn with phi; chi^2-mixture = SequenceMatch)
            + E_mix[ V(s_t) - gamma V(s_{t+1}) ]  value term
 
 where E_x[g] = (1/#sequences of x) * sum_sequences sum_t gamma^t g_t and E_mix = a*E_data + (1-a)*E_model
-(a = `data_mix`, 1/2 by default). Time t counts actions, noise and backspaces included.
+(a = `data_mix`, 1/2 by default). Time t counts actions, noise and backspaces included. Each divergence
+is one entry of `DIVERGENCE_SPECS` (its phi' weight and where its chi^2 and value terms apply).
 
 Departures, deliberate: the (1-gamma) factor of the discounted occupancy is dropped (a constant: it
 would only rescale the gradient relative to cross-entropy); normalisation is per sequence, never per
@@ -20,14 +21,37 @@ sequence length (a per-length average is not a proper scoring rule). With phi(x)
 on data only (`mle`), the loss is exactly the gamma^t-weighted cross-entropy, since
 -r_t + V(s_t) - gamma V(s_{t+1}) = V(s_t) - l(a_t|s_t) = -log pi(a_t|s_t).
 
-`mask_noise_actions`: the data term (and, for `mle`, the whole per-transition loss) skips injected noise
-actions, so a wrong token is never imitated; the chi^2 and value terms keep every transition (the value
-term telescopes only over complete trajectories). A `<bkspc>` taken at the prompt boundary (a no-op the
-policy cannot take) is dropped from every term.
+Masked noise steps (`mask_noise_actions`, DESIGN §2). An augmented data row holds injected noise
+actions that the expert never chose; the wrong token must not be imitated, but its state and the
+`<bkspc>` that follows must stay. The value term telescopes over a whole row,
+sum_t gamma^t (V(s_t) - gamma V(s_{t+1})) = V(s_0) (minus gamma^T V(s_T) if truncated), so it holds
+every step, noise included. If a noise step were simply dropped from the data term, the linear part on
+a data row would be
+
+    - sum_{clean t} gamma^t r_t + V(s_0) = sum_{clean t} gamma^t (-log pi(a_t|s_t))
+                                          + sum_{noise t} gamma^t (V(s_t) - gamma V(s_{t+1}))
+
+and the leftover noise sum is unbounded below: the optimiser lowers V before every noise token and
+raises it after, i.e. it learns to *write* the noise token (measured on an exact tabular problem: loss
+-25 -> -44 -> -66 at steps 800/1600/3200, pi(noise | start) = 0.11). So at a masked step the data term
+uses the telescoping difference instead of the reward,
+
+    r~_t = V(s_t) - gamma V(s_{t+1})        (weight 1, with gradient),
+
+which cancels that step's value-term contribution exactly: the linear part of a data row becomes the
+cross-entropy of its clean steps alone (the `mle` identity with noise steps skipped), whatever the
+divergence. The chi^2 term skips masked steps on data rows too: it is the quadratic part of phi on the
+expert occupancy, and a noise action is not an expert action; penalising its r^2 would pull
+l(noise|s) - gamma V(s') towards 0, i.e. raise the noise token's probability (the opposite of the
+intent). On model rows every step counts (a rollout's own mistakes are the model's actions). With
+`mask_noise_actions=false` noise actions are ordinary data actions (imitated, chi^2-penalised).
+
+A `<bkspc>` taken at the prompt boundary (a no-op the policy cannot take) is dropped from every term.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,8 +59,49 @@ import torch
 
 from sm_dist.core.traces import TraceBatch
 
+
+def _w_one(r: torch.Tensor, clip: float) -> torch.Tensor:
+    return torch.ones_like(r)
+
+
+def _w_kl(r: torch.Tensor, clip: float) -> torch.Tensor:  # phi(x) = -exp(-(x+1))
+    return torch.exp(-r - 1)
+
+
+def _w_js(r: torch.Tensor, clip: float) -> torch.Tensor:  # phi(x) = log(2 - exp(-x))
+    e = torch.exp(-r)
+    return torch.where(e < 2, e / (2 - e).clamp_min(1e-6), torch.full_like(r, clip))
+
+
+def _w_hellinger(r: torch.Tensor, clip: float) -> torch.Tensor:  # phi(x) = x / (1 + x)
+    return torch.where(r > -1, 1.0 / (1 + r).clamp_min(1e-6) ** 2, torch.full_like(r, clip))
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """One divergence: its data-term weight phi'(r) and where its chi^2 and value terms apply.
+
+    chi2: "mix" (E_mix, SequenceMatch), "data" (E_data), or None. value: "mix" (IQ-Learn: any
+    occupancy) or "data" (on the imitated data steps only, which makes the loss the cross-entropy).
+    """
+
+    phi_prime: Callable[[torch.Tensor, float], torch.Tensor]
+    chi2: Literal["mix", "data"] | None
+    value: Literal["mix", "data"]
+
+
+# Adding a divergence = one entry here (and its name in `Divergence`, which the config imports).
+DIVERGENCE_SPECS: dict[str, DivergenceSpec] = {
+    "chi2_mixture": DivergenceSpec(_w_one, chi2="mix", value="mix"),
+    "chi2": DivergenceSpec(_w_one, chi2="data", value="mix"),
+    "kl": DivergenceSpec(_w_kl, chi2=None, value="mix"),
+    "js": DivergenceSpec(_w_js, chi2=None, value="mix"),
+    "hellinger": DivergenceSpec(_w_hellinger, chi2=None, value="mix"),
+    "mle": DivergenceSpec(_w_one, chi2=None, value="data"),
+}
 Divergence = Literal["chi2_mixture", "chi2", "kl", "js", "hellinger", "mle"]
-DIVERGENCES: tuple[str, ...] = ("chi2_mixture", "chi2", "kl", "js", "hellinger", "mle")
+DIVERGENCES: tuple[str, ...] = tuple(DIVERGENCE_SPECS)
+assert set(Divergence.__args__) == set(DIVERGENCES), "Divergence and DIVERGENCE_SPECS disagree"
 
 
 @dataclass(frozen=True)
@@ -63,18 +128,8 @@ class ObjectiveParams:
 
 
 def phi_prime(r: torch.Tensor, divergence: str, clip: float) -> torch.Tensor:
-    """IQ-Learn's phi'(r), the data-term weight (no gradient). chi^2 (mixture) and mle: 1."""
-    r = r.detach()
-    if divergence == "kl":  # phi(x) = -exp(-(x+1))
-        w = torch.exp(-r - 1)
-    elif divergence == "js":  # phi(x) = log(2 - exp(-x))
-        e = torch.exp(-r)
-        w = torch.where(e < 2, e / (2 - e).clamp_min(1e-6), torch.full_like(r, clip))
-    elif divergence == "hellinger":  # phi(x) = x / (1 + x)
-        w = torch.where(r > -1, 1.0 / (1 + r).clamp_min(1e-6) ** 2, torch.full_like(r, clip))
-    else:
-        return torch.ones_like(r)
-    return w.clamp(max=clip)
+    """IQ-Learn's phi'(r), the data-term weight (no gradient), capped at `clip`. chi^2 and mle: 1."""
+    return DIVERGENCE_SPECS[divergence].phi_prime(r.detach(), clip).clamp(max=clip)
 
 
 def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torch.Tensor:
@@ -118,13 +173,12 @@ def _expect(per_seq: torch.Tensor, seq_mask: torch.Tensor, seq_w: torch.Tensor) 
     return (per_seq * w).sum() / w.sum().clamp_min(1e-12)
 
 
-def _mix(
-    per_seq: torch.Tensor, batch: TraceBatch, is_data: torch.Tensor, seq_w: torch.Tensor, a: float
-) -> torch.Tensor:
-    """E_mix = a E_data + (1-a) E_model; falls back to whichever occupancy the batch has."""
+def _mix(data: torch.Tensor, model: torch.Tensor, batch: TraceBatch, a: float) -> torch.Tensor:
+    """E_mix = a E_data + (1-a) E_model from the two expectations; falls back to whichever occupancy
+    the batch has (e.g. data only during the BC warmup)."""
     if batch.has_data and batch.has_model:
-        return a * _expect(per_seq, is_data, seq_w) + (1 - a) * _expect(per_seq, ~is_data, seq_w)
-    return _expect(per_seq, is_data if batch.has_data else ~is_data, seq_w)
+        return a * data + (1 - a) * model
+    return data if batch.has_data else model
 
 
 def sequence_match_loss(
@@ -137,30 +191,39 @@ def sequence_match_loss(
     `check_finite=False` leaves the (synchronising) non-finite check to the caller.
     """
     tr = transitions(logits, batch, p)
-    is_data = batch.from_data.to(logits.device)
-    sw = batch.seq_weight.to(logits.device, torch.float32)
-    data_act = tr["valid"] & is_data[:, None]
-    if p.mask_noise_actions:
-        data_act = data_act & ~batch.is_noise.to(logits.device)
-    wd = tr["w"] * data_act.float()
-    r, w = tr["r"], tr["w"]
-    phi_w = phi_prime(r, p.divergence, p.weight_clip)
-    data_term = -_expect((wd * phi_w * r).sum(1), is_data, sw)
-    value_per_seq = (w * (tr["v"] - p.gamma * tr["v_next"])).sum(1)
-    if p.divergence == "mle":
-        value_term = _expect((wd * (tr["v"] - p.gamma * tr["v_next"])).sum(1), is_data, sw)
-        chi2_term = torch.zeros((), device=logits.device)
-    else:
-        value_term = _mix(value_per_seq, batch, is_data, sw, p.data_mix)
-        r2 = (w * r.pow(2)).sum(1)
-        if p.divergence == "chi2_mixture":
-            chi2_term = p.chi2_weight * _mix(r2, batch, is_data, sw, p.data_mix)
-        elif p.divergence == "chi2":
-            chi2_term = p.chi2_weight * _expect(r2, is_data, sw)
-        else:
-            chi2_term = torch.zeros((), device=logits.device)
+    spec = DIVERGENCE_SPECS[p.divergence]
+    dev = logits.device
+    is_data = batch.from_data.to(dev)[:, None]  # [B, 1]
+    sw = batch.seq_weight.to(dev, torch.float32)
+    w = tr["w"]  # gamma^t on valid steps, [B, T]
+    masked = batch.is_noise.to(dev) & is_data if p.mask_noise_actions else torch.zeros_like(is_data)
+    w_data = w * is_data.float()  # every step of a data row
+    w_imit = w_data * (~masked).float()  # data steps whose action is imitated
+    w_model = w * (~is_data).float()
+    r = tr["r"]
+    dv = tr["v"] - p.gamma * tr["v_next"]  # V(s_t) - gamma V(s_{t+1}), the telescoping difference
+    # data term: phi'(r) r on imitated steps, r~ = dv on masked noise steps (module docstring)
+    phi_r = w_imit * phi_prime(r, p.divergence, p.weight_clip) * r + (w_data - w_imit) * dv
+    data_term = -_expect(phi_r.sum(1), is_data[:, 0], sw)
+    r2_data = _expect((w_imit * r.pow(2)).sum(1), is_data[:, 0], sw)
+    r2_model = _expect((w_model * r.pow(2)).sum(1), ~is_data[:, 0], sw)
+    value_data = _expect((w_data * dv).sum(1), is_data[:, 0], sw)
+    value_model = _expect((w_model * dv).sum(1), ~is_data[:, 0], sw)
+    zero = torch.zeros((), device=dev)
+    chi2_term = {
+        "mix": p.chi2_weight * _mix(r2_data, r2_model, batch, p.data_mix),
+        "data": p.chi2_weight * r2_data,
+        None: zero,
+    }[spec.chi2]
+    value_term = value_data if spec.value == "data" else _mix(value_data, value_model, batch, p.data_mix)
     loss = data_term + chi2_term + value_term
-    metrics = _metrics(loss, data_term, chi2_term, value_term, tr, is_data)
+    metrics = _metrics(loss, data_term, chi2_term, value_term, tr, is_data[:, 0])
+    metrics |= {  # each term's size on each kind of row, before mixing (issue: what rollouts contribute)
+        "loss/chi2_data": (p.chi2_weight * r2_data).detach(),
+        "loss/chi2_model": (p.chi2_weight * r2_model).detach(),
+        "loss/value_data": value_data.detach(),
+        "loss/value_model": value_model.detach(),
+    }
     if check_finite:
         raise_if_not_finite(loss, logits, metrics)
     return loss, metrics

@@ -62,14 +62,13 @@ def reference_loss(logits: torch.Tensor, traces, p: ObjectiveParams) -> torch.Te
             terminal_next = tr.terminal and t == tr.num_actions - 1
             v_next = 0.0 if terminal_next else V_s[t + 1]
             r = q - p.gamma * v_next
-            imitate = tr.from_data and not (p.mask_noise_actions and bool(tr.is_noise[t]))
-            if imitate:
+            masked = tr.from_data and p.mask_noise_actions and bool(tr.is_noise[t])
+            if tr.from_data and not masked:
                 d_term = d_term - g * _phi_prime(r.item(), p.divergence, p.weight_clip) * r
-            if p.divergence == "mle":
-                if imitate:
-                    value = value + g * (V_s[t] - p.gamma * v_next)
-            else:
-                value = value + g * (V_s[t] - p.gamma * v_next)
+            if masked:  # a noise step: the telescoping difference, never the noise action's reward
+                d_term = d_term - g * (V_s[t] - p.gamma * v_next)
+            value = value + g * (V_s[t] - p.gamma * v_next)
+            if not masked:
                 r2 = r2 + g * r * r
         sums["data" if tr.from_data else "model"].append((d_term, r2, value))
 

@@ -81,16 +81,56 @@ def _noisy_problem():
     return make_problem(data_cond, max_len=2, p_noise=0.3)
 
 
-@pytest.mark.parametrize("div,c", [("mle", 0.0), ("chi2_mixture", 1e-3)])
-def test_backspace_after_noise(div, c):
-    prob = _noisy_problem()
+@pytest.fixture(scope="module")
+def noisy_problem():
+    return _noisy_problem()
+
+
+@pytest.mark.parametrize(
+    "div,c,tv_max",
+    [
+        ("mle", 0.0, 0.02),
+        ("chi2_mixture", 1e-3, 0.02),
+        ("chi2", 1e-3, 0.02),
+        ("kl", 0.0, None),  # biased optima (see test_other_divergences_converge_and_report): TV reported
+        ("js", 0.0, None),
+        ("hellinger", 0.0, None),
+    ],
+)
+def test_masked_noise_settles_and_never_imitates_noise(noisy_problem, div, c, tv_max):
+    """Noise steps masked out of imitation must leave the loss bounded (DESIGN §2, objective docstring).
+
+    Dropping a masked step from the data term while the value term keeps it leaves
+    sum gamma^t (V(s_t) - gamma V(s_t+1)) over noise steps unopposed: the loss then falls without
+    bound and the policy learns to write the noise token B at the start (pi = 0.12, loss -21 after 800
+    steps, logits ~38). With the telescoping r~ the loss settles, the clean conditionals are recovered
+    and the noise is deleted, never written.
+    """
     p = ObjectiveParams(bkspc_id=BK, divergence=div, gamma=GAMMA, chi2_weight=c, mask_noise_actions=True)
-    solver, losses, tv0 = solve(prob, p, 800, max_actions=6)
+    solver, losses, tv0 = solve(noisy_problem, p, 800, max_actions=6)
     pi = solver.policy()
+    pi_b_start, pi_bk = float(pi[solver.sid[()], B]), float(pi[solver.sid[(B,)], BK])
+    max_logit = float(solver.table.detach().abs().max())
     print(
-        f"\n{div} c={c}: TV {tv0:.3f} -> {solver.max_tv():.4f}; pi(<bkspc>|B) = {float(pi[solver.sid[(B,)], BK]):.4f}"
+        f"\n{div} c={c}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, TV {tv0:.3f} -> {solver.max_tv():.4f}, "
+        f"pi(B|start) {pi_b_start:.4f}, pi(<bkspc>|B) {pi_bk:.4f}, max |logit| {max_logit:.1f}"
     )
-    assert float(pi[solver.sid[(B,)], BK]) > 0.95  # after the noise token B, the policy deletes it
-    if div == "mle":  # masked BC never imitates the noise token itself
-        assert float(pi[solver.sid[()], B]) < 0.05
-        assert solver.max_tv() <= 0.02
+    assert _settled(losses, tol=1e-2), (
+        f"{div}: loss still moving, last 50 span {max(losses[-50:]) - min(losses[-50:])}"
+    )
+    assert losses[-1] > 0, f"{div}: loss {losses[-1]} went negative (unbounded objective)"
+    assert max_logit < 20, f"{div}: logits diverge (max |logit| {max_logit})"
+    assert pi_b_start < 0.01, f"{div}: the policy writes the noise token B at the start ({pi_b_start})"
+    assert pi_bk > 0.95, f"{div}: after the noise token B the policy should delete it ({pi_bk})"
+    if tv_max is not None:
+        assert solver.max_tv() <= tv_max, f"{div}: TV at clean states {solver.max_tv():.4f} > {tv_max}"
+
+
+def test_unmasked_noise_is_imitated(noisy_problem):
+    """The switch does what it says: without the mask, BC imitates the noise token at its data rate."""
+    p = ObjectiveParams(bkspc_id=BK, divergence="mle", gamma=GAMMA, mask_noise_actions=False)
+    solver, losses, _ = solve(noisy_problem, p, 800, max_actions=6)
+    pi = solver.policy()
+    assert _settled(losses)
+    assert float(pi[solver.sid[()], B]) > 0.1  # noise B is written at the start about p/(1+p) of the time
+    assert solver.max_tv() <= 0.02  # the data conditionals now include the noise actions
