@@ -87,7 +87,13 @@ def _eval(args) -> int:
         summary = evaluate(
             args.model,
             args.data,
-            backspace=args.backspace == "on",
+            decoding=args.decoding,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            samples=args.samples,
+            seed=args.seed,
+            force_error=args.force_error,
+            backspace=None if args.backspace is None else args.backspace == "on",
             limit=args.limit,
             prompt_field=args.prompt_field,
             answer_field=args.answer_field,
@@ -161,6 +167,53 @@ def _bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.args], cwd=root.parent)
 
 
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="evaluation (exact match) of a model on a jsonl of prompt/answer",
+        description="Backspace-aware generation with vLLM on every prompt, exact match against the "
+        "answer. Decodings: search (default; temperature 0, a token deleted at a state is never "
+        "chosen again there), greedy (temperature 0; loops after a <bkspc>, for comparison), "
+        "greedy_no_bkspc (temperature 0, <bkspc> forbidden: the control), sample (--temperature, "
+        "--top-p, --samples K per question, --seed). JSON: accuracy (over all samples), pass_at_k, "
+        "malformed_rate, bkspc_cap_hits, backspace statistics, per-base accuracy.",
+    )
+    ev.add_argument("--model", required=True, help="HF model folder (with <bkspc>)")
+    ev.add_argument("--data", required=True, help="jsonl with prompt/answer fields")
+    ev.add_argument("--out", help="write the results (metrics + per-example) as JSON here")
+    ev.add_argument(
+        "--decoding",
+        choices=("search", "greedy", "greedy_no_bkspc", "sample"),
+        default=None,
+        help="decoding mode (default search)",
+    )
+    ev.add_argument("--temperature", type=float, help="sample only (default 1.0)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="sample only (default 1.0)")
+    ev.add_argument(
+        "--samples", type=int, default=1, help="samples per question, K of pass_at_k (sample only if > 1)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="sampling and --force-error seed (default 0)")
+    ev.add_argument(
+        "--force-error",
+        action="store_true",
+        help="recovery measure: start each answer with a correct prefix then one wrong answer token",
+    )
+    ev.add_argument(
+        "--backspace",
+        choices=("on", "off"),
+        default=None,
+        help="legacy alias: on = --decoding search, off = --decoding greedy_no_bkspc",
+    )
+    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    ev.add_argument("--prompt-field", default="prompt")
+    ev.add_argument("--answer-field", default="answer")
+    ev.add_argument("--on-bad", choices=("error", "skip"), default="error", help="bad data rows")
+    ev.add_argument("--max-actions", type=int, default=64)
+    ev.add_argument("--max-backspaces", type=int, default=16)
+    ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
+    ev.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,19 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_config)
 
-    ev = sub.add_parser("eval", help="greedy evaluation (exact match) of a model on a jsonl of prompt/answer")
-    ev.add_argument("--model", required=True, help="HF model folder (with <bkspc>)")
-    ev.add_argument("--data", required=True, help="jsonl with prompt/answer fields")
-    ev.add_argument("--out", help="write the results (metrics + per-example) as JSON here")
-    ev.add_argument("--backspace", choices=("on", "off"), default="on", help="allow <bkspc> (default on)")
-    ev.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    ev.add_argument("--prompt-field", default="prompt")
-    ev.add_argument("--answer-field", default="answer")
-    ev.add_argument("--on-bad", choices=("error", "skip"), default="error", help="bad data rows")
-    ev.add_argument("--max-actions", type=int, default=64)
-    ev.add_argument("--max-backspaces", type=int, default=16)
-    ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
-    ev.set_defaults(func=_eval)
+    _add_eval_parser(sub)
 
     tm = sub.add_parser(
         "text-metrics", help="distinct-n, repetition, n-gram entropy and perplexity of texts under a model"

@@ -1,4 +1,4 @@
-"""Evaluation: greedy generation with the backspace engine, scored by exact match (`sm-dist eval`)."""
+"""Evaluation: backspace-aware generation (search, greedy, sampling), scored by exact match (`sm-dist eval`)."""
 
 from sm_dist.eval.arith_eval import (
     ExampleResult,

@@ -1,14 +1,25 @@
-"""Evaluate a model on (prompt, answer) jsonl data with greedy backspace-aware generation.
+"""Evaluate a model on (prompt, answer) jsonl data with backspace-aware generation.
 
 Prompts are tokenised exactly as the data pipeline does (`encode_examples`: no special tokens, no
-bos); rollouts are greedy (temperature 0) through `BackspaceEngine`, with `<bkspc>` allowed
-(backspace on) or forbidden (off). The prediction is the collapsed continuation (`final_ids`) without
-eos, decoded with special tokens skipped, compared with the answer by exact match after strip().
+bos); rollouts go through `BackspaceEngine` with one of the decodings of `sm_dist.eval.decoding`:
+`search` (default: temperature 0, a token deleted at a state is never re-chosen there), `greedy`
+(temperature 0, loops after a <bkspc>), `greedy_no_bkspc` (the control) or `sample` (temperature,
+top-p, K samples per question, reproducible under a seed). The prediction is the collapsed
+continuation (`final_ids`) without eos, decoded with special tokens skipped, compared with the answer
+by exact match after strip().
 
-Metrics (see `summarize`):
-* accuracy: mean per-example exact-match correctness.
+Recovery measure (`force_error`): every rollout starts with a forced prefix `answer[:i] + [w]`, a
+correct start then one wrong token (`forced_error_prefixes`); only a model that deletes w can still
+be right. The prefix is part of the action trace, so deleting w counts as a bkspc fix.
+
+Metrics (see `summarize`), over all samples of all questions unless said otherwise:
+* accuracy: mean exact-match correctness over samples (per-question accuracy when K = 1).
+* pass_at_k (with k, the samples per question): fraction of questions with at least one correct
+  sample; questions: their number (n counts samples).
 * malformed_rate: among prompts that parse as add_or_sub_in_base questions, the fraction of
   predictions that are not a valid numeral in the question's base; None if no prompt parses.
+* bkspc_cap_hits: samples truncated by a cap (finish_reason "action_cap" for max_backspaces,
+  "length" for max_actions), e.g. a greedy write/delete loop.
 * bkspc_rate: total <bkspc> actions / total actions.
 * answers_using_bkspc: fraction of examples whose action trace has at least one <bkspc>.
 * bkspc_fixes: number of <bkspc> actions that deleted a *wrong* token. Replaying the trace on a stack
@@ -41,6 +52,9 @@ class ExampleResult:
     num_backspaces: int
     bkspc_fixes: int
     finish_reason: str
+    question_index: int | None = None  # samples of one question share it; None = its own question
+    sample_index: int = 0
+    forced_prefix: str = ""  # decoded forced prefix (force_error), "" if none
 
 
 def count_bkspc_fixes(action_ids: Sequence[int], bkspc_id: int, ref_ids: Sequence[int]) -> int:
@@ -105,12 +119,19 @@ def summarize(results: Sequence[ExampleResult], skipped: int = 0) -> dict:
         rs = [r for r in arith if r.base == b]
         per_base[str(b)] = {"n": len(rs), "accuracy": _mean(r.correct for r in rs)}
     finish: dict[str, int] = {}
-    for r in results:
+    questions: dict[object, list[bool]] = {}  # question key -> correctness of its samples
+    for j, r in enumerate(results):
         finish[r.finish_reason] = finish.get(r.finish_reason, 0) + 1
+        key = ("own", j) if r.question_index is None else r.question_index
+        questions.setdefault(key, []).append(r.correct)
     return {
         "n": len(results),
+        "questions": len(questions),
         "accuracy": _mean(float(r.correct) for r in results),
+        "pass_at_k": _mean(float(any(c)) for c in questions.values()),
+        "k": max((len(c) for c in questions.values()), default=0),
         "malformed_rate": _mean(float(r.malformed) for r in arith) if arith else None,
+        "bkspc_cap_hits": sum(r.finish_reason in ("action_cap", "length") for r in results),
         "bkspc_rate": sum(r.num_backspaces for r in results) / total_actions if total_actions else 0.0,
         "answers_using_bkspc": _mean(float(r.num_backspaces > 0) for r in results),
         "bkspc_fixes": sum(r.bkspc_fixes for r in results),
@@ -150,7 +171,13 @@ def format_table(summary: dict) -> str:
 def evaluate(
     model_dir: str | Path,
     data: str | Path,
-    backspace: bool = True,
+    decoding: str | None = None,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+    force_error: bool = False,
+    backspace: bool | None = None,
     limit: int | None = None,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
@@ -161,52 +188,79 @@ def evaluate(
     engine=None,
     progress: bool = True,
 ) -> dict:
-    """Run the evaluation; returns `summarize(...)` plus "examples" (per-example results as dicts).
-
-    Data is loaded (and bad rows raise or are skipped per `on_bad`) before any engine is built.
-    `engine`: an existing `BackspaceEngine` on `model_dir` to reuse (one vLLM engine per process).
+    """Run the evaluation; returns `summarize(...)` plus the decoding, its parameters and "examples"
+    (per-sample results as dicts, ordered by (question, sample)).
+    `decoding`: see `sm_dist.eval.decoding` (default "search"); `backspace` is its legacy alias (on =
+    search, off = greedy_no_bkspc). `force_error`: the recovery measure (module docstring).
+    Flags, then data (bad rows raise or are skipped per `on_bad`) are checked before any engine is
+    built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
     """
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from sm_dist.core.vocab import get_bkspc_id
     from sm_dist.data.datasets import load_examples
-    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
 
+    decoding = resolve_decoding(decoding, backspace)
+    params = decoding_params(decoding, temperature, top_p, samples, seed, max_actions, max_backspaces)
     examples, report = load_examples(
         data, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad, limit=limit
     )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    bkspc_id = get_bkspc_id(tok)
-    eos_id = int(tok.eos_token_id)
+    prompt_ids, answer_ids = _encode(tok, examples)
+    prefixes = forced_error_prefixes(answer_ids, seed) if force_error else None
     if engine is None:
         from sm_dist.rollout.engine import BackspaceEngine
 
         engine = BackspaceEngine(model_dir, worker_extension_cls=None)
-    params = RolloutParams(
-        temperature=0.0,
-        max_actions=max_actions,
-        max_backspaces=max_backspaces,
-        forbid_bkspc=not backspace,
-        logprobs=False,
+    results = _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress)
+    summary = summarize(results, skipped=sum(report.skipped.values()))
+    summary.update(
+        skipped_by_reason=dict(report.skipped),
+        decoding=decoding,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        samples=params.samples_per_prompt,
+        seed=seed,
+        forced_error=force_error,
+        backspace="off" if params.forbid_bkspc else "on",
+        model=str(model_dir),
+        data=str(data),
+        examples=[asdict(r) for r in results],
     )
-    # Same tokenisation as sm_dist.data.datasets.encode_examples: no special tokens (no bos).
+    return summary
+
+
+def _encode(tok, examples) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and answer ids, tokenised as `sm_dist.data.datasets.encode_examples` does (no special
+    tokens, no bos; the answer without eos)."""
     prompt_ids = [tok.encode(ex.prompt, add_special_tokens=False) for ex in examples]
+    answer_ids = [tok.encode(ex.answer, add_special_tokens=False) for ex in examples]
+    return prompt_ids, answer_ids
+
+
+def _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress):
+    """Generate in batches of `batch_size` questions and score every sample."""
+    from tqdm import tqdm
+
+    from sm_dist.core.vocab import get_bkspc_id
+
+    bkspc_id, eos_id = get_bkspc_id(tok), int(tok.eos_token_id)
     results: list[ExampleResult] = []
-    starts = range(0, len(examples), batch_size)
-    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress):
-        rollouts = engine.generate(prompt_ids[s : s + batch_size], params)
-        for ex, ro in zip(examples[s : s + batch_size], rollouts, strict=True):
+    for s in tqdm(range(0, len(examples), batch_size), desc="eval", unit="batch", disable=not progress):
+        batch = slice(s, s + batch_size)
+        # index_offset: request seeds depend on the question index, not on the batch split
+        rollouts = engine.generate(
+            prompt_ids[batch], params, None if prefixes is None else prefixes[batch], index_offset=s
+        )
+        for ro in rollouts:
+            q = s + ro.prompt_index
+            ex = examples[q]
             final = [t for t in ro.final_ids if t != eos_id]
             pred = tok.decode(final, skip_special_tokens=True)
-            ref = [*tok.encode(ex.answer, add_special_tokens=False), eos_id]
-            results.append(
-                score_example(ex.prompt, ex.answer, pred, ro.action_ids, bkspc_id, ref, ro.finish_reason)
-            )
-    summary = summarize(results, skipped=sum(report.skipped.values()))
-    summary["skipped_by_reason"] = dict(report.skipped)
-    summary["backspace"] = "on" if backspace else "off"
-    summary["model"] = str(model_dir)
-    summary["data"] = str(data)
-    summary["examples"] = [asdict(r) for r in results]
-    return summary
+            ref = [*answer_ids[q], eos_id]
+            r = score_example(ex.prompt, ex.answer, pred, ro.action_ids, bkspc_id, ref, ro.finish_reason)
+            r.question_index, r.sample_index = q, ro.sample_index
+            if prefixes is not None:
+                r.forced_prefix = tok.decode(prefixes[q], skip_special_tokens=True)
+            results.append(r)
+    return results

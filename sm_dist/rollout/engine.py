@@ -18,6 +18,25 @@ Rules, per rollout:
 * at most `max_backspaces` backspaces: the trace keeps exactly that many; if the policy samples one
   more, that sample is discarded and the rollout ends with finish_reason "action_cap" (truncated,
   not terminal, like "length"). Every recorded action is therefore an unaltered policy sample.
+  `Rollout.hit_cap` is true for both caps.
+
+Search (`RolloutParams.no_repeat_deleted`, DESIGN §2 "Decoding a backspace model"): after a
+`<bkspc>` the state equals the one before the deleted token, so greedy decoding would rewrite the
+token and loop to the cap. In search mode each rollout keeps `state -> tokens deleted there` (state =
+the continuation as a tuple) and a token deleted at a state is never chosen again at that state.
+It suffices to ban that set at step 0 of each *resubmitted* request, through `BkspcLogitsProcessor`:
+within one request the continuation only grows (a request ends at its first `<bkspc>`), so a state is
+visited either at step 0 of a request that follows a `<bkspc>`, or by writing a token t from its
+parent P. In the second case the state cannot already have a deletion history: it would have been
+left downwards since, i.e. t was deleted at P, and P (shorter) would by the same argument have been
+re-entered only through a `<bkspc>`, at whose step 0 t is banned (induction on the state length;
+the prompt has no parent). `<eos>` is never banned (it ends the rollout, so it is never deleted).
+
+Forced prefixes (`generate(..., prefixes=...)`): `prefixes[i]` are continuation tokens written as
+the first actions of every rollout of prompt i, before any sampling (e.g. a wrong digit, to measure
+recovery). They are actions, not prompt: recorded in `action_ids`, counted in `max_actions`,
+deletable by `<bkspc>`. Their behaviour log-prob is recorded as 0.0: like a forced `<bkspc>`, they
+come from a point mass, not from the policy.
 
 Behaviour log-probs (`Rollout.logprobs`): the engine runs vLLM with
 `logprobs_mode="processed_logprobs"`, so each value is the log-prob of the sampled action under the
@@ -59,6 +78,9 @@ class RolloutParams:
     # (prompt boundary) and subject to max_backspaces like a sampled one.
     force_bkspc_at: tuple[int, ...] = ()
     force_bkspc_rate: float = 0.0
+    # Backspace as search (module docstring): never choose again a token already deleted at the same
+    # state. Makes temperature 0 decoding of a backspace model terminate instead of looping.
+    no_repeat_deleted: bool = False
 
     def __post_init__(self):
         if self.max_actions < 1 or self.max_backspaces < 0 or self.samples_per_prompt < 1:
@@ -88,13 +110,20 @@ class Rollout:
     prompt_index: int = 0  # index into the `prompts` given to generate
     sample_index: int = 0  # 0..samples_per_prompt-1
 
+    @property
+    def hit_cap(self) -> bool:
+        """Truncated by a cap: `max_backspaces` ("action_cap") or `max_actions`/model length ("length")."""
+        return self.finish_reason in ("action_cap", "length")
+
 
 class BkspcLogitsProcessor(LogitsProcessor):
     """vLLM v1 batch logits processor for `<bkspc>` (per-request spec in `extra_args["sm_bkspc"]`).
 
     Spec keys: `id` (the <bkspc> id), `boundary` (the request starts with an empty continuation:
     mask <bkspc> at its step 0), `forbid` (mask it at every step), `force` (request-relative steps
-    at which only <bkspc> is allowed). Requests without the key are untouched.
+    at which only <bkspc> is allowed), `ban0` (token ids masked at step 0 only: the tokens already
+    deleted at the request's start state, for `no_repeat_deleted`). Requests without the key are
+    untouched.
     """
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
@@ -116,6 +145,8 @@ class BkspcLogitsProcessor(LogitsProcessor):
         # logits: [num_reqs, vocab] float32
         for i, (spec, out) in self.reqs.items():
             bid, step = spec["id"], len(out)
+            if step == 0 and spec.get("ban0"):
+                logits[i, spec["ban0"]] = float("-inf")
             if spec.get("forbid") or (step == 0 and spec.get("boundary")):
                 logits[i, bid] = float("-inf")
             elif step in spec.get("force", ()):
@@ -132,12 +163,15 @@ class _Live:
     prompt_index: int
     sample_index: int
     forced: frozenset[int]  # absolute action indices at which <bkspc> is forced
+    seed_index: int  # prompt index used to derive request seeds (prompt_index + index_offset)
     actions: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     stack: list[int] = field(default_factory=list)  # generated tokens still present (no prompt)
     n_bkspc: int = 0
     n_requests: int = 0
     finish: str | None = None
+    # no_repeat_deleted: continuation state -> token ids deleted at that state
+    deleted: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
 
 
 class BackspaceEngine:
@@ -197,19 +231,31 @@ class BackspaceEngine:
         return self._version
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[Sequence[int]], params: RolloutParams) -> list[Rollout]:
-        """Sample `samples_per_prompt` rollouts per prompt; results ordered by (prompt, sample)."""
-        live = [
-            _Live(list(map(int, p)), pi, si, self._forced_steps(params, pi, si))
-            for pi, p in enumerate(prompts)
-            for si in range(params.samples_per_prompt)
-        ]
-        for r in live:
-            if not r.prompt or len(r.prompt) >= self.max_model_len:
-                raise ValueError(
-                    f"prompt {r.prompt_index} has {len(r.prompt)} tokens; need 1..{self.max_model_len - 1} "
-                    f"(max_model_len={self.max_model_len})"
-                )
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: RolloutParams,
+        prefixes: Sequence[Sequence[int]] | None = None,
+        index_offset: int = 0,
+    ) -> list[Rollout]:
+        """Sample `samples_per_prompt` rollouts per prompt; results ordered by (prompt, sample).
+
+        `prefixes[i]`: continuation tokens forced as the first actions of every rollout of prompt i
+        (module docstring). `index_offset` is added to the prompt index when deriving request seeds,
+        so a caller that splits a prompt list into batches gets the samples of one big call.
+        """
+        if prefixes is not None and len(prefixes) != len(prompts):
+            raise ValueError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; give one per prompt")
+        live = []
+        for pi, p in enumerate(prompts):
+            prefix = [int(t) for t in prefixes[pi]] if prefixes is not None else []
+            self._check_prompt(pi, list(map(int, p)), prefix, params)
+            for si in range(params.samples_per_prompt):
+                forced = self._forced_steps(params, pi + index_offset, si)
+                r = _Live(list(map(int, p)), pi, si, forced, pi + index_offset)
+                r.actions, r.stack = list(prefix), list(prefix)
+                r.logprobs = [0.0] * len(prefix) if params.logprobs else []
+                live.append(r)
         engine = self.llm.llm_engine
         pending: dict[str, int] = {}  # request id -> index into live
         for idx, r in enumerate(live):
@@ -224,6 +270,24 @@ class BackspaceEngine:
                 if r.finish is None:
                     self._submit(engine, pending, idx, r, params)
         return [self._to_rollout(r) for r in live]
+
+    def _check_prompt(self, pi: int, prompt: list[int], prefix: list[int], params: RolloutParams) -> None:
+        n = len(prompt) + len(prefix)
+        if not prompt or n >= self.max_model_len:
+            raise ValueError(
+                f"prompt {pi} has {len(prompt)} tokens (+{len(prefix)} forced prefix); need 1.."
+                f"{self.max_model_len - 1} in all (max_model_len={self.max_model_len})"
+            )
+        if self.bkspc_id in prefix or self.eos_id in prefix:
+            raise ValueError(
+                f"prefix {pi}={prefix} contains <bkspc> ({self.bkspc_id}) or <eos> ({self.eos_id}); "
+                "a forced prefix must be plain continuation tokens"
+            )
+        if len(prefix) >= params.max_actions:
+            raise ValueError(
+                f"prefix {pi} has {len(prefix)} tokens but max_actions={params.max_actions} leaves no "
+                "room to generate; raise max_actions or shorten the prefix"
+            )
 
     def _forced_steps(self, params: RolloutParams, pi: int, si: int) -> frozenset[int]:
         forced = set(params.force_bkspc_at)
@@ -250,10 +314,13 @@ class BackspaceEngine:
             force = [k - n0 for k in r.forced if n0 <= k < n0 + budget]
             if force:
                 spec["force"] = force
+            ban = r.deleted.get(tuple(r.stack), set()) - {self.eos_id}
+            if params.no_repeat_deleted and ban:
+                spec["ban0"] = sorted(ban)  # why step 0 suffices: module docstring "Search"
         sp = SamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,
-            seed=(hash((params.seed, r.prompt_index, r.sample_index, r.n_requests)) & 0x7FFFFFFF),
+            seed=(hash((params.seed, r.seed_index, r.sample_index, r.n_requests)) & 0x7FFFFFFF),
             max_tokens=budget,
             stop_token_ids=[] if params.forbid_bkspc else [self.bkspc_id],
             logprobs=0 if params.logprobs else None,
@@ -278,7 +345,9 @@ class BackspaceEngine:
                     return
                 if not r.stack:  # the boundary mask makes this impossible; fail loudly if it isn't
                     raise RuntimeError(f"<bkspc> sampled at the prompt boundary (rollout {r.prompt_index})")
-                r.stack.pop()
+                deleted = r.stack.pop()
+                if params.no_repeat_deleted:
+                    r.deleted.setdefault(tuple(r.stack), set()).add(deleted)
                 r.n_bkspc += 1
             else:
                 r.stack.append(int(t))

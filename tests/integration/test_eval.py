@@ -46,6 +46,61 @@ def test_metric_functions_on_hand_made_traces():
     assert s["max_answer_chars"] == 2
     assert s["per_base"] == {"7": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
     assert summarize([other])["malformed_rate"] is None
+    assert s["questions"] == 4 and s["pass_at_k"] == 0.5 and s["k"] == 1  # no question_index: 1 each
+    assert s["bkspc_cap_hits"] == 1  # `bad` finished on "length"
+
+
+def test_summarize_pass_at_k_and_cap_hits():
+    """Samples grouped by question_index: accuracy over samples, pass@k over questions."""
+    from dataclasses import replace
+
+    p = "In base 7, what is 25 + -3?"
+    right = score_example(p, "22", "22", [2, 2, EOS], BK, [2, 2, EOS])
+    wrong = score_example(p, "22", "21", [2, 1, EOS], BK, [2, 2, EOS])
+    results = [  # question 0: 1 of 3 right; question 1: none; question 2: all
+        replace(right, question_index=0, sample_index=0),
+        replace(wrong, question_index=0, sample_index=1, finish_reason="action_cap"),
+        replace(wrong, question_index=0, sample_index=2),
+        replace(wrong, question_index=1, sample_index=0, finish_reason="length"),
+        replace(wrong, question_index=1, sample_index=1, finish_reason="length"),
+        replace(wrong, question_index=1, sample_index=2),
+        *(replace(right, question_index=2, sample_index=i) for i in range(3)),
+    ]
+    s = summarize(results)
+    assert s["n"] == 9 and s["questions"] == 3 and s["k"] == 3
+    assert s["accuracy"] == pytest.approx(4 / 9) and s["pass_at_k"] == pytest.approx(2 / 3)
+    assert s["bkspc_cap_hits"] == 3 and s["finish_reasons"] == {"eos": 6, "action_cap": 1, "length": 2}
+
+
+def test_forced_error_prefixes_and_decoding_flags():
+    from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
+
+    answers = [[1, 2, 3], [4], [2, 2]]
+    pre = forced_error_prefixes(answers, seed=0)
+    assert pre == forced_error_prefixes(answers, seed=0) and pre != forced_error_prefixes(answers, seed=1)
+    for ans, p in zip(answers, pre, strict=True):
+        i = len(p) - 1
+        assert p[:i] == ans[:i] and p[i] != ans[i] and p[i] in {1, 2, 3, 4}
+    assert resolve_decoding(None, None) == "search" and resolve_decoding(None, False) == "greedy_no_bkspc"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve_decoding("greedy_no_bkspc", True)
+    sp = decoding_params("search")
+    assert sp.temperature == 0.0 and sp.no_repeat_deleted and not sp.forbid_bkspc
+    sp = decoding_params("sample", samples=4, seed=7)
+    assert (sp.temperature, sp.samples_per_prompt, sp.seed, sp.no_repeat_deleted) == (1.0, 4, 7, False)
+    assert decoding_params("greedy_no_bkspc").forbid_bkspc
+    with pytest.raises(ValueError, match="--temperature 0.5"):
+        decoding_params("greedy", temperature=0.5)
+
+
+def test_cli_rejects_samples_for_deterministic_decoding(capsys):
+    from sm_dist.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "m", "--data", "d.jsonl", "--decoding", "greedy", "--samples", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--samples 3" in err and "--decoding greedy" in err and "--decoding sample" in err
 
 
 @pytest.fixture
@@ -79,16 +134,28 @@ KEYS = {
     "per_base",
     "skipped",
     "examples",
+    "pass_at_k",
+    "k",
+    "questions",
+    "bkspc_cap_hits",
+    "decoding",
+    "temperature",
+    "top_p",
+    "samples",
+    "seed",
+    "forced_error",
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backspace", [True, False])
-def test_evaluate_tiny_model(tiny_model_dir, data_file, engine, backspace):
+@pytest.mark.parametrize("decoding", ["search", "greedy_no_bkspc"])
+def test_evaluate_tiny_model(tiny_model_dir, data_file, engine, decoding):
     from sm_dist.eval.arith_eval import evaluate
 
-    s = evaluate(tiny_model_dir, data_file, backspace=backspace, on_bad="skip", max_actions=16, engine=engine)
-    assert set(s) >= KEYS
+    s = evaluate(tiny_model_dir, data_file, decoding=decoding, on_bad="skip", max_actions=16, engine=engine)
+    backspace = decoding != "greedy_no_bkspc"
+    assert set(s) >= KEYS and s["decoding"] == decoding and s["temperature"] == 0.0
+    assert s["pass_at_k"] == s["accuracy"] and s["k"] == 1 and s["questions"] == 8
     assert s["skipped"] == 1 and s["n"] == 8 and len(s["examples"]) == 8
     assert 0.0 <= s["accuracy"] <= 1.0
     assert s["accuracy"] == pytest.approx(sum(e["correct"] for e in s["examples"]) / 8)
@@ -98,6 +165,32 @@ def test_evaluate_tiny_model(tiny_model_dir, data_file, engine, backspace):
     if not backspace:
         assert s["bkspc_rate"] == 0.0 and s["answers_using_bkspc"] == 0.0 and s["bkspc_fixes"] == 0
     json.dumps(s)
+
+
+@pytest.mark.slow
+def test_sampled_eval_is_reproducible_and_forced_errors_stick(tiny_model_dir, data_file, engine):
+    """One engine, several decodings: same seed -> same samples (whatever the batch split)."""
+    from sm_dist.eval.arith_eval import evaluate
+
+    def run(**kw):
+        s = evaluate(tiny_model_dir, data_file, on_bad="skip", max_actions=12, engine=engine, **kw)
+        return s, [(e["question_index"], e["sample_index"], e["prediction"]) for e in s["examples"]]
+
+    s1, p1 = run(decoding="sample", samples=3, seed=1)
+    _, p1b = run(decoding="sample", samples=3, seed=1, batch_size=3)
+    _, p2 = run(decoding="sample", samples=3, seed=2)
+    assert p1 == p1b and p1 != p2
+    assert (s1["n"], s1["questions"], s1["k"], s1["samples"], s1["temperature"]) == (24, 8, 3, 3, 1.0)
+    assert s1["pass_at_k"] >= s1["accuracy"]
+    assert s1["bkspc_cap_hits"] == sum(e["finish_reason"] in ("action_cap", "length") for e in s1["examples"])
+    # Forced error without <bkspc>: the wrong token stays, every answer is wrong.
+    ctl, _ = run(decoding="greedy_no_bkspc", force_error=True, seed=4)
+    assert ctl["forced_error"] is True and ctl["accuracy"] == 0.0
+    for e in ctl["examples"]:
+        assert e["forced_prefix"] and e["prediction"].startswith(e["forced_prefix"])
+        assert not e["answer"].startswith(e["forced_prefix"])
+    srch, _ = run(decoding="search", force_error=True, seed=4)
+    assert [e["forced_prefix"] for e in srch["examples"]] == [e["forced_prefix"] for e in ctl["examples"]]
 
 
 @pytest.mark.slow
@@ -116,7 +209,7 @@ def test_cli_eval(tiny_model_dir, data_file, tmp_path):
             "--max-actions",
             "8",
             "--backspace",
-            "off",
+            "off",  # the legacy alias of --decoding greedy_no_bkspc
             "--out",
             str(out),
         ],
@@ -128,3 +221,4 @@ def test_cli_eval(tiny_model_dir, data_file, tmp_path):
     assert "| accuracy |" in ok.stdout
     s = json.loads(out.read_text())
     assert s["n"] == 4 and s["skipped"] == 1 and s["backspace"] == "off"
+    assert s["decoding"] == "greedy_no_bkspc" and s["bkspc_rate"] == 0.0

@@ -178,3 +178,80 @@ def test_bkspc_never_at_prompt_boundary_when_sampling(engine, prompts):
     # Same seed, same rollouts: the per-request seeds are derived deterministically.
     again = engine.generate(prompts, params)
     assert [r.action_ids for r in again] == [r.action_ids for r in rollouts]
+
+
+def _writes_at_deleted_states(action_ids, bid):
+    """Replay a trace: (state, token) pairs where a token is written at a state it was deleted at."""
+    stack: list[int] = []
+    deleted: dict[tuple[int, ...], set[int]] = {}
+    repeats = []
+    for a in action_ids:
+        if a == bid:
+            t = stack.pop()
+            deleted.setdefault(tuple(stack), set()).add(t)
+        else:
+            if a in deleted.get(tuple(stack), ()):
+                repeats.append((tuple(stack), a))
+            stack.append(a)
+    return repeats
+
+
+def test_search_does_not_rewrite_deleted_tokens(engine, prompts):
+    """Greedy rewrites the token it just deleted (the loop); search never re-chooses a deleted token."""
+    from sm_dist.rollout.engine import RolloutParams
+
+    bid = engine.bkspc_id
+    forced = (1, 3, 5, 7)  # write, delete, write, delete, ... always at the empty continuation
+    # max_backspaces leaves room for the tiny model's own occasional <bkspc> beyond the forced ones
+    common = dict(temperature=0.0, max_actions=24, max_backspaces=12, force_bkspc_at=forced)
+    greedy = engine.generate(prompts, RolloutParams(**common))
+    search = engine.generate(prompts, RolloutParams(**common, no_repeat_deleted=True))
+    for g, s in zip(greedy, search, strict=True):
+        assert g.action_ids[1:8:2] == s.action_ids[1:8:2] == [bid] * 4, (g.action_ids, s.action_ids)
+        assert len(set(g.action_ids[0:9:2])) == 1  # greedy: the same token after every deletion
+        assert len(set(s.action_ids[0:9:2])) == 5  # search: a new token at each retry
+        assert g.action_ids[0] == s.action_ids[0]  # nothing deleted yet: the same greedy choice
+        assert _writes_at_deleted_states(s.action_ids, bid) == []
+        assert s.finish_reason != "action_cap" and s.num_backspaces >= len(forced)
+    # Sampling with many backspaces at every depth: the rule holds at every state, not only the first.
+    params = RolloutParams(
+        temperature=1.0,
+        max_actions=48,
+        max_backspaces=100,
+        samples_per_prompt=3,
+        seed=5,
+        force_bkspc_rate=0.5,
+        no_repeat_deleted=True,
+    )
+    sampled = engine.generate(prompts, params)
+    assert sum(r.num_backspaces for r in sampled) > 20
+    assert all(_writes_at_deleted_states(r.action_ids, bid) == [] for r in sampled)
+    plain = engine.generate(prompts, RolloutParams(**{**params.__dict__, "no_repeat_deleted": False}))
+    assert any(_writes_at_deleted_states(r.action_ids, bid) for r in plain)  # the rule is what helps
+
+
+def test_forced_prefixes_are_deletable_actions(engine, prompts, tok):
+    """A forced prefix starts the trace, counts as actions and can be deleted by <bkspc>."""
+    from sm_dist.core.traces import collapse
+    from sm_dist.rollout.engine import RolloutParams
+
+    bid = engine.bkspc_id
+    prefixes = [tok.encode(t, add_special_tokens=False) for t in ("12", "a", "101", "4")]
+    params = RolloutParams(
+        temperature=1.0, max_actions=12, samples_per_prompt=2, seed=1, force_bkspc_at=(1, 2, 3)
+    )
+    rollouts = engine.generate(prompts, params, prefixes=prefixes)
+    assert len(rollouts) == 2 * len(prompts)
+    for r in rollouts:
+        pre = prefixes[r.prompt_index]
+        n = len(pre)
+        assert r.action_ids[:n] == pre and r.logprobs[:n] == [0.0] * n
+        assert len(r.action_ids) <= 12 and len(r.logprobs) == len(r.action_ids)
+        # forced <bkspc> at absolute indices >= n delete prefix tokens (index < n lies in the prefix)
+        want = [k for k in (1, 2, 3) if k >= n][:n]
+        assert [r.action_ids[k] for k in want] == [bid] * len(want), (pre, r.action_ids)
+        assert r.prompt_ids + r.final_ids == collapse(r.prompt_ids + r.action_ids, bid, len(r.prompt_ids))
+    with pytest.raises(ValueError, match="plain continuation tokens"):
+        engine.generate(prompts[:1], params, prefixes=[[tok.eos_token_id]])
+    with pytest.raises(ValueError, match="1 prefixes for 2 prompts"):
+        engine.generate(prompts[:2], params, prefixes=[[1]])

@@ -1,0 +1,100 @@
+"""Decoding modes of `sm-dist eval` and the forced-error prefixes of the recovery measure.
+
+DESIGN §2 "Decoding a backspace model": after a `<bkspc>` the state is the one before the deleted
+token, so plain greedy decoding rewrites that token and loops until the backspace cap. Modes:
+
+* `search` (default): temperature 0, `<bkspc>` allowed, a token deleted at a state is never chosen
+  again there (`RolloutParams.no_repeat_deleted`): backspace as search. Deterministic.
+* `greedy`: temperature 0, `<bkspc>` allowed, no rule (kept for comparison: it loops). Deterministic.
+* `greedy_no_bkspc`: temperature 0, `<bkspc>` forbidden: the control. Deterministic.
+* `sample`: `temperature` (default 1.0) and `top_p`, `samples` rollouts per question, reproducible
+  under `seed`.
+
+The old `backspace` switch is an alias: on -> `search`, off -> `greedy_no_bkspc`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+DECODINGS = ("search", "greedy", "greedy_no_bkspc", "sample")
+DETERMINISTIC = ("search", "greedy", "greedy_no_bkspc")
+
+
+def resolve_decoding(decoding: str | None, backspace: bool | None) -> str:
+    """The decoding mode from `decoding` and the legacy `backspace` alias (default `search`)."""
+    alias = None if backspace is None else ("search" if backspace else "greedy_no_bkspc")
+    if decoding is None:
+        return alias or "search"
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
+    if backspace is not None and (decoding == "greedy_no_bkspc") == backspace:
+        raise ValueError(
+            f"--backspace {'on' if backspace else 'off'} contradicts --decoding {decoding}; "
+            "drop --backspace (it is an alias: on = search, off = greedy_no_bkspc)"
+        )
+    return decoding
+
+
+def decoding_params(
+    decoding: str,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+    max_actions: int = 64,
+    max_backspaces: int = 16,
+):
+    """`RolloutParams` for one decoding mode; raises ValueError naming the bad flag and the fix."""
+    from sm_dist.rollout.engine import RolloutParams
+
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
+    if samples < 1:
+        raise ValueError(f"--samples {samples} must be >= 1")
+    if decoding in DETERMINISTIC:
+        if samples > 1:
+            raise ValueError(
+                f"--samples {samples} with --decoding {decoding} would repeat one deterministic "
+                "rollout; use --decoding sample for several samples per question, or --samples 1"
+            )
+        if temperature not in (None, 0.0) or top_p != 1.0:
+            raise ValueError(
+                f"--temperature {temperature} / --top-p {top_p} apply to --decoding sample only; "
+                f"--decoding {decoding} is temperature 0: drop them or use --decoding sample"
+            )
+    return RolloutParams(
+        temperature=(1.0 if temperature is None else temperature) if decoding == "sample" else 0.0,
+        top_p=top_p,
+        max_actions=max_actions,
+        max_backspaces=max_backspaces,
+        samples_per_prompt=samples,
+        seed=seed,
+        logprobs=False,
+        forbid_bkspc=decoding == "greedy_no_bkspc",
+        no_repeat_deleted=decoding == "search",
+    )
+
+
+def forced_error_prefixes(answer_ids: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+    """Recovery measure: per answer, `answer[:i] + [w]` with i uniform in [0, len(answer)) and a wrong
+    token w != answer[i] drawn uniformly from the tokens that occur in any answer of the set.
+
+    One `random.Random(seed)` draws (i, w) for each answer in order, so a seed fixes every prefix.
+    """
+    alphabet = sorted({int(t) for ans in answer_ids for t in ans})
+    rng = random.Random(seed)
+    prefixes = []
+    for q, ans in enumerate(answer_ids):
+        if not ans:
+            raise ValueError(f"answer {q} tokenises to nothing; --force-error needs non-empty answers")
+        i = rng.randrange(len(ans))
+        wrong = [t for t in alphabet if t != ans[i]]
+        if not wrong:
+            raise ValueError(
+                f"every answer uses only token {ans[i]}; --force-error needs at least two distinct "
+                "answer tokens to draw a wrong one from"
+            )
+        prefixes.append([int(t) for t in ans[:i]] + [rng.choice(wrong)])
+    return prefixes
