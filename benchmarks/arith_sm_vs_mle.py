@@ -1,19 +1,30 @@
-"""The paper's arithmetic claim, measured here: SequenceMatch vs MLE on add_or_sub_in_base.
+"""The paper's arithmetic claim, measured fairly: SequenceMatch vs MLE on add_or_sub_in_base.
 
-1. Pretrain one tiny Llama with MLE on the shared training split (`--split`, no noise), in-process
-   with the project's Learner.
-2. From that checkpoint, finetune with an equal number of learner steps, `--seeds` seeds each, all
-   through `sm-dist train` (the real pipeline: local Ray, vLLM rollout workers, replay buffer, syncs):
-     mle       MLE on clean data                    (objective.divergence=mle, data.p_noise=0)
-     bc_noise  BC on noise + <bkspc> data           (objective.divergence=mle, data.p_noise=P)
-     sm        SequenceMatch, chi^2-mixture         (noise + <bkspc>, rollouts, BC warmup, lambda)
-3. Evaluate every model with `sm-dist eval` (greedy, <bkspc> allowed) on a held-out set that this
-   script generates with the project's generator, excluding every question of all three shared
-   training splits; it is used for the final numbers only, never for tuning.
-4. Write `docs/results.md` (mean +- std over seeds, the exact commands) and PNG plots.
+    python benchmarks/arith_sm_vs_mle.py --out DIR            # the final comparison, on the test split
+    python benchmarks/arith_sm_vs_mle.py --out DIR --sweep    # the tuning sweep, on the validation split
 
-    python benchmarks/arith_sm_vs_mle.py            # ~30-40 min on 2 cores
-Last line: `sm_minus_mle_accuracy: X` (mean over seeds, held-out exact match).
+1. Splits (`sm_dist.data.arith.generate`, our own generator of DeepMind's task): a validation and a
+   test set of `easy` questions, disjoint from each other and from every question of the shared
+   training files when they exist; finetune data (`--ft-examples` questions) and pretraining data are
+   drawn with other seeds, excluding both held-out sets. `--bases` narrows the task (fewer bases).
+2. A base model that can do the task: a tiny Llama MLE-pretrained in-process (no Ray) on fresh
+   generator data; its accuracy is reported beside the finetunes.
+3. Finetunes from that base through `sm-dist train` (local Ray, vLLM rollout workers, replay buffer,
+   weight syncs). Every variant takes the same expert rows per learner step (`--data-rows`), the same
+   steps and LR schedule; SequenceMatch's rollout rows come in addition (`buffer.fill_with_data=false`):
+     mle       MLE on clean data                     objective.divergence=mle, p_noise=0
+     bc_noise  BC on noise + <bkspc> data            objective.divergence=mle, p_noise=P
+     sm        SequenceMatch (chi^2-mixture)         noise + <bkspc>, rollouts, BC warmup, lambda
+4. Evaluation with one vLLM engine per model: `search` decoding (greedy, a token deleted at a state is
+   never re-chosen there: the recommended decoding of a backspace model), `greedy_no_bkspc` (the
+   control), and the recovery measure (one wrong token forced into the answer prefix, `search`).
+5. `--sweep` tunes on validation only (one seed, one factor at a time, in the issue's ranges) and
+   writes docs/arith_sweep.json; the final run reads its choice from there (or the CHOSEN defaults),
+   runs 3 seeds of each variant plus accuracy against p_noise, evaluates on test once, and writes
+   docs/results.md with plots. Finished runs and evals in DIR are reused by a rerun.
+
+Last line: `sm_minus_mle_accuracy: X` (test accuracy, search decoding, mean over seeds); with
+`--sweep`: `sweep_best_sm_minus_mle_val: X`.
 """
 
 from __future__ import annotations
@@ -21,252 +32,336 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sm_dist.metrics import read_metrics
+from arith_report import _ms, plots, write_report  # noqa: E402  (beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "arith"
-VARIANTS = {
-    "mle": [
-        "objective.divergence=mle",
-        "data.p_noise=0",
-        "buffer.replay_fraction=0",
-        "buffer.wait_for_replay=false",
-    ],
-    "bc_noise": ["objective.divergence=mle", "buffer.replay_fraction=0", "buffer.wait_for_replay=false"],
-    "sm": ["objective.divergence=chi2_mixture"],
+DOCS = ROOT / "docs"
+SWEEP_JSON = DOCS / "arith_sweep.json"
+# The setting the final comparison uses when docs/arith_sweep.json has no choice (see --sweep).
+CHOSEN = {"p_noise": 0.1, "chi2_weight": 1e-3, "sm_lambda": 0.5, "rollouts_per_row": 1, "bc_p_noise": 0.1}
+SWEEP = {
+    "chi2_weight": [1e-3, 1e-2, 0.1, 1.0, 25.0],
+    "p_noise": [0.05, 0.1, 0.2],
+    "sm_lambda": [0.5, 0.9],
+    "rollouts_per_row": [1, 2],
+}
+DECODINGS = {
+    "search": {},
+    "greedy_no_bkspc": {"decoding": "greedy_no_bkspc"},
+    "recovery": {"force_error": True},
 }
 
 
 def sh(cmd: list[str], log: Path) -> None:
     """Run a command, its output to `log`; raise with the log's tail if it fails."""
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print("$", " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"command failed (exit {rc}); last lines of {log}:\n" + log.read_text()[-3000:])
 
 
-def make_heldout(out: Path, n: int, split: str) -> Path:
-    from sm_dist.data.arith import generate
+# ---- data -------------------------------------------------------------------------------------------
 
-    seen = set()
-    for f in SHARED.glob("add_or_sub_in_base.train-*.jsonl"):
-        seen |= {json.loads(line)["prompt"] for line in f.read_text().splitlines() if line.strip()}
-    rows = generate(n, split, seed=20261126, exclude=seen)
-    assert not {r["prompt"] for r in rows} & seen
-    path = out / f"heldout-{split}.jsonl"
+
+def _questions(n: int, seed: int, exclude: set[str], bases: set[int] | None) -> list[dict]:
+    from sm_dist.data.arith import sample_question
+
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        q = sample_question("easy", rng)
+        if q["prompt"] in exclude or (bases and int(q["prompt"].split()[2].rstrip(",")) not in bases):
+            continue
+        exclude.add(q["prompt"])
+        out.append(q)
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"held-out: {n} {split} questions, none among the {len(seen)} training questions", flush=True)
     return path
 
 
-def pretrain(out: Path, train: Path, steps: int, batch: int, lr: float, hidden: int, layers: int) -> Path:
-    """MLE pretraining with the project's Learner (no Ray): returns the checkpoint's model dir."""
-    import random
+def make_splits(out: Path, a) -> dict[str, Path]:
+    """val / test / finetune-train jsonl files (disjoint); pretraining data is drawn later."""
+    paths = {k: out / f"{k}.jsonl" for k in ("val", "test", "ft_train")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    seen: set[str] = set()
+    for f in SHARED.glob("add_or_sub_in_base.train-*.jsonl"):  # the paper's files, where present
+        seen |= {json.loads(line)["prompt"] for line in f.read_text().splitlines() if line.strip()}
+    bases = _bases(a)
+    _write(paths["val"], _questions(a.n_val, 1001, seen, bases))
+    _write(paths["test"], _questions(a.n_test, 1002, seen, bases))
+    _write(paths["ft_train"], _questions(a.ft_examples, 1003, seen, bases))
+    print(f"splits: val {a.n_val}, test {a.n_test}, finetune {a.ft_examples} (bases {a.bases})", flush=True)
+    return paths
 
+
+def _bases(a) -> set[int] | None:
+    return None if a.bases == "all" else {int(b) for b in a.bases.split(",")}
+
+
+# ---- pretraining ------------------------------------------------------------------------------------
+
+
+def pretrain(out: Path, splits: dict[str, Path], a) -> Path:
+    """MLE pretraining with the project's Learner on fresh generator data; returns the model dir."""
     from transformers import AutoTokenizer
 
     from sm_dist.core.tiny import make_tiny_model
     from sm_dist.core.vocab import get_bkspc_id
-    from sm_dist.data.datasets import augment, encode_examples, load_examples, make_data_rows
+    from sm_dist.data.datasets import Example, augment, encode_examples, make_data_rows
     from sm_dist.learner.learner import Learner
 
     model_dir = out / "pretrained"
     if (model_dir / "model" / "config.json").exists():
         return model_dir / "model"
-    base = make_tiny_model(out / "init", hidden_size=hidden, num_layers=layers, num_heads=hidden // 64)
-    tok = AutoTokenizer.from_pretrained(base)
-    ex, _ = load_examples(train)
-    enc, _ = encode_examples(ex, tok, 48, 16, on_overlong="skip")
+    held = {json.loads(x)["prompt"] for k in ("val", "test") for x in splits[k].read_text().splitlines()}
+    qs = _questions(a.pretrain_questions, 7, held, _bases(a))
+    init = make_tiny_model(out / "init", hidden_size=a.hidden, num_layers=a.layers, num_heads=a.hidden // 64)
+    tok = AutoTokenizer.from_pretrained(init)
+    enc, _ = encode_examples([Example(q["prompt"], q["answer"]) for q in qs], tok, 48, 16, on_overlong="skip")
     bk = get_bkspc_id(tok)
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
     learner = Learner(
-        0, 1, "127.0.0.1", 0, str(base), {"lr": lr, "lr_warmup_steps": 50}, {"divergence": "mle"}, steps
-    )
-    rng = random.Random(0)
-    t0, log = time.perf_counter(), []
-    for step in range(steps):
-        m = learner.train_step(rng.sample(rows, batch))
+        0, 1, "127.0.0.1", 0, str(init), {"lr": a.pretrain_lr, "lr_warmup_steps": 100}, {"divergence": "mle"},
+        a.pretrain_steps,
+    )  # fmt: skip
+    rng, t0, log = random.Random(0), time.perf_counter(), []
+    for step in range(a.pretrain_steps):
+        m = learner.train_step(rng.sample(rows, a.pretrain_batch))
         log.append({"step": step + 1, "loss/total": m["loss/total"]})
-        if step % 100 == 0 or step == steps - 1:
-            print(
-                f"pretrain step {step + 1}/{steps} loss {m['loss/total']:.3f} ({time.perf_counter() - t0:.0f}s)",
-                flush=True,
-            )
+        if step % 500 == 0 or step == a.pretrain_steps - 1:
+            s = time.perf_counter() - t0
+            print(f"pretrain {step + 1}/{a.pretrain_steps} loss {m['loss/total']:.3f} ({s:.0f}s)", flush=True)
     learner.save_checkpoint(str(model_dir))
     (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (model_dir / "pretrain.json").write_text(json.dumps({"minutes": (time.perf_counter() - t0) / 60}))
     return model_dir / "model"
 
 
-def finetune(out: Path, base: Path, train: Path, variant: str, seed: int, a) -> Path:
-    run = out / f"{variant}-s{seed}"
-    if (run / "summary.json").exists():
-        return run
+# ---- finetuning -------------------------------------------------------------------------------------
+
+
+def overrides(variant: str, s: dict, a) -> list[str]:
+    """`sm-dist train` overrides of one variant at setting `s` (module docstring, step 3)."""
+    n = a.data_rows
+    if variant == "sm":
+        k = s["rollouts_per_row"]
+        return [
+            "objective.divergence=chi2_mixture", f"data.p_noise={s['p_noise']}",
+            f"objective.chi2_weight={s['chi2_weight']}", f"objective.sm_lambda={s['sm_lambda']}",
+            f"objective.warmup_steps={a.warmup}", f"learner.batch_size={n * (1 + k)}",
+            f"buffer.replay_fraction={k / (1 + k)}", "buffer.fill_with_data=false",
+            f"rollout.batch_size={max(16, n * k // 2)}",
+        ]  # fmt: skip
+    p = 0.0 if variant == "mle" else s["bc_p_noise"]
+    return [
+        "objective.divergence=mle", f"data.p_noise={p}", f"learner.batch_size={n}", "buffer.replay_fraction=0",
+        "buffer.wait_for_replay=false", "rollout.num_workers=1",
+    ]  # fmt: skip
+
+
+def finetune(run: Path, base: Path, train: Path, variant: str, s: dict, seed: int, a) -> Path:
+    """One `sm-dist train` run; returns its final model dir (reused when already there)."""
+    model = run / "checkpoints" / f"step-{a.ft_steps:08d}" / "model"
+    if (run / "summary.json").exists() and model.exists():
+        return model
+    if run.exists():
+        shutil.rmtree(run)  # an unfinished run from an interrupted invocation
     cmd = [sys.executable, "-m", "sm_dist", "train", "configs/tiny-cpu.yaml",
            f"model.dir={base}", "model.make_tiny_if_missing=false", f"data.train_path={train}",
-           f"data.limit={a.ft_examples}", f"data.p_noise={a.p_noise}", f"run.run_dir={run}",
-           f"run.total_steps={a.ft_steps}", f"run.seed={seed}", f"learner.lr={a.ft_lr}",
-           f"objective.chi2_weight={a.chi2_weight}", f"objective.sm_lambda={a.sm_lambda}",
-           f"objective.warmup_steps={a.warmup}", "run.progress=false", f"run.checkpoint_every={a.ft_steps}",
-           *VARIANTS[variant]]  # fmt: skip
-    sh(cmd, out / f"{variant}-s{seed}.log")
-    return run
+           "data.fallback=none", "data.limit=null", f"run.run_dir={run}", f"run.total_steps={a.ft_steps}",
+           f"run.seed={seed}", f"learner.lr={a.ft_lr}", "run.progress=false",
+           f"run.checkpoint_every={a.ft_steps}", *overrides(variant, s, a)]  # fmt: skip
+    sh(cmd, run.parent / f"{run.name}.log")
+    return model
 
 
-def evaluate(out: Path, model: Path, heldout: Path, name: str) -> dict:
-    res = out / f"eval-{name}.json"
-    if not res.exists():
-        sh([sys.executable, "-m", "sm_dist", "eval", "--model", str(model), "--data", str(heldout),
-            "--out", str(res), "--backspace", "on"], out / f"eval-{name}.log")  # fmt: skip
-    return json.loads(res.read_text())
+# ---- evaluation -------------------------------------------------------------------------------------
 
 
-METRICS = ("accuracy", "malformed_rate", "bkspc_rate", "answers_using_bkspc", "bkspc_fixes", "mean_actions")
+def evaluate(model: Path, data: Path, out_json: Path) -> dict:
+    """Every decoding of DECODINGS on one model, one vLLM engine (a subprocess: one engine a process)."""
+    if not out_json.exists():
+        cmd = [sys.executable, __file__, "--eval-model", model, "--eval-data", data, "--eval-out", out_json]
+        sh(cmd, out_json.with_suffix(".log"))
+    return json.loads(out_json.read_text())
 
 
-def _fmt(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "n/a"
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+def _eval_in_process(model: Path, data: Path, out_json: Path) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sm_dist.eval.arith_eval import evaluate as run_eval
+    from sm_dist.rollout.engine import BackspaceEngine
+
+    engine = BackspaceEngine(model, worker_extension_cls=None)
+    res, examples = {}, {}
+    for name, kw in DECODINGS.items():
+        r = run_eval(model, data, engine=engine, progress=False, max_actions=24, max_backspaces=4, **kw)
+        examples[name] = r.pop("examples")
+        res[name] = r
+    out_json.with_suffix(".examples.json").write_text(json.dumps(examples))
+    out_json.write_text(json.dumps(res, indent=1))
 
 
-def write_report(docs: Path, out: Path, results: dict, a, minutes: float) -> None:
-    """docs/results.md (table, settings, commands) and two PNG plots beside it."""
-    import matplotlib
+# ---- the two modes ----------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    docs.mkdir(exist_ok=True)
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    accs = [[r["accuracy"] for r in results[n]] for n in names]
-    ax.bar(
-        names,
-        [statistics.mean(x) for x in accs],
-        yerr=[statistics.stdev(x) if len(x) > 1 else 0 for x in accs],
+def run_variant(out, base, splits, variant, s, seeds, split, a, tag="") -> list[dict]:
+    """Finetune + evaluate `variant` at setting `s` for `seeds`; runs live at DIR/<tag><variant>/seed<k>."""
+    res = []
+    for seed in seeds:
+        d = out / f"{tag}{variant}" / f"seed{seed}"
+        model = finetune(d / "run", base, splits["ft_train"], variant, s, seed, a)
+        if not (d / "model").exists():
+            shutil.copytree(model, d / "model")
+        ev = evaluate(d / "model", splits[split], d / f"eval-{split}.json")
+        ev["train_metrics"] = _tail_metrics(d / "run")
+        res.append(ev)
+        print(f"{tag}{variant} seed {seed}: {split} accuracy {ev['search']['accuracy']:.3f}", flush=True)
+    return res
+
+
+def _tail_metrics(run: Path, last: int = 20) -> dict:
+    """Mean of each loss term over the last `last` logged steps (what each term contributes)."""
+    from sm_dist.metrics import read_metrics
+
+    rows = read_metrics(run)[-last:]
+    vals: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith(("loss/", "r/", "v/")) and isinstance(v, (int, float)):
+                vals.setdefault(k, []).append(v)
+    return {k: statistics.mean(v) for k, v in sorted(vals.items())}
+
+
+def sweep(out: Path, base: Path, splits, a) -> dict:
+    """One factor at a time on the validation split, one seed; each stage keeps the best so far."""
+    best = dict(CHOSEN)
+    table = {"mle": run_variant(out, base, splits, "mle", best, [0], "val", a, "sweep/")[0]["search"]}
+    rows = []
+    for p in SWEEP["p_noise"] if a.sweep_bc_p_noise else [best["bc_p_noise"]]:
+        s = {**best, "bc_p_noise": p}
+        acc = run_variant(out, base, splits, "bc_noise", s, [0], "val", a, f"sweep/p{p}-")[0]
+        rows.append({"variant": "bc_noise", **s, "val": acc["search"], "terms": acc["train_metrics"]})
+    best["bc_p_noise"] = max((r for r in rows), key=lambda r: r["val"]["accuracy"])["bc_p_noise"]
+    for knob in a.sweep_knobs:
+        values = SWEEP[knob]
+        scores = {}
+        for v in values:
+            s = {**best, knob: v}
+            tag = "sweep/" + "-".join(
+                f"{k}{s[k]}" for k in ("chi2_weight", "p_noise", "sm_lambda", "rollouts_per_row")
+            )
+            ev = run_variant(out, base, splits, "sm", s, [0], "val", a, tag + "-")[0]
+            scores[v] = ev["search"]["accuracy"]
+            if not any(r["variant"] == "sm" and all(r[k] == s[k] for k in SWEEP) for r in rows):
+                rows.append({"variant": "sm", **s, "val": ev["search"], "terms": ev["train_metrics"]})
+        best[knob] = max(values, key=lambda v: (scores[v], -values.index(v)))
+    if not a.sweep_bc_p_noise:
+        best["bc_p_noise"] = best["p_noise"]  # untuned: the same noise rate as SequenceMatch
+    result = {"chosen": best, "mle_val": table["mle"], "rows": rows, "split": "val", "seed": 0}
+    DOCS.mkdir(exist_ok=True)
+    SWEEP_JSON.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def final(out: Path, base: Path, splits, a, report) -> dict:
+    """3 seeds of mle / bc_noise / sm at the chosen setting (report written), then accuracy against
+    p_noise (report rewritten after each point); test split."""
+    chosen = json.loads(SWEEP_JSON.read_text())["chosen"] if SWEEP_JSON.exists() else dict(CHOSEN)
+    seeds = list(range(a.seeds))
+    res = {"pretrained": [evaluate(base, splits["test"], out / "pretrained" / "eval-test.json")]}
+    for variant in ("mle", "bc_noise", "sm"):
+        res[variant] = run_variant(out, base, splits, variant, chosen, seeds, "test", a)
+    fin = {"chosen": chosen, "results": res, "curve": {}}
+    report(fin)
+    for p in a.curve_p_noise:  # the paper's main figure
+        for variant, key in (("bc_noise", "bc_p_noise"), ("sm", "p_noise")):
+            if p == chosen[key]:
+                runs = res[variant]
+            else:
+                runs = run_variant(out, base, splits, variant, {**chosen, key: p}, seeds, "test", a, f"p{p}/")
+            fin["curve"].setdefault(p, {})[variant] = runs
+        report(fin)
+    return fin
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/arith_sm_vs_mle", help="working folder (reused by a rerun)")
+    ap.add_argument("--sweep", action="store_true", help="tune on the validation split instead")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--bases", default="all", help="'all' or a comma list, e.g. 2,10,16")
+    ap.add_argument("--n-val", type=int, default=500)
+    ap.add_argument("--n-test", type=int, default=1000)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--pretrain-questions", type=int, default=100_000)
+    ap.add_argument("--pretrain-steps", type=int, default=4000)
+    ap.add_argument("--pretrain-batch", type=int, default=64)
+    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
+    ap.add_argument("--ft-examples", type=int, default=5000)
+    ap.add_argument("--ft-steps", type=int, default=100)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
+    ap.add_argument("--data-rows", type=int, default=32, help="expert rows per learner step, every variant")
+    ap.add_argument("--warmup", type=int, default=20, help="SequenceMatch's BC warmup steps")
+    ap.add_argument(
+        "--sweep-knobs",
+        nargs="*",
+        default=list(SWEEP),
+        choices=list(SWEEP),
+        help="knobs --sweep tunes, in order",
     )
-    for i, xs in enumerate(accs):
-        ax.scatter([i] * len(xs), xs, color="k", s=10, zorder=3)
-    ax.set_ylabel(f"held-out exact match ({a.split})")
-    ax.set_title("add_or_sub_in_base: accuracy (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(docs / "arith_accuracy.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for variant in VARIANTS:
-        rows = read_metrics(out / f"{variant}-s0")
-        ax.plot(
-            [r["step"] for r in rows], [r.get("loss/bc") for r in rows], label=f"{variant} (BC loss, seed 0)"
-        )
-    ax.set_xlabel("finetune learner step")
-    ax.set_ylabel("gamma^t-weighted BC loss on data rows")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(docs / "arith_loss.png", dpi=110)
-    plt.close(fig)
-    lines = [
-        "# SequenceMatch vs MLE on add_or_sub_in_base (measured, not tuned on the held-out set)",
-        "",
-        f"Held-out: {a.heldout} `{a.split}` questions made by `sm_dist.data.arith.generate` (seed 20261126), none of",
-        "them among the 60,000 questions of the three shared training splits. Greedy decoding, `<bkspc>` allowed,",
-        "exact match after collapse. Mean ± std over seeds; each seed's value is in `runs/`-side `eval-*.json`.",
-        "",
-        "| model | n seeds | " + " | ".join(METRICS) + " |",
-        "|---" * (len(METRICS) + 2) + "|",
-    ]
-    for n in names:
-        cells = [_fmt([r.get(m) for r in results[n]]) for m in METRICS]
-        lines.append(f"| {n} | {len(results[n])} | " + " | ".join(cells) + " |")
-    mean = {n: statistics.mean(r["accuracy"] for r in results[n]) for n in names}
-    verdict = "beats" if mean["sm"] > mean["mle"] else "does not beat"
-    lines += [
-        "",
-        "## Reading",
-        "",
-        f"SequenceMatch {verdict} MLE in this run: {mean['sm']:.3f} vs {mean['mle']:.3f} held-out accuracy",
-        f"(difference {mean['sm'] - mean['mle']:+.3f}; BC on noise + `<bkspc>` data: {mean['bc_noise']:.3f}; the",
-        f"pretrained base: {mean['pretrained']:.3f}). This is one setting, not a tuned comparison: the base model",
-        "is weak (a few per cent exact match after the CPU-sized pretraining), so all finetunes sit near the floor",
-        "and the paper's regime (a capable model whose errors `<bkspc>` can repair) is not reached. The noisy",
-        "variants learn to use `<bkspc>` (see bkspc_rate and answers_using_bkspc) but also write and delete far",
-        "more than the data does, which costs accuracy at this size. Not tried for lack of time: other noise",
-        "rates, lambda, chi2 weight, gamma, longer finetunes, more rollouts per step, a larger model.",
-        "",
-        "## Settings",
-        "",
-        f"- tiny Llama: hidden {a.hidden}, {a.layers} layers, heads of 64; char-level arithmetic tokenizer;",
-        f"  pretrained with MLE for {a.pretrain_steps} steps of {a.pretrain_batch} on the `{a.split}` training split",
-        f"  (lr {a.pretrain_lr}).",
-        f"- finetunes from that checkpoint: {a.ft_steps} learner steps each, lr {a.ft_lr}, batch 32, first",
-        f"  {a.ft_examples} training questions; noise rate p = {a.p_noise} (`bc_noise`, `sm`); SequenceMatch:",
-        f"  chi2_mixture, c = {a.chi2_weight}, gamma = 0.998, BC warmup {a.warmup} steps then lambda = {a.sm_lambda},",
-        "  half data / half replay rows, 2 vLLM rollout workers, weights synced every 5 steps (configs/tiny-cpu.yaml).",
-        f"- wall time of the invocation that wrote this page: {minutes:.1f} min on a 2-core machine (finished",
-        "  steps already in --out are reused; the full run from scratch took 30.7 min here).",
-        "",
-        "![accuracy](arith_accuracy.png) ![loss](arith_loss.png)",
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "python benchmarks/arith_sm_vs_mle.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
-        "```",
-        "",
-        "Each finetune is `python -m sm_dist train configs/tiny-cpu.yaml model.dir=<pretrained> ...` with the",
-        "variant's overrides (see `VARIANTS` in the script); each evaluation is `sm-dist eval --model <dir>",
-        "--data heldout.jsonl --backspace on`.",
-    ]
-    (docs / "results.md").write_text("\n".join(lines) + "\n")
+    ap.add_argument("--sweep-bc-p-noise", action="store_true", help="--sweep also tunes bc_noise's p_noise")
+    ap.add_argument("--curve-p-noise", type=float, nargs="*", default=[0.05, 0.1, 0.2])
+    ap.add_argument("--reading", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-model", type=Path, help=argparse.SUPPRESS)  # internal: one model's evals
+    ap.add_argument("--eval-data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--eval-out", type=Path, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/arith_sm_vs_mle")
-    ap.add_argument("--split", default="easy", choices=["easy", "medium", "hard"])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--pretrain-batch", type=int, default=64)
-    ap.add_argument("--pretrain-lr", type=float, default=2e-3)
-    ap.add_argument("--ft-steps", type=int, default=120)
-    ap.add_argument("--ft-examples", type=int, default=4000)
-    ap.add_argument("--ft-lr", type=float, default=3e-4)
-    ap.add_argument("--p-noise", type=float, default=0.1)
-    ap.add_argument("--chi2-weight", type=float, default=1e-3)
-    ap.add_argument("--sm-lambda", type=float, default=0.5)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--heldout", type=int, default=400)
-    a = ap.parse_args()
+    a = parse_args()
+    if a.eval_model:
+        return _eval_in_process(a.eval_model, a.eval_data, a.eval_out)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train = SHARED / f"add_or_sub_in_base.train-{a.split}.jsonl"
-    heldout = make_heldout(out, a.heldout, a.split)
-    base = pretrain(out, train, a.pretrain_steps, a.pretrain_batch, a.pretrain_lr, a.hidden, a.layers)
-    results = {"pretrained": [evaluate(out, base, heldout, "pretrained")]}
-    for variant in VARIANTS:
-        for seed in range(a.seeds):
-            run = finetune(out, base, train, variant, seed, a)
-            model = run / "checkpoints" / f"step-{a.ft_steps:08d}" / "model"
-            results.setdefault(variant, []).append(evaluate(out, model, heldout, f"{variant}-s{seed}"))
-            print(f"{variant} seed {seed}: accuracy {results[variant][-1]['accuracy']:.3f}", flush=True)
-    minutes = (time.perf_counter() - t0) / 60
-    write_report(ROOT / "docs", out, results, a, minutes)
-    mean = {k: statistics.mean(r["accuracy"] for r in v) for k, v in results.items()}
+    splits = make_splits(out, a)
+    base = pretrain(out, splits, a)
+    base_info = json.loads((out / "pretrained" / "pretrain.json").read_text())
+    if a.sweep:
+        sw = sweep(out, base, splits, a)
+        best = max((r for r in sw["rows"] if r["variant"] == "sm"), key=lambda r: r["val"]["accuracy"])
+        print(json.dumps(sw["chosen"]))
+        print(f"sweep_best_sm_minus_mle_val: {best['val']['accuracy'] - sw['mle_val']['accuracy']:.4f}")
+        return
+    sw = json.loads(SWEEP_JSON.read_text()) if SWEEP_JSON.exists() else None
+
+    def report(fin: dict) -> None:
+        (out / "final.json").write_text(json.dumps(fin, indent=1, default=str))
+        write_report(fin, sw, a, (time.perf_counter() - t0) / 60, base_info)
+        plots(fin, a)
+
+    fin = final(out, base, splits, a, report)
+    mean = {k: _ms([r["search"]["accuracy"] for r in v])[0] for k, v in fin["results"].items()}
     print(json.dumps(mean, indent=1))
     print(f"sm_minus_mle_accuracy: {mean['sm'] - mean['mle']:.4f}")
 

@@ -100,6 +100,7 @@ def _eval(args) -> int:
             on_bad=args.on_bad,
             max_actions=args.max_actions,
             max_backspaces=args.max_backspaces,
+            bkspc_bias=args.bkspc_bias,
             batch_size=args.batch_size,
         )
     except ValueError as e:
@@ -210,6 +211,12 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--on-bad", choices=("error", "skip"), default="error", help="bad data rows")
     ev.add_argument("--max-actions", type=int, default=64)
     ev.add_argument("--max-backspaces", type=int, default=16)
+    ev.add_argument(
+        "--bkspc-bias",
+        type=float,
+        default=0.0,
+        help="added to the <bkspc> logit wherever it is allowed (negative: backspace less often; default 0)",
+    )
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     ev.set_defaults(func=_eval)
 

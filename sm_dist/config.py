@@ -238,7 +238,14 @@ class BufferConfig(_Section):
     wait_for_replay: bool = Field(
         True,
         description="After objective.warmup_steps, a step waits until enough fresh model rows exist "
-        "(bounded staleness); false: fill the batch with data rows instead.",
+        "(bounded staleness); false: take what there is (see fill_with_data).",
+    )
+    fill_with_data: bool = Field(
+        True,
+        description="When fewer model rows than the batch's replay share are at hand (before the first "
+        "rollouts, in the BC warmup, or with wait_for_replay=false), fill the batch with data rows; false: "
+        "every step takes exactly batch_size - replay share data rows (the batch is smaller instead), so "
+        "a comparison with MLE holds the expert rows per step fixed (DESIGN §1).",
     )
 
 

@@ -464,7 +464,8 @@ class Trainer:
             self.wait_for_rollouts()  # bounded staleness: the learner waits for fresh rollouts
         k = (rep.num_rows // M) * M
         rep = rep.slice(0, k)
-        dat = self.ray.get(self.expert.sample.remote(n_dat + n_rep - k))
+        fill = n_rep - k if self.cfg.buffer.fill_with_data else 0
+        dat = self.ray.get(self.expert.sample.remote(n_dat + fill))
         if dat.num_rows % M:
             dat = dat.slice(0, (dat.num_rows // M) * M)
 

@@ -184,6 +184,7 @@ def evaluate(
     on_bad: str = "error",
     max_actions: int = 64,
     max_backspaces: int = 16,
+    bkspc_bias: float = 0.0,
     batch_size: int = 256,
     engine=None,
     progress: bool = True,
@@ -201,7 +202,9 @@ def evaluate(
     from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
 
     decoding = resolve_decoding(decoding, backspace)
-    params = decoding_params(decoding, temperature, top_p, samples, seed, max_actions, max_backspaces)
+    params = decoding_params(
+        decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
+    )
     examples, report = load_examples(
         data, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad, limit=limit
     )
@@ -222,6 +225,7 @@ def evaluate(
         samples=params.samples_per_prompt,
         seed=seed,
         forced_error=force_error,
+        bkspc_bias=bkspc_bias,
         backspace="off" if params.forbid_bkspc else "on",
         model=str(model_dir),
         data=str(data),

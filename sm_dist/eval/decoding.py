@@ -45,6 +45,7 @@ def decoding_params(
     seed: int = 0,
     max_actions: int = 64,
     max_backspaces: int = 16,
+    bkspc_bias: float = 0.0,
 ):
     """`RolloutParams` for one decoding mode; raises ValueError naming the bad flag and the fix."""
     from sm_dist.rollout.engine import RolloutParams
@@ -74,6 +75,7 @@ def decoding_params(
         logprobs=False,
         forbid_bkspc=decoding == "greedy_no_bkspc",
         no_repeat_deleted=decoding == "search",
+        bkspc_bias=bkspc_bias,
     )
 
 

@@ -81,6 +81,9 @@ class RolloutParams:
     # Backspace as search (module docstring): never choose again a token already deleted at the same
     # state. Makes temperature 0 decoding of a backspace model terminate instead of looping.
     no_repeat_deleted: bool = False
+    # Added to the <bkspc> logit wherever <bkspc> is allowed: an inference-time control of how often a
+    # backspace fires (negative: rarer). 0 leaves the policy as trained.
+    bkspc_bias: float = 0.0
 
     def __post_init__(self):
         if self.max_actions < 1 or self.max_backspaces < 0 or self.samples_per_prompt < 1:
@@ -122,7 +125,8 @@ class BkspcLogitsProcessor(LogitsProcessor):
     Spec keys: `id` (the <bkspc> id), `boundary` (the request starts with an empty continuation:
     mask <bkspc> at its step 0), `forbid` (mask it at every step), `force` (request-relative steps
     at which only <bkspc> is allowed), `ban0` (token ids masked at step 0 only: the tokens already
-    deleted at the request's start state, for `no_repeat_deleted`). Requests without the key are
+    deleted at the request's start state, for `no_repeat_deleted`), `bias` (added to the <bkspc>
+    logit where it is allowed, `bkspc_bias`). Requests without the key are
     untouched.
     """
 
@@ -152,6 +156,8 @@ class BkspcLogitsProcessor(LogitsProcessor):
             elif step in spec.get("force", ()):
                 logits[i].fill_(float("-inf"))
                 logits[i, bid] = 0.0
+            elif spec.get("bias"):
+                logits[i, bid] += spec["bias"]
         return logits
 
 
@@ -317,6 +323,8 @@ class BackspaceEngine:
             ban = r.deleted.get(tuple(r.stack), set()) - {self.eos_id}
             if params.no_repeat_deleted and ban:
                 spec["ban0"] = sorted(ban)  # why step 0 suffices: module docstring "Search"
+            if params.bkspc_bias:
+                spec["bias"] = float(params.bkspc_bias)
         sp = SamplingParams(
             temperature=params.temperature,
             top_p=params.top_p,

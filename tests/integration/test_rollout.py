@@ -255,3 +255,20 @@ def test_forced_prefixes_are_deletable_actions(engine, prompts, tok):
         engine.generate(prompts[:1], params, prefixes=[[tok.eos_token_id]])
     with pytest.raises(ValueError, match="1 prefixes for 2 prompts"):
         engine.generate(prompts[:2], params, prefixes=[[1]])
+
+
+def test_bkspc_bias_controls_how_often_it_fires(engine, prompts):
+    """+50 on the <bkspc> logit makes it fire at every allowed step (never at the boundary); with a
+    bias of +4 sampled backspaces are common, with -56 there are none."""
+    from sm_dist.rollout.engine import RolloutParams
+
+    bid = engine.bkspc_id
+    base = dict(temperature=1.0, max_actions=12, max_backspaces=20, samples_per_prompt=4, seed=5)
+    always = engine.generate(prompts, RolloutParams(**base, bkspc_bias=50.0))
+    for r in always:  # write, delete, write, delete, ...: alternating after the boundary
+        assert r.action_ids[1::2] == [bid] * len(r.action_ids[1::2]), r.action_ids
+        assert bid not in r.action_ids[0::2]
+    some = engine.generate(prompts, RolloutParams(**base, bkspc_bias=4.0))
+    none = engine.generate(prompts, RolloutParams(**base, bkspc_bias=-56.0))
+    assert sum(r.num_backspaces for r in some) > 0
+    assert sum(r.num_backspaces for r in none) == 0
