@@ -59,13 +59,15 @@ COLLECTIVE_FSDP2 = [
     "learner.num_learners=2",
     "learner.strategy=fsdp2",
     "learner.cpus_per_learner=0.5",
+    "buffer.fill_with_data=false",
 ]
 
 
 @pytest.mark.parametrize("extra", [[], COLLECTIVE_FSDP2], ids=["object_store", "gloo-fsdp2"])
 def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     """The default run, and the collective path: 2 FSDP2 learner ranks gather the weights and rank 0
-    broadcasts them over gloo to threaded workers (the CPU stand-in for the NCCL transport)."""
+    broadcasts them over gloo to threaded workers (the CPU stand-in for the NCCL transport); the
+    second also holds the expert rows per step fixed (buffer.fill_with_data=false)."""
     run = tmp_path / "run"
     args = [
         sys.executable,
@@ -90,6 +92,11 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     assert set(summary["syncs_applied"]) == {"w0", "w1"}
     assert min(summary["syncs_applied"].values()) >= 2, summary["syncs_applied"]
     assert any(r["learner/replay_rows"] > 0 for r in m)  # SequenceMatch steps used rollouts
+    ranks = 2 if "learner.num_learners=2" in extra else 1  # the row counts are per rank
+    if "buffer.fill_with_data=false" in extra:  # expert rows per step fixed; rollouts come on top
+        assert {r["learner/data_rows"] * ranks for r in m} == {16.0}, [r["learner/data_rows"] for r in m]
+    else:  # missing rollout rows are filled with data rows
+        assert {(r["learner/data_rows"] + r["learner/replay_rows"]) * ranks for r in m} == {32.0}
     assert (run / "checkpoints" / "step-00000040" / "model" / "config.json").exists()
     assert "run dir:" in out.stdout and str(run) in out.stdout
     from sm_dist.status import run_status

@@ -56,8 +56,9 @@ def test_ray_job_submit_runs_tiny_config(tmp_path):
         assert "succeeded" in out.stdout
         summary = json.loads((run / "summary.json").read_text())
         assert summary["step"] == 12
-        # ../shared is not in the job's working dir: the bundled arithmetic fallback was used
-        assert list((run / "data").glob("*.generated.jsonl"))
+        # the bundled sample travels with --working-dir: the real data was used, nothing generated
+        assert not list((run / "data").glob("*.generated.jsonl"))
+        assert "configs/data/arith/add_or_sub_in_base.train-easy.jsonl" in (run / "config.yaml").read_text()
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

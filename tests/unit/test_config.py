@@ -45,6 +45,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("run.total_steps=null", "run.total_steps"),  # run until stopped, with the cosine schedule
         ("run.total_steps=0", "run.total_steps"),
         ("learner.attn=flex", "learner.attn"),  # FlexAttention has no CPU backward
+        ("data.fallback=arith_hard", "data.fallback"),  # the path names the easy split
     ],
 )
 def test_errors_name_the_key(override, key):
@@ -52,6 +53,19 @@ def test_errors_name_the_key(override, key):
         load_config(TINY, ["learner.num_learners=2", "learner.batch_size=8", override])
     assert e.value.key == key, str(e.value)
     assert key in str(e.value)
+
+
+def test_shipped_data_is_in_the_repo_and_a_missing_file_is_an_error(tmp_path):
+    """The default data is the bundled sample (no ../shared needed); a missing file stops with the fix
+    unless a matching fallback is asked for explicitly."""
+    cfg = load_config(TINY, [f"run.run_dir={tmp_path / 'r'}"])
+    assert Path(cfg.data.train_path).exists() and "configs/data/arith" in cfg.data.train_path
+    missing = f"data.train_path={tmp_path / 'add_or_sub_in_base.train-medium.jsonl'}"
+    with pytest.raises(ConfigError, match="data.fallback=arith_medium") as e:
+        load_config(TINY, [missing, "data.fallback=none"])
+    assert e.value.key == "data.train_path"
+    cfg = load_config(TINY, [missing, "data.fallback=arith_medium"])  # explicit and matching: allowed
+    assert cfg.data.fallback == "arith_medium"
 
 
 def test_missing_model_dir_and_file(tmp_path):
