@@ -26,6 +26,8 @@ TABLE = [
     ("accuracy (search)", "search", "accuracy"),
     ("accuracy (no <bkspc>)", "greedy_no_bkspc", "accuracy"),
     ("recovery accuracy", "recovery", "accuracy"),
+    ("sampled accuracy (T=1)", "sample", "accuracy"),
+    ("pass@4 (T=1)", "sample", "pass_at_k"),
     ("malformed (search)", "search", "malformed_rate"),
     ("bkspc_rate", "search", "bkspc_rate"),
     ("answers using <bkspc>", "search", "answers_using_bkspc"),
@@ -36,7 +38,7 @@ TABLE = [
 def result_table(res: dict) -> list[str]:
     lines = ["| model | seeds | " + " | ".join(t[0] for t in TABLE) + " |", "|---" * (len(TABLE) + 2) + "|"]
     for name, runs in res.items():
-        cells = [_fmt([r[dec].get(key) for r in runs]) for _, dec, key in TABLE]
+        cells = [_fmt([r.get(dec, {}).get(key) for r in runs]) for _, dec, key in TABLE]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -165,6 +167,17 @@ def write_report(fin: dict, sw: dict | None, a, minutes: float, base_info: dict)
     if sw:
         lines += ["## Sweep (validation split, seed 0, one factor at a time)", "", *sweep_table(sw), ""]
         lines += [f"Chosen: `{json.dumps(sw['chosen'])}`. Loss terms: mean of the last 20 logged steps.", ""]
+        if sw.get("bias_levers"):
+            lines += [
+                "Inference-time `<bkspc>` logit bias on the best SequenceMatch model (validation, search):",
+                "",
+            ]
+            lines += ["| decoding | accuracy | malformed | bkspc_rate |", "|---|---|---|---|"]
+            for k, v in sw["bias_levers"].items():
+                lines.append(
+                    f"| {k} | {v['accuracy']:.3f} | {v['malformed_rate']:.3f} | {v['bkspc_rate']:.3f} |"
+                )
+            lines.append("")
     lines += ["## Reading", "", *(a.reading or ["(filled in by the closing note)"]), ""]
     lines += ["## Reproduce", "", "```bash", "python benchmarks/arith_sm_vs_mle.py --out runs/arith --sweep",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith", "```", ""]  # fmt: skip

@@ -59,6 +59,7 @@ DECODINGS = {
     "search": {},
     "greedy_no_bkspc": {"decoding": "greedy_no_bkspc"},
     "recovery": {"force_error": True},
+    "sample": {"decoding": "sample", "samples": 4},  # temperature 1: mean accuracy and pass@4
 }
 
 
@@ -193,15 +194,21 @@ def finetune(run: Path, base: Path, train: Path, variant: str, s: dict, seed: in
 # ---- evaluation -------------------------------------------------------------------------------------
 
 
-def evaluate(model: Path, data: Path, out_json: Path) -> dict:
-    """Every decoding of DECODINGS on one model, one vLLM engine (a subprocess: one engine a process)."""
+# Inference-time <bkspc> logit bias (a lever of the issue), tried on the validation split only.
+BIAS_DECODINGS = {f"search_bias{b:+g}": {"bkspc_bias": float(b)} for b in (-4, -2, -1, 1, 2)}
+
+
+def evaluate(model: Path, data: Path, out_json: Path, levers: bool = False) -> dict:
+    """Every decoding of DECODINGS (BIAS_DECODINGS with `levers`) on one model, one vLLM engine (a
+    subprocess: one engine a process)."""
     if not out_json.exists():
         cmd = [sys.executable, __file__, "--eval-model", model, "--eval-data", data, "--eval-out", out_json]
+        cmd += ["--eval-levers"] if levers else []
         sh(cmd, out_json.with_suffix(".log"))
     return json.loads(out_json.read_text())
 
 
-def _eval_in_process(model: Path, data: Path, out_json: Path) -> None:
+def _eval_in_process(model: Path, data: Path, out_json: Path, levers: bool) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -210,7 +217,7 @@ def _eval_in_process(model: Path, data: Path, out_json: Path) -> None:
 
     engine = BackspaceEngine(model, worker_extension_cls=None)
     res, examples = {}, {}
-    for name, kw in DECODINGS.items():
+    for name, kw in (BIAS_DECODINGS if levers else DECODINGS).items():
         r = run_eval(model, data, engine=engine, progress=False, max_actions=24, max_backspaces=4, **kw)
         examples[name] = r.pop("examples")
         res[name] = r
@@ -274,7 +281,26 @@ def sweep(out: Path, base: Path, splits, a) -> dict:
         best[knob] = max(values, key=lambda v: (scores[v], -values.index(v)))
     if not a.sweep_bc_p_noise:
         best["bc_p_noise"] = best["p_noise"]  # untuned: the same noise rate as SequenceMatch
-    result = {"chosen": best, "mle_val": table["mle"], "rows": rows, "split": "val", "seed": 0}
+    top = max((r for r in rows if r["variant"] == "sm"), key=lambda r: r["val"]["accuracy"])
+    d = (
+        out
+        / (
+            "sweep/"
+            + "-".join(f"{k}{top[k]}" for k in ("chi2_weight", "p_noise", "sm_lambda", "rollouts_per_row"))
+            + "-sm"
+        )
+        / "seed0"
+    )
+    ev = evaluate(d / "model", splits["val"], d / "eval-val-levers.json", levers=True)
+    levers = {k: {m: v[m] for m in ("accuracy", "malformed_rate", "bkspc_rate")} for k, v in ev.items()}
+    result = {
+        "chosen": best,
+        "mle_val": table["mle"],
+        "rows": rows,
+        "split": "val",
+        "seed": 0,
+        "bias_levers": levers,
+    }
     DOCS.mkdir(exist_ok=True)
     SWEEP_JSON.write_text(json.dumps(result, indent=1))
     return result
@@ -333,13 +359,14 @@ def parse_args(argv=None):
     ap.add_argument("--eval-model", type=Path, help=argparse.SUPPRESS)  # internal: one model's evals
     ap.add_argument("--eval-data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--eval-levers", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main() -> None:
     a = parse_args()
     if a.eval_model:
-        return _eval_in_process(a.eval_model, a.eval_data, a.eval_out)
+        return _eval_in_process(a.eval_model, a.eval_data, a.eval_out, a.eval_levers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

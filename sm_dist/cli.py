@@ -165,7 +165,14 @@ def _bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    return subprocess.call([sys.executable, str(script), *args.args], cwd=root.parent)
+    import os
+
+    # the repo root on the path: a benchmark may share helpers with the tests (gpu_equivalence.py)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root.parent), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.call([sys.executable, str(script), *args.args], cwd=root.parent, env=env)
 
 
 def _add_eval_parser(sub) -> None:

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import pyarrow as pa
 import pytest
@@ -108,18 +107,17 @@ def test_two_writers_and_a_reader_lose_and_duplicate_nothing(ray_cluster, tmp_pa
 
     @ray.remote(num_cpus=0.25)
     class Writer:
-        """Adds batches of uniquely-named rows until `seconds` pass; returns every acknowledged id."""
+        """Adds `batches` batches of uniquely-named rows; returns every acknowledged id."""
 
         def __init__(self, name: str, buffer):
             self.name, self.buffer = name, buffer
 
-        def run(self, seconds: float, rows_per_batch: int) -> list[str]:
-            acked, n, deadline = [], 0, time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                batch = make_batch(self.name, n, rows_per_batch)
+        def run(self, batches: int, rows_per_batch: int) -> list[str]:
+            acked = []
+            for k in range(batches):
+                batch = make_batch(self.name, k * rows_per_batch, rows_per_batch)
                 ray.get(self.buffer.add.remote(batch))
                 acked += ids(batch)
-                n += rows_per_batch
             return acked
 
     # pytest imports this file as a top-level module the Ray workers cannot import: ship Writer (and the
@@ -127,18 +125,18 @@ def test_two_writers_and_a_reader_lose_and_duplicate_nothing(ray_cluster, tmp_pa
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     buf = buffer_actor(ray, tmp_path)
     writers = [Writer.remote(f"writer{k}", buf) for k in range(2)]
-    pending = [w.run.remote(30.0, 7 + k) for k, w in enumerate(writers)]
-    samples = 0
+    pending = [w.run.remote(150, 7 + k) for k, w in enumerate(writers)]
+    during = 0  # samples taken while rows were still arriving (counted, not timed)
     while True:
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0.05)
         sample = ray.get(buf.sample.remote(16))
         assert len(set(ids(sample))) == sample.num_rows
-        samples += 1
         if len(done) == len(pending):
             break
+        during += ray.get(buf.stats.remote())["rows"] < 150 * (7 + 8)
     acked = [i for ref in pending for i in ray.get(ref)]
     held = ids(ray.get(buf.read_all.remote()))
-    assert len(acked) > 100 and samples > 10
+    assert len(acked) == 150 * (7 + 8) and during >= 1
     assert len(held) == len(set(held)), "duplicated rows"
     assert set(held) == set(acked), (
         f"lost {len(set(acked) - set(held))}, unexpected {len(set(held) - set(acked))}"
