@@ -230,6 +230,15 @@ def _add_eval_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="console log level: DEBUG (also shows the actors' vLLM/Ray output), INFO (default), WARNING, "
+        "ERROR; env SM_DIST_LOG_LEVEL. The run directory's driver.log always has DEBUG",
+    )
+    p.add_argument(
+        "--log-json", action="store_true", help="console logs as JSON lines (env SM_DIST_LOG_JSON=1)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser(
@@ -311,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from sm_dist.logs import setup_logging
+
+    try:
+        setup_logging(args.log_level, args.log_json or None)
+    except ValueError as e:
+        print(f"sm-dist: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(args.func(args))
 
 

@@ -51,6 +51,16 @@ def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, te
         _node_ip_address="127.0.0.1",
         _temp_dir=temp_dir,
         runtime_env={"env_vars": env if env is not None else vllm_env()},
-        logging_level="WARNING",
+        logging_level=ray_logging_level(),
     )
     return ray
+
+
+def ray_logging_level() -> str:
+    """Ray's own driver-side logger: ERROR on the console unless sm-dist's console is at DEBUG (Ray warns
+    at every start, e.g. about token authentication, which is not the user's concern here)."""
+    import logging
+
+    from sm_dist.logs import console_level
+
+    return "DEBUG" if console_level() <= logging.DEBUG else "ERROR"

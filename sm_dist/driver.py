@@ -24,16 +24,20 @@ learner rank, so the DDP equivalence of learner.py holds).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sm_dist.cluster import free_port, init_local_ray, set_process_env, vllm_env
+from sm_dist.cluster import free_port, init_local_ray, ray_logging_level, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.learner import checkpoint as ckpt
+from sm_dist.logs import log_to_run_dir, route_worker_logs
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
+
+log = logging.getLogger("sm_dist.driver")
 
 
 @dataclass
@@ -57,7 +61,7 @@ def prepare_model(cfg: Config) -> None:
     from sm_dist.core.tiny import make_tiny_model
 
     t = cfg.model.tiny
-    print(f"[sm-dist] building tiny model at {md}")
+    log.info(f"building tiny model at {md}")
     make_tiny_model(
         md, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
     )
@@ -78,7 +82,9 @@ def load_train_examples(cfg: Config):
             path.parent.mkdir(parents=True, exist_ok=True)
             rows = generate(d.fallback_size, level, seed=cfg.run.seed)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"[sm-dist] data.train_path {d.train_path} is missing; using generated {path} ({d.fallback})")
+        log.warning(
+            f"data.train_path {d.train_path} is missing; using generated {path} (data.fallback={d.fallback})"
+        )
     ex, report = load_examples(
         path, prompt_field=d.prompt_field, answer_field=d.answer_field, on_bad=d.on_bad, limit=d.limit
     )
@@ -115,7 +121,7 @@ def start_ray(cfg: Config, address: str | None):
     address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
     set_process_env()
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level=ray_logging_level())
         return ray, False
     return init_local_ray(cfg.run.num_cpus, env=vllm_env(cfg.rollout.engine.cpu_kvcache_gib)), True
 
@@ -224,7 +230,7 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     t0 = time.perf_counter()
     futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
     labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
-    print(f"[sm-dist] starting {len(workers)} rollout workers and {len(learners)} learners ...", flush=True)
+    log.info(f"starting {len(workers)} rollout workers and {len(learners)} learners ...")
     try:
         wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
     except ray.exceptions.RayActorError as e:
@@ -312,8 +318,9 @@ class Trainer:
                 f"sync.transport={cfg.sync.transport} group. Resume the run (--resume), or use "
                 "sync.transport=object_store, which survives worker restarts"
             ) from err
-        print(f"[sm-dist] rollout worker {name} died during {kind} ({why}); restart {n}/"
-              f"{cfg.rollout.max_restarts}", flush=True)  # fmt: skip
+        log.warning(
+            f"rollout worker {name} died during {kind} ({why}); restart {n}/{cfg.rollout.max_restarts}"
+        )
         for f, (j, _, _) in list(self.inflight.items()):  # the dead incarnation's other calls fail too
             if j == i:
                 del self.inflight[f]
@@ -410,8 +417,8 @@ class Trainer:
             ) from err
         last = ckpt.latest_checkpoint(cfg.run.run_dir)
         src = f"checkpoint {last}" if last else f"the initial model {cfg.model.dir} (no checkpoint yet)"
-        print(f"[sm-dist] learner rank {rank} died at step {self.s.step} ({why}); restart {n}/{most}: "
-              f"every rank restarts from {src}", flush=True)  # fmt: skip
+        log.warning(f"learner rank {rank} died at step {self.s.step} ({why}); restart {n}/{most}: "
+                    f"every rank restarts from {src}")  # fmt: skip
         for lr in self.learners:
             ray.kill(lr, no_restart=True)
         self.learners = build_learners(ray, cfg, str(last / "model") if last else cfg.model.dir)
@@ -422,7 +429,7 @@ class Trainer:
             step = ckpt.read_run_state(last)["step"]
         self.s.step = step
         self.publish()  # the workers drop the lost steps' weights; the version keeps counting up
-        print(f"[sm-dist] learners restarted at step {step}, weights version {self.s.version}", flush=True)
+        log.info(f"learners restarted at step {step}, weights version {self.s.version}")
 
     def publish(self) -> dict[str, float]:
         """Send rank 0's weights to every worker: an object-store ref queued after each worker's current
@@ -525,7 +532,7 @@ def _install_signal_handlers(trainer: Trainer) -> None:
         if trainer.stop_requested:  # second signal: stop now
             raise KeyboardInterrupt
         trainer.stop_requested = True
-        print(f"\n[sm-dist] got signal {signum}: finishing the current step, then a final checkpoint")
+        log.warning(f"got signal {signum}: finishing the current step, then a final checkpoint")
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
@@ -560,20 +567,20 @@ def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
     """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
     last checkpoint is lost, and say how to resume."""
     run_dir = t.cfg.run.run_dir
-    print(f"\n[sm-dist] the run failed at step {t.s.step}: {describe_error(err)}", flush=True)
+    log.error(f"the run failed at step {t.s.step}: {describe_error(err)}")
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.name == f"step-{t.s.step:08d}":
-        print(f"[sm-dist] checkpoint {last} already holds step {t.s.step}", flush=True)
+        log.info(f"checkpoint {last} already holds step {t.s.step}")
     elif isinstance(err, LearnerDied):  # run_loop turns every learner death it cannot mend into this
-        print(f"[sm-dist] a dead learner cannot save step {t.s.step}: the last checkpoint stands", flush=True)
+        log.warning(f"a dead learner cannot save step {t.s.step}: the last checkpoint stands")
     else:
         try:
             last = save_checkpoint(t, timeout_s=t.cfg.sync.timeout_s)
-            print(f"[sm-dist] saved checkpoint {last}", flush=True)
+            log.info(f"saved checkpoint {last}")
         except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
-            print(f"[sm-dist] could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})", flush=True)
+            log.error(f"could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})")
     if last is not None:
-        print(f"[sm-dist] resume from {last} with: sm-dist train <config> --resume {run_dir}", flush=True)
+        log.info(f"resume from {last} with: sm-dist train <config> --resume {run_dir}")
 
 
 def step_limit(cfg: Config) -> float:
@@ -657,7 +664,9 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
     from sm_dist.metrics import MetricsLogger
 
     text = dump_config(cfg)
-    print(f"[sm-dist] resolved config:\n{text}")
+    log_to_run_dir(run_dir)
+    log.debug(f"resolved config:\n{text}")
+    log.info(f"run dir {run_dir}: resolved config in config.yaml, logs in driver.log and workers.log")
     (run_dir / ("config.resume.yaml" if resume else "config.yaml")).write_text(text)
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
@@ -669,12 +678,13 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
     saved = ckpt.read_run_state(last) if last else {}
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     ray, local = start_ray(cfg, address)
+    route_worker_logs(run_dir)
     try:
         check_resources(ray, cfg)
         model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
         # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
         replay, expert, workers, names, learners, prompt_refs = build_actors(ray, cfg, prompts, model_dir)
-        print(f"[sm-dist] actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s", flush=True)
+        log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
         if cfg.sync.transport != "object_store":
             ray.get(
                 [
@@ -690,7 +700,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         _install_signal_handlers(t)
         if last:
             t.wait_for([lr.load_checkpoint.remote(str(last)) for lr in learners])
-            print(f"[sm-dist] resumed from {last} at step {state.step}, weights version {state.version}")
+            log.info(f"resumed from {last} at step {state.step}, weights version {state.version}")
             t.s.version -= 1
             t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
         if ray.get(expert.stats.remote())["rows"] == 0:
@@ -721,8 +731,8 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
             "stopped_early": t.s.step < step_limit(cfg),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        print(
-            f"[sm-dist] {'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
+        print(  # the command's result, on stdout (logs go to stderr and driver.log)
+            f"{'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
             f"(weights version {t.s.version})\n  run dir:     {run_dir}\n  checkpoint:  {final}\n"
             f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
             f"  resume with: sm-dist train <config> --resume {run_dir}"

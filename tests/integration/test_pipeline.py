@@ -99,6 +99,11 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
         assert {(r["learner/data_rows"] + r["learner/replay_rows"]) * ranks for r in m} == {32.0}
     assert (run / "checkpoints" / "step-00000040" / "model" / "config.json").exists()
     assert "run dir:" in out.stdout and str(run) in out.stdout
+    assert "resolved config" in (run / "driver.log").read_text()  # DEBUG in the file, not the console
+    assert "resolved config" not in out.stderr
+    assert (run / "workers.log").stat().st_size > 0  # the actors' vLLM/Ray output, off the console
+    console = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert len(console) <= 20, "\n".join(console)
     from sm_dist.status import run_status
 
     st = run_status(run)  # the driver released the run dir on its way out
@@ -138,7 +143,7 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"resumed from {last} at step {k}" in out.stdout
+    assert f"resumed from {last} at step {k}" in out.stderr  # the log (stderr); the summary is stdout
     assert (run / "resumed-model" / "config.json").exists()  # actors start on the pinned copy
     steps = [r["step"] for r in _metrics(run)]
     assert steps[-8:] == list(range(k + 1, k + 9))  # the step counter continues
@@ -311,6 +316,6 @@ def test_dead_replay_buffer_stops_with_checkpoint_and_resumes(tmp_path, ray_tmp)
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"at step {k}" in out.stdout
+    assert f"at step {k}" in out.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == k + 4 and summary["buffer"]["added_rows"] >= on_disk
