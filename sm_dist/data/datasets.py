@@ -134,7 +134,7 @@ def load_examples(
                 ) from None
             report.skip(e.reason, line_no)
     if report.skipped:
-        log.warning("load_examples %s", report.summary())
+        log.warning("%s", report.summary())
     return examples, report
 
 
@@ -245,7 +245,7 @@ def encode_examples(
         )
         report.kept += 1
     if report.skipped:
-        log.warning("encode_examples %s", report.summary())
+        log.warning("%s", report.summary())
     return out, report
 
 
