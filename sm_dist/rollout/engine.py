@@ -215,6 +215,12 @@ class BackspaceEngine:
             from vllm.config import WeightTransferConfig
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
+        if not torch.cuda.is_available():
+            # Never chunk a prefill on the CPU: vLLM discards the sample of a partly prefilled request by
+            # rewinding its seeded generator (gpu_model_runner._bookkeeping_sync, set_offset), which a
+            # CPU generator cannot do ("CPU Generator does not use offset": seeded sampling of a large
+            # batch crashed). A budget of every sequence at full length means no prefill is split.
+            kwargs["max_num_batched_tokens"] = max_num_seqs * max_model_len
         self.llm = LLM(
             model=self.model_dir,
             seed=seed,
