@@ -274,13 +274,13 @@ def test_bkspc_bias_controls_how_often_it_fires(engine, prompts):
     assert sum(r.num_backspaces for r in none) == 0
 
 
-def test_seeded_sampling_of_a_batch_larger_than_a_default_step_budget(engine):
+def test_seeded_sampling_of_a_batch_larger_than_a_default_step_budget(engine, prompts):
     """Regression: 600 seeded rollouts of ~40-token prompts (24k prompt tokens) once made vLLM chunk a
     prefill and rewind a CPU generator ("CPU Generator does not use offset"); the engine now never
     chunks a prefill on the CPU."""
     from sm_dist.rollout.engine import RolloutParams
 
-    prompts = [[5 + (k % 40)] * (30 + k % 11) for k in range(150)]
+    prompts = [(prompts[k % len(prompts)] * 3)[: 30 + k % 11] for k in range(150)]
     params = RolloutParams(temperature=1.0, max_actions=8, samples_per_prompt=4, seed=11, logprobs=False)
     rollouts = engine.generate(prompts, params)
     assert len(rollouts) == 600
