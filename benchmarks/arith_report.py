@@ -178,7 +178,13 @@ def write_report(fin: dict, sw: dict | None, a, minutes: float, base_info: dict)
                     f"| {k} | {v['accuracy']:.3f} | {v['malformed_rate']:.3f} | {v['bkspc_rate']:.3f} |"
                 )
             lines.append("")
-    lines += ["## Reading", "", *(a.reading or ["(filled in by the closing note)"]), ""]
+    reading = DOCS / "arith_reading.md"  # the hand-written interpretation, kept across reruns
+    lines += [
+        "## Reading",
+        "",
+        reading.read_text().strip() if reading.exists() else "(no docs/arith_reading.md)",
+        "",
+    ]
     lines += ["## Reproduce", "", "```bash", "python benchmarks/arith_sm_vs_mle.py --out runs/arith --sweep",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith", "```", ""]  # fmt: skip
     (DOCS / "results.md").write_text("\n".join(lines))

@@ -355,7 +355,6 @@ def parse_args(argv=None):
     )
     ap.add_argument("--sweep-bc-p-noise", action="store_true", help="--sweep also tunes bc_noise's p_noise")
     ap.add_argument("--curve-p-noise", type=float, nargs="*", default=[0.05, 0.1, 0.2])
-    ap.add_argument("--reading", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--eval-model", type=Path, help=argparse.SUPPRESS)  # internal: one model's evals
     ap.add_argument("--eval-data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", type=Path, help=argparse.SUPPRESS)
