@@ -35,7 +35,8 @@ def _add_bkspc(args) -> int:
 
 
 def _train(args) -> int:
-    from sm_dist.config import ConfigError, load_config
+    from sm_dist.config import ConfigError
+    from sm_dist.config_load import load_config
 
     overrides = list(args.overrides)
     if args.resume:
@@ -51,7 +52,8 @@ def _train(args) -> int:
 
 
 def _config(args) -> int:
-    from sm_dist.config import ConfigError, dump_config, load_config, reference
+    from sm_dist.config import ConfigError
+    from sm_dist.config_load import dump_config, load_config, reference
 
     if args.reference:
         print(reference(), end="")
@@ -228,19 +230,7 @@ def _add_eval_parser(sub) -> None:
     ev.set_defaults(func=_eval)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
-    p.add_argument(
-        "--log-level",
-        default=None,
-        help="console log level: DEBUG (also shows the actors' vLLM/Ray output), INFO (default), WARNING, "
-        "ERROR; env SM_DIST_LOG_LEVEL. The run directory's driver.log always has DEBUG",
-    )
-    p.add_argument(
-        "--log-json", action="store_true", help="console logs as JSON lines (env SM_DIST_LOG_JSON=1)"
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_model_parsers(sub) -> None:
     t = sub.add_parser(
         "make-tiny-model", help="build a tiny Llama + locally trained tokenizer (with <bkspc>)"
     )
@@ -260,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("out")
     a.set_defaults(func=_add_bkspc)
 
+
+def _add_run_parsers(sub) -> None:
     tr = sub.add_parser("train", help="run (or resume) a SequenceMatch job from a YAML config")
     tr.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 run.total_steps=50")
@@ -287,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_config)
 
-    _add_eval_parser(sub)
 
+def _add_analysis_parsers(sub) -> None:
     tm = sub.add_parser(
         "text-metrics", help="distinct-n, repetition, n-gram entropy and perplexity of texts under a model"
     )
@@ -315,6 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     b.set_defaults(func=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sm-dist", description="SequenceMatch finetuning on Ray + vLLM")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="console log level: DEBUG (also shows the actors' vLLM/Ray output), INFO (default), WARNING, "
+        "ERROR; env SM_DIST_LOG_LEVEL. The run directory's driver.log always has DEBUG",
+    )
+    p.add_argument(
+        "--log-json", action="store_true", help="console logs as JSON lines (env SM_DIST_LOG_JSON=1)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_model_parsers(sub)
+    _add_run_parsers(sub)
+    _add_eval_parser(sub)
+    _add_analysis_parsers(sub)
     return p
 
 

@@ -25,14 +25,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sm_dist.cluster import free_port, init_local_ray, ray_logging_level, set_process_env, vllm_env
-from sm_dist.config import Config, ConfigError, dump_config
+from sm_dist.actors import (
+    build_actors,
+    build_learners,
+    check_resources,
+    connect_weight_transfer,
+    describe_error,
+    start_ray,
+    wait_ready,
+)
+from sm_dist.config import Config, ConfigError
+from sm_dist.config_load import dump_config
+from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.logs import log_to_run_dir, route_worker_logs
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
@@ -49,193 +58,6 @@ class RunState:
     syncs: dict[str, int] = field(default_factory=dict)  # weight versions applied, per worker
     expert_rows: int = 0
     rollout_batches: int = 0
-
-
-# ---- set-up -----------------------------------------------------------------------------------------
-
-
-def prepare_model(cfg: Config) -> None:
-    md = Path(cfg.model.dir)
-    if md.exists():
-        return
-    from sm_dist.core.tiny import make_tiny_model
-
-    t = cfg.model.tiny
-    log.info(f"building tiny model at {md}")
-    make_tiny_model(
-        md, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
-    )
-
-
-def load_train_examples(cfg: Config):
-    """Examples from data.train_path, or generated arithmetic data (data.fallback) when it is missing."""
-    from sm_dist.data.datasets import load_examples
-
-    path = Path(cfg.data.train_path)
-    d = cfg.data
-    if not path.exists():
-        from sm_dist.data.arith import generate
-
-        level = d.fallback.removeprefix("arith_")
-        path = Path(cfg.run.run_dir) / "data" / f"add_or_sub_in_base.train-{level}.generated.jsonl"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            rows = generate(d.fallback_size, level, seed=cfg.run.seed)
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log.warning(
-            f"data.train_path {d.train_path} is missing; using generated {path} (data.fallback={d.fallback})"
-        )
-    ex, report = load_examples(
-        path, prompt_field=d.prompt_field, answer_field=d.answer_field, on_bad=d.on_bad, limit=d.limit
-    )
-    return ex, str(path)
-
-
-def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
-    """Augmented expert rows (for the expert buffer) and the encoded prompts (for rollout workers)."""
-    from sm_dist.core.vocab import get_bkspc_id
-    from sm_dist.data.datasets import augment, encode_examples, make_data_rows
-
-    d = cfg.data
-    examples, _ = load_train_examples(cfg)
-    enc, _ = encode_examples(examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad)
-    if not enc:
-        raise ConfigError("data.train_path", f"no usable examples in {d.train_path} after encoding.")
-    bk = get_bkspc_id(tok)
-    specials = set(tok.all_special_ids) | {bk}
-    if d.noise == "task":
-        noise_ids = sorted({t for e in enc for t in e.target_ids} - specials)
-    else:
-        noise_ids = [i for i in range(len(tok)) if i not in specials]
-    rows: list[dict] = []
-    for c in range(d.augment_copies):
-        aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
-        rows += make_data_rows(aug, bk, id_prefix=f"data{c}")
-    return rows, [e.prompt_ids for e in enc]
-
-
-def start_ray(cfg: Config, address: str | None):
-    """Join the cluster at `address` (or RAY_ADDRESS / run.address); else start a local one."""
-    import ray
-
-    address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
-    set_process_env()
-    if address:
-        ray.init(address=address, logging_level=ray_logging_level())
-        return ray, False
-    return init_local_ray(cfg.run.num_cpus, env=vllm_env(cfg.rollout.engine.cpu_kvcache_gib)), True
-
-
-def check_resources(ray, cfg: Config) -> None:
-    """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
-    have = ray.cluster_resources()
-    r, lc = cfg.rollout, cfg.learner
-    cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
-    gpu_need = r.num_workers * r.gpus_per_worker + lc.num_learners * lc.gpus_per_learner
-    if cpu_need > have.get("CPU", 0):
-        raise ConfigError(
-            "rollout.num_workers",
-            f"{r.num_workers} workers x rollout.cpus_per_worker={r.cpus_per_worker} + {lc.num_learners} learners "
-            f"x learner.cpus_per_learner={lc.cpus_per_learner} = {cpu_need} CPUs, but the cluster has "
-            f"{have.get('CPU', 0)}.",
-            "lower rollout.num_workers / rollout.cpus_per_worker (or learner.*), or add CPUs (run.num_cpus)",
-        )
-    if gpu_need > have.get("GPU", 0):
-        raise ConfigError(
-            "rollout.gpus_per_worker",
-            f"rollout.num_workers={r.num_workers} x rollout.gpus_per_worker={r.gpus_per_worker} + "
-            f"{lc.num_learners} learners x learner.gpus_per_learner={lc.gpus_per_learner} = {gpu_need} GPUs, "
-            f"but the cluster has {have.get('GPU', 0)}.",
-            "lower rollout.num_workers / rollout.gpus_per_worker, or run on a cluster with GPUs",
-        )
-
-
-def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
-    from sm_dist.buffer.replay import ReplayBuffer
-    from sm_dist.rollout.engine import RolloutParams
-    from sm_dist.rollout.worker import PromptShard, RolloutWorker
-
-    b, r = cfg.buffer, cfg.rollout
-    run_dir = cfg.run.run_dir
-    env = {"env_vars": vllm_env(r.engine.cpu_kvcache_gib)}
-    Buf = ray.remote(num_cpus=0)(ReplayBuffer)
-    replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
-    expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
-    params = RolloutParams(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_actions=r.max_actions,
-        max_backspaces=r.max_backspaces,
-        samples_per_prompt=r.samples_per_prompt,
-        seed=cfg.run.seed,
-    )
-    e = r.engine
-    engine_kwargs = {
-        "dtype": cfg.model.dtype,
-        "max_model_len": e.max_model_len,
-        "gpu_memory_utilization": e.gpu_memory_utilization,
-        "enforce_eager": e.enforce_eager,
-        "enable_prefix_caching": e.enable_prefix_caching,
-        "max_num_seqs": e.max_num_seqs,
-        "rpc_timeout_s": cfg.sync.timeout_s,
-    }
-    collective = cfg.sync.transport != "object_store"
-    if cfg.sync.transport == "nccl":
-        engine_kwargs["weight_transfer_backend"] = "nccl"
-    W = ray.remote(
-        num_cpus=r.cpus_per_worker,
-        num_gpus=r.gpus_per_worker,
-        runtime_env=env,
-        max_concurrency=2 if collective else 1,  # a transfer stage runs beside the batch it waits for
-        max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
-    )(RolloutWorker)
-    names = [f"w{i}" for i in range(r.num_workers)]
-    # by reference: small creation arguments survive a restart (PromptShard); the caller holds the
-    # refs for the whole run, so a restarted worker can still read its prompts
-    shards = [ray.put(prompts[i :: r.num_workers]) for i in range(r.num_workers)]
-    workers = [
-        W.remote(
-            names[i], model_dir, PromptShard(shards[i]), params, r.batch_size, sink=replay,
-            engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
-        )
-        for i in range(r.num_workers)
-    ]  # fmt: skip
-    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), shards
-
-
-def build_learners(ray, cfg: Config, model_dir: str) -> list:
-    """The learner ranks (one torch.distributed group), with weights from `model_dir`."""
-    from sm_dist.learner.learner import Learner
-
-    lc = cfg.learner
-    env = {"env_vars": vllm_env(cfg.rollout.engine.cpu_kvcache_gib)}
-    L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
-    addr = ray.util.get_node_ip_address()
-    port = lc.master_port or free_port(addr)
-    return [
-        L.remote(
-            rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),
-            cfg.run.total_steps, cfg.run.seed,
-        )
-        for rank in range(lc.num_learners)
-    ]  # fmt: skip
-
-
-def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
-    """Block until every actor has finished its constructor (vLLM engines built, models loaded), so
-    the loop, its clock and the staleness bound start with every worker able to generate; return the
-    seconds it took. A constructor error is re-raised naming the actor; a timeout names the late ones."""
-    from sm_dist.sync.base import wait_all
-
-    t0 = time.perf_counter()
-    futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
-    labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
-    log.info(f"starting {len(workers)} rollout workers and {len(learners)} learners ...")
-    try:
-        wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
-    except ray.exceptions.RayActorError as e:
-        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
-    return time.perf_counter() - t0
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -553,16 +375,6 @@ def save_checkpoint(t: Trainer, timeout_s: float | None = None) -> Path:
     return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
 
 
-def describe_error(err: BaseException) -> str:
-    """One line: the error (for a Ray task error, its cause) and the actor class that died, if any."""
-    import re
-
-    cause = getattr(err, "cause", None) or err
-    first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
-    died = re.search(r"class_name: (\w+)", str(err))
-    return f"{type(cause).__name__}: {first}" + (f" [dead actor: {died.group(1)}]" if died else "")
-
-
 def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
     """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
     last checkpoint is lost, and say how to resume."""
@@ -658,6 +470,32 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         release_run_dir(run_dir)
 
 
+def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
+    """summary.json, and the end summary on stdout (the command's result; logs go to stderr)."""
+    summary = {
+        "run_dir": str(run_dir),
+        "step": t.s.step,
+        "version": t.s.version,
+        "syncs_applied": t.s.syncs,
+        "rollout_batches": t.s.rollout_batches,
+        "worker_restarts": t.restarts,
+        "learner_restarts": t.learner_restarts,
+        "last_checkpoint": str(final),
+        "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
+        "metrics": str(logger.path),
+        "tensorboard": str(logger.tb_dir),
+        "buffer": t.ray.get(t.replay.stats.remote()),
+        "stopped_early": t.s.step < step_limit(t.cfg),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(
+        f"{'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
+        f"(weights version {t.s.version})\n  run dir:     {run_dir}\n  checkpoint:  {final}\n"
+        f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
+        f"  resume with: sm-dist train <config> --resume {run_dir}"
+    )
+
+
 def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
     from transformers import AutoTokenizer
 
@@ -685,13 +523,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
         replay, expert, workers, names, learners, prompt_refs = build_actors(ray, cfg, prompts, model_dir)
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
-        if cfg.sync.transport != "object_store":
-            ray.get(
-                [
-                    lr.connect_weight_transfer.remote(cfg.sync.transport, workers, names, cfg.sync.timeout_s)
-                    for lr in learners
-                ]
-            )
+        connect_weight_transfer(ray, cfg, learners, workers, names)
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
@@ -715,28 +547,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
             raise
         final = save_checkpoint(t)
         logger.close()
-        summary = {
-            "run_dir": str(run_dir),
-            "step": t.s.step,
-            "version": t.s.version,
-            "syncs_applied": t.s.syncs,
-            "rollout_batches": t.s.rollout_batches,
-            "worker_restarts": t.restarts,
-            "learner_restarts": t.learner_restarts,
-            "last_checkpoint": str(final),
-            "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
-            "metrics": str(logger.path),
-            "tensorboard": str(logger.tb_dir),
-            "buffer": ray.get(replay.stats.remote()),
-            "stopped_early": t.s.step < step_limit(cfg),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        print(  # the command's result, on stdout (logs go to stderr and driver.log)
-            f"{'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
-            f"(weights version {t.s.version})\n  run dir:     {run_dir}\n  checkpoint:  {final}\n"
-            f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
-            f"  resume with: sm-dist train <config> --resume {run_dir}"
-        )
+        _finish(t, run_dir, final, logger)
         return 0
     finally:
         if local:

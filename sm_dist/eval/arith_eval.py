@@ -216,22 +216,13 @@ def evaluate(
 
         engine = BackspaceEngine(model_dir, worker_extension_cls=None)
     results = _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress)
-    summary = summarize(results, skipped=sum(report.skipped.values()))
-    summary.update(
-        skipped_by_reason=dict(report.skipped),
-        decoding=decoding,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        samples=params.samples_per_prompt,
-        seed=seed,
-        forced_error=force_error,
-        bkspc_bias=bkspc_bias,
-        backspace="off" if params.forbid_bkspc else "on",
-        model=str(model_dir),
-        data=str(data),
-        examples=[asdict(r) for r in results],
-    )
-    return summary
+    p = params
+    return summarize(results, skipped=sum(report.skipped.values())) | {
+        "skipped_by_reason": dict(report.skipped), "decoding": decoding, "temperature": p.temperature,
+        "top_p": p.top_p, "samples": p.samples_per_prompt, "seed": seed, "forced_error": force_error,
+        "bkspc_bias": bkspc_bias, "backspace": "off" if p.forbid_bkspc else "on", "model": str(model_dir),
+        "data": str(data), "examples": [asdict(r) for r in results],
+    }  # fmt: skip
 
 
 def _encode(tok, examples) -> tuple[list[list[int]], list[list[int]]]:

@@ -270,21 +270,7 @@ class Learner:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + v / len(micro)
         grad_norm = self._clip()
-        bad = self._any_rank(bad or not math.isfinite(grad_norm))
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.c.skipped += 1
-            self.c.bad_in_a_row += 1
-            if self.c.bad_in_a_row >= self.opt_p.nan_tolerance:
-                raise FloatingPointError(
-                    f"learner rank {self.rank}: {self.c.bad_in_a_row} non-finite steps in a row at step "
-                    f"{self.c.step} (learner.nan_tolerance={self.opt_p.nan_tolerance}); last: "
-                    f"{getattr(self, '_last_error', 'non-finite grad norm')}. Lower learner.lr or "
-                    "objective.chi2_weight"
-                )
-        else:
-            self.optimizer.step()
-            self.c.bad_in_a_row = 0
+        self._apply_or_skip(self._any_rank(bad or not math.isfinite(grad_norm)))
         self.scheduler.step()
         self.c.step += 1
         self.c.sequences += len(data) + len(replay)
@@ -300,6 +286,24 @@ class Learner:
             }
         )
         return metrics
+
+    def _apply_or_skip(self, bad: bool) -> None:
+        """The optimiser step, or (a non-finite step on any rank) discard the gradients; raise after
+        `nan_tolerance` bad steps in a row."""
+        if not bad:
+            self.optimizer.step()
+            self.c.bad_in_a_row = 0
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        self.c.skipped += 1
+        self.c.bad_in_a_row += 1
+        if self.c.bad_in_a_row >= self.opt_p.nan_tolerance:
+            raise FloatingPointError(
+                f"learner rank {self.rank}: {self.c.bad_in_a_row} non-finite steps in a row at step "
+                f"{self.c.step} (learner.nan_tolerance={self.opt_p.nan_tolerance}); last: "
+                f"{getattr(self, '_last_error', 'non-finite grad norm')}. Lower learner.lr or "
+                "objective.chi2_weight"
+            )
 
     def _clip(self) -> float:
         params = [p for p in self.module.parameters() if p.grad is not None]

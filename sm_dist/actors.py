@@ -1,0 +1,160 @@
+"""Building a run's actors from its config: Ray (joined or started on loopback), a resource check,
+the replay and expert buffers, the rollout workers (each with its prompt shard), the learner ranks, and
+the wait until every constructor has finished. `ray.remote` is applied here, so the role classes stay
+plain Python (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from sm_dist.cluster import free_port, init_local_ray, ray_logging_level, set_process_env, vllm_env
+from sm_dist.config import Config, ConfigError
+
+log = logging.getLogger("sm_dist.driver")
+
+
+def start_ray(cfg: Config, address: str | None):
+    """Join the cluster at `address` (or RAY_ADDRESS / run.address); else start a local one."""
+    import ray
+
+    address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
+    set_process_env()
+    if address:
+        ray.init(address=address, logging_level=ray_logging_level())
+        return ray, False
+    return init_local_ray(cfg.run.num_cpus, env=vllm_env(cfg.rollout.engine.cpu_kvcache_gib)), True
+
+
+def check_resources(ray, cfg: Config) -> None:
+    """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
+    have = ray.cluster_resources()
+    r, lc = cfg.rollout, cfg.learner
+    cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
+    gpu_need = r.num_workers * r.gpus_per_worker + lc.num_learners * lc.gpus_per_learner
+    if cpu_need > have.get("CPU", 0):
+        raise ConfigError(
+            "rollout.num_workers",
+            f"{r.num_workers} workers x rollout.cpus_per_worker={r.cpus_per_worker} + {lc.num_learners} learners "
+            f"x learner.cpus_per_learner={lc.cpus_per_learner} = {cpu_need} CPUs, but the cluster has "
+            f"{have.get('CPU', 0)}.",
+            "lower rollout.num_workers / rollout.cpus_per_worker (or learner.*), or add CPUs (run.num_cpus)",
+        )
+    if gpu_need > have.get("GPU", 0):
+        raise ConfigError(
+            "rollout.gpus_per_worker",
+            f"rollout.num_workers={r.num_workers} x rollout.gpus_per_worker={r.gpus_per_worker} + "
+            f"{lc.num_learners} learners x learner.gpus_per_learner={lc.gpus_per_learner} = {gpu_need} GPUs, "
+            f"but the cluster has {have.get('GPU', 0)}.",
+            "lower rollout.num_workers / rollout.gpus_per_worker, or run on a cluster with GPUs",
+        )
+
+
+def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
+    from sm_dist.buffer.replay import ReplayBuffer
+    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.rollout.worker import PromptShard, RolloutWorker
+
+    b, r = cfg.buffer, cfg.rollout
+    run_dir = cfg.run.run_dir
+    env = {"env_vars": vllm_env(r.engine.cpu_kvcache_gib)}
+    Buf = ray.remote(num_cpus=0)(ReplayBuffer)
+    replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
+    expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
+    params = RolloutParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_actions=r.max_actions,
+        max_backspaces=r.max_backspaces,
+        samples_per_prompt=r.samples_per_prompt,
+        seed=cfg.run.seed,
+    )
+    e = r.engine
+    engine_kwargs = {
+        "dtype": cfg.model.dtype,
+        "max_model_len": e.max_model_len,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "enforce_eager": e.enforce_eager,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "max_num_seqs": e.max_num_seqs,
+        "rpc_timeout_s": cfg.sync.timeout_s,
+    }
+    collective = cfg.sync.transport != "object_store"
+    if cfg.sync.transport == "nccl":
+        engine_kwargs["weight_transfer_backend"] = "nccl"
+    W = ray.remote(
+        num_cpus=r.cpus_per_worker,
+        num_gpus=r.gpus_per_worker,
+        runtime_env=env,
+        max_concurrency=2 if collective else 1,  # a transfer stage runs beside the batch it waits for
+        max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
+    )(RolloutWorker)
+    names = [f"w{i}" for i in range(r.num_workers)]
+    # by reference: small creation arguments survive a restart (PromptShard); the caller holds the
+    # refs for the whole run, so a restarted worker can still read its prompts
+    shards = [ray.put(prompts[i :: r.num_workers]) for i in range(r.num_workers)]
+    workers = [
+        W.remote(
+            names[i], model_dir, PromptShard(shards[i]), params, r.batch_size, sink=replay,
+            engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
+        )
+        for i in range(r.num_workers)
+    ]  # fmt: skip
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), shards
+
+
+def build_learners(ray, cfg: Config, model_dir: str) -> list:
+    """The learner ranks (one torch.distributed group), with weights from `model_dir`."""
+    from sm_dist.learner.learner import Learner
+
+    lc = cfg.learner
+    env = {"env_vars": vllm_env(cfg.rollout.engine.cpu_kvcache_gib)}
+    L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
+    addr = ray.util.get_node_ip_address()
+    port = lc.master_port or free_port(addr)
+    return [
+        L.remote(
+            rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),
+            cfg.run.total_steps, cfg.run.seed,
+        )
+        for rank in range(lc.num_learners)
+    ]  # fmt: skip
+
+
+def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
+    """Block until every actor has finished its constructor (vLLM engines built, models loaded), so
+    the loop, its clock and the staleness bound start with every worker able to generate; return the
+    seconds it took. A constructor error is re-raised naming the actor; a timeout names the late ones."""
+    from sm_dist.sync.base import wait_all
+
+    t0 = time.perf_counter()
+    futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
+    labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
+    log.info(f"starting {len(workers)} rollout workers and {len(learners)} learners ...")
+    try:
+        wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
+    return time.perf_counter() - t0
+
+
+def connect_weight_transfer(ray, cfg: Config, learners, workers, names) -> None:
+    """A collective transport (gloo, nccl): learner rank 0 and every worker join one group."""
+    if cfg.sync.transport != "object_store":
+        t = cfg.sync
+        ray.get(
+            [lr.connect_weight_transfer.remote(t.transport, workers, names, t.timeout_s) for lr in learners]
+        )
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the error (for a Ray task error, its cause) and the actor class that died, if any."""
+    import re
+
+    cause = getattr(err, "cause", None) or err
+    first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+    died = re.search(r"class_name: (\w+)", str(err))
+    return f"{type(cause).__name__}: {first}" + (f" [dead actor: {died.group(1)}]" if died else "")

@@ -1,0 +1,223 @@
+"""Loading a run configuration: YAML + `a.b.c=value` overrides -> a validated, path-resolved `Config`;
+`dump_config` and the `--reference` generator (docs/config.md). Imports no torch, Ray or vLLM.
+
+Path rules (`load_config`): a relative path in `model.dir` / `data.train_path` is looked up against the
+current directory, then the config file's directory, then its parent (the repo root for `configs/*.yaml`);
+the first that exists wins, else the current-directory path is kept. `run.run_dir` resolves against the
+current directory. `model.dir: null` means `<run_dir>/model` (built there when `make_tiny_if_missing`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sm_dist.config import Config, ConfigError
+
+# ---- loading ----------------------------------------------------------------------------------------
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for i, p in enumerate(parts[:-1]):
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is {nxt!r}, not a section; cannot set {key}.")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b.c=value` strings -> (key, YAML-typed value)."""
+    out = []
+    for o in overrides:
+        key, sep, raw = o.partition("=")
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(o, "an override must look like section.key=value.", "e.g. learner.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"value {raw!r} is not valid YAML ({e}).", "quote strings") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def _validation_error(e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"]) or "<root>"
+    typ, msg = err["type"], err["msg"]
+    if typ == "extra_forbidden":
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _allowed_keys(section)
+        return ConfigError(key, "unknown key.", f"remove it or use one of: {', '.join(allowed)}")
+    if typ.startswith("value_error"):  # our own validators already name the key and the fix
+        inner = msg.removeprefix("Value error, ")
+        m = re.match(r"([a-z_][a-z0-9_.]*): (.*)", inner, re.S)
+        return ConfigError(m.group(1), m.group(2)) if m else ConfigError(key, inner)
+    bad = err.get("input")
+    return ConfigError(
+        key, f"{msg} (got {bad!r}).", f"see `{key}` in `sm-dist config --reference` (docs/config.md)"
+    )
+
+
+def _allowed_keys(section: str) -> list[str]:
+    cls: type[BaseModel] = Config
+    for p in [p for p in section.split(".") if p]:
+        ann = cls.model_fields[p].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return sorted(cls.model_fields)
+
+
+def _resolve(path: str, bases: list[Path]) -> str:
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute():
+        return str(p)
+    for b in bases:
+        if (b / p).exists():
+            return str((b / p).resolve())
+    return str((bases[0] / p).resolve())
+
+
+def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
+    """Absolute paths (module docstring rules); `model.dir` null -> `<run_dir>/model`."""
+    bases = [Path.cwd()]
+    if config_path is not None:
+        bases += [config_path.parent.resolve(), config_path.parent.resolve().parent]
+    run_dir = str((Path.cwd() / os.path.expanduser(cfg.run.run_dir)).resolve())
+    model_dir = _resolve(cfg.model.dir, bases) if cfg.model.dir else str(Path(run_dir) / "model")
+    out = cfg.model_copy(deep=True)
+    out.run.run_dir = run_dir
+    out.model.dir = model_dir
+    out.data.train_path = _resolve(cfg.data.train_path, bases)
+    return out
+
+
+def check_paths(cfg: Config) -> None:
+    """Files that must exist at load time."""
+    md = Path(cfg.model.dir)
+    if not md.exists() and not cfg.model.make_tiny_if_missing:
+        raise ConfigError(
+            "model.dir",
+            f"model folder {md} does not exist.",
+            "point model.dir at an HF model folder with <bkspc> (sm-dist add-bkspc), or set "
+            "model.make_tiny_if_missing=true",
+        )
+    if md.exists() and not (md / "config.json").exists():
+        raise ConfigError("model.dir", f"{md} has no config.json; it is not an HF model folder.")
+    named = re.search(r"train-(easy|medium|hard)", Path(cfg.data.train_path).name)
+    if cfg.data.fallback != "none" and named and cfg.data.fallback != f"arith_{named[1]}":
+        raise ConfigError(
+            "data.fallback",
+            f"{cfg.data.fallback} would replace the {named[1]} split named by data.train_path "
+            f"({cfg.data.train_path}) with another level if that file were missing.",
+            f"set data.fallback=arith_{named[1]} (or none)",
+        )
+    if not Path(cfg.data.train_path).exists() and cfg.data.fallback == "none":
+        raise ConfigError(
+            "data.train_path",
+            f"{cfg.data.train_path} does not exist and data.fallback is 'none'.",
+            f"fix the path, or set data.fallback=arith_{named[1] if named else 'easy'} to generate arithmetic data",
+        )
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML `path` (None: all defaults), apply `a.b.c=value` overrides, validate, resolve paths.
+
+    Raises ConfigError (dotted key + message + fix) for a missing file, bad YAML, unknown keys, wrong
+    types, failed cross-field checks and missing model/data paths.
+    """
+    raw: dict = {}
+    cpath = Path(path) if path is not None else None
+    if cpath is not None:
+        if not cpath.is_file():
+            raise ConfigError(
+                "<file>",
+                f"config file {cpath} does not exist.",
+                "pass a YAML file, e.g. configs/tiny-cpu.yaml",
+            )
+        try:
+            raw = yaml.safe_load(cpath.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<file>", f"{cpath} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("<root>", f"{cpath} must hold a mapping of sections, got {type(raw).__name__}.")
+    for key, value in parse_overrides(list(overrides or [])):
+        _set_dotted(raw, key, value)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    cfg = resolve_paths(cfg, cpath)
+    check_paths(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what the run logs and saves as `<run_dir>/config.yaml`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(ann: Any) -> str:
+    """A short, readable type for the reference: `int`, `float | null`, `"ddp" | "fsdp2"`, ..."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _md_cell(text: str) -> str:
+    """Text for a markdown table cell: `|` escaped, and `<` outside code spans (else `<bkspc>` would
+    read as an HTML tag and vanish)."""
+    parts = text.replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
+
+
+def reference() -> str:
+    """Every config key (dotted), with its type, default and description, as markdown: the source of
+    `docs/config.md` and of `sm-dist config --reference`."""
+    out = [
+        "# Config reference",
+        "",
+        "Every key of a run config (`sm-dist train CONFIG key=value ...`), with its type, default and",
+        "meaning. Generated from `sm_dist/config.py` by `sm-dist config --reference`; do not edit by hand.",
+        "",
+    ]
+
+    def section(cls: type[BaseModel], prefix: str) -> None:
+        nested: list[tuple[str, type[BaseModel]]] = []
+        rows = []
+        for name, f in cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((f"{prefix}{name}", ann))
+                continue
+            default = f.get_default(call_default_factory=True)
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").strip()
+            text = _md_cell(f.description or "")
+            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{shown}` | {text} |")
+        if rows:
+            out.extend([f"## `{prefix.rstrip('.')}`", "", (cls.__doc__ or "").strip(), ""])
+            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for name, sub in nested:
+            section(sub, f"{name}.")
+
+    section(Config, "")
+    return "\n".join(out).rstrip() + "\n"

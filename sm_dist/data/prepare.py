@@ -1,0 +1,76 @@
+"""Preparing a run's model and expert data from its config (the driver's set-up, before any actor).
+
+`prepare_model` builds the tiny model when asked; `build_data` loads, encodes and noise-augments the
+expert examples into Arrow-ready rows for the expert buffer and the encoded prompts for the rollout
+workers. A missing `data.train_path` is generated only with an explicit `data.fallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sm_dist.config import Config, ConfigError
+
+log = logging.getLogger("sm_dist.data")
+
+
+def prepare_model(cfg: Config) -> None:
+    md = Path(cfg.model.dir)
+    if md.exists():
+        return
+    from sm_dist.core.tiny import make_tiny_model
+
+    t = cfg.model.tiny
+    log.info(f"building tiny model at {md}")
+    make_tiny_model(
+        md, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
+    )
+
+
+def load_train_examples(cfg: Config):
+    """Examples from data.train_path, or generated arithmetic data (data.fallback) when it is missing."""
+    from sm_dist.data.datasets import load_examples
+
+    path = Path(cfg.data.train_path)
+    d = cfg.data
+    if not path.exists():
+        from sm_dist.data.arith import generate
+
+        level = d.fallback.removeprefix("arith_")
+        path = Path(cfg.run.run_dir) / "data" / f"add_or_sub_in_base.train-{level}.generated.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = generate(d.fallback_size, level, seed=cfg.run.seed)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.warning(
+            f"data.train_path {d.train_path} is missing; using generated {path} (data.fallback={d.fallback})"
+        )
+    ex, report = load_examples(
+        path, prompt_field=d.prompt_field, answer_field=d.answer_field, on_bad=d.on_bad, limit=d.limit
+    )
+    return ex, str(path)
+
+
+def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
+    """Augmented expert rows (for the expert buffer) and the encoded prompts (for rollout workers)."""
+    from sm_dist.core.vocab import get_bkspc_id
+    from sm_dist.data.datasets import augment, encode_examples, make_data_rows
+
+    d = cfg.data
+    examples, _ = load_train_examples(cfg)
+    enc, _ = encode_examples(examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad)
+    if not enc:
+        raise ConfigError("data.train_path", f"no usable examples in {d.train_path} after encoding.")
+    bk = get_bkspc_id(tok)
+    specials = set(tok.all_special_ids) | {bk}
+    if d.noise == "task":
+        noise_ids = sorted({t for e in enc for t in e.target_ids} - specials)
+    else:
+        noise_ids = [i for i in range(len(tok)) if i not in specials]
+    rows: list[dict] = []
+    for c in range(d.augment_copies):
+        aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
+        rows += make_data_rows(aug, bk, id_prefix=f"data{c}")
+    return rows, [e.prompt_ids for e in enc]
