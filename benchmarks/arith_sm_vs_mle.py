@@ -50,7 +50,7 @@ SWEEP_JSON = DOCS / "arith_sweep.json"
 # The setting the final comparison uses when docs/arith_sweep.json has no choice (see --sweep).
 CHOSEN = {"p_noise": 0.1, "chi2_weight": 1e-3, "sm_lambda": 0.5, "rollouts_per_row": 1, "bc_p_noise": 0.1}
 SWEEP = {
-    "chi2_weight": [1e-3, 1e-2, 0.1, 1.0, 25.0],
+    "chi2_weight": [1e-4, 1e-3, 1e-2, 0.1, 1.0, 25.0],  # the range, and 1e-4 below it
     "p_noise": [0.05, 0.1, 0.2],
     "sm_lambda": [0.5, 0.9],
     "rollouts_per_row": [1, 2],
