@@ -30,7 +30,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sm_dist.buffer.schema import DATA_POLICY_VERSION, SCHEMA, SCHEMA_VERSION, empty_batch, validate_batch
+from sm_dist.buffer.schema import (
+    DATA_POLICY_VERSION,
+    SCHEMA,
+    SCHEMA_VERSION,
+    empty_batch,
+    upgrade_batch,
+    validate_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +314,7 @@ class ReplayBuffer:
         file, offset, rows = entry["file"], int(entry["offset"]), int(entry["rows"])
         seq = int(file[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
         try:
-            batch = _read_segment(self._dir / file)
+            batch = upgrade_batch(_read_segment(self._dir / file))
             if batch.num_rows != offset + rows:
                 raise ValueError(f"has {batch.num_rows} rows, manifest says {offset} evicted + {rows} live")
             validate_batch(batch)

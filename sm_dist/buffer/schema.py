@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: is_noise (v1 segments are upgraded on read, `upgrade_batch`)
 SCHEMA_VERSION_KEY = b"sm_dist.schema_version"
 
 SOURCES = ("data", "model")  # dictionary values of `source`, in this fixed order (index 0, 1)
@@ -47,11 +47,15 @@ SCHEMA = pa.schema(
         pa.field("worker_id", pa.string(), nullable=False),
         # timestamp[us, UTC]; both writers (rows_to_batch fills "now" when absent).
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # list<bool>; data pipeline: per action, True at an injected noise token (the objective does not
+        # imitate it with objective.mask_noise_actions); rollout worker: empty (rows_to_batch's default).
+        pa.field("is_noise", pa.list_(pa.bool_()), nullable=False),
     ],
     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 COLUMNS = tuple(SCHEMA.names)
 _INT_LIST_COLUMNS = ("prompt_ids", "action_ids", "final_ids")
+_OPTIONAL = ("created_at", "is_noise")  # filled by rows_to_batch: now, and no noise flags
 
 
 def _check_int_list(value, where: str) -> list[int]:
@@ -87,7 +91,7 @@ def _check_row(row: dict, i: int, now: dt.datetime) -> dict:
     unknown = sorted(set(row) - set(COLUMNS))
     if unknown:
         raise ValueError(f"row {i}: unknown column(s) {unknown}; the schema has {list(COLUMNS)}")
-    missing = [c for c in COLUMNS if c not in row and c != "created_at"]
+    missing = [c for c in COLUMNS if c not in row and c not in _OPTIONAL]
     if missing:
         raise ValueError(f"row {i}: missing column(s) {missing}")
     out = {"sample_id": _check_str(row["sample_id"], f"row {i} column 'sample_id'")}
@@ -105,6 +109,10 @@ def _check_row(row: dict, i: int, now: dt.datetime) -> dict:
     if not isinstance(created, dt.datetime) or created.tzinfo is None:
         raise ValueError(f"row {i} column 'created_at': expected a timezone-aware datetime, got {created!r}")
     out["created_at"] = created
+    flags = row.get("is_noise") or []
+    if not isinstance(flags, (list, tuple)) or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"row {i} column 'is_noise': expected a list of bools, got {flags!r}")
+    out["is_noise"] = list(flags)
     _check_semantics(out, f"row {i}")
     return out
 
@@ -120,7 +128,14 @@ def _check_semantics(row: dict, where: str) -> None:
         raise ValueError(
             f"{where} column 'policy_version': model rows need a version >= 0, got {row['policy_version']}"
         )
-    n_lp, n_act = len(row["logprobs"]), len(row["action_ids"])
+    n_noise, n_act = len(row["is_noise"]), len(row["action_ids"])
+    if n_noise not in (0, n_act):
+        raise ValueError(
+            f"{where} column 'is_noise': {n_noise} flags for {n_act} actions (need 0 or {n_act})"
+        )
+    if n_noise and row["source"] == "model":
+        raise ValueError(f"{where} column 'is_noise': model rows have no injected noise; leave it empty")
+    n_lp = len(row["logprobs"])
     if n_lp not in (0, n_act):
         raise ValueError(
             f"{where} column 'logprobs': {n_lp} log-probs for {n_act} actions (need 0 or {n_act})"
@@ -152,6 +167,20 @@ def rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
         else:
             arrays.append(pa.array(values, type=f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+def upgrade_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch persisted under an older schema, in `SCHEMA` (a current one is returned as it is).
+
+    v1 had no `is_noise`: every row gets an empty list, which the learner reads as "flags unknown" and,
+    for a data row with `<bkspc>` actions, replaces by v1's rule (a token directly followed by `<bkspc>`
+    was injected noise: exact for `augment_noise` data). Current writers store full-length flags for
+    every data row, so the rule applies to v1 rows only.
+    """
+    if "is_noise" in batch.schema.names:
+        return batch
+    empty = pa.array([[]] * batch.num_rows, type=pa.list_(pa.bool_()))
+    return pa.RecordBatch.from_arrays([*batch.columns, empty], schema=SCHEMA)
 
 
 def batch_to_rows(batch: pa.RecordBatch | pa.Table) -> list[dict]:

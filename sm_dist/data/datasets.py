@@ -296,48 +296,7 @@ def make_data_rows(
                 "logprobs": [],
                 "finish_reason": "eos",
                 "worker_id": worker_id,
+                "is_noise": [bool(f) for f in ex.is_noise],  # full length, also when all False
             }
         )
     return rows
-
-
-class ShardedPromptSource:
-    """An endless stream of this shard's examples, reshuffled every epoch (one per rollout worker).
-
-    Shard k of N holds examples[k::N], so shards are disjoint and together cover the data. Epoch e is
-    shuffled with seed (seed, shard_index, e): reproducible, and different across shards and epochs.
-    """
-
-    def __init__(self, examples: Sequence[Example], shard_index: int, num_shards: int, seed: int = 0):
-        if not 0 <= shard_index < num_shards:
-            raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
-        self._shard = list(examples[shard_index::num_shards])
-        if not self._shard:
-            raise ValueError(
-                f"shard {shard_index} of {num_shards} is empty ({len(examples)} examples); use fewer shards"
-            )
-        self._seed, self._index = seed, shard_index
-        self.epoch, self._pos = 0, 0
-        self._order = self._shuffled(0)
-
-    def _shuffled(self, epoch: int) -> list[int]:
-        order = list(range(len(self._shard)))
-        random.Random(f"{self._seed}-{self._index}-{epoch}").shuffle(order)
-        return order
-
-    def __len__(self) -> int:
-        return len(self._shard)
-
-    def __iter__(self) -> Iterator[Example]:
-        return self
-
-    def __next__(self) -> Example:
-        if self._pos == len(self._order):
-            self.epoch, self._pos = self.epoch + 1, 0
-            self._order = self._shuffled(self.epoch)
-        self._pos += 1
-        return self._shard[self._order[self._pos - 1]]
-
-    def take(self, n: int) -> list[Example]:
-        """The next `n` examples (crossing epoch boundaries as needed)."""
-        return [next(self) for _ in range(n)]

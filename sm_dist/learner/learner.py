@@ -95,9 +95,18 @@ def lr_factor(step: int, p: OptimParams) -> float:
 
 
 def noise_flags(action_ids: list[int], bkspc_id: int) -> list[bool]:
-    """Augmented data: a token directly followed by `<bkspc>` is an injected mistake (DESIGN §2)."""
+    """Schema v1 rows only (no stored flags): a token directly followed by `<bkspc>` was an injected
+    mistake, as `augment_noise` writes them (DESIGN §2). Rows of schema v2 carry `is_noise`."""
     n = len(action_ids)
     return [a != bkspc_id and i + 1 < n and action_ids[i + 1] == bkspc_id for i, a in enumerate(action_ids)]
+
+
+def _data_noise(row: dict, acts: list[int], bkspc_id: int) -> list[bool] | None:
+    """A data row's noise flags: its `is_noise` column, or v1's rule when a v1 row has none."""
+    flags = row.get("is_noise") or []
+    if flags:
+        return list(flags)
+    return noise_flags(acts, bkspc_id) if bkspc_id in acts else None
 
 
 def _as_rows(rows) -> list[dict]:
@@ -231,7 +240,7 @@ class Learner:
                     self.bkspc_id,
                     eos_id=self.eos_id,
                     vocab_size=self.vocab_size,
-                    is_noise=noise_flags(acts, self.bkspc_id) if is_data else None,
+                    is_noise=_data_noise(r, acts, self.bkspc_id) if is_data else None,
                     from_data=is_data,
                 )
             )

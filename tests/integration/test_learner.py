@@ -41,6 +41,7 @@ def rows(tiny_model_dir):
                 "action_ids": acts,
                 "source": "model",
                 "policy_version": 0,
+                "is_noise": [],
             }
         )
     return data, model
@@ -148,3 +149,20 @@ def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
     b.train_step(data[:2], model[:2])
     with pytest.raises(FloatingPointError, match="nan_tolerance"):
         b.train_step(data[:2], model[:2])
+
+
+def test_data_rows_use_their_stored_noise_flags(tiny_model_dir, rows):
+    """is_noise travels in the Arrow schema: a data row's own flags decide what is not imitated (a
+    genuine expert correction, a token then <bkspc>, stays imitated); only a v1 row without flags
+    falls back to v1's rule (a token directly followed by <bkspc> was injected)."""
+    from sm_dist.learner.learner import Learner
+
+    data, _ = rows
+    row = next(r for r in data if any(r["is_noise"]))
+    lr = Learner(0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
+    stored, genuine, v1 = lr.traces(
+        [row, {**row, "is_noise": [False] * len(row["action_ids"])}, {**row, "is_noise": []}]
+    )
+    assert stored.is_noise.tolist() == row["is_noise"]
+    assert not genuine.is_noise.any()
+    assert v1.is_noise.tolist() == row["is_noise"]  # augment_noise data: the rule is exact

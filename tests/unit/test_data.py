@@ -15,7 +15,6 @@ from sm_dist.core.traces import collapse
 from sm_dist.core.vocab import get_bkspc_id
 from sm_dist.data.datasets import (
     Example,
-    ShardedPromptSource,
     augment,
     encode_examples,
     load_examples,
@@ -159,23 +158,3 @@ def test_make_data_rows_rejects_a_trace_that_does_not_collapse_to_its_target():
     bad = AugmentedExample(prompt_ids=[1], target_ids=[5, 2], action_ids=[5, 9], is_noise=[False, False])
     with pytest.raises(ValueError, match=r"collapse to \[5, 9\], not the target \[5, 2\]"):
         make_data_rows([bad], bkspc_id=4)
-
-
-def test_sharded_prompt_source_is_disjoint_complete_and_reshuffles():
-    examples = [Example(str(i), "x") for i in range(10)]
-    shards = [ShardedPromptSource(examples, k, 3, seed=1) for k in range(3)]
-    firsts = [s.take(len(s)) for s in shards]
-    assert sorted(e.prompt for part in firsts for e in part) == sorted(e.prompt for e in examples)
-    s = shards[0]
-    second = s.take(len(s))
-    assert s.epoch == 1 and sorted(second, key=lambda e: e.prompt) == sorted(
-        firsts[0], key=lambda e: e.prompt
-    )
-    many = ShardedPromptSource(examples, 0, 1, seed=1)
-    epochs = [tuple(many.take(10)) for _ in range(5)]
-    assert len(set(epochs)) > 1  # shuffled differently across epochs
-    assert ShardedPromptSource(examples, 0, 1, seed=1).take(10) == list(epochs[0])
-    with pytest.raises(ValueError, match="shard_index=3"):
-        ShardedPromptSource(examples, 3, 3)
-    with pytest.raises(ValueError, match="shard 1 of 2 is empty"):
-        ShardedPromptSource(examples[:1], 1, 2)

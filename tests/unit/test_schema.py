@@ -16,6 +16,7 @@ from sm_dist.buffer.schema import (
     batch_to_rows,
     empty_batch,
     rows_to_batch,
+    upgrade_batch,
     validate_batch,
 )
 
@@ -34,6 +35,7 @@ def model_row(i: int = 0, **over) -> dict:
         "finish_reason": "eos",
         "worker_id": "w0",
         "created_at": T0,
+        "is_noise": [],
     }
     return row | over
 
@@ -48,7 +50,7 @@ def data_row(i: int = 0, **over) -> dict:
 def test_schema_has_the_design_columns_and_version():
     assert SCHEMA.names == [
         "sample_id", "prompt_ids", "action_ids", "final_ids", "source", "policy_version",
-        "logprobs", "finish_reason", "worker_id", "created_at",
+        "logprobs", "finish_reason", "worker_id", "created_at", "is_noise",
     ]  # fmt: skip
     assert SCHEMA.field("source").type == pa.dictionary(pa.int8(), pa.string())
     assert SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
@@ -152,3 +154,27 @@ def test_round_trip_property(specs):
             )
         )
     assert batch_to_rows(rows_to_batch(rows)) == rows
+
+
+def test_is_noise_travels_with_data_rows_and_is_checked():
+    flags = [True, False, False, False, False]
+    (out,) = batch_to_rows(rows_to_batch([data_row(0, is_noise=flags)]))
+    assert out["is_noise"] == flags
+    row = model_row()
+    del row["is_noise"]
+    assert batch_to_rows(rows_to_batch([row]))[0]["is_noise"] == []  # optional: no flags
+    with pytest.raises(ValueError, match=r"row 0 column 'is_noise': 2 flags for 5 actions"):
+        rows_to_batch([data_row(0, is_noise=[True, False])])
+    with pytest.raises(ValueError, match="model rows have no injected noise"):
+        rows_to_batch([model_row(0, is_noise=flags)])
+    with pytest.raises(ValueError, match="list of bools"):
+        rows_to_batch([data_row(0, is_noise=[1, 0, 0, 0, 0])])
+
+
+def test_a_v1_segment_is_upgraded_with_empty_flags():
+    v2 = rows_to_batch([model_row(0), data_row(1, is_noise=[False] * 5)])
+    v1 = pa.RecordBatch.from_arrays(v2.columns[:-1], schema=pa.schema(list(SCHEMA)[:-1]))
+    up = upgrade_batch(v1)
+    validate_batch(up)
+    assert [r["is_noise"] for r in batch_to_rows(up)] == [[], []]
+    assert upgrade_batch(v2) is v2
