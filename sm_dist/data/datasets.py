@@ -15,7 +15,7 @@ import logging
 import random
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,8 +25,6 @@ from sm_dist.core.traces import augment_noise, collapse
 
 log = logging.getLogger(__name__)
 
-Format = Literal["jsonl", "parquet", "text"]
-_SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 _FIRST_LINES = 5  # line numbers kept per skip reason
 
 
@@ -89,7 +87,7 @@ class _BadRow(Exception):
 
 def load_examples(
     path: str | Path,
-    fmt: Format | None = None,
+    fmt: str | None = None,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
     text_field: str | None = None,
@@ -109,22 +107,24 @@ def load_examples(
     Line numbers are 1-based (jsonl/text: file lines; parquet: row index + 1).
     """
     path = Path(path)
-    fmt = fmt or _SUFFIX_FORMAT.get(path.suffix.lower())
-    if fmt not in ("jsonl", "parquet", "text"):
+    fmt = fmt or next((k for k, f in FORMATS.items() if path.suffix.lower() in f.suffixes), None)
+    if fmt not in FORMATS:
         raise ValueError(
-            f"cannot infer the format of {path} (suffix {path.suffix!r}); pass fmt='jsonl'|'parquet'|'text'"
+            f"cannot read {path} as {fmt!r} (suffix {path.suffix!r}); pass fmt= one of {sorted(FORMATS)} "
+            "(config: data.format)"
         )
+    form = FORMATS[fmt]
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad={on_bad!r}; use 'error' or 'skip'")
     report = Report(source=str(path))
     examples: list[Example] = []
-    for line_no, raw in _iter_records(path, fmt):
+    for line_no, raw in form.read(path):
         if limit is not None and len(examples) >= limit:
             break
         report.rows_read += 1
         try:
-            record = _decode(raw, fmt, text_field)
-            examples.append(_to_example(record, fmt, prompt_field, answer_field, text_field, prompt_chars))
+            record = form.decode(raw)
+            examples.append(_to_example(record, prompt_field, answer_field, text_field, prompt_chars))
             report.kept += 1
         except _BadRow as e:
             if on_bad == "error":
@@ -138,31 +138,50 @@ def load_examples(
     return examples, report
 
 
-def _iter_records(path: Path, fmt: str) -> Iterator[tuple[int, object]]:
-    """(1-based line number, raw record): a str line for jsonl/text, a dict for parquet."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield i + 1, row
-        return
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of every non-blank line (blank lines separate nothing)."""
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f):
-            if line.strip():  # blank lines separate nothing and are not rows
+            if line.strip():
                 yield i + 1, line.rstrip("\n")
 
 
-def _decode(raw, fmt: str, text_field: str | None):
-    if fmt == "text":
-        return raw
-    if fmt == "jsonl":
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _BadRow("malformed_json", f"{e.msg} at column {e.colno}") from None
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield i + 1, row
+
+
+def _decode_json(raw: str) -> dict:
+    try:
+        return _object(json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise _BadRow("malformed_json", f"{e.msg} at column {e.colno}") from None
+
+
+def _object(raw) -> dict:
     if not isinstance(raw, dict):
         raise _BadRow("not_an_object", f"expected a JSON object, got {type(raw).__name__}")
     return raw
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A file format: the suffixes it is inferred from, a reader of (1-based line, raw record), and a
+    decoder of one raw record into a dict of fields or a plain text (raising _BadRow when it cannot)."""
+
+    suffixes: tuple[str, ...]
+    read: Callable[[Path], Iterator[tuple[int, object]]]
+    decode: Callable[[object], dict | str]
+
+
+# Adding a format = one entry here (and its name in config.DataConfig.format).
+FORMATS: dict[str, DataFormat] = {
+    "jsonl": DataFormat((".jsonl", ".json"), _read_lines, _decode_json),
+    "parquet": DataFormat((".parquet",), _read_parquet, _object),
+    "text": DataFormat((".txt", ".text"), _read_lines, lambda raw: raw),
+}
 
 
 def _field(record: dict, name: str) -> str:
@@ -174,9 +193,9 @@ def _field(record: dict, name: str) -> str:
     return value
 
 
-def _to_example(record, fmt, prompt_field, answer_field, text_field, prompt_chars) -> Example:
-    if fmt == "text" or text_field is not None:
-        text = record if fmt == "text" else _field(record, text_field)
+def _to_example(record, prompt_field, answer_field, text_field, prompt_chars) -> Example:
+    if isinstance(record, str) or text_field is not None:
+        text = record if isinstance(record, str) else _field(record, text_field)
         prompt, answer = text[:prompt_chars], text[prompt_chars:]
         if not answer:
             raise _BadRow(

@@ -48,8 +48,10 @@ def load_train_examples(cfg: Config):
             f"data.train_path {d.train_path} is missing; using generated {path} (data.fallback={d.fallback})"
         )
     ex, report = load_examples(
-        path, prompt_field=d.prompt_field, answer_field=d.answer_field, on_bad=d.on_bad, limit=d.limit
-    )
+        path, fmt=None if d.format == "auto" else d.format, prompt_field=d.prompt_field,
+        answer_field=d.answer_field, text_field=d.text_field, prompt_chars=d.prompt_chars, on_bad=d.on_bad,
+        limit=d.limit,
+    )  # fmt: skip
     return ex, str(path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -158,3 +159,31 @@ def test_make_data_rows_rejects_a_trace_that_does_not_collapse_to_its_target():
     bad = AugmentedExample(prompt_ids=[1], target_ids=[5, 2], action_ids=[5, 9], is_noise=[False, False])
     with pytest.raises(ValueError, match=r"collapse to \[5, 9\], not the target \[5, 2\]"):
         make_data_rows([bad], bkspc_id=4)
+
+
+def test_data_format_and_text_field_from_the_config(tmp_path):
+    """data.format / data.text_field / data.prompt_chars reach the loader; the config's format names
+    are the registry's (adding a format is one FORMATS entry plus its name in the config)."""
+    import json
+    import typing
+
+    from sm_dist.config import DataConfig
+    from sm_dist.config_load import load_config
+    from sm_dist.data.datasets import FORMATS
+    from sm_dist.data.prepare import load_train_examples
+
+    assert set(typing.get_args(DataConfig.model_fields["format"].annotation)) == {"auto", *FORMATS}
+    f = tmp_path / "stories.data"  # a suffix no format claims: data.format must say it
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Once upon a time", "The end")))
+    over = [
+        f"run.run_dir={tmp_path / 'r'}",
+        f"data.train_path={f}",
+        "data.text_field=text",
+        "data.prompt_chars=4",
+    ]
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+    cfg = load_config(tiny, [*over, "data.format=jsonl"])
+    examples, _ = load_train_examples(cfg)
+    assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
+    with pytest.raises(ValueError, match=r"data.format"):
+        load_train_examples(load_config(tiny, over))
