@@ -167,6 +167,14 @@ def write_report(fin: dict, sw: dict | None, a, minutes: float, base_info: dict)
     if sw:
         lines += ["## Sweep (validation split, seed 0, one factor at a time)", "", *sweep_table(sw), ""]
         lines += [f"Chosen: `{json.dumps(sw['chosen'])}`. Loss terms: mean of the last 20 logged steps.", ""]
+        if sw.get("correction_rows_val"):
+            c = sw["correction_rows_val"]
+            lines += [
+                "Self-correction rows from the model's own mistakes (`rollout.correction_rows=true`, chosen "
+                f"setting, validation): accuracy {c['accuracy']:.3f}, malformed {c['malformed_rate']:.3f}, "
+                f"bkspc_rate {c['bkspc_rate']:.3f}, recovery {c['recovery']:.3f}.",
+                "",
+            ]
         if sw.get("bias_levers"):
             lines += [
                 "Inference-time `<bkspc>` logit bias on the best SequenceMatch model (validation, search):",

@@ -159,6 +159,8 @@ def pretrain(out: Path, splits: dict[str, Path], a) -> Path:
 def overrides(variant: str, s: dict, a) -> list[str]:
     """`sm-dist train` overrides of one variant at setting `s` (module docstring, step 3)."""
     n = a.data_rows
+    if variant == "sm_corr":  # SequenceMatch + expert rows built from its own mistakes (a lever)
+        return [*overrides("sm", s, a), "rollout.correction_rows=true"]
     if variant == "sm":
         k = s["rollouts_per_row"]
         return [
@@ -256,6 +258,17 @@ def _tail_metrics(run: Path, last: int = 20) -> dict:
     return {k: statistics.mean(v) for k, v in sorted(vals.items())}
 
 
+def levers(out: Path, base: Path, splits, a) -> dict:
+    """Levers beyond the sweep, on the validation split at the chosen setting: SequenceMatch with
+    self-correction rows from its own rollouts (rollout.correction_rows)."""
+    sw = json.loads(SWEEP_JSON.read_text())
+    ev = run_variant(out, base, splits, "sm_corr", sw["chosen"], [0], "val", a, "lever/")[0]
+    sw["correction_rows_val"] = {k: ev["search"][k] for k in ("accuracy", "malformed_rate", "bkspc_rate")}
+    sw["correction_rows_val"]["recovery"] = ev["recovery"]["accuracy"]
+    SWEEP_JSON.write_text(json.dumps(sw, indent=1))
+    return sw
+
+
 def sweep(out: Path, base: Path, splits, a) -> dict:
     """One factor at a time on the validation split, one seed; each stage keeps the best so far."""
     best = dict(CHOSEN)
@@ -331,6 +344,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/arith_sm_vs_mle", help="working folder (reused by a rerun)")
     ap.add_argument("--sweep", action="store_true", help="tune on the validation split instead")
+    ap.add_argument("--levers", action="store_true", help="after --sweep: further levers on validation")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bases", default="all", help="'all' or a comma list, e.g. 2,10,16")
     ap.add_argument("--n-val", type=int, default=500)
@@ -373,6 +387,10 @@ def main() -> None:
     splits = make_splits(out, a)
     base = pretrain(out, splits, a)
     base_info = json.loads((out / "pretrained" / "pretrain.json").read_text())
+    if a.levers:
+        sw = levers(out, base, splits, a)
+        print(f"correction_rows_val_accuracy: {sw['correction_rows_val']['accuracy']:.4f}")
+        return
     if a.sweep:
         sw = sweep(out, base, splits, a)
         best = max((r for r in sw["rows"] if r["variant"] == "sm"), key=lambda r: r["val"]["accuracy"])

@@ -53,7 +53,9 @@ def check_resources(ray, cfg: Config) -> None:
         )
 
 
-def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
+def build_actors(
+    ray, cfg: Config, prompts: list[list[int]], model_dir: str, targets: list[list[int]] | None = None
+):
     from sm_dist.buffer.replay import ReplayBuffer
     from sm_dist.rollout.engine import RolloutParams
     from sm_dist.rollout.worker import PromptShard, RolloutWorker
@@ -96,14 +98,17 @@ def build_actors(ray, cfg: Config, prompts: list[list[int]], model_dir: str):
     # by reference: small creation arguments survive a restart (PromptShard); the caller holds the
     # refs for the whole run, so a restarted worker can still read its prompts
     shards = [ray.put(prompts[i :: r.num_workers]) for i in range(r.num_workers)]
+    corr = r.correction_rows and targets is not None  # expert targets travel only when they are used
+    target_shards = [ray.put(targets[i :: r.num_workers]) if corr else None for i in range(r.num_workers)]
     workers = [
         W.remote(
-            names[i], model_dir, PromptShard(shards[i]), params, r.batch_size, sink=replay,
+            names[i], model_dir, PromptShard(shards[i], target_shards[i]), params, r.batch_size, sink=replay,
+            data_sink=expert if corr else None,
             engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
         )
         for i in range(r.num_workers)
     ]  # fmt: skip
-    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), shards
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), (shards, target_shards)
 
 
 def build_learners(ray, cfg: Config, model_dir: str) -> list:

@@ -217,6 +217,13 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
     max_actions: int = Field(32, ge=1, description="Cap on actions per rollout (tokens, <bkspc>, <eos>).")
     max_backspaces: int = Field(8, ge=0, description="Cap on <bkspc> actions per rollout.")
+    correction_rows: bool = Field(
+        False,
+        description="Self-correction data from the model's own mistakes: for each rollout that leaves its "
+        "expert answer, also write an expert row to the expert buffer: the answer up to the rollout's first "
+        "wrong token, that token (flagged as noise), <bkspc>, then the rest of the answer. Teaches recovery "
+        "from the mistakes the model makes rather than random ones (sm_dist.core.traces.self_correction).",
+    )
     max_restarts: int = Field(
         3,
         ge=0,

@@ -508,7 +508,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
     (run_dir / ("config.resume.yaml" if resume else "config.yaml")).write_text(text)
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
-    data_rows, prompts = build_data(cfg, tok)
+    data_rows, prompts, targets = build_data(cfg, tok)
     if len(prompts) < cfg.rollout.num_workers:
         raise ConfigError(
             "rollout.num_workers", f"{len(prompts)} prompts cannot feed {cfg.rollout.num_workers} workers."
@@ -521,7 +521,9 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         check_resources(ray, cfg)
         model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
         # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
-        replay, expert, workers, names, learners, prompt_refs = build_actors(ray, cfg, prompts, model_dir)
+        replay, expert, workers, names, learners, prompt_refs = build_actors(
+            ray, cfg, prompts, model_dir, targets
+        )
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
         connect_weight_transfer(ray, cfg, learners, workers, names)
         r = cfg.run

@@ -73,6 +73,26 @@ def augment_noise(
     return actions, is_noise
 
 
+def self_correction(
+    final_ids: Sequence[int], target_ids: Sequence[int], bkspc_id: int, eos_id: int
+) -> tuple[list[int], list[bool]] | None:
+    """An expert trace that starts from the model's own first mistake: `(action_ids, is_noise)`.
+
+    `final_ids`: a rollout's collapsed continuation; `target_ids`: the expert answer ending with eos.
+    At the first position i where the rollout leaves the only correct continuation (exact match),
+    the trace is target[:i] + [wrong, <bkspc>] + target[i:], with the wrong token flagged as noise
+    (not imitated with mask_noise_actions): the model's own mistake, then its repair. None when the
+    rollout is right, stops short without a wrong token (truncated), or its mistake is an early
+    eos (a terminal action cannot be deleted).
+    """
+    n = min(len(final_ids), len(target_ids))
+    i = next((k for k in range(n) if final_ids[k] != target_ids[k]), None)
+    if i is None or final_ids[i] in (eos_id, bkspc_id):
+        return None
+    actions = [*map(int, target_ids[:i]), int(final_ids[i]), bkspc_id, *map(int, target_ids[i:])]
+    return actions, [False] * i + [True, False] + [False] * (len(target_ids) - i)
+
+
 @dataclass
 class TraceInputs:
     """The single-pass layout of one trace (DESIGN §2). Shapes: N = P + T inputs, T actions.

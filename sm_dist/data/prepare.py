@@ -55,8 +55,9 @@ def load_train_examples(cfg: Config):
     return ex, str(path)
 
 
-def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
-    """Augmented expert rows (for the expert buffer) and the encoded prompts (for rollout workers)."""
+def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]], list[list[int]]]:
+    """Augmented expert rows (for the expert buffer), the encoded prompts (for rollout workers) and
+    their expert targets (answer + eos: for rollout.correction_rows)."""
     from sm_dist.core.vocab import get_bkspc_id
     from sm_dist.data.datasets import augment, encode_examples, make_data_rows
 
@@ -75,4 +76,4 @@ def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]]]:
     for c in range(d.augment_copies):
         aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
         rows += make_data_rows(aug, bk, id_prefix=f"data{c}")
-    return rows, [e.prompt_ids for e in enc]
+    return rows, [e.prompt_ids for e in enc], [e.target_ids for e in enc]

@@ -38,11 +38,17 @@ class PromptShard:
     store may be gone by then (ray-project/ray#53727)."""
 
     ref: Any
+    targets_ref: Any = None  # the prompts' expert targets (answer + eos), for correction rows
 
     def load(self) -> list:
         import ray
 
         return ray.get(self.ref)
+
+    def load_targets(self) -> list | None:
+        import ray
+
+        return None if self.targets_ref is None else ray.get(self.targets_ref)
 
 
 class RolloutWorker:
@@ -59,9 +65,17 @@ class RolloutWorker:
         engine_kwargs: dict | None = None,
         sink_timeout_s: float = 120.0,
         sync_timeout_s: float = 300.0,
+        data_sink: Any = None,
+        targets: Sequence[Sequence[int]] | None = None,
     ):
         if isinstance(prompts, PromptShard):
+            targets = prompts.load_targets() if targets is None else targets
             prompts = prompts.load()
+        if data_sink is not None and (targets is None or len(targets) != len(prompts)):
+            raise ValueError(
+                f"{worker_id}: correction rows (data_sink) need one expert target per prompt; got "
+                f"{None if targets is None else len(targets)} for {len(prompts)} prompts"
+            )
         if not prompts or batch_size < 1:
             raise ValueError(
                 f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
@@ -72,6 +86,7 @@ class RolloutWorker:
         self.params = params
         self.batch_size = batch_size
         self.sink = sink
+        self.data_sink, self.targets = data_sink, targets  # correction rows (rollout.correction_rows)
         self.sink_timeout_s = sink_timeout_s
         self.engine = BackspaceEngine(model_dir, **(engine_kwargs or {}))
         self.transport = ObjectStoreTransport(timeout_s=sync_timeout_s)
@@ -88,7 +103,8 @@ class RolloutWorker:
     def run_batch(self) -> dict[str, float]:
         """Generate one batch of prompts, send its rows to the sink, return `rollout/...` stats."""
         n = len(self.prompts)
-        batch = [self.prompts[(self._cursor + i) % n] for i in range(self.batch_size)]
+        idx = [(self._cursor + i) % n for i in range(self.batch_size)]
+        batch = [self.prompts[i] for i in idx]
         self._cursor = (self._cursor + self.batch_size) % n
         with self._engine_lock:
             version = self.engine.version
@@ -97,6 +113,7 @@ class RolloutWorker:
             gen_s = time.perf_counter() - t0
         rows = self.to_rows(rollouts, version)
         self._send(rows)
+        n_corr = self._send_corrections(rollouts, idx) if self.data_sink is not None else 0
         actions = sum(len(r.action_ids) for r in rollouts)
         backspaces = sum(r.num_backspaces for r in rollouts)
         self._batches += 1
@@ -116,6 +133,7 @@ class RolloutWorker:
             "rollout/eos_rate": sum(r.finish_reason == "eos" for r in rollouts) / len(rollouts),
             "rollout/action_cap_rate": sum(r.finish_reason == "action_cap" for r in rollouts) / len(rollouts),
             "rollout/gen_s": gen_s,
+            "rollout/correction_rows": float(n_corr),
         }
         return dict(self._last)
 
@@ -149,14 +167,38 @@ class RolloutWorker:
             for r in rollouts
         ]
 
-    def _send(self, rows: list[dict]) -> None:
-        if self.sink is None:
+    def _send_corrections(self, rollouts: list[Rollout], idx: list[int]) -> int:
+        """Expert rows from this batch's own mistakes to `data_sink` (rollout.correction_rows)."""
+        from sm_dist.core.traces import self_correction
+
+        k = self.params.samples_per_prompt  # rollouts come ordered by (prompt, sample)
+        rows = []
+        for j, r in enumerate(rollouts):
+            target = self.targets[idx[j // k]]
+            fix = self_correction(r.final_ids, target, self.engine.bkspc_id, self.engine.eos_id)
+            if fix is not None:
+                acts, noise = fix
+                rows.append(
+                    {
+                        "sample_id": f"{self.worker_id}-corr-{uuid.uuid4().hex}", "prompt_ids": r.prompt_ids,
+                        "action_ids": acts, "final_ids": list(map(int, target)), "source": "data",
+                        "policy_version": -1, "logprobs": [], "finish_reason": "eos",
+                        "worker_id": self.worker_id, "is_noise": noise,
+                    }
+                )  # fmt: skip
+        if rows:
+            self._send(rows, self.data_sink)
+        return len(rows)
+
+    def _send(self, rows: list[dict], sink: Any = None) -> None:
+        sink = self.sink if sink is None else sink
+        if sink is None:
             return
         from sm_dist.buffer.schema import rows_to_batch
 
         batch = rows_to_batch(rows)
-        add = getattr(self.sink, "add", None)
-        if add is not None and hasattr(add, "remote"):  # a Ray actor handle (the replay buffer)
+        add = getattr(sink, "add", None)
+        if add is not None and hasattr(add, "remote"):  # a Ray actor handle (a replay buffer)
             import ray
 
             try:
@@ -167,7 +209,7 @@ class RolloutWorker:
                     f"{self.sink_timeout_s}s"
                 ) from e
         else:
-            self.sink(batch)
+            sink(batch)
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, payload: Any, version: int) -> int:

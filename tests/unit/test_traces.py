@@ -126,3 +126,17 @@ def test_collate_pads_and_flags():
     assert batch.is_noise[1].tolist() == [False, True, False, False, False]
     assert batch.any_backspace
     assert torch.equal(batch.state_index[0, :4], a.state_index)
+
+
+def test_self_correction_starts_from_the_first_own_mistake():
+    from sm_dist.core.traces import self_correction
+
+    BK, EOS = 99, 98
+    target = [1, 2, 3, EOS]
+    acts, noise = self_correction([1, 5, 3, EOS], target, BK, EOS)
+    assert acts == [1, 5, BK, 2, 3, EOS] and noise == [False, True, False, False, False, False]
+    assert collapse(acts, BK) == target
+    assert self_correction([1, 2, 3, 7, EOS], target, BK, EOS)[0] == [1, 2, 3, 7, BK, EOS]  # eos was due
+    assert self_correction(target, target, BK, EOS) is None  # right
+    assert self_correction([1, 2], target, BK, EOS) is None  # truncated, no wrong token yet
+    assert self_correction([1, EOS], target, BK, EOS) is None  # stopped early: eos cannot be deleted
