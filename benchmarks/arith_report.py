@@ -123,13 +123,16 @@ def verdict(res: dict) -> list[str]:
     ]
 
 
-def write_report(fin: dict, sw: dict | None, a, minutes: float, base_info: dict) -> None:
+def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) -> None:
     res, ch = fin["results"], fin["chosen"]
     lines = [
         "# SequenceMatch vs MLE on add_or_sub_in_base",
         "",
         "_Written by `python benchmarks/arith_sm_vs_mle.py --out DIR` "
-        f"({minutes:.0f} min for this invocation on {os.cpu_count()} cores; finished runs are reused)._",
+        f"(wall minutes on {os.cpu_count()} cores of the invocations that ran them: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in minutes.items())
+        + "; pretraining, included in the first, took "
+        + f"{base_info.get('minutes', float('nan')):.1f}; a rerun reuses finished runs)._",
         "",
         f"Task: DeepMind's `add_or_sub_in_base`, `easy` level, bases {a.bases}, from the project's generator.",
         f"Test: {a.n_test} questions, used once for this page; tuning used a separate {a.n_val}-question",
@@ -175,6 +178,19 @@ def write_report(fin: dict, sw: dict | None, a, minutes: float, base_info: dict)
                 f"bkspc_rate {c['bkspc_rate']:.3f}, recovery {c['recovery']:.3f}.",
                 "",
             ]
+        if sw.get("little_data_val"):
+            ld = sw["little_data_val"]
+            lines += [
+                f"Little data ({ld['examples']} finetune questions, chosen setting, validation, seed 0):",
+                "",
+            ]
+            lines += ["| variant | accuracy | malformed | bkspc_rate | recovery |", "|---|---|---|---|---|"]
+            for v in ("mle", "bc_noise", "sm"):
+                r = ld[v]
+                lines.append(
+                    f"| {v} | {r['accuracy']:.3f} | {r['malformed_rate']:.3f} | {r['bkspc_rate']:.3f} | {r['recovery']:.3f} |"
+                )
+            lines.append("")
         if sw.get("bias_levers"):
             lines += [
                 "Inference-time `<bkspc>` logit bias on the best SequenceMatch model (validation, search):",

@@ -263,10 +263,25 @@ def levers(out: Path, base: Path, splits, a) -> dict:
     self-correction rows from its own rollouts (rollout.correction_rows)."""
     sw = json.loads(SWEEP_JSON.read_text())
     ev = run_variant(out, base, splits, "sm_corr", sw["chosen"], [0], "val", a, "lever/")[0]
-    sw["correction_rows_val"] = {k: ev["search"][k] for k in ("accuracy", "malformed_rate", "bkspc_rate")}
-    sw["correction_rows_val"]["recovery"] = ev["recovery"]["accuracy"]
+    sw["correction_rows_val"] = _brief(ev)
+    # little data (Wulfmeier et al.): the first `--little-examples` finetune questions, every variant
+    small = out / "little" / "ft_train.jsonl"
+    small.parent.mkdir(exist_ok=True)
+    small.write_text("".join(splits["ft_train"].read_text().splitlines(keepends=True)[: a.little_examples]))
+    little = {**splits, "ft_train": small}
+    sw["little_data_val"] = {"examples": a.little_examples}
+    for v in ("mle", "bc_noise", "sm"):
+        sw["little_data_val"][v] = _brief(
+            run_variant(out, base, little, v, sw["chosen"], [0], "val", a, "little/")[0]
+        )
     SWEEP_JSON.write_text(json.dumps(sw, indent=1))
     return sw
+
+
+def _brief(ev: dict) -> dict:
+    return {k: ev["search"][k] for k in ("accuracy", "malformed_rate", "bkspc_rate")} | {
+        "recovery": ev["recovery"]["accuracy"]
+    }
 
 
 def sweep(out: Path, base: Path, splits, a) -> dict:
@@ -340,11 +355,24 @@ def final(out: Path, base: Path, splits, a, report) -> dict:
     return fin
 
 
+def record_minutes(out: Path, mode: str, t0: float) -> dict:
+    """Wall minutes of the invocations that did the work, per mode, kept in DIR/timings.json: an
+    invocation that only reuses finished runs (under a minute) does not overwrite them."""
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    minutes = (time.perf_counter() - t0) / 60
+    if minutes >= 1.0 or mode not in timings:
+        timings[mode] = round(minutes, 1)
+        path.write_text(json.dumps(timings, indent=1))
+    return timings
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/arith_sm_vs_mle", help="working folder (reused by a rerun)")
     ap.add_argument("--sweep", action="store_true", help="tune on the validation split instead")
     ap.add_argument("--levers", action="store_true", help="after --sweep: further levers on validation")
+    ap.add_argument("--little-examples", type=int, default=500, help="--levers: the little-data finetune set")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bases", default="all", help="'all' or a comma list, e.g. 2,10,16")
     ap.add_argument("--n-val", type=int, default=500)
@@ -389,10 +417,12 @@ def main() -> None:
     base_info = json.loads((out / "pretrained" / "pretrain.json").read_text())
     if a.levers:
         sw = levers(out, base, splits, a)
+        record_minutes(out, "levers", t0)
         print(f"correction_rows_val_accuracy: {sw['correction_rows_val']['accuracy']:.4f}")
         return
     if a.sweep:
         sw = sweep(out, base, splits, a)
+        record_minutes(out, "sweep", t0)
         best = max((r for r in sw["rows"] if r["variant"] == "sm"), key=lambda r: r["val"]["accuracy"])
         print(json.dumps(sw["chosen"]))
         print(f"sweep_best_sm_minus_mle_val: {best['val']['accuracy'] - sw['mle_val']['accuracy']:.4f}")
@@ -401,7 +431,7 @@ def main() -> None:
 
     def report(fin: dict) -> None:
         (out / "final.json").write_text(json.dumps(fin, indent=1, default=str))
-        write_report(fin, sw, a, (time.perf_counter() - t0) / 60, base_info)
+        write_report(fin, sw, a, record_minutes(out, "final", t0), base_info)
         plots(fin, a)
 
     fin = final(out, base, splits, a, report)
