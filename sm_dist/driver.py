@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sm_dist.actors import (
@@ -44,28 +42,16 @@ from sm_dist.config_load import dump_config
 from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.logs import log_to_run_dir, route_worker_logs
+from sm_dist.recovery import (
+    LearnerDied,
+    RunState,
+    install_signal_handlers,
+    rescue_checkpoint,
+    save_checkpoint,
+)
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
 
 log = logging.getLogger("sm_dist.driver")
-
-
-@dataclass
-class RunState:
-    """What a checkpoint records for the driver (run_state.json)."""
-
-    step: int = 0
-    version: int = 0
-    syncs: dict[str, int] = field(default_factory=dict)  # weight versions applied, per worker
-    expert_rows: int = 0
-    rollout_batches: int = 0
-
-
-# ---- the loop ---------------------------------------------------------------------------------------
-
-
-class LearnerDied(RuntimeError):
-    """A learner rank died and could not be replaced (learner.max_restarts used up, or a collective
-    transport); the dead ranks cannot save, so the last checkpoint stands."""
 
 
 class Trainer:
@@ -349,52 +335,6 @@ class Trainer:
         return out
 
 
-def _install_signal_handlers(trainer: Trainer) -> None:
-    def handler(signum, _frame):
-        if trainer.stop_requested:  # second signal: stop now
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
-        log.warning(f"got signal {signum}: finishing the current step, then a final checkpoint")
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def save_checkpoint(t: Trainer, timeout_s: float | None = None) -> Path:
-    tmp = ckpt.begin(t.cfg.run.run_dir, t.s.step)
-    futs = [lr.save_checkpoint.remote(str(tmp)) for lr in t.learners]
-    if timeout_s is None:
-        t.wait_for(futs)
-    else:  # after a failure: touch no worker future, bound the wait
-        t.ray.get(futs, timeout=timeout_s)
-    try:  # informational: the buffer restores itself from its own manifest on resume
-        stats = t.ray.get(t.replay.stats.remote(), timeout=t.cfg.sync.timeout_s)
-    except (t.ray.exceptions.RayActorError, t.ray.exceptions.GetTimeoutError):
-        stats = {"rows": None, "added_rows": None}
-    state = {**t.s.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
-    return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
-
-
-def rescue_checkpoint(t: Trainer, err: BaseException) -> None:
-    """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
-    last checkpoint is lost, and say how to resume."""
-    run_dir = t.cfg.run.run_dir
-    log.error(f"the run failed at step {t.s.step}: {describe_error(err)}")
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is not None and last.name == f"step-{t.s.step:08d}":
-        log.info(f"checkpoint {last} already holds step {t.s.step}")
-    elif isinstance(err, LearnerDied):  # run_loop turns every learner death it cannot mend into this
-        log.warning(f"a dead learner cannot save step {t.s.step}: the last checkpoint stands")
-    else:
-        try:
-            last = save_checkpoint(t, timeout_s=t.cfg.sync.timeout_s)
-            log.info(f"saved checkpoint {last}")
-        except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
-            log.error(f"could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})")
-    if last is not None:
-        log.info(f"resume from {last} with: sm-dist train <config> --resume {run_dir}")
-
-
 def step_limit(cfg: Config) -> float:
     """run.total_steps, or infinity for a run that goes on until it is stopped (total_steps: null)."""
     return float("inf") if cfg.run.total_steps is None else cfg.run.total_steps
@@ -531,7 +471,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
-        _install_signal_handlers(t)
+        install_signal_handlers(t)
         if last:
             t.wait_for([lr.load_checkpoint.remote(str(last)) for lr in learners])
             log.info(f"resumed from {last} at step {state.step}, weights version {state.version}")
