@@ -52,7 +52,7 @@ def sweep_table(sw: dict) -> list[str]:
         "| variant | c | p_noise | λ | rollouts/row | val accuracy | malformed | bkspc_rate | "
         + " | ".join(t.split("/")[1] for t in terms)
         + " |",
-        "|---" * (9 + len(terms)) + "|",
+        "|---" * (8 + len(terms)) + "|",
     ]
     for r in sw["rows"]:
         sm = r["variant"] == "sm"
@@ -210,5 +210,6 @@ def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) 
         "",
     ]
     lines += ["## Reproduce", "", "```bash", "python benchmarks/arith_sm_vs_mle.py --out runs/arith --sweep",
+              "python benchmarks/arith_sm_vs_mle.py --out runs/arith --levers   # optional, validation only",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith", "```", ""]  # fmt: skip
     (DOCS / "results.md").write_text("\n".join(lines))
