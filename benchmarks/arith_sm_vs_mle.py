@@ -77,15 +77,11 @@ def sh(cmd: list[str], log: Path) -> None:
 
 
 def _questions(n: int, seed: int, exclude: set[str], bases: set[int] | None) -> list[dict]:
-    from sm_dist.data.arith import sample_question
+    """`n` new easy questions (the project's generator); their prompts join `exclude`."""
+    from sm_dist.data.arith import generate
 
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        q = sample_question("easy", rng)
-        if q["prompt"] in exclude or (bases and int(q["prompt"].split()[2].rstrip(",")) not in bases):
-            continue
-        exclude.add(q["prompt"])
-        out.append(q)
+    out = generate(n, "easy", seed, exclude=exclude, bases=bases)
+    exclude.update(q["prompt"] for q in out)
     return out
 
 

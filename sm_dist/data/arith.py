@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 MODULE = "add_or_sub_in_base"
 DIGITS = "0123456789abcdef"
@@ -114,8 +114,11 @@ def sample_question(difficulty: str, rng: random.Random) -> dict:
     return {"prompt": prompt, "answer": to_base(answer, base), "module": MODULE}
 
 
-def generate(n: int, difficulty: str, seed: int, exclude: Iterable[str] = ()) -> list[dict]:
-    """`n` distinct questions of `difficulty`, none of whose prompts is in `exclude` (for held-out sets).
+def generate(
+    n: int, difficulty: str, seed: int, exclude: Iterable[str] = (), bases: Collection[int] | None = None
+) -> list[dict]:
+    """`n` distinct questions of `difficulty`, none of whose prompts is in `exclude` (for held-out sets),
+    only in `bases` when given (a narrower task; the other draws are discarded).
 
     Deterministic in `seed`. Raises ValueError if `n` distinct new prompts cannot be found (the easy
     level has a finite pool), naming how many were found.
@@ -123,10 +126,15 @@ def generate(n: int, difficulty: str, seed: int, exclude: Iterable[str] = ()) ->
     rng = random.Random(seed)
     seen = set(exclude)
     out: list[dict] = []
-    budget = 20 * n + 1000  # draws before giving up; duplicates are rare except for tiny pools
+    spread = (MAX_BASE - MIN_BASE + 1) / len(bases) if bases else 1.0  # draws per kept base
+    budget = int(
+        (20 * n + 1000) * spread
+    )  # draws before giving up; duplicates are rare except for tiny pools
     while len(out) < n and budget > 0:
         budget -= 1
         ex = sample_question(difficulty, rng)
+        if bases and parse_question(ex["prompt"])[0] not in bases:
+            continue
         if ex["prompt"] not in seen:
             seen.add(ex["prompt"])
             out.append(ex)

@@ -170,25 +170,19 @@ class RolloutWorker:
     def _send_corrections(self, rollouts: list[Rollout], idx: list[int]) -> int:
         """Expert rows from this batch's own mistakes to `data_sink` (rollout.correction_rows)."""
         from sm_dist.core.traces import self_correction
+        from sm_dist.data.datasets import AugmentedExample, make_data_rows
 
         k = self.params.samples_per_prompt  # rollouts come ordered by (prompt, sample)
-        rows = []
+        fixes = []
         for j, r in enumerate(rollouts):
-            target = self.targets[idx[j // k]]
+            target = list(map(int, self.targets[idx[j // k]]))
             fix = self_correction(r.final_ids, target, self.engine.bkspc_id, self.engine.eos_id)
             if fix is not None:
-                acts, noise = fix
-                rows.append(
-                    {
-                        "sample_id": f"{self.worker_id}-corr-{uuid.uuid4().hex}", "prompt_ids": r.prompt_ids,
-                        "action_ids": acts, "final_ids": list(map(int, target)), "source": "data",
-                        "policy_version": -1, "logprobs": [], "finish_reason": "eos",
-                        "worker_id": self.worker_id, "is_noise": noise,
-                    }
-                )  # fmt: skip
-        if rows:
-            self._send(rows, self.data_sink)
-        return len(rows)
+                fixes.append(AugmentedExample(r.prompt_ids, target, *fix))
+        if fixes:  # the data pipeline's own row builder (it also checks each trace collapses to its target)
+            prefix = f"{self.worker_id}-corr-{uuid.uuid4().hex}"
+            self._send(make_data_rows(fixes, self.engine.bkspc_id, self.worker_id, prefix), self.data_sink)
+        return len(fixes)
 
     def _send(self, rows: list[dict], sink: Any = None) -> None:
         sink = self.sink if sink is None else sink

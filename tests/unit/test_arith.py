@@ -118,3 +118,10 @@ def test_parse_question_rejects_other_text():
         parse_question("In base 17, what is 1 + 1?")
     with pytest.raises(ValueError, match="not a base-2 numeral"):
         parse_question("In base 2, what is 1 + 3?")
+
+
+def test_generate_can_narrow_the_bases():
+    rows = generate(300, "easy", seed=4, bases={2, 16})
+    assert len({r["prompt"] for r in rows}) == 300
+    assert {parse_question(r["prompt"])[0] for r in rows} == {2, 16}
+    assert generate(50, "easy", seed=4) == generate(50, "easy", seed=4, bases=None)
