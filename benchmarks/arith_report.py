@@ -123,6 +123,22 @@ def verdict(res: dict) -> list[str]:
     ]
 
 
+def _lever_table(res: dict, variants: tuple[str, ...]) -> list[str]:
+    """One lever's variants on validation: search accuracy, malformed, backspaces, recovery and the
+    sampled (T = 1) accuracy and pass@4 where the eval has them."""
+    lines = [
+        "| variant | accuracy | malformed | bkspc_rate | recovery | sampled (T=1) | pass@4 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        r = res[v]
+        samp = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("sampled", "pass_at_4"))
+        lines.append(
+            f"| {v} | {r['accuracy']:.3f} | {r['malformed_rate']:.3f} | {r['bkspc_rate']:.3f} | {r['recovery']:.3f} | {samp} |"
+        )
+    return [*lines, ""]
+
+
 def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) -> None:
     res, ch = fin["results"], fin["chosen"]
     lines = [
@@ -183,14 +199,16 @@ def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) 
             lines += [
                 f"Little data ({ld['examples']} finetune questions, chosen setting, validation, seed 0):",
                 "",
+                *_lever_table(ld, ("mle", "bc_noise", "sm")),
             ]
-            lines += ["| variant | accuracy | malformed | bkspc_rate | recovery |", "|---|---|---|---|---|"]
-            for v in ("mle", "bc_noise", "sm"):
-                r = ld[v]
-                lines.append(
-                    f"| {v} | {r['accuracy']:.3f} | {r['malformed_rate']:.3f} | {r['bkspc_rate']:.3f} | {r['recovery']:.3f} |"
-                )
-            lines.append("")
+        if sw.get("weak_base_val"):
+            wb = sw["weak_base_val"]
+            lines += [
+                f"Weak base (pretraining stopped at {wb['pretrain_steps']} steps, then {wb['ft_steps']} finetune "
+                "steps per variant, chosen setting, validation, seed 0):",
+                "",
+                *_lever_table(wb, ("base", "mle", "bc_noise", "sm")),
+            ]
         if sw.get("bias_levers"):
             lines += [
                 "Inference-time `<bkspc>` logit bias on the best SequenceMatch model (validation, search):",

@@ -113,8 +113,11 @@ def _bases(a) -> set[int] | None:
 # ---- pretraining ------------------------------------------------------------------------------------
 
 
-def pretrain(out: Path, splits: dict[str, Path], a) -> Path:
-    """MLE pretraining with the project's Learner on fresh generator data; returns the model dir."""
+def pretrain(
+    out: Path, splits: dict[str, Path], a, name: str = "pretrained", steps: int | None = None
+) -> Path:
+    """MLE pretraining with the project's Learner on fresh generator data (`steps`, default
+    --pretrain-steps) into DIR/<name>; returns the model dir."""
     from transformers import AutoTokenizer
 
     from sm_dist.core.tiny import make_tiny_model
@@ -122,7 +125,8 @@ def pretrain(out: Path, splits: dict[str, Path], a) -> Path:
     from sm_dist.data.datasets import Example, augment, encode_examples, make_data_rows
     from sm_dist.learner.learner import Learner
 
-    model_dir = out / "pretrained"
+    steps = steps or a.pretrain_steps
+    model_dir = out / name
     if (model_dir / "model" / "config.json").exists():
         return model_dir / "model"
     held = {json.loads(x)["prompt"] for k in ("val", "test") for x in splits[k].read_text().splitlines()}
@@ -134,18 +138,19 @@ def pretrain(out: Path, splits: dict[str, Path], a) -> Path:
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
     learner = Learner(
         0, 1, "127.0.0.1", 0, str(init), {"lr": a.pretrain_lr, "lr_warmup_steps": 100}, {"divergence": "mle"},
-        a.pretrain_steps,
+        steps,
     )  # fmt: skip
     rng, t0, log = random.Random(0), time.perf_counter(), []
-    for step in range(a.pretrain_steps):
+    for step in range(steps):
         m = learner.train_step(rng.sample(rows, a.pretrain_batch))
         log.append({"step": step + 1, "loss/total": m["loss/total"]})
-        if step % 500 == 0 or step == a.pretrain_steps - 1:
+        if step % 500 == 0 or step == steps - 1:
             s = time.perf_counter() - t0
-            print(f"pretrain {step + 1}/{a.pretrain_steps} loss {m['loss/total']:.3f} ({s:.0f}s)", flush=True)
+            print(f"pretrain {step + 1}/{steps} loss {m['loss/total']:.3f} ({s:.0f}s)", flush=True)
     learner.save_checkpoint(str(model_dir))
     (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    (model_dir / "pretrain.json").write_text(json.dumps({"minutes": (time.perf_counter() - t0) / 60}))
+    info = {"minutes": (time.perf_counter() - t0) / 60, "steps": steps}
+    (model_dir / "pretrain.json").write_text(json.dumps(info))
     return model_dir / "model"
 
 
@@ -270,13 +275,27 @@ def levers(out: Path, base: Path, splits, a) -> dict:
         sw["little_data_val"][v] = _brief(
             run_variant(out, base, little, v, sw["chosen"], [0], "val", a, "little/")[0]
         )
+    # a weak base (pretraining stopped early), so that the finetune is what teaches the task
+    weak = pretrain(out, splits, a, "weak/pretrained", a.weak_pretrain_steps)
+    wa = argparse.Namespace(**{**vars(a), "ft_steps": a.weak_ft_steps})
+    sw["weak_base_val"] = {
+        "pretrain_steps": a.weak_pretrain_steps,
+        "ft_steps": a.weak_ft_steps,
+        "base": _brief(evaluate(weak, splits["val"], out / "weak" / "pretrained" / "eval-val.json")),
+    }
+    for v in ("mle", "bc_noise", "sm"):
+        sw["weak_base_val"][v] = _brief(
+            run_variant(out, weak, splits, v, sw["chosen"], [0], "val", wa, "weak/")[0]
+        )
     SWEEP_JSON.write_text(json.dumps(sw, indent=1))
     return sw
 
 
 def _brief(ev: dict) -> dict:
     return {k: ev["search"][k] for k in ("accuracy", "malformed_rate", "bkspc_rate")} | {
-        "recovery": ev["recovery"]["accuracy"]
+        "recovery": ev["recovery"]["accuracy"],
+        "sampled": ev["sample"]["accuracy"],
+        "pass_at_4": ev["sample"]["pass_at_k"],
     }
 
 
@@ -369,6 +388,12 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", action="store_true", help="tune on the validation split instead")
     ap.add_argument("--levers", action="store_true", help="after --sweep: further levers on validation")
     ap.add_argument("--little-examples", type=int, default=500, help="--levers: the little-data finetune set")
+    ap.add_argument(
+        "--weak-pretrain-steps", type=int, default=2500, help="--levers: the weak base's pretraining"
+    )
+    ap.add_argument(
+        "--weak-ft-steps", type=int, default=300, help="--levers: finetune steps from the weak base"
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--bases", default="all", help="'all' or a comma list, e.g. 2,10,16")
     ap.add_argument("--n-val", type=int, default=500)
