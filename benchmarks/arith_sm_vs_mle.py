@@ -120,6 +120,7 @@ def pretrain(
     --pretrain-steps) into DIR/<name>; returns the model dir."""
     from transformers import AutoTokenizer
 
+    from sm_dist.config import LearnerConfig, ObjectiveConfig
     from sm_dist.core.tiny import make_tiny_model
     from sm_dist.core.vocab import get_bkspc_id
     from sm_dist.data.datasets import Example, augment, encode_examples, make_data_rows
@@ -136,10 +137,8 @@ def pretrain(
     enc, _ = encode_examples([Example(q["prompt"], q["answer"]) for q in qs], tok, 48, 16, on_overlong="skip")
     bk = get_bkspc_id(tok)
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
-    learner = Learner(
-        0, 1, "127.0.0.1", 0, str(init), {"lr": a.pretrain_lr, "lr_warmup_steps": 100}, {"divergence": "mle"},
-        steps,
-    )  # fmt: skip
+    lc = LearnerConfig(lr=a.pretrain_lr, lr_warmup_steps=100)
+    learner = Learner(0, 1, "127.0.0.1", 0, str(init), lc, ObjectiveConfig(divergence="mle"), steps)
     rng, t0, log = random.Random(0), time.perf_counter(), []
     for step in range(steps):
         m = learner.train_step(rng.sample(rows, a.pretrain_batch))

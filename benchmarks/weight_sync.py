@@ -1,8 +1,8 @@
 """Weight-sync cost: a full object-store sync vs a bare object-store round trip of the same weights.
 
-  sync      = ObjectStoreTransport.publish: state dict -> safetensors buffer (uint8 numpy, one copy)
-              -> ray.put -> the RolloutWorker actor ray.gets it (zero-copy on the node) and loads it
-              into vLLM (reload_weights) -> confirms;
+  sync      = the object-store sender (what learner rank 0 runs) + the wait for the confirmation:
+              state dict -> safetensors buffer (uint8 numpy, one copy) -> ray.put -> the RolloutWorker
+              actor ray.gets it (zero-copy on the node) and loads it into vLLM (reload_weights) -> confirms;
   roundtrip = ray.put(the same buffer) + ray.get in another actor (returns the length); the buffer
               is made before the clock starts. Also printed: the round trip of the same weights as
               `bytes` (copied on get), the representation the transport used before.
@@ -34,10 +34,12 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sm_dist.config import SyncConfig
     from sm_dist.core.tiny import make_tiny_model
     from sm_dist.rollout.engine import RolloutParams
     from sm_dist.rollout.worker import RolloutWorker
-    from sm_dist.sync.object_store import ObjectStoreTransport, state_dict_to_buffer
+    from sm_dist.sync.base import deliver
+    from sm_dist.sync.object_store import state_dict_to_buffer
 
     model_dir = make_tiny_model(
         tempfile.mkdtemp(prefix="smdist-bench-") + "/model",
@@ -61,13 +63,14 @@ def main():
     )
     reader = Reader.remote()
     ray.get([worker.version.remote(), reader.read.remote([ray.put(b"x")])])
-    transport = ObjectStoreTransport([worker], timeout_s=300, worker_names=["bench"])
+    sender = SyncConfig(transport="object_store").transport.sender(300.0)
+    sender.connect([worker], ["bench"])
 
     sync_s, rt_s, rt_bytes_s = [], [], []
     for rep in range(args.repeats + 1):  # repeat 0 is a warm-up
         sd = model.state_dict()
         t0 = time.perf_counter()
-        m = transport.publish(rep + 1, sd)
+        m = deliver(sender, rep + 1, sd)
         t1 = time.perf_counter()
         buf = state_dict_to_buffer(sd)
         t2 = time.perf_counter()
@@ -80,7 +83,7 @@ def main():
         del buf, blob
         print(
             f"repeat {rep}{' (warm-up)' if rep == 0 else ''}: sync {t1 - t0:.3f}s (serialize "
-            f"{m['sync/serialize_s']:.3f}, put {m['sync/put_s']:.3f}, apply {m['sync/apply_s']:.3f}; "
+            f"{m['sync/serialize_s']:.3f}, put {m['sync/put_s']:.3f}; "
             f"{m['sync/bytes'] / 1e6:.1f} MB) | round trip {t3 - t2:.3f}s (as bytes {t5 - t4:.3f}s)",
             flush=True,
         )
@@ -88,16 +91,26 @@ def main():
             sync_s.append(t1 - t0)
             rt_s.append(t3 - t2)
             rt_bytes_s.append(t5 - t4)
-    # the collective path (sync.transport=gloo) on the same worker and weights, for comparison
-    from sm_dist.sync.collective import GlooTransport
-
-    gloo = GlooTransport([worker], worker_names=["bench"], timeout_s=300)
-    gloo.connect()
+    # the collective path (sync.transport=gloo) on the same weights, for comparison: a worker built
+    # as the driver builds it for gloo (threaded, the gloo receiver)
+    gcfg = SyncConfig(transport="gloo")
+    gworker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker).remote(
+        "bench-gloo",
+        str(model_dir),
+        [[5, 6, 7]],
+        RolloutParams(max_actions=4),
+        batch_size=1,
+        transport=gcfg.transport,
+    )
+    ray.kill(worker)
+    gloo = gcfg.transport.sender(300.0)
+    gloo.connect([gworker], ["bench-gloo"])
     gloo_s = []
     for rep in range(args.repeats + 1):
-        m = gloo.publish(100 + rep, model.state_dict())
+        t0 = time.perf_counter()
+        gloo.send(100 + rep, model.state_dict())
         if rep:
-            gloo_s.append(m["sync/total_s"])
+            gloo_s.append(time.perf_counter() - t0)
     sync, rt, rt_b = statistics.median(sync_s), statistics.median(rt_s), statistics.median(rt_bytes_s)
     print(f"gloo broadcast sync (sync.transport=gloo): median {statistics.median(gloo_s):.3f}s", flush=True)
     print(f"median sync {sync:.3f}s, median round trip {rt:.3f}s (as bytes {rt_b:.3f}s)", flush=True)

@@ -74,24 +74,13 @@ def build_actors(
         samples_per_prompt=r.samples_per_prompt,
         seed=cfg.run.seed,
     )
-    e = r.engine
-    engine_kwargs = {
-        "dtype": cfg.model.dtype,
-        "max_model_len": e.max_model_len,
-        "gpu_memory_utilization": e.gpu_memory_utilization,
-        "enforce_eager": e.enforce_eager,
-        "enable_prefix_caching": e.enable_prefix_caching,
-        "max_num_seqs": e.max_num_seqs,
-        "rpc_timeout_s": cfg.sync.timeout_s,
-    }
-    collective = cfg.sync.transport != "object_store"
-    if cfg.sync.transport == "nccl":
-        engine_kwargs["weight_transfer_backend"] = "nccl"
     W = ray.remote(
         num_cpus=r.cpus_per_worker,
         num_gpus=r.gpus_per_worker,
         runtime_env=env,
-        max_concurrency=2 if collective else 1,  # a transfer stage runs beside the batch it waits for
+        max_concurrency=2
+        if cfg.sync.transport.collective
+        else 1,  # a stage runs beside the batch it waits for
         max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
     )(RolloutWorker)
     names = [f"w{i}" for i in range(r.num_workers)]
@@ -103,8 +92,8 @@ def build_actors(
     workers = [
         W.remote(
             names[i], model_dir, PromptShard(shards[i], target_shards[i]), params, r.batch_size, sink=replay,
-            data_sink=expert if corr else None,
-            engine_kwargs={**engine_kwargs, "seed": cfg.run.seed + i}, sync_timeout_s=cfg.sync.timeout_s,
+            data_sink=expert if corr else None, engine=r.engine, transport=cfg.sync.transport,
+            seed=cfg.run.seed + i, dtype=cfg.model.dtype, sync_timeout_s=cfg.sync.timeout_s,
         )
         for i in range(r.num_workers)
     ]  # fmt: skip
@@ -122,8 +111,8 @@ def build_learners(ray, cfg: Config, model_dir: str) -> list:
     port = lc.master_port or free_port(addr)
     return [
         L.remote(
-            rank, lc.num_learners, addr, port, model_dir, lc.model_dump(), cfg.objective.model_dump(),
-            cfg.run.total_steps, cfg.run.seed,
+            rank, lc.num_learners, addr, port, model_dir, lc, cfg.objective, cfg.run.total_steps,
+            cfg.run.seed, sync=cfg.sync,
         )
         for rank in range(lc.num_learners)
     ]  # fmt: skip
@@ -146,13 +135,14 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     return time.perf_counter() - t0
 
 
-def connect_weight_transfer(ray, cfg: Config, learners, workers, names) -> None:
-    """A collective transport (gloo, nccl): learner rank 0 and every worker join one group."""
-    if cfg.sync.transport != "object_store":
-        t = cfg.sync
-        ray.get(
-            [lr.connect_weight_transfer.remote(t.transport, workers, names, t.timeout_s) for lr in learners]
-        )
+def connect_weights(ray, cfg: Config, learners, workers, names) -> None:
+    """Learner rank 0 builds its end of `sync.transport` and connects it to every worker (a collective
+    transport rendezvouses here); every rank takes the call."""
+    from sm_dist.sync.base import wait_all
+
+    futs = [lr.connect_weights.remote(workers, names) for lr in learners]
+    labels = [f"learner rank {i}" for i in range(len(learners))]
+    wait_all(futs, labels, cfg.run.startup_timeout_s + cfg.sync.timeout_s, "connecting the weight transport")
 
 
 def describe_error(err: BaseException) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sm_dist.sync.config import ObjectStoreConfig, TransportConfig, as_transport
 
 # vLLM's CPU build supports these attention head sizes (PLATFORM.md); mirrored from sm_dist.core.tiny
 # so this module stays free of torch.
@@ -265,14 +267,16 @@ class BufferConfig(_Section):
 class SyncConfig(_Section):
     """Weight sync learner -> rollout workers (DESIGN §4)."""
 
-    transport: Literal["object_store", "gloo", "nccl"] = Field(
-        "object_store",
-        description="Weight transport: object_store (Ray object store, any cluster); gloo (a collective "
-        "broadcast from learner rank 0, CPU); nccl (vLLM's NCCL weight-transfer engine, GPU learners and "
-        "workers, learner.strategy=ddp).",
+    transport: TransportConfig = Field(
+        default_factory=ObjectStoreConfig,
+        description="Weight transport, by `kind` (a bare name works too: `transport: gloo`): object_store "
+        "(Ray object store, any cluster); gloo (a collective broadcast from learner rank 0, CPU); nccl "
+        "(vLLM's NCCL weight-transfer engine, GPU learners and workers, learner.strategy=ddp; `packed`).",
     )
     every: int = Field(5, ge=1, description="Publish weights every K learner steps.")
     timeout_s: float = Field(300.0, gt=0.0, description="Timeout of one sync (raises, naming the worker).")
+
+    _transport_name = field_validator("transport", mode="before")(as_transport)
 
 
 class RunConfig(_Section):
@@ -351,19 +355,7 @@ class Config(_Section):
                 f"({self.data.max_prompt_len}) + max(rollout.max_actions, 2*data.max_answer_len) = {need}. "
                 f"Fix: set rollout.engine.max_model_len={need} or lower the lengths"
             )
-        if self.sync.transport == "nccl":
-            if self.learner.gpus_per_learner < 1 or self.rollout.gpus_per_worker < 1:
-                raise ValueError(
-                    "sync.transport: nccl broadcasts from a GPU learner into GPU vLLM workers, but "
-                    f"learner.gpus_per_learner={self.learner.gpus_per_learner} and rollout.gpus_per_worker="
-                    f"{self.rollout.gpus_per_worker}. Fix: give both a GPU, or use sync.transport=object_store "
-                    "(or gloo on CPU)"
-                )
-            if self.learner.strategy != "ddp":
-                raise ValueError(
-                    "sync.transport: nccl sends rank 0's full weights, which learner.strategy=fsdp2 shards. "
-                    "Fix: use sync.transport=object_store with fsdp2, or learner.strategy=ddp"
-                )
+        self.sync.transport.check(self)
         if self.learner.attn == "flex" and self.learner.gpus_per_learner == 0:
             raise ValueError(
                 "learner.attn: flex has no backward pass on the CPU (learner.gpus_per_learner=0). "

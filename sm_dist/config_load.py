@@ -175,11 +175,24 @@ def _type_name(ann: Any) -> str:
     origin, args = typing.get_origin(ann), typing.get_args(ann)
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if _variants(ann):
+        return " \\| ".join(f"`{a.model_fields['kind'].default}`" for a in args)
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in args) + "]"
     return getattr(ann, "__name__", str(ann))
+
+
+def _variants(ann: Any) -> list[type[BaseModel]]:
+    """The member models of a union of pydantic models (a discriminated union), else []."""
+    import typing
+
+    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
+        return []
+    args = typing.get_args(ann)
+    ok = all(isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields for a in args)
+    return list(args) if ok else []
 
 
 def _md_cell(text: str) -> str:
@@ -200,24 +213,32 @@ def reference() -> str:
         "",
     ]
 
-    def section(cls: type[BaseModel], prefix: str) -> None:
-        nested: list[tuple[str, type[BaseModel]]] = []
+    def section(cls: type[BaseModel], prefix: str, title: str | None = None) -> None:
+        nested: list[tuple[str, type[BaseModel], str | None]] = []
         rows = []
         for name, f in cls.model_fields.items():
             ann = f.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                nested.append((f"{prefix}{name}", ann))
+                nested.append((f"{prefix}{name}", ann, None))
                 continue
+            variants = _variants(ann)
+            if variants:  # a discriminated union (sync.transport): one section per kind
+                for v in variants:
+                    kind = v.model_fields["kind"].default
+                    nested.append((f"{prefix}{name}", v, f"`{prefix}{name}` with `kind: {kind}`"))
             default = f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(mode="json")
             shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
             shown = shown.removesuffix("\n...").strip()
             text = _md_cell(f.description or "")
             rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{shown}` | {text} |")
         if rows:
-            out.extend([f"## `{prefix.rstrip('.')}`", "", (cls.__doc__ or "").strip(), ""])
+            head = title or "`" + prefix.rstrip(".") + "`"
+            out.extend([f"## {head}", "", (cls.__doc__ or "").strip(), ""])
             out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for name, sub in nested:
-            section(sub, f"{name}.")
+        for name, sub, sub_title in nested:
+            section(sub, f"{name}.", sub_title)
 
     section(Config, "")
     return "\n".join(out).rstrip() + "\n"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sm_dist.actors import describe_error
 from sm_dist.learner import checkpoint as ckpt
+from sm_dist.learner_group import LearnerDied
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -30,11 +31,6 @@ class RunState:
 # ---- the loop ---------------------------------------------------------------------------------------
 
 
-class LearnerDied(RuntimeError):
-    """A learner rank died and could not be replaced (learner.max_restarts used up, or a collective
-    transport); the dead ranks cannot save, so the last checkpoint stands."""
-
-
 def install_signal_handlers(trainer) -> None:
     def handler(signum, _frame):
         if trainer.stop_requested:  # second signal: stop now
@@ -48,7 +44,7 @@ def install_signal_handlers(trainer) -> None:
 
 def save_checkpoint(t, timeout_s: float | None = None) -> Path:
     tmp = ckpt.begin(t.cfg.run.run_dir, t.s.step)
-    futs = [lr.save_checkpoint.remote(str(tmp)) for lr in t.learners]
+    futs = t.group.save_futures(str(tmp))
     if timeout_s is None:
         t.wait_for(futs)
     else:  # after a failure: touch no worker future, bound the wait
@@ -57,7 +53,7 @@ def save_checkpoint(t, timeout_s: float | None = None) -> Path:
         stats = t.ray.get(t.replay.stats.remote(), timeout=t.cfg.sync.timeout_s)
     except (t.ray.exceptions.RayActorError, t.ray.exceptions.GetTimeoutError):
         stats = {"rows": None, "added_rows": None}
-    state = {**t.s.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
+    state = {**t.state().__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
     return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
 
 

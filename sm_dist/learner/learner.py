@@ -1,12 +1,14 @@
 """The learner rank: a plain class (the driver applies `ray.remote`), one per data-parallel rank.
 
     Learner = ray.remote(num_cpus=1)(Learner)
-    ranks = [Learner.remote(r, M, addr, port, model_dir, learner_params, objective_params, seed)
+    ranks = [Learner.remote(r, M, addr, port, model_dir, cfg.learner, cfg.objective, steps, seed, sync=cfg.sync)
              for r in range(M)]
     metrics = ray.get([l.train_step.remote(data_shard[r], replay_shard[r]) for r, l in enumerate(ranks)])
-    blob = ranks[0].state_dict_blob.remote()        # an ObjectRef the rollout workers load
+    ray.get([l.connect_weights.remote(workers, names) for l in ranks])    # once
+    delivery = ray.get([l.publish_weights.remote(version) for l in ranks])[0]  # rank 0's Delivery
 
-Public methods: `train_step`, `state_dict_blob`, `save_checkpoint`, `load_checkpoint`.
+Public methods: `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
+`save_checkpoint`, `load_checkpoint`.
 
 Normalisation (why M ranks with B/M rows each equal one rank with B rows): the objective takes
 per-sequence means within each occupancy (data, model) and mixes them with fixed weights; DDP averages
@@ -25,73 +27,44 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sm_dist.config import LearnerConfig, ObjectiveConfig, SyncConfig
 from sm_dist.core.objective import ObjectiveParams
 from sm_dist.core.traces import TraceInputs, build_inputs
 from sm_dist.learner.step import StepParams, loss_and_backward
 
 
-@dataclass(frozen=True)
-class OptimParams:
-    """Optimiser, schedule and numerics of one learner rank (plain values from `LearnerConfig`)."""
-
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    schedule: str = "cosine"  # "cosine" | "constant"
-    lr_warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    total_steps: int | None = 100  # None: no end (run until stopped; constant schedule only)
-    grad_accum: int = 1
-    clip_norm: float | None = 1.0
-    bf16_autocast: bool = True
-    attn: str = "auto"
-    nan_tolerance: int = 3
-    strategy: str = "ddp"  # "ddp" | "fsdp2"
-
-    @classmethod
-    def from_dict(cls, d: dict, total_steps: int | None) -> OptimParams:
-        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "betas" in keep:
-            keep["betas"] = tuple(keep["betas"])
-        return cls(**keep, total_steps=total_steps)
-
-
-@dataclass(frozen=True)
-class SMParams:
-    """The objective section as plain values (`ObjectiveConfig`)."""
-
-    divergence: str = "chi2_mixture"
-    gamma: float = 0.998
-    chi2_weight: float = 1e-3
-    data_mix: float = 0.5
-    mask_noise_actions: bool = True
-    warmup_steps: int = 0
-    sm_lambda: float = 1.0
-    weight_clip: float = 10.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SMParams:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def lr_factor(step: int, p: OptimParams) -> float:
+def lr_factor(step: int, p: LearnerConfig, total_steps: int | None) -> float:
     """Linear warmup to 1, then cosine down to `min_lr_ratio` at `total_steps` (or constant)."""
     if step < p.lr_warmup_steps:
         return (step + 1) / p.lr_warmup_steps
     if p.schedule == "constant":
         return 1.0
-    if p.total_steps is None:
+    if total_steps is None:
         raise ValueError("a cosine schedule needs total_steps; with total_steps=None use schedule='constant'")
-    span = max(1, p.total_steps - p.lr_warmup_steps)
+    span = max(1, total_steps - p.lr_warmup_steps)
     frac = min(1.0, (step - p.lr_warmup_steps) / span)
     return p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gpu: bool) -> StepParams:
+    """The one place the config becomes the pure-torch step's frozen parameters."""
+    return StepParams(
+        objective=ObjectiveParams(
+            bkspc_id=bkspc_id, divergence=o.divergence, gamma=o.gamma, chi2_weight=o.chi2_weight,
+            data_mix=o.data_mix, mask_noise_actions=o.mask_noise_actions, weight_clip=o.weight_clip,
+        ),
+        warmup_steps=o.warmup_steps,
+        sm_lambda=o.sm_lambda,
+        attn=lc.attn,
+        autocast_dtype=torch.bfloat16 if (on_gpu and lc.bf16_autocast) else None,
+        pad_to_multiple=8 if on_gpu else 1,
+    )  # fmt: skip
 
 
 def noise_flags(action_ids: list[int], bkspc_id: int) -> list[bool]:
@@ -153,19 +126,22 @@ class Learner:
         master_addr: str,
         master_port: int,
         model_dir: str,
-        learner: dict,
-        objective: dict,
+        learner: LearnerConfig,
+        objective: ObjectiveConfig,
         total_steps: int | None,
         seed: int = 0,
         device: str = "auto",
+        sync: SyncConfig | None = None,
     ):
+        """`learner`, `objective`, `sync`: the run config's sections (sync: None, the defaults)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from sm_dist.core.vocab import check_model_has_bkspc, get_bkspc_id
 
         self.rank, self.world_size, self.model_dir = rank, world_size, str(model_dir)
-        self.opt_p = OptimParams.from_dict(learner, total_steps)
-        self.sm_p = SMParams.from_dict(objective)
+        self.opt_p, self.total_steps = learner, total_steps
+        self.sync = sync or SyncConfig()
+        self.sender = None  # learner rank 0's end of the weight transport, after connect_weights
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -186,24 +162,10 @@ class Learner:
             eps=self.opt_p.eps,
             weight_decay=self.opt_p.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.opt_p))
-        on_gpu = self.device.type == "cuda"
-        self.step_params = StepParams(
-            objective=ObjectiveParams(
-                bkspc_id=self.bkspc_id,
-                divergence=self.sm_p.divergence,
-                gamma=self.sm_p.gamma,
-                chi2_weight=self.sm_p.chi2_weight,
-                data_mix=self.sm_p.data_mix,
-                mask_noise_actions=self.sm_p.mask_noise_actions,
-                weight_clip=self.sm_p.weight_clip,
-            ),
-            warmup_steps=self.sm_p.warmup_steps,
-            sm_lambda=self.sm_p.sm_lambda,
-            attn=self.opt_p.attn,
-            autocast_dtype=torch.bfloat16 if (on_gpu and self.opt_p.bf16_autocast) else None,
-            pad_to_multiple=8 if on_gpu else 1,
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.opt_p, self.total_steps)
         )
+        self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
         self.c = _Counters()
 
     def _init_distributed(self, addr: str, port: int) -> None:
@@ -349,61 +311,32 @@ class Learner:
             return get_model_state_dict(self.module, options=opts)
         return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}
 
-    def state_dict_blob(self):
-        """Rank 0: the weights (HF names) as a safetensors buffer for the vLLM weight load (a uint8
-        numpy array, stored zero-copy by Ray); other ranks: None. Call on all ranks (FSDP2 gathers
-        collectively)."""
-        from sm_dist.sync.object_store import state_dict_to_buffer
-
-        sd = self._sync_state_dict()
-        return state_dict_to_buffer(sd) if self.rank == 0 else None
-
     def _sync_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights to publish: gathered under FSDP2 (a collective), else the live tensors, with no
-        CPU staging copy (the transports copy each tensor straight into their buffer)."""
+        CPU staging copy (the senders copy each tensor straight into their buffer)."""
         return self.full_state_dict() if self.sharded else self.module.state_dict()
 
-    def connect_weight_transfer(
-        self,
-        backend: str,
-        workers: list,
-        names: list[str],
-        timeout_s: float,
-        vllm_workers_per_engine: int = 1,
-    ) -> None:
-        """Rank 0 joins the rollout workers' collective weight-transfer group (sync.transport gloo or
-        nccl); other ranks keep nothing. Call on every rank."""
-        if self.rank != 0:
-            return
-        if backend == "gloo":
-            from sm_dist.sync.collective import GlooTransport
+    def connect_weights(self, workers: list, names: list[str]) -> None:
+        """Rank 0 builds its end of `sync.transport` and connects it to the rollout workers (a
+        collective rendezvouses here, at this node's address); other ranks keep nothing. Call on every
+        rank; again after the workers change."""
+        if self.rank == 0:
+            self.sender = self.sync.transport.sender(self.sync.timeout_s)
+            self.sender.connect(workers, names, self.module)
 
-            self._wt = GlooTransport(workers, worker_names=names, timeout_s=timeout_s)
-            self._wt.connect()
-        elif backend == "nccl":
-            import ray
-
-            from sm_dist.cluster import free_port
-            from sm_dist.sync.nccl import NcclTransport
-
-            addr = ray.util.get_node_ip_address()
-            self._wt = NcclTransport(
-                workers, addr, free_port(addr), len(workers) * vllm_workers_per_engine, timeout_s,
-                worker_names=names,
-            )  # fmt: skip
-            self._wt.connect(self.module)
-        else:
-            raise ValueError(f"unknown weight-transfer backend {backend!r}; use gloo or nccl")
-
-    def publish_weights(self, version: int) -> dict[str, float]:
-        """Send the current weights as `version` through the connected collective transport; returns
-        once every worker runs them. Call on every rank (FSDP2 gathers the full weights collectively)."""
+    def publish_weights(self, version: int):
+        """Send the current weights as `version` (`sm_dist.sync.base.Delivery` on rank 0, None on the
+        others). Call on every rank (FSDP2 gathers the full weights collectively)."""
         sd = self._sync_state_dict()
         if self.rank != 0:
-            return {}
-        if getattr(self, "_wt", None) is None:
-            raise RuntimeError("publish_weights before connect_weight_transfer")
-        return self._wt.publish(version, sd)
+            return None
+        if self.sender is None:
+            raise RuntimeError("publish_weights before connect_weights")
+        return self.sender.send(version, sd)
+
+    def resend_weights(self, index: int):
+        """Rank 0: the last version again to worker `index` (restarted with its initial weights)."""
+        return self.sender.resend(index)
 
     def save_checkpoint(self, ckpt_dir: str) -> dict:
         """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
@@ -422,7 +355,7 @@ class Learner:
             "step": self.c.step,
             "skipped": self.c.skipped,
             "sequences": self.c.sequences,
-            "optim": asdict(self.opt_p),
+            "optim": self.opt_p.model_dump(mode="json"),
         }
         (out / "learner_state.json").write_text(json.dumps(state, indent=1))
         return state

@@ -195,7 +195,7 @@ class BackspaceEngine:
         worker_extension_cls: str | None = "sm_dist.sync.vllm_ext.WeightSyncExtension",
         max_num_seqs: int = 256,
         rpc_timeout_s: float = 300.0,
-        weight_transfer_backend: str | None = None,  # "nccl" on GPU clusters (sm_dist.sync.nccl)
+        llm_kwargs: dict | None = None,  # more `vllm.LLM` arguments (a transport's `engine_kwargs()`)
     ):
         from transformers import AutoTokenizer
         from vllm import LLM
@@ -208,13 +208,9 @@ class BackspaceEngine:
         self.eos_id = int(tok.eos_token_id)
         self.max_model_len = max_model_len
         self.rpc_timeout_s = rpc_timeout_s
-        kwargs = {}
+        kwargs = dict(llm_kwargs or {})
         if worker_extension_cls:
             kwargs["worker_extension_cls"] = worker_extension_cls
-        if weight_transfer_backend:
-            from vllm.config import WeightTransferConfig
-
-            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
         if not torch.cuda.is_available():
             # Never chunk a prefill on the CPU: vLLM discards the sample of a partly prefilled request by
             # rewinding its seeded generator (gpu_model_runner._bookkeeping_sync, set_offset), which a
@@ -420,29 +416,15 @@ class BackspaceEngine:
                 f"weight load of version {version} ({len(blob)} bytes) did not finish within "
                 f"{self.rpc_timeout_s}s on the vLLM workers of {self.model_dir}"
             ) from e
-        if not self.llm.reset_prefix_cache():
-            raise RuntimeError(f"could not reset the prefix cache after loading version {version}")
-        self._version = int(version)
+        self.weights_changed(version)
         self.last_load_s = time.perf_counter() - t0
         self.last_load_tensors = counts
         return self._version
 
-    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> None:
-        """One stage of vLLM's native weight-transfer protocol (engine built with
-        `weight_transfer_backend`): "init" | "start" | "update" | "finish". "finish" drops the prefix
-        cache and sets `version`. Driven by `sm_dist.sync.nccl.NcclTransport` through the worker."""
-        llm = self.llm
-        if stage == "init":
-            llm.init_weight_transfer_engine({"init_info": info})
-        elif stage == "start":
-            llm.start_weight_update()
-        elif stage == "update":
-            llm.update_weights({"update_info": info})
-        elif stage == "finish":
-            llm.finish_weight_update()
-            if not llm.reset_prefix_cache():
-                raise RuntimeError(f"could not reset the prefix cache after weight version {version}")
-            if version is not None:
-                self._version = int(version)
-        else:
-            raise ValueError(f"unknown weight_transfer stage {stage!r}; use init/start/update/finish")
+    def weights_changed(self, version: int | None) -> None:
+        """New weights are in the vLLM workers (by any transport): drop the prefix cache, whose KV
+        blocks the old weights computed, and tag `version`."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"could not reset the prefix cache after loading weights version {version}")
+        if version is not None:
+            self._version = int(version)

@@ -2,15 +2,18 @@
 batches. A plain class; the driver applies `ray.remote`:
 
     Worker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker)
-    w = Worker.remote("w0", model_dir, prompt_shard, RolloutParams(...), batch_size=32, sink=buffer)
+    w = Worker.remote("w0", model_dir, prompt_shard, RolloutParams(...), batch_size=32, sink=buffer,
+                      engine=EngineConfig(...), transport=cfg.sync.transport)
     w.run.remote()                                   # loops until stop()
-    ObjectStoreTransport([w]).publish(version, sd)   # update_weights: applied between two batches
+    sender.connect([w], ["w0"]); sender.send(v, sd)  # learner rank 0 -> w.receive_weights(...)
 
-Weight updates are never applied mid-generation: `run_batch` and the weight load both hold
-`self._engine_lock`, so an update requested during a batch (threaded actor, `max_concurrency >= 2`)
-waits for that batch to end. With a single-threaded actor (`max_concurrency=1`, the default) the
-same holds trivially, but then `update_weights` and `stop` queue behind a running `run()`: drive such
-a worker with `run_batch` calls (or `run(max_batches=k)`) instead.
+Weights arrive through one entry point, `receive_weights(stage, info, version)`, which hands each stage
+to the transport's receiver (`sync.transport.receiver(...)`, sm_dist/sync). They are never applied
+mid-generation: `run_batch` and the weight load both hold `self._engine_lock`, so an update requested
+during a batch (threaded actor, `max_concurrency >= 2`) waits for that batch to end. With a
+single-threaded actor (`max_concurrency=1`, the default) the same holds trivially, but then weights
+and `stop` queue behind a running `run()`: drive such a worker with `run_batch` calls (or
+`run(max_batches=k)`) instead.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from sm_dist.rollout.engine import BackspaceEngine, Rollout, RolloutParams
-from sm_dist.sync.object_store import ObjectStoreTransport
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,21 @@ class RolloutWorker:
         params: RolloutParams,
         batch_size: int,
         sink: Any = None,
-        engine_kwargs: dict | None = None,
+        engine: Any = None,
+        transport: Any = None,
+        seed: int = 0,
+        dtype: str = "float32",
         sink_timeout_s: float = 120.0,
         sync_timeout_s: float = 300.0,
         data_sink: Any = None,
         targets: Sequence[Sequence[int]] | None = None,
+        worker_extension_cls: str | None = "sm_dist.sync.vllm_ext.WeightSyncExtension",
     ):
+        """`engine`: the `rollout.engine` config (`EngineConfig`, None: its defaults); `transport`: the
+        `sync.transport` config (None: the object store); `seed`, `dtype`: the engine's."""
+        from sm_dist.config import EngineConfig
+        from sm_dist.sync.config import ObjectStoreConfig
+
         if isinstance(prompts, PromptShard):
             targets = prompts.load_targets() if targets is None else targets
             prompts = prompts.load()
@@ -88,11 +99,18 @@ class RolloutWorker:
         self.sink = sink
         self.data_sink, self.targets = data_sink, targets  # correction rows (rollout.correction_rows)
         self.sink_timeout_s = sink_timeout_s
-        self.engine = BackspaceEngine(model_dir, **(engine_kwargs or {}))
-        self.transport = ObjectStoreTransport(timeout_s=sync_timeout_s)
+        e, transport = engine or EngineConfig(), transport or ObjectStoreConfig()
+        self.engine = BackspaceEngine(
+            model_dir, seed=seed, dtype=dtype, max_model_len=e.max_model_len,
+            gpu_memory_utilization=e.gpu_memory_utilization, enforce_eager=e.enforce_eager,
+            enable_prefix_caching=e.enable_prefix_caching, max_num_seqs=e.max_num_seqs,
+            rpc_timeout_s=sync_timeout_s, worker_extension_cls=worker_extension_cls,
+            llm_kwargs=transport.engine_kwargs(),
+        )  # fmt: skip
+        self.receiver = transport.receiver(self.engine, worker_id, sync_timeout_s)
         self.sync_timeout_s = sync_timeout_s
-        self._gloo = None  # sm_dist.sync.collective.GlooReceiver once a gloo transport connects
         self._engine_lock = threading.Lock()  # held by a batch and by a weight load
+        self._held = False  # the lock is held from a "start" stage to its "finish"
         self._stop = threading.Event()
         self._cursor = 0  # next prompt index in the shard (wraps around)
         self._batches = 0
@@ -206,38 +224,35 @@ class RolloutWorker:
             sink(batch)
 
     # ------------------------------------------------------------------ weights
-    def update_weights(self, payload: Any, version: int) -> int:
-        """Load weights `version` (safetensors bytes, an ObjectRef, or `[ObjectRef]`) between batches;
-        return the version now in use."""
-        with self._engine_lock:
-            return self.transport.receive(self.engine, payload, version, self.worker_id)
+    def receive_weights(self, stage: str, info: Any = None, version: int | None = None) -> int:
+        """The one entry point of weight sync: hand `stage` ("init" | "start" | "update" | "finish")
+        to the transport's receiver; return the version now in use.
 
-    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> int:
-        """Collective weight sync, one stage per call: "init" | "start" | "update" | "finish".
-
-        Driven by the learner's `GlooTransport` (sm_dist.sync.collective: this worker joins a gloo
-        group and receives the safetensors buffer itself) or `NcclTransport` (sm_dist.sync.nccl: the
-        stages go to vLLM's native NCCL weight-transfer engine). The engine lock is taken at "start"
-        and released at "finish" (or on an error), so the weights land between batches. Needs a
-        threaded actor (max_concurrency >= 2) when batches run meanwhile."""
-        if stage == "start" and not self._engine_lock.acquire(timeout=self.sync_timeout_s):
-            raise TimeoutError(
-                f"{self.worker_id}: the current batch did not end within {self.sync_timeout_s}s, so "
-                f"weights version {version} could not start"
-            )
+        The engine lock is taken at "start" and released at "finish" (or on an error), so a collective
+        transport's weights land between batches; an "update" with no "start" before it (the object
+        store sends only that) holds the lock for itself. A stage that waits for the current batch
+        needs a threaded actor (max_concurrency >= 2) when batches run meanwhile."""
+        lock = self._engine_lock
+        if stage == "start" or (stage == "update" and not self._held):
+            if not lock.acquire(timeout=self.sync_timeout_s):
+                raise TimeoutError(
+                    f"{self.worker_id}: the current batch did not end within {self.sync_timeout_s}s, so "
+                    f"weights version {version} could not {stage}"
+                )
+            own = stage == "update"  # released below, after this one call
+            self._held = not own
+        else:
+            own = False
         try:
-            if stage == "init" and (info or {}).get("backend") == "gloo":
-                from sm_dist.sync.collective import GlooReceiver
-
-                self._gloo = GlooReceiver(self.engine, info)  # joins the group (the "init" stage)
-            else:  # the gloo receiver has the engine's stage interface
-                (self._gloo or self.engine).weight_transfer(stage, info, version)
+            self.receiver.stage(stage, info, version)
         except BaseException:
-            if stage in ("start", "update") and self._engine_lock.locked():
-                self._engine_lock.release()
+            if self._held or own:
+                self._held = False
+                lock.release()
             raise
-        if stage == "finish" and self._engine_lock.locked():
-            self._engine_lock.release()
+        if own or (stage == "finish" and self._held):
+            self._held = False
+            lock.release()
         return self.engine.version
 
     def probe_logprobs(self, prompt_ids: Sequence[int], action_ids: Sequence[int]) -> list[float]:

@@ -1,17 +1,18 @@
 """Weight sync by a collective broadcast from learner rank 0 to every rollout worker (DESIGN §4, §6).
 
-`GlooTransport` is the CPU member of the collective family: the same four-stage worker protocol as the
-NCCL transport (`RolloutWorker.weight_transfer(stage, info, version)` with "init" | "start" | "update"
-| "finish"), the same ordering and locking, over a gloo process group instead of vLLM's NCCL engine.
-So the driver's collective path (threaded workers, a blocking publish on the learner, the engine lock
-held from "start" to "finish", timeouts that name the worker) runs for real on CPU machines and in CI,
-and on GPU clusters `sync.transport=nccl` swaps in `sm_dist.sync.nccl.NcclTransport`.
+`GlooSender` / `GlooReceiver` are the CPU member of the collective family: the same four-stage worker
+protocol as the NCCL transport (`RolloutWorker.receive_weights(stage, info, version)` with "init" |
+"start" | "update" | "finish"), the same ordering and locking, over a gloo process group instead of
+vLLM's NCCL engine. So the collective path (threaded workers, a blocking send on the learner, the
+engine lock held from "start" to "finish", timeouts that name the worker) runs for real on CPU machines
+and in CI, and on GPU clusters `sync.transport=nccl` swaps in `sm_dist.sync.nccl`.
 
-    transport = GlooTransport(workers, worker_names=names, timeout_s=300)
-    transport.connect()                      # rendezvous: learner rank 0, workers 1..N (own TCPStore)
-    transport.publish(version, state_dict)   # start -> broadcast the safetensors buffer -> finish
+    sender = GlooSender(timeout_s=300)
+    sender.connect(workers, names)           # rendezvous at rank 0's own address: workers 1..N join
+    sender.send(version, state_dict)         # start -> broadcast the safetensors buffer -> finish
 
-The group is private (a `TCPStore` and a `ProcessGroupGloo` built directly, never the global default
+The group is rank 0's own: it picks its node's address and a free port there, and hands both to the
+workers at "init". The group is private (a `TCPStore` and a `ProcessGroupGloo` built directly, never the global default
 group), so it lives beside the learners' own torch.distributed group and vLLM's. What travels is the
 same safetensors-layout buffer as the object-store transport, so a worker loads it with the same code.
 A timed-out collective cannot be cancelled: after a `WeightSyncError` restart the rollout workers.
@@ -28,7 +29,14 @@ from typing import Any
 import torch
 
 from sm_dist.cluster import free_port
-from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_versions, wait_all
+from sm_dist.sync.base import (
+    Delivery,
+    WeightReceiver,
+    WeightSender,
+    WeightSyncError,
+    confirm_versions,
+    wait_all,
+)
 
 _PREFIX = "sm_dist/weights"
 
@@ -52,81 +60,66 @@ def broadcast_(pg, tensor: torch.Tensor) -> None:
 
 
 class StageClient:
-    """Runs one weight-transfer stage on every `RolloutWorker` (`weight_transfer(stage, info, version)`)
-    and waits for all of them; a timeout names the late workers. Shared by the gloo and NCCL transports."""
+    """Runs one weight stage on every `RolloutWorker` (`receive_weights(stage, info, version)`) and
+    waits for all of them; a timeout names the late workers. Shared by the gloo and NCCL senders."""
 
     def __init__(self, workers: Sequence[Any], names: Sequence[str], timeout_s: float, label: str):
-        if not workers:
-            raise ValueError(f"{label} weight transfer needs at least one rollout worker")
-        self.workers = list(workers)
-        self.names = list(names) or [f"worker[{i}]" for i in range(len(self.workers))]
+        self.workers, self.names = list(workers), list(names)
         self.timeout_s, self.label = timeout_s, label
-        self.version: int | None = None  # the version being sent, set by the transport each round
+        self.version: int | None = None  # the version being sent, set by the sender each round
 
     def call(self, stage: str, info: Any = None, per_worker: Sequence[Any] | None = None) -> list:
         """`stage` on every worker with `info` (or `per_worker[i]` for worker i); their answers."""
         infos = per_worker if per_worker is not None else [info] * len(self.workers)
-        futures = [w.weight_transfer.remote(stage, i, self.version) for w, i in zip(self.workers, infos)]
+        futures = [w.receive_weights.remote(stage, i, self.version) for w, i in zip(self.workers, infos)]
         what = f"{self.label} weight transfer stage {stage!r} (version {self.version})"
         return wait_all(futures, self.names, self.timeout_s, what)
 
 
-class GlooReceiver:
-    """Worker side of the gloo transport, with the stage interface of `BackspaceEngine.weight_transfer`:
-    joins the group at "init", receives the safetensors buffer and loads it into `engine` at "update"."""
+class GlooReceiver(WeightReceiver):
+    """Worker side: joins the group at "init", receives the safetensors buffer and loads it at "update"."""
 
-    def __init__(self, engine: Any, info: dict[str, Any]):
-        self.engine = engine
+    pg = None
+
+    def init(self, info: Any, version: int | None) -> None:
         self.pg, self._store = open_group(
-            info["master_address"],
-            int(info["master_port"]),
-            int(info["rank"]),
-            int(info["world_size"]),
+            info["master_address"], int(info["master_port"]), int(info["rank"]), int(info["world_size"]),
             float(info["timeout_s"]),
-        )
+        )  # fmt: skip
 
-    def weight_transfer(self, stage: str, info: dict | None = None, version: int | None = None) -> None:
-        if stage == "update":
-            buf = torch.empty(int(info["nbytes"]), dtype=torch.uint8)
-            broadcast_(self.pg, buf)
-            self.engine.load_weights_bytes(buf.numpy(), version)  # also drops the prefix cache
-        elif stage not in ("init", "start", "finish"):
-            raise ValueError(f"unknown weight_transfer stage {stage!r}; use init/start/update/finish")
+    def update(self, info: Any, version: int | None) -> None:
+        if self.pg is None:
+            raise RuntimeError(f"{self.worker_id}: gloo weights of version {version} before the group's init")
+        buf = torch.empty(int(info["nbytes"]), dtype=torch.uint8)
+        broadcast_(self.pg, buf)
+        self.engine.load_weights_bytes(buf.numpy(), version)  # also drops the prefix cache
 
 
-class GlooTransport(WeightTransport):
-    """Learner side (rank 0): broadcasts the weights to `workers` (RolloutWorker actor handles)."""
+class GlooSender(WeightSender):
+    """Learner rank 0: hosts the group at its own node's address and broadcasts each version."""
 
     def __init__(
-        self,
-        workers: Sequence[Any],
-        worker_names: Sequence[str] = (),
-        timeout_s: float = 300.0,
-        master_address: str | None = None,
-        master_port: int | None = None,
+        self, timeout_s: float = 300.0, master_address: str | None = None, master_port: int | None = None
     ):
-        self.client = StageClient(workers, worker_names, timeout_s, "gloo")
-        self.names, self.timeout_s = self.client.names, timeout_s
-        self.master_address = master_address or _node_ip()
-        self.master_port = master_port or free_port(self.master_address)
-        self.world_size = 1 + len(self.client.workers)
+        super().__init__(timeout_s)
+        self.master_address, self.master_port = master_address, master_port
         self.pg = None
 
-    def connect(self) -> None:
+    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None) -> None:
         """Rendezvous with every worker (they block in "init" until rank 0 opens the store)."""
-        base = {
-            "backend": "gloo",
-            "master_address": self.master_address,
-            "master_port": self.master_port,
-            "world_size": self.world_size,
-            "timeout_s": self.timeout_s,
-        }
-        infos = [{**base, "rank": i + 1} for i in range(len(self.client.workers))]
+        super().connect(workers, names, module)
+        self.client = StageClient(self.workers, self.names, self.timeout_s, "gloo")
+        self.master_address = self.master_address or _node_ip()
+        self.master_port = self.master_port or free_port(self.master_address)
+        world = 1 + len(self.workers)
+        base = {"master_address": self.master_address, "master_port": self.master_port, "world_size": world,
+                "timeout_s": self.timeout_s}  # fmt: skip
+        infos = [{**base, "rank": i + 1} for i in range(len(self.workers))]
         with ThreadPoolExecutor(max_workers=1) as exe:
             fut = exe.submit(self.client.call, "init", per_worker=infos)
             try:
                 self.pg, self._store = open_group(
-                    self.master_address, self.master_port, 0, self.world_size, self.timeout_s
+                    self.master_address, self.master_port, 0, world, self.timeout_s
                 )
             except RuntimeError as e:
                 raise WeightSyncError(
@@ -135,11 +128,11 @@ class GlooTransport(WeightTransport):
                 ) from e
             fut.result()
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def send(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> Delivery:
         from sm_dist.sync.object_store import state_dict_to_buffer
 
         if self.pg is None:
-            raise RuntimeError("GlooTransport.publish before connect()")
+            raise RuntimeError("GlooSender.send before connect()")
         self.client.version = version
         t0 = time.perf_counter()
         buf = state_dict_to_buffer(state_dict)
@@ -156,22 +149,13 @@ class GlooTransport(WeightTransport):
                     f"or took longer than {self.timeout_s}s: {e}. The group is unusable; restart the workers"
                 ) from e
             fut.result()
-        got = self.client.call("finish")
-        confirm_versions(self.names, got, version)
+        confirm_versions(self.names, self.client.call("finish"), version)
         t3 = time.perf_counter()
-        return {
-            "sync/version": float(version),
-            "sync/bytes": float(buf.nbytes),
-            "sync/serialize_s": t1 - t0,
-            "sync/pause_s": t2 - t1,
-            "sync/apply_s": t3 - t2,
-            "sync/total_s": t3 - t0,
-        }
-
-    def receive(self, engine: Any, payload: Any, version: int, worker_id: str) -> int:
-        raise NotImplementedError(
-            f"{worker_id}: gloo weights are received by RolloutWorker.weight_transfer, not WeightTransport.receive"
-        )
+        return Delivery(
+            version,
+            metrics={"sync/version": float(version), "sync/bytes": float(buf.nbytes), "sync/serialize_s": t1 - t0,
+                     "sync/pause_s": t2 - t1, "sync/apply_s": t3 - t2},
+        )  # fmt: skip
 
 
 def _node_ip() -> str:

@@ -8,22 +8,18 @@ arg `weight_transfer_config=WeightTransferConfig(backend="nccl")`). It has NOT b
 machines have no CUDA and the lent GPU machine has no vLLM/Ray. pyproject pins the GPU extra to the
 same vLLM release (`vllm==0.32.0`) so that these names hold; re-read them before moving the pin.
 
-The driver wires it exactly like the gloo transport (`sm_dist.sync.collective`), which shares the
-worker protocol and runs in CI: `sync.transport=nccl` builds threaded workers with
-`weight_transfer_backend="nccl"`, learner rank 0 `connect_weight_transfer("nccl", ...)`s once, and every
-`sync.every` steps `publish_weights(version)` runs start -> update -> finish.
+It shares the worker protocol with the gloo transport (`sm_dist.sync.collective`), which runs in CI:
+`sync.transport=nccl` builds threaded workers whose engines get `engine_kwargs()`, learner rank 0's
+`NcclSender.connect` rendezvouses once at its own address, and every `sync.every` steps `send` runs
+start -> update (+ broadcast) -> finish; each worker's `NcclReceiver` forwards the stages to vLLM.
 
-Ordering (learner rank 0, one process that holds the full weights on a GPU):
+    sender = NcclSender(timeout_s=300)
+    sender.connect(workers, names, model)        # trainer is NCCL rank 0, vLLM workers 1..N
+    sender.send(version, model.state_dict())     # start -> update (+ broadcast) -> finish
 
-    transport = NcclTransport(workers, master_address, master_port, num_vllm_workers=len(workers))
-    transport.connect(model)              # rendezvous: trainer is NCCL rank 0, vLLM workers 1..N
-    ...
-    transport.publish(version, model.state_dict())   # start -> update (+ broadcast) -> finish
-
-The workers are `RolloutWorker` actors built with `engine_kwargs={"weight_transfer_backend": "nccl"}`
-and `max_concurrency >= 2`; `RolloutWorker.weight_transfer` holds the engine lock from "start" to
-"finish", so the broadcast lands between two batches, never inside one. After a timeout the NCCL
-group is unusable (a blocked collective cannot be cancelled): tear the workers down.
+`RolloutWorker.receive_weights` holds the engine lock from "start" to "finish", so the broadcast lands
+between two batches, never inside one. After a timeout the NCCL group is unusable (a blocked
+collective cannot be cancelled): tear the workers down.
 """
 
 from __future__ import annotations
@@ -35,16 +31,23 @@ from typing import Any
 
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport
+from sm_dist.sync.base import Delivery, WeightReceiver, WeightSender, WeightSyncError
 from sm_dist.sync.collective import StageClient
 
 
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(
-            "NcclTransport needs CUDA (NCCL broadcast from a GPU learner to CUDA vLLM workers); this "
+            "sync.transport=nccl needs CUDA (NCCL broadcast from a GPU learner to CUDA vLLM workers); this "
             "process has no GPU. Use sync.transport=object_store on CPU machines."
         )
+
+
+def engine_kwargs() -> dict[str, Any]:
+    """The `vllm.LLM` argument that gives a worker's engine vLLM's NCCL weight-transfer engine."""
+    from vllm.config import WeightTransferConfig
+
+    return {"weight_transfer_config": WeightTransferConfig(backend="nccl")}
 
 
 class _WorkerClient(StageClient):
@@ -85,38 +88,51 @@ def _make_source(module: torch.nn.Module):
     return ModuleSource()
 
 
-class NcclTransport(WeightTransport):
-    """Learner-side NCCL publisher (rank 0 sends; workers receive inside vLLM)."""
+class NcclReceiver(WeightReceiver):
+    """Worker side: each stage goes to the engine's vLLM weight-transfer API."""
 
-    def __init__(
-        self,
-        workers: Sequence[Any],
-        master_address: str,
-        master_port: int,
-        num_vllm_workers: int,
-        timeout_s: float = 300.0,
-        packed: bool = True,
-        worker_names: Sequence[str] = (),
-    ):
-        _require_cuda()
-        self.client = _WorkerClient(workers, worker_names, timeout_s, "NCCL")
-        self.master_address, self.master_port = master_address, master_port
-        self.world_size = 1 + num_vllm_workers  # trainer rank 0 + every vLLM worker process
-        self.timeout_s, self.packed = timeout_s, packed
+    def init(self, info: Any, version: int | None) -> None:
+        self.engine.llm.init_weight_transfer_engine({"init_info": info})
+
+    def start(self, info: Any, version: int | None) -> None:
+        self.engine.llm.start_weight_update()
+
+    def update(self, info: Any, version: int | None) -> None:
+        self.engine.llm.update_weights({"update_info": info})
+
+    def finish(self, info: Any, version: int | None) -> None:
+        self.engine.llm.finish_weight_update()
+        self.engine.weights_changed(version)  # drops the prefix cache, tags the new version
+
+
+class NcclSender(WeightSender):
+    """Learner rank 0 (one process that holds the full weights on a GPU) sends; workers receive
+    inside vLLM. `num_vllm_workers_per_engine` > 1 for tensor-parallel engines."""
+
+    def __init__(self, timeout_s: float = 300.0, packed: bool = True, num_vllm_workers_per_engine: int = 1):
+        super().__init__(timeout_s)
+        self.packed, self.per_engine = packed, num_vllm_workers_per_engine
         self._engine = None
         self._module: torch.nn.Module | None = None
 
-    def connect(self, module: torch.nn.Module) -> None:
-        """Rendezvous with every vLLM worker; `module` is the model whose weights `publish` sends."""
+    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None) -> None:
+        """Rendezvous at this node's address with every vLLM worker; `module` is the model `send` sends."""
+        import ray
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
             NCCLTrainerWeightTransferEngine,
         )
 
+        from sm_dist.cluster import free_port
+
+        _require_cuda()
+        super().connect(workers, names, module)
+        self.client = _WorkerClient(self.workers, self.names, self.timeout_s, "NCCL")
+        addr = ray.util.get_node_ip_address()
         info = NCCLTrainerInitInfo(
-            master_address=self.master_address,
-            master_port=self.master_port,
-            world_size=self.world_size,
+            master_address=addr,
+            master_port=free_port(addr),
+            world_size=1 + len(self.workers) * self.per_engine,  # trainer rank 0 + every vLLM worker process
             packed=self.packed,
             rank=0,
         )
@@ -128,25 +144,21 @@ class NcclTransport(WeightTransport):
             ),
         )
 
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def send(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> Delivery:
         """Broadcast the connected module's current weights as `version`. `state_dict` must be that
         module's (the source re-reads the module, which avoids a second copy on the GPU)."""
         import time
 
         if self._engine is None or self._module is None:
-            raise RuntimeError("NcclTransport.publish before connect(module)")
+            raise RuntimeError("NcclSender.send before connect(workers, names, module)")
         first = next(iter(state_dict.values()))
         if not any(first.data_ptr() == p.data_ptr() for p in self._module.state_dict().values()):
-            raise ValueError("NcclTransport.publish: state_dict is not the connected module's")
+            raise ValueError("NcclSender.send: state_dict is not the connected module's")
         self.client.version = version
         t0 = time.perf_counter()
         self._with_timeout("send", self._engine.send_weights)
-        return {"sync/version": float(version), "sync/total_s": time.perf_counter() - t0}
-
-    def receive(self, engine: Any, payload: Any, version: int, worker_id: str) -> int:
-        raise NotImplementedError(
-            f"{worker_id}: NCCL weights are received inside vLLM (RolloutWorker.weight_transfer), "
-            "not through WeightTransport.receive"
+        return Delivery(
+            version, metrics={"sync/version": float(version), "sync/apply_s": time.perf_counter() - t0}
         )
 
     def _with_timeout(self, what: str, fn):

@@ -1,8 +1,9 @@
 """Weight sync through the Ray object store (DESIGN §4, default transport; CPU and GPU, cross-node).
 
-Rank 0 serialises the state dict to safetensors bytes once and `ray.put`s them once; each worker's
-`update_weights` gets the reference, `ray.get`s the bytes (shared memory on the same node) and loads
-them into vLLM through the worker extension (`sm_dist.sync.vllm_ext`). Every wait has a timeout.
+Rank 0 (`ObjectStoreSender`) serialises the state dict to safetensors bytes once and `ray.put`s them
+once; each worker's `receive_weights("update", [ref], version)` (`ObjectStoreReceiver`) gets the
+reference, `ray.get`s the bytes (shared memory on the same node) and loads them into vLLM through the
+worker extension (`sm_dist.sync.vllm_ext`). Every wait has a timeout.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import json
 import struct
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from sm_dist.sync.base import WeightSyncError, WeightTransport, confirm_versions, wait_all
+from sm_dist.sync.base import Delivery, WeightReceiver, WeightSender, WeightSyncError
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -92,52 +93,49 @@ def safetensors_views(buf: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-class ObjectStoreTransport(WeightTransport):
-    """Learner-side publisher to a list of `RolloutWorker` actor handles (and the worker-side loader)."""
+class ObjectStoreSender(WeightSender):
+    """Learner rank 0: serialise once, `ray.put` once, and queue the reference on every worker; the
+    send returns at once and `Delivery.pending` holds each worker's confirmation. The last version's
+    reference is kept (this process owns it), so a restarted worker gets it again (`resend`)."""
 
-    def __init__(
-        self, workers: Sequence[Any] = (), timeout_s: float = 120.0, worker_names: Sequence[str] = ()
-    ):
-        self.workers = list(workers)
-        self.worker_names = list(worker_names) or [f"worker[{i}]" for i in range(len(self.workers))]
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float):
+        super().__init__(timeout_s)
+        self._last: tuple[int, Any] | None = None
 
-    def send(self, version: int, ref: Any, workers: Sequence[Any] | None = None) -> list:
-        """Queue `version` (an ObjectRef to safetensors bytes) on every worker (or on `workers`), after
-        its current batch; return one future per worker (answering the version it loaded) without waiting.
-
-        The ref is wrapped in a list so Ray does not resolve it before the call: the worker's own
-        ray.get then carries the timeout and the error names the worker."""
-        return [
-            w.update_weights.remote([ref], version) for w in (self.workers if workers is None else workers)
-        ]
-
-    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    def send(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> Delivery:
         import ray
 
         t0 = time.perf_counter()
         blob = state_dict_to_buffer(state_dict)
         t1 = time.perf_counter()
-        ref = ray.put(blob)
+        self._last = (version, ray.put(blob))
         t2 = time.perf_counter()
-        got = wait_all(
-            self.send(version, ref), self.worker_names, self.timeout_s, f"weight sync of version {version}"
-        )
-        confirm_versions(self.worker_names, got, version)
-        t3 = time.perf_counter()
-        return {
-            "sync/version": float(version),
-            "sync/bytes": float(blob.nbytes),
-            "sync/serialize_s": t1 - t0,
-            "sync/put_s": t2 - t1,
-            "sync/apply_s": t3 - t2,
-            "sync/total_s": t3 - t0,
-        }
+        pending = {i: self._queue(i) for i in range(len(self.workers))}
+        return Delivery(
+            version,
+            pending,
+            {"sync/version": float(version), "sync/bytes": float(blob.nbytes), "sync/serialize_s": t1 - t0,
+             "sync/put_s": t2 - t1},
+        )  # fmt: skip
 
-    def receive(self, engine: Any, payload: Any, version: int, worker_id: str) -> int:
-        """`payload`: bytes, an ObjectRef, or a one-element list holding an ObjectRef."""
-        blob = fetch_blob(payload, version, worker_id, self.timeout_s)
-        return engine.load_weights_bytes(blob, version)
+    def resend(self, index: int) -> Delivery:
+        if self._last is None:
+            return Delivery(0)  # nothing published yet: the worker's initial weights are current
+        return Delivery(self._last[0], {index: self._queue(index)})
+
+    def _queue(self, index: int) -> Any:
+        """The reference travels wrapped in a list, so Ray does not resolve it before the call: the
+        worker's own `ray.get` carries the timeout, and its error names the worker."""
+        version, ref = self._last
+        return self.workers[index].receive_weights.remote("update", [ref], version)
+
+
+class ObjectStoreReceiver(WeightReceiver):
+    """A worker: fetch the buffer (zero-copy on the same node) and load it into vLLM."""
+
+    def update(self, info: Any, version: int | None) -> None:
+        blob = fetch_blob(info, version, self.worker_id, self.timeout_s)
+        self.engine.load_weights_bytes(blob, version)
 
 
 def fetch_blob(payload: Any, version: int, worker_id: str, timeout_s: float) -> Any:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from sm_dist.cluster import free_port
+from sm_dist.config import LearnerConfig, ObjectiveConfig
 
-LEARNER = {"lr": 1e-3, "lr_warmup_steps": 0, "schedule": "constant", "clip_norm": 1.0, "grad_accum": 1}
-OBJECTIVE = {"divergence": "chi2_mixture", "warmup_steps": 0, "sm_lambda": 0.5, "chi2_weight": 1e-3}
+LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant", clip_norm=1.0, grad_accum=1)
+OBJECTIVE = ObjectiveConfig(divergence="chi2_mixture", warmup_steps=0, sm_lambda=0.5, chi2_weight=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,7 @@ def _params_after(learners, shards, steps: int = 1) -> dict[str, torch.Tensor]:
 
     for _ in range(steps):
         ray.get([lr.train_step.remote(d, m) for lr, (d, m) in zip(learners, shards)])
-    blob = ray.get([lr.state_dict_blob.remote() for lr in learners])[0]  # a collective under FSDP2
-    from safetensors.torch import load
-
-    return load(bytes(blob))  # the buffer is a valid safetensors file
+    return ray.get([lr.full_state_dict.remote() for lr in learners])[0]  # a collective under FSDP2
 
 
 @pytest.mark.parametrize("strategy, steps", [("ddp", 1), ("fsdp2", 2)])
@@ -71,7 +69,7 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
     ray.kill(one)
 
     port = free_port()
-    cfg = {**LEARNER, "strategy": strategy}
+    cfg = LEARNER.model_copy(update={"strategy": strategy})
     two = [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10, seed=0) for r in (0, 1)]
     if strategy == "fsdp2":  # really sharded: each rank holds about half of every parameter
         local = ray.get(two[1].local_param_numel.remote())
@@ -99,7 +97,7 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
 
     data, model = rows
     L = ray.remote(num_cpus=1)(Learner)
-    cfg = {**LEARNER, "strategy": "fsdp2"}
+    cfg = LEARNER.model_copy(update={"strategy": "fsdp2"})
     shards = [(data[r::2], model[r::2]) for r in (0, 1)]
 
     def pair():
@@ -126,12 +124,16 @@ def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
     from sm_dist.learner.learner import Learner
 
     data, model = rows
-    a = Learner(0, 1, "127.0.0.1", 0, str(tiny_model_dir), {**LEARNER, "grad_accum": 2}, OBJECTIVE, 10)
+    a = Learner(
+        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
+    )
     a.train_step(data[:4], model[:4])
     a.save_checkpoint(str(tmp_path / "ck"))
     m_a = a.train_step(data[4:], model[4:])
 
-    b = Learner(0, 1, "127.0.0.1", 0, str(tiny_model_dir), {**LEARNER, "grad_accum": 2}, OBJECTIVE, 10)
+    b = Learner(
+        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
+    )
     assert b.load_checkpoint(str(tmp_path / "ck")) == 1
     m_b = b.train_step(data[4:], model[4:])
     assert m_b["learner/step"] == 2

@@ -91,7 +91,7 @@ def test_greedy_worker_actor_equals_hf_generate(ray_cluster, tiny_model_dir, tok
         params,
         batch_size=len(prompts),
         sink=sink,
-        engine_kwargs={"worker_extension_cls": None},
+        worker_extension_cls=None,
     )
     stats = ray.get(worker.run_batch.remote(), timeout=300)
     rows = ray.get(sink.rows.remote())

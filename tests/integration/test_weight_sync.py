@@ -1,4 +1,5 @@
-"""Weight sync through the Ray object store into a RolloutWorker actor's vLLM engine."""
+"""Weight sync into RolloutWorker actors' vLLM engines, through the senders and receivers training uses
+(`sync.transport.sender()` as in learner rank 0, `RolloutWorker.receive_weights` in the worker)."""
 
 from __future__ import annotations
 
@@ -51,8 +52,17 @@ def hf_logprobs(model, prompt, actions):
     return [float(logp[len(prompt) + i - 1, a]) for i, a in enumerate(actions)]
 
 
+def _sender(kind: str, workers, names, timeout_s: float = 120.0):
+    """Learner rank 0's end of transport `kind`, built and connected as `Learner.connect_weights` does."""
+    from sm_dist.config import SyncConfig
+
+    sender = SyncConfig(transport=kind, timeout_s=timeout_s).transport.sender(timeout_s)
+    sender.connect(workers, names)
+    return sender
+
+
 def test_object_store_sync_updates_probe_and_version(setup):
-    from sm_dist.sync.object_store import ObjectStoreTransport
+    from sm_dist.sync.base import deliver
 
     ray, worker, model, tok, prompts, sink = setup
     probe_prompt = prompts[0]
@@ -71,8 +81,8 @@ def test_object_store_sync_updates_probe_and_version(setup):
     ref_after = hf_logprobs(model, probe_prompt, probe_actions)
     assert max(abs(a - b) for a, b in zip(ref_after, ref_before, strict=True)) > 1e-2
 
-    transport = ObjectStoreTransport([worker], timeout_s=120, worker_names=["w-sync"])
-    metrics = transport.publish(1, model.state_dict())
+    sender = _sender("object_store", [worker], ["w-sync"])
+    metrics = deliver(sender, 1, model.state_dict())
     assert metrics["sync/version"] == 1 and metrics["sync/bytes"] > 0
     assert ray.get(worker.version.remote()) == 1
 
@@ -85,41 +95,51 @@ def test_object_store_sync_updates_probe_and_version(setup):
     assert len(rows) == 2 and {r["policy_version"] for r in rows} == {1}
 
     # A second publish moves the version on again, and new rows are tagged with it.
-    transport.publish(2, model.state_dict())
+    deliver(sender, 2, model.state_dict())
     ray.get(worker.run_batch.remote(), timeout=300)
     rows = ray.get(sink.take.remote())
     assert len(rows) == 2 and {r["policy_version"] for r in rows} == {2}
     assert ray.get(worker.stats.remote())["rollout/version"] == 2.0
 
+    # A restarted worker gets the last version again (resend), and confirms it.
+    d = sender.resend(0)
+    assert d.version == 2 and ray.get(d.pending[0], timeout=120) == 2
+
 
 def test_sync_timeout_names_worker_and_version(setup):
     """A worker that cannot confirm in time gives a WeightSyncError naming it, the version, the timeout."""
-    from sm_dist.sync.base import WeightSyncError
-    from sm_dist.sync.object_store import ObjectStoreTransport
+    from sm_dist.sync.base import WeightSyncError, deliver
 
     ray, *_ = setup
 
     @ray.remote(num_cpus=0)
     class Hung:
-        def update_weights(self, payload, version):
+        def receive_weights(self, stage, info, version):
             import time
 
             time.sleep(30)
             return version
 
     hung = Hung.remote()
-    transport = ObjectStoreTransport([hung], timeout_s=1.0, worker_names=["hung-worker"])
+    sender = _sender("object_store", [hung], ["hung-worker"], timeout_s=1.0)
     with pytest.raises(WeightSyncError, match=r"version 7 timed out after 1.0s: \['hung-worker'\]"):
-        transport.publish(7, {"w": torch.zeros(3)})
+        deliver(sender, 7, {"w": torch.zeros(3)})
     ray.kill(hung)
 
 
-def test_gloo_broadcast_sync_updates_probe_and_version(setup):
-    """The collective path (GlooTransport: rendezvous, start/update/finish under the engine lock),
-    with this process as learner rank 0: after a publish the worker's log-probs are the new weights'."""
-    from sm_dist.sync.collective import GlooTransport
+def test_gloo_broadcast_sync_updates_probe_and_version(setup, tiny_model_dir):
+    """The collective path (rendezvous, start/update/finish under the engine lock) with this process as
+    learner rank 0, into a worker built as the driver builds it for sync.transport=gloo (threaded, the
+    gloo receiver): after a send the worker's log-probs are the new weights'."""
+    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.rollout.worker import RolloutWorker
+    from sm_dist.sync.config import GlooConfig
 
-    ray, worker, model, tok, prompts, sink = setup
+    ray, _, model, tok, prompts, sink = setup
+    worker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker).remote(
+        "w-gloo", str(tiny_model_dir), prompts, RolloutParams(max_actions=16, seed=1), batch_size=2, sink=sink,
+        transport=GlooConfig(),
+    )  # fmt: skip
     probe_actions = tok.encode("4 in base 7.", add_special_tokens=False) + [tok.eos_token_id]
     g = torch.Generator().manual_seed(99)
     with torch.no_grad():
@@ -129,13 +149,15 @@ def test_gloo_broadcast_sync_updates_probe_and_version(setup):
     before = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(before, ref, strict=True)) > 1e-2
 
-    transport = GlooTransport([worker], worker_names=["w-sync"], timeout_s=120)
-    transport.connect()
-    m = transport.publish(10, model.state_dict())
-    assert m["sync/version"] == 10 and m["sync/bytes"] > 0
+    sender = _sender("gloo", [worker], ["w-gloo"])  # the rendezvous at this process's address
+    d = sender.send(10, model.state_dict())
+    assert not d.pending and d.metrics["sync/version"] == 10 and d.metrics["sync/bytes"] > 0
     after = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(after, ref, strict=True)) <= 1e-4
     ray.get(worker.run_batch.remote(), timeout=300)
     assert {r["policy_version"] for r in ray.get(sink.take.remote())} == {10}
-    transport.publish(11, model.state_dict())  # the group is reused for the next version
+    sender.send(11, model.state_dict())  # the group is reused for the next version
     assert ray.get(worker.version.remote()) == 11
+    with pytest.raises(Exception, match="cannot rejoin"):  # a collective group takes no restarted worker
+        sender.resend(0)
+    ray.kill(worker)

@@ -1,0 +1,120 @@
+"""The learner side of the driver loop: the ranks as one group that steps, publishes its weights,
+checkpoints, and is rebuilt from the latest checkpoint when a rank dies.
+
+    group = LearnerGroup(ray, cfg, learners, wait_for=sched.wait_for, build=build_learners_fn)
+    metrics = group.step(data_shards, replay_shards)
+    delivery = group.publish(version)         # rank 0's `Delivery` (sm_dist.sync.base)
+    rank = group.dead_rank(err)               # which rank's death is behind `err`, or None
+    step = group.restart(rank, err, workers, names)
+
+Every wait goes through `wait_for` (the rollout scheduler's), so worker answers keep being handled
+while the learners work. `ray` is the module or a fake with its `wait`/`get`/`kill`/`exceptions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sm_dist.learner import checkpoint as ckpt
+
+log = logging.getLogger("sm_dist.driver")
+
+
+class LearnerDied(RuntimeError):
+    """A learner rank died and could not be replaced (learner.max_restarts used up, or a transport
+    that cannot take new learners); the dead ranks cannot save, so the last checkpoint stands."""
+
+
+class LearnerGroup:
+    def __init__(self, ray: Any, cfg: Any, learners: list, wait_for: Callable, build: Callable[[str], list]):
+        """`build(model_dir)` makes a fresh set of ranks (`sm_dist.actors.build_learners`)."""
+        self.ray, self.cfg, self.learners = ray, cfg, learners
+        self.wait_for, self.build = wait_for, build
+        self.restarts = 0
+        self.busy_s = 0.0  # seconds the slowest rank spent in train_step, summed over steps
+
+    def step(self, data: list, replay: list) -> dict[str, float]:
+        """One optimiser step on every rank (rank r gets `data[r]`, `replay[r]`); mean metrics."""
+        futs = [lr.train_step.remote(d, r) for lr, d, r in zip(self.learners, data, replay, strict=True)]
+        results = self.wait_for(futs)
+        self.busy_s += max(m["perf/learner_step_s"] for m in results)
+        return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
+
+    def connect(self, workers: list, names: list[str]) -> None:
+        """Rank 0 connects its end of the weight transport to `workers` (every rank takes the call)."""
+        self.wait_for([lr.connect_weights.remote(workers, names) for lr in self.learners])
+
+    def publish(self, version: int):
+        """Every rank gathers (FSDP2), rank 0 sends `version`; its `Delivery`."""
+        return self.wait_for([lr.publish_weights.remote(version) for lr in self.learners])[0]
+
+    def resend(self, index: int):
+        """Rank 0 sends the last version again to worker `index`; its `Delivery`."""
+        return self.ray.get(self.learners[0].resend_weights.remote(index), timeout=self.cfg.sync.timeout_s)
+
+    def load(self, ckpt_dir: str) -> None:
+        self.wait_for([lr.load_checkpoint.remote(ckpt_dir) for lr in self.learners])
+
+    def save_futures(self, ckpt_dir: str) -> list:
+        return [lr.save_checkpoint.remote(ckpt_dir) for lr in self.learners]
+
+    def dead_rank(self, err: BaseException, probe_s: float = 10.0) -> int | None:
+        """The rank of a dead learner behind `err`, or None. Either `err` reports a learner's death, or a
+        call failed with an error (e.g. a learner's collective lost its peer), and then a rank whose
+        process is gone is found by asking every rank for its step (a rank stuck in a collective does
+        not answer within `probe_s` and counts as alive)."""
+        ex = self.ray.exceptions
+        ids = [lr._actor_id.hex() for lr in self.learners]
+        if isinstance(err, ex.RayActorError) and not isinstance(err, ex.RayTaskError):
+            return ids.index(err.actor_id) if err.actor_id in ids else None
+        if not isinstance(err, ex.RayTaskError):
+            return None
+        futs = [lr.get_step.remote() for lr in self.learners]
+        ready, _ = self.ray.wait(futs, num_returns=len(futs), timeout=probe_s)
+        for rank, f in enumerate(futs):
+            if f in ready:
+                try:
+                    self.ray.get(f)
+                except ex.RayActorError:
+                    return rank
+        return None
+
+    def restart(self, rank: int, err: BaseException, workers: list, names: list[str], at_step: int) -> int:
+        """Learner `rank` died: replace every rank (the survivors hang in their collective), load the
+        latest checkpoint into the new ones (or start from the initial model), connect them to the
+        workers, and return the step to go on from. Rollout workers, both buffers and their rows are
+        untouched; replay rows written since the checkpoint came from weights the new learners never
+        had, and age out through buffer.max_staleness like any stale rows."""
+        from sm_dist.actors import describe_error
+
+        cfg = self.cfg
+        self.restarts += 1
+        n, most = self.restarts, cfg.learner.max_restarts
+        why = describe_error(err)
+        if n > most:
+            raise LearnerDied(
+                f"learner rank {rank} died; learner.max_restarts={most} restarts used up: {why}"
+            ) from err
+        if not cfg.sync.transport.survives_restarts:
+            raise LearnerDied(
+                f"learner rank {rank} died ({why}); new learners cannot rejoin the sync.transport="
+                f"{cfg.sync.transport.kind} group. Resume the run (--resume), or use sync.transport=object_store, "
+                "which survives learner restarts"
+            ) from err
+        last = ckpt.latest_checkpoint(cfg.run.run_dir)
+        src = f"checkpoint {last}" if last else f"the initial model {cfg.model.dir} (no checkpoint yet)"
+        log.warning(f"learner rank {rank} died at step {at_step} ({why}); restart {n}/{most}: "
+                    f"every rank restarts from {src}")  # fmt: skip
+        for lr in self.learners:
+            self.ray.kill(lr, no_restart=True)
+        self.learners = self.build(str(last / "model") if last else cfg.model.dir)
+        self.wait_for([lr.get_step.remote() for lr in self.learners], cfg.run.startup_timeout_s)
+        if last is None:
+            step = 0
+        else:
+            self.load(str(last))
+            step = ckpt.read_run_state(last)["step"]
+        self.connect(workers, names)
+        return step

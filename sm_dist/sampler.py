@@ -1,0 +1,62 @@
+"""The learner's batch: expert rows from the expert buffer and fresh rollouts from the replay buffer,
+each split evenly over the learner ranks (DESIGN §3).
+
+    sampler = BatchSampler(ray, cfg, replay, expert)
+    data, replay = sampler.sample(ranks, step, version, wait=sched.wait_one, stopping=lambda: False)
+
+Rollout rows older than `buffer.max_staleness` versions are never sampled. After the BC warmup, with
+`buffer.wait_for_replay`, the learner waits (through `wait`, which handles one worker answer) until
+enough fresh rows exist; else a short replay half is filled with data rows (`buffer.fill_with_data`).
+Each rank gets the same number of rows of each source, so the DDP normalisation holds (learner.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class BatchSampler:
+    def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any):
+        self.ray, self.cfg, self.replay, self.expert = ray, cfg, replay, expert
+        self.wait_s = 0.0  # seconds the learner spent waiting for fresh rollouts
+
+    def sample(
+        self,
+        ranks: int,
+        step: int,
+        version: int,
+        wait: Callable[[float, str], None],
+        stopping: Callable[[], bool],
+    ) -> tuple[list, list]:
+        """Per-rank (data, replay) Arrow batches for learner step `step` under weights `version`."""
+        b = self.cfg.buffer
+        n_rep, n_dat = self.cfg.split_batch()
+        need = b.wait_for_replay and step >= self.cfg.objective.warmup_steps
+        while True:
+            rep = self.ray.get(
+                self.replay.sample.remote(
+                    n_rep, min_version=version - b.max_staleness, newest_first=b.newest_first
+                )
+            )
+            if rep.num_rows >= n_rep or not need or stopping():
+                break
+            t0 = time.perf_counter()  # bounded staleness: the learner waits for fresh rollouts
+            wait(
+                self.cfg.sync.timeout_s,
+                "the learner waited for fresh rows (buffer.wait_for_replay, sync.timeout_s)",
+            )
+            self.wait_s += time.perf_counter() - t0
+        rep = rep.slice(0, (rep.num_rows // ranks) * ranks)
+        fill = n_rep - rep.num_rows if b.fill_with_data else 0
+        dat = self.ray.get(self.expert.sample.remote(n_dat + fill))
+        dat = dat.slice(0, (dat.num_rows // ranks) * ranks)
+        return [shard(dat, r, ranks) for r in range(ranks)], [shard(rep, r, ranks) for r in range(ranks)]
+
+
+def shard(batch, r: int, ranks: int):
+    """Rows r, r + ranks, r + 2·ranks, ... of an Arrow batch."""
+    import pyarrow as pa
+
+    return batch.take(pa.array(list(range(r, batch.num_rows, ranks)), type=pa.int64()))

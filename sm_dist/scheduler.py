@@ -1,0 +1,239 @@
+"""The rollout side of the driver loop: which call each worker has in flight, what its answer means,
+and what to do when a worker dies or a weight sync is late.
+
+    sched = RolloutScheduler(ray, workers, names, policy)
+    sched.submit_batch(i)                 # a `run_batch` in flight on worker i
+    sched.track(delivery)                 # a weight version on its way (sm_dist.sync.base.Delivery)
+    sched.wait_for(learner_futures)       # wait for the learners; handle worker answers meanwhile
+    sched.check_sync_deadline()           # a version not applied within sync.timeout_s raises
+
+Every in-flight call is a typed record (`BatchCall`, `SyncCall`) keyed by its future. A worker that
+dies (its actor process is gone) is restarted by Ray (`rollout.max_restarts`); the scheduler waits for
+it, has the learner re-send the latest weights (`resend`, when the transport survives restarts) and
+resubmits its batch. Its lost batch is simply not in the buffer; acknowledged rows are untouched.
+`ray` is the module, or any object with its `wait`/`get`/`exceptions` (the unit tests pass a fake).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sm_dist.sync.base import Delivery, WeightSyncError, confirm_version
+
+log = logging.getLogger("sm_dist.driver")
+
+
+@dataclass(frozen=True)
+class BatchCall:
+    """`run_batch` on worker `worker`."""
+
+    worker: int
+
+
+@dataclass(frozen=True)
+class SyncCall:
+    """Worker `worker` is applying weights `version`, sent at `sent_at` (monotonic seconds)."""
+
+    worker: int
+    version: int
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """The settings the scheduler follows (from rollout.*, sync.*, run.*)."""
+
+    max_restarts: int
+    sync_timeout_s: float
+    startup_timeout_s: float
+    asynchronous: bool = True
+    restarts_rejoin: bool = True  # the weight transport takes a restarted worker back
+
+
+class RolloutScheduler:
+    def __init__(
+        self,
+        ray: Any,
+        workers: list,
+        names: list[str],
+        policy: RolloutPolicy,
+        resend: Callable[[int], Delivery] | None = None,
+        syncs: dict[str, int] | None = None,
+    ):
+        """`resend(i)` re-sends the latest weights to worker i (the learner's end of the transport);
+        `syncs` counts the versions each worker applied (the run state's, updated in place)."""
+        self.ray, self.workers, self.names, self.p = ray, workers, names, policy
+        self.resend = resend
+        self.inflight: dict[Any, BatchCall | SyncCall] = {}
+        self.syncs = {} if syncs is None else syncs
+        self.restarts: dict[str, int] = {}
+        self.stopping = False
+        self.batches = 0  # rollout batches landed (all workers)
+        self.gen_s = 0.0  # seconds the workers spent generating
+        self.stats: dict[str, list[float]] = {}  # rollout/... values since the last `take_stats`
+
+    # ---- calls
+    def submit_batch(self, i: int) -> None:
+        self.inflight[self.workers[i].run_batch.remote()] = BatchCall(i)
+
+    def submit_all(self) -> None:
+        for i in range(len(self.workers)):
+            self.submit_batch(i)
+
+    def track(self, d: Delivery) -> None:
+        """A weight version on its way: its pending confirmations join the in-flight calls; a delivery
+        with none (a collective send returns once every worker confirmed) counts as applied."""
+        now = time.monotonic()
+        for i, fut in d.pending.items():
+            self.inflight[fut] = SyncCall(i, d.version, now)
+        if not d.pending and d.version:
+            for name in self.names:
+                self._count_sync(name)
+
+    def drop_syncs(self) -> None:
+        """Forget the confirmations in flight (their sender is gone: the learners restarted)."""
+        for f, c in list(self.inflight.items()):
+            if isinstance(c, SyncCall):
+                del self.inflight[f]
+
+    def batches_in_flight(self) -> bool:
+        return any(isinstance(c, BatchCall) for c in self.inflight.values())
+
+    # ---- answers
+    def handle(self, fut) -> None:
+        """Take the answer of one in-flight call."""
+        call = self.inflight.pop(fut)
+        ex = self.ray.exceptions
+        try:
+            out = self.ray.get(fut)
+        except ex.RayActorError as e:
+            if isinstance(e, ex.RayTaskError):
+                raise  # the worker is alive; an actor it called (e.g. the replay buffer) died
+            self.worker_died(call, e)
+            return
+        except ex.ObjectLostError:
+            if isinstance(call, SyncCall):  # the sender's process (a dead learner) owned the call
+                return
+            raise
+        if isinstance(call, SyncCall):
+            confirm_version(self.names[call.worker], out, call.version)
+            self._count_sync(self.names[call.worker])
+            return
+        self.batches += 1
+        self.gen_s += out.get("rollout/gen_s", 0.0)
+        for k, v in out.items():
+            self.stats.setdefault(k, []).append(v)
+        if self.p.asynchronous and not self.stopping:
+            self.submit_batch(call.worker)
+
+    def _count_sync(self, name: str) -> None:
+        self.syncs[name] = self.syncs.get(name, 0) + 1
+
+    def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
+        """Wait for `futures` (e.g. the learners'), handling worker answers meanwhile; return their
+        results. A failed future raises as soon as it lands: when one learner rank dies, the others
+        hang in their collective and would never finish."""
+        pending, results = list(futures), {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = self.ray.wait(pending + list(self.inflight), num_returns=1, timeout=left)
+            if not ready:
+                raise TimeoutError(f"{len(pending)} calls did not finish within {timeout_s}s")
+            for f in ready:
+                if f in self.inflight:
+                    self.handle(f)
+                elif f in pending:
+                    pending.remove(f)
+                    results[f] = self.ray.get(f)
+        return [results[f] for f in futures]
+
+    def wait_one(self, timeout_s: float, what: str) -> None:
+        """Handle the next worker answer; raise when none comes within `timeout_s` (`what` says why
+        the caller waited)."""
+        if not self.inflight:
+            raise RuntimeError(f"{what}, but no rollout call is in flight")
+        ready, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"no rollout worker answered within {timeout_s}s while {what}")
+        self.handle(ready[0])
+
+    def drain(self) -> None:
+        """Stop resubmitting and let every in-flight batch and sync land, so the final state counts them."""
+        self.stopping = True
+        while self.inflight:
+            self.wait_one(self.p.sync_timeout_s, "the run finishes (sync.timeout_s)")
+
+    def run_round(self) -> None:
+        """Synchronous mode: one batch per worker, learners idle meanwhile."""
+        self.submit_all()
+        while self.batches_in_flight():
+            self.wait_one(self.p.sync_timeout_s, "a synchronous rollout round runs (sync.timeout_s)")
+
+    def check_sync_deadline(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for c in self.inflight.values():
+            if isinstance(c, SyncCall) and now - c.sent_at > self.p.sync_timeout_s:
+                raise WeightSyncError(
+                    f"{self.names[c.worker]} did not apply weights version {c.version} within "
+                    f"sync.timeout_s={self.p.sync_timeout_s}s"
+                )
+
+    # ---- failures
+    def worker_died(self, call: BatchCall | SyncCall, err: Exception) -> None:
+        """Worker `call.worker` died during `call`: wait for Ray to restart it, give it the latest
+        weights, and resubmit its batch."""
+        from sm_dist.actors import describe_error
+
+        i = call.worker
+        name = self.names[i]
+        n = self.restarts[name] = self.restarts.get(name, 0) + 1
+        why = describe_error(err)
+        if n > self.p.max_restarts:
+            raise RuntimeError(
+                f"rollout worker {name} died {n} times (rollout.max_restarts={self.p.max_restarts}); last: {why}"
+            ) from err
+        if not self.p.restarts_rejoin:
+            raise RuntimeError(
+                f"rollout worker {name} died ({why}); a restarted worker cannot rejoin this sync.transport's "
+                "group. Resume the run (--resume), or use sync.transport=object_store, which survives "
+                "worker restarts"
+            ) from err
+        kind = "a batch" if isinstance(call, BatchCall) else f"the sync of version {call.version}"
+        log.warning(f"rollout worker {name} died during {kind} ({why}); restart {n}/{self.p.max_restarts}")
+        for f, c in list(self.inflight.items()):  # the dead incarnation's other calls fail too
+            if c.worker == i:
+                del self.inflight[f]
+        self._wait_restarted(i)
+        if self.resend is not None:  # it restarted with its initial weights
+            self.track(self.resend(i))
+        if self.p.asynchronous and not self.stopping:  # its lost batch, whichever call failed
+            self.submit_batch(i)
+
+    def _wait_restarted(self, i: int) -> None:
+        ex = self.ray.exceptions
+        deadline = time.monotonic() + self.p.startup_timeout_s
+        while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
+            try:
+                self.ray.get(self.workers[i].version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except (ex.ActorUnavailableError, ex.GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"rollout worker {self.names[i]} did not restart within run.startup_timeout_s="
+                        f"{self.p.startup_timeout_s}s"
+                    ) from e
+                time.sleep(0.5)
+
+    # ---- metrics
+    def take_stats(self) -> dict[str, float]:
+        """Means of the rollout/... values since the last call, and the sync and batch counters."""
+        out = {k: sum(v) / len(v) for k, v in self.stats.items()}
+        self.stats = {}
+        out["sync/applied_min"] = float(min(self.syncs.get(n, 0) for n in self.names))
+        out["rollout/batches_total"] = float(self.batches)
+        return out

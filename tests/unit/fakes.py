@@ -1,0 +1,113 @@
+"""Fakes of the few Ray calls the driver's parts make (`wait`, `get`, `kill`, `exceptions`, actor
+`method.remote(...)`), so their fault paths run in milliseconds without a cluster."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+from typing import Any
+
+
+class RayError(Exception):
+    pass
+
+
+class RayActorError(RayError):
+    def __init__(self, msg: str = "actor died", actor_id: str | None = None):
+        super().__init__(msg)
+        self.actor_id = actor_id
+
+
+class RayTaskError(RayError):
+    pass
+
+
+class TaskErrorFromDeadActor(RayTaskError, RayActorError):
+    """Ray raises a task error that is also an actor error when a task's callee died."""
+
+
+class ActorUnavailableError(RayActorError):
+    pass
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    pass
+
+
+class ObjectLostError(RayError):
+    pass
+
+
+class OwnerDiedError(ObjectLostError):
+    pass
+
+
+EXCEPTIONS = SimpleNamespace(
+    RayError=RayError,
+    RayActorError=RayActorError,
+    RayTaskError=RayTaskError,
+    ActorUnavailableError=ActorUnavailableError,
+    GetTimeoutError=GetTimeoutError,
+    ObjectLostError=ObjectLostError,
+)
+
+_ids = itertools.count()
+
+
+class Fut:
+    """A future: `value`, or `error` raised on get; `ready=False` never lands (a hang)."""
+
+    def __init__(self, value: Any = None, error: BaseException | None = None, ready: bool = True):
+        self.value, self.error, self.ready = value, error, ready
+        self.id = next(_ids)
+
+    def __hash__(self):
+        return self.id
+
+    def __repr__(self):
+        return f"Fut#{self.id}({'ready' if self.ready else 'pending'})"
+
+
+class FakeRay:
+    exceptions = EXCEPTIONS
+
+    def __init__(self):
+        self.killed: list = []
+
+    def wait(self, futs, num_returns=1, timeout=None):
+        ready = sorted((f for f in futs if f.ready), key=lambda f: f.id)[:num_returns]  # oldest lands first
+        return ready, [f for f in futs if f not in ready]
+
+    def get(self, f, timeout=None):
+        if isinstance(f, list):
+            return [self.get(x, timeout) for x in f]
+        if not f.ready:
+            raise GetTimeoutError(f"{f} did not land within {timeout}s")
+        if f.error is not None:
+            raise f.error
+        return f.value
+
+    def kill(self, actor, no_restart=True):
+        self.killed.append(actor)
+
+
+class Method:
+    """`actor.method.remote(*args)`: the next scripted answer (a Fut, a value, or a callable of the
+    args), the last one repeating; every call is recorded."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), []
+
+    def remote(self, *args, **kwargs):
+        self.calls.append(args)
+        a = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if callable(a) and not isinstance(a, Fut):
+            a = a(*args)
+        return a if isinstance(a, Fut) else Fut(a)
+
+
+class FakeActor:
+    def __init__(self, actor_id: str = "", **methods: Method):
+        self._actor_id = SimpleNamespace(hex=lambda: actor_id)
+        for k, m in methods.items():
+            setattr(self, k, m)

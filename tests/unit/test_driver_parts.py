@@ -1,0 +1,230 @@
+"""The driver's parts on their fault paths, with fakes instead of Ray (tests/unit/fakes.py): a worker
+that dies (restarted, re-sent the weights, its batch resubmitted; or the run stops, naming why), a late
+or wrong weight confirmation, a sync whose sender died, a dead learner rank (found, rebuilt from the
+latest checkpoint, or refused), and the batch sampler's staleness wait."""
+
+from __future__ import annotations
+
+import pytest
+
+from sm_dist.learner_group import LearnerDied, LearnerGroup
+from sm_dist.scheduler import BatchCall, RolloutPolicy, RolloutScheduler, SyncCall
+from sm_dist.sync.base import Delivery, WeightSyncError
+from tests.unit.fakes import (
+    ActorUnavailableError,
+    FakeActor,
+    FakeRay,
+    Fut,
+    Method,
+    OwnerDiedError,
+    RayActorError,
+    TaskErrorFromDeadActor,
+)
+
+POLICY = RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.0)
+STATS = {"rollout/gen_s": 0.5, "rollout/tokens_per_s": 100.0}
+
+
+def worker(*batch_answers, version_answers=(0,)):
+    return FakeActor(run_batch=Method(*batch_answers), version=Method(*version_answers))
+
+
+def sched_with(workers, policy=POLICY, resend=None):
+    return RolloutScheduler(FakeRay(), workers, [f"w{i}" for i in range(len(workers))], policy, resend)
+
+
+def test_batches_land_while_waiting_for_the_learners_and_are_resubmitted():
+    w = worker(STATS)
+    s = sched_with([w])
+    s.submit_all()
+    learner_fut = Fut({"loss": 1.0})
+    assert s.wait_for([learner_fut]) == [{"loss": 1.0}]
+    assert s.batches == 1 and len(w.run_batch.calls) == 2  # the answer landed, the next batch went out
+    assert [type(c) for c in s.inflight.values()] == [BatchCall]
+    assert s.take_stats()["rollout/tokens_per_s"] == 100.0
+
+
+def test_a_dead_worker_is_restarted_resent_the_weights_and_resubmitted():
+    died = Fut(error=RayActorError("the worker process died"))
+    w = worker(died, STATS, version_answers=(Fut(error=ActorUnavailableError("restarting")), 0))
+    resent = []
+
+    def resend(i):
+        resent.append(i)
+        return Delivery(3, {i: Fut(3, ready=False)})
+
+    s = sched_with([w], resend=resend)
+    s.submit_all()
+    s.handle(next(iter(s.inflight)))
+    assert s.restarts == {"w0": 1} and resent == [0]
+    calls = sorted(s.inflight.values(), key=lambda c: type(c).__name__)
+    assert calls == [BatchCall(0), SyncCall(0, 3, calls[1].sent_at)]  # its batch again, and the weights
+
+
+def test_a_worker_that_dies_too_often_stops_the_run_naming_it():
+    w = worker(Fut(error=RayActorError("OOM killed")))
+    s = sched_with([w], resend=lambda i: Delivery(1))
+    s.submit_all()
+    s.handle(next(iter(s.inflight)))  # first death: restarted
+    with pytest.raises(RuntimeError, match=r"w0 died 2 times \(rollout.max_restarts=1\).*OOM killed"):
+        s.handle(next(iter(s.inflight)))
+
+
+def test_a_dead_worker_on_a_collective_transport_stops_the_run_with_the_fix():
+    s = sched_with(
+        [worker(Fut(error=RayActorError("gone")))], RolloutPolicy(3, 30.0, 5.0, restarts_rejoin=False)
+    )
+    s.submit_all()
+    with pytest.raises(RuntimeError, match=r"cannot rejoin.*--resume.*object_store"):
+        s.handle(next(iter(s.inflight)))
+
+
+def test_an_error_inside_a_live_worker_is_not_taken_for_a_death():
+    s = sched_with([worker(Fut(error=TaskErrorFromDeadActor("the replay buffer died")))])
+    s.submit_all()
+    with pytest.raises(TaskErrorFromDeadActor):
+        s.handle(next(iter(s.inflight)))
+    assert s.restarts == {}
+
+
+def test_sync_deadline_names_the_late_worker_and_version():
+    s = sched_with([worker(STATS), worker(STATS)])
+    s.track(Delivery(4, {0: Fut(4), 1: Fut(4, ready=False)}))
+    s.handle(next(f for f, c in s.inflight.items() if c.worker == 0))
+    sent = next(iter(s.inflight.values())).sent_at
+    s.check_sync_deadline(now=sent + 29.0)  # within sync.timeout_s
+    with pytest.raises(
+        WeightSyncError, match=r"w1 did not apply weights version 4 within sync.timeout_s=30.0s"
+    ):
+        s.check_sync_deadline(now=sent + 31.0)
+    assert s.syncs == {"w0": 1}
+
+
+def test_a_wrong_version_confirmation_is_an_error():
+    s = sched_with([worker(STATS)])
+    s.track(Delivery(5, {0: Fut(4)}))
+    with pytest.raises(WeightSyncError, match="w0 reports version 4 after a sync of version 5"):
+        s.handle(next(iter(s.inflight)))
+
+
+def test_a_collective_delivery_counts_every_worker_and_a_lost_sender_is_dropped():
+    s = sched_with([worker(STATS), worker(STATS)])
+    s.track(Delivery(2))  # the send waited for every worker
+    assert s.syncs == {"w0": 1, "w1": 1}
+    s.track(Delivery(3, {0: Fut(error=OwnerDiedError("the learner that sent it died"))}))
+    s.handle(next(iter(s.inflight)))
+    assert s.syncs == {"w0": 1, "w1": 1} and not s.inflight
+
+
+def test_wait_one_without_calls_or_answers_says_why():
+    s = sched_with([worker(Fut(ready=False))])
+    with pytest.raises(RuntimeError, match="no rollout call is in flight"):
+        s.wait_one(1.0, "the learner waited for fresh rows")
+    s.submit_all()
+    with pytest.raises(TimeoutError, match="within 1.0s while the learner waited for fresh rows"):
+        s.wait_one(1.0, "the learner waited for fresh rows")
+
+
+# ---- the learner group ---------------------------------------------------------------------------
+
+
+def cfg(tmp_path, max_restarts=1, survives=True):
+    from types import SimpleNamespace
+
+    transport = SimpleNamespace(survives_restarts=survives, kind="object_store" if survives else "gloo")
+    return SimpleNamespace(
+        learner=SimpleNamespace(max_restarts=max_restarts),
+        sync=SimpleNamespace(transport=transport, timeout_s=30.0),
+        run=SimpleNamespace(run_dir=str(tmp_path), startup_timeout_s=5.0),
+        model=SimpleNamespace(dir="/models/initial"),
+    )
+
+
+def learner(actor_id, step=0):
+    return FakeActor(
+        actor_id,
+        get_step=Method(step),
+        connect_weights=Method(None),
+        load_checkpoint=Method(lambda d: step),
+        train_step=Method({"loss/total": 1.0, "perf/learner_step_s": 0.1}),
+    )
+
+
+def group(tmp_path, learners, **kw):
+    ray, built = FakeRay(), []
+
+    def build(model_dir):
+        built.append(model_dir)
+        return [learner(f"new{r}") for r in range(len(learners))]
+
+    s = RolloutScheduler(ray, [], [], POLICY)
+    return LearnerGroup(ray, cfg(tmp_path, **kw), learners, s.wait_for, build), built
+
+
+def test_the_dead_rank_is_found_from_the_error_or_by_probing(tmp_path):
+    g, _ = group(tmp_path, [learner("a"), learner("b")])
+    assert g.dead_rank(RayActorError("died", actor_id="b")) == 1
+    assert g.dead_rank(RayActorError("died", actor_id="someone else")) is None
+    assert g.dead_rank(ValueError("a bug")) is None
+    g.learners[0].get_step = Method(Fut(error=RayActorError("gone", actor_id="a")))
+    assert g.dead_rank(TaskErrorFromDeadActor("collective lost its peer")) == 0
+
+
+def test_a_dead_rank_rebuilds_every_rank_from_the_initial_model_without_a_checkpoint(tmp_path):
+    old = [learner("a"), learner("b")]
+    g, built = group(tmp_path, old)
+    assert g.restart(1, RayActorError("died", actor_id="b"), ["w"], ["w0"], at_step=7) == 0
+    assert built == ["/models/initial"] and g.ray.killed == old
+    assert [lr._actor_id.hex() for lr in g.learners] == ["new0", "new1"]
+    assert all(lr.connect_weights.calls == [(["w"], ["w0"])] for lr in g.learners)
+    with pytest.raises(LearnerDied, match=r"learner.max_restarts=1 restarts used up"):
+        g.restart(0, RayActorError("died again"), ["w"], ["w0"], at_step=1)
+
+
+def test_a_dead_rank_on_a_collective_transport_is_refused_with_the_fix(tmp_path):
+    g, built = group(tmp_path, [learner("a")], survives=False)
+    with pytest.raises(LearnerDied, match=r"cannot rejoin the sync.transport=gloo group.*--resume"):
+        g.restart(0, RayActorError("died"), [], [], at_step=3)
+    assert built == []
+
+
+def test_a_step_averages_the_ranks_and_counts_the_slowest(tmp_path):
+    g, _ = group(tmp_path, [learner("a"), learner("b")])
+    g.learners[1].train_step = Method({"loss/total": 3.0, "perf/learner_step_s": 0.4})
+    m = g.step([1, 2], [3, 4])
+    assert m["loss/total"] == 2.0 and g.busy_s == 0.4
+    assert g.learners[0].train_step.calls == [(1, 3)] and g.learners[1].train_step.calls == [(2, 4)]
+
+
+# ---- the batch sampler ---------------------------------------------------------------------------
+
+
+def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from sm_dist.sampler import BatchSampler
+
+    def rows(n, tag):
+        return pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})
+
+    replay = FakeActor(sample=Method(rows(0, "r"), rows(5, "r")))  # empty, then 5 fresh rows
+    expert = FakeActor(sample=Method(lambda n: rows(n, "d")))
+    c = SimpleNamespace(
+        buffer=SimpleNamespace(
+            wait_for_replay=True, max_staleness=2, newest_first=False, fill_with_data=True
+        ),
+        objective=SimpleNamespace(warmup_steps=0),
+        sync=SimpleNamespace(timeout_s=30.0),
+        split_batch=lambda: (6, 6),
+    )
+    waits = []
+    data, rep = BatchSampler(FakeRay(), c, replay, expert).sample(
+        2, step=3, version=10, wait=lambda t, why: waits.append(why), stopping=lambda: False
+    )
+    assert len(waits) == 1 and "buffer.wait_for_replay" in waits[0]
+    assert replay.sample.calls[0] == (6,) and [r.num_rows for r in rep] == [2, 2]  # 5 -> 4, even
+    assert expert.sample.calls == [(8,)]  # 6 data rows + 2 filling the short replay half
+    assert [d.num_rows for d in data] == [4, 4]
+    assert data[0]["sample_id"].to_pylist() == ["d0", "d2", "d4", "d6"]
