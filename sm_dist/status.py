@@ -15,7 +15,23 @@ import os
 import socket
 from pathlib import Path
 
+from sm_dist.errors import UserError
+
 DRIVER_FILE = "driver.json"
+_FIX_CONFIG = (
+    "it is the resolved config the run wrote at its start: restore it (sm-dist config CONFIG [overrides] "
+    "> {d}/config.yaml prints one), or delete it and keep config.resume.yaml if there is one"
+)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file written by the run, or None when absent; a corrupt one is a UserError."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"is not valid JSON ({e}).", "restore or delete the file") from None
 
 
 class RunDirBusy(RuntimeError):
@@ -74,13 +90,22 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     d = Path(run_dir)
     configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
     if not configs:
-        raise FileNotFoundError(f"{d} is not a run directory (no config.yaml): pass the run.run_dir of a run")
-    cfg = yaml.safe_load(max(configs, key=lambda c: c.stat().st_mtime).read_text())  # the latest (re)start
+        what = "is not a run directory (no config.yaml)" if d.is_dir() else "does not exist"
+        raise UserError(str(d), f"{what}.", "pass the run.run_dir of a run started by sm-dist train")
+    latest = max(configs, key=lambda c: c.stat().st_mtime)  # the latest (re)start
+    try:
+        cfg = yaml.safe_load(latest.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(
+            str(latest), f"is not valid YAML ({type(e).__name__}).", _FIX_CONFIG.format(d=d)
+        ) from None
+    if not isinstance(cfg, dict):
+        raise UserError(str(latest), f"holds a {type(cfg).__name__}, not a config.", _FIX_CONFIG.format(d=d))
     try:
         rows = read_metrics(d)
     except (FileNotFoundError, ValueError):
         rows = []
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
+    summary = _read_json(d / "summary.json")
     driver = read_driver(d)
     alive = _alive(driver) if driver else False
     if driver and alive is not False:
@@ -103,8 +128,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
         rate = (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
     version = next((r["sync/version"] for r in reversed(rows) if r.get("sync/version") is not None), None)
-    manifest = d / "buffer" / "manifest.json"
-    buf = json.loads(manifest.read_text()) if manifest.exists() else {}
+    buf = _read_json(d / "buffer" / "manifest.json") or {}
     ckpts = list_checkpoints(d)
     return {
         "run_dir": str(d),

@@ -198,7 +198,7 @@ def evaluate(
     """
     from transformers import AutoTokenizer
 
-    from sm_dist.data.datasets import load_examples
+    from sm_dist.data.datasets import load_examples, no_usable_examples
     from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
 
     decoding = resolve_decoding(decoding, backspace)
@@ -208,6 +208,8 @@ def evaluate(
     examples, report = load_examples(
         data, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad, limit=limit
     )
+    if not examples:  # before the engine: an empty evaluation is an input error, not "accuracy n/a"
+        raise no_usable_examples(f"--data {data}", data, report)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids, answer_ids = _encode(tok, examples)
     prefixes = forced_error_prefixes(answer_ids, seed) if force_error else None

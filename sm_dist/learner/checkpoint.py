@@ -94,3 +94,26 @@ def pin_model(ckpt: Path, run_dir: str | Path) -> Path:
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
     return dst
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file at `path` cannot be loaded (its header and size disagree), or None.
+    Reads the header only: 8 bytes of length, then JSON with each tensor's byte range."""
+    path, name = Path(path), Path(path).name
+    size = path.stat().st_size
+    if size < 8:
+        return f"{name} is {size} bytes, too short for a safetensors file"
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return (
+                f"{name}: its header says {n} bytes but the file has {size} (truncated, or not safetensors)"
+            )
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{name}: its header is not safetensors JSON (corrupt)"
+    if 8 + n + end != size:
+        return f"{name}: its tensors end at byte {8 + n + end} but the file has {size} bytes (truncated?)"
+    return None

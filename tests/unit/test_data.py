@@ -49,7 +49,7 @@ def messy(tmp_path):
 
 
 def test_load_error_names_file_line_reason_and_fix(messy):
-    with pytest.raises(ValueError, match=r"messy\.jsonl:2: malformed_json: .*on_bad='skip'"):
+    with pytest.raises(ValueError, match=r"messy\.jsonl:2: malformed_json: .*data\.on_bad=skip"):
         load_examples(messy)
 
 
@@ -109,17 +109,19 @@ def test_load_text_modes(tmp_path):
     assert load_examples(jpath, text_field="text", prompt_chars=2)[0] == [Example("ab", "cdef")]
 
 
-def test_unknown_suffix_asks_for_fmt(tmp_path):
+def test_unknown_suffix_asks_for_the_format(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b\n")
-    with pytest.raises(ValueError, match="pass fmt="):
+    with pytest.raises(ValueError, match="data.format"):
         load_examples(path)
 
 
 def test_encode_appends_eos_and_applies_the_length_policy(tokenizer):
     eos = tokenizer.eos_token_id
     examples = [Example("1 + 1", "2"), Example("10 + 10 + 10", "30"), Example("1", "1111111")]
-    with pytest.raises(ValueError, match=r"example 1: prompt is 12 tokens > max_prompt_len=6"):
+    with pytest.raises(
+        ValueError, match=r"example 2: prompt is 12 tokens > max_prompt_len=6.*data\.max_prompt_len"
+    ):
         encode_examples(examples, tokenizer, max_prompt_len=6, max_answer_len=4)
     encoded, report = encode_examples(examples, tokenizer, 6, 4, on_overlong="skip")
     assert [len(e.prompt_ids) for e in encoded] == [5]
@@ -183,7 +185,7 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     ]
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
     cfg = load_config(tiny, [*over, "data.format=jsonl"])
-    examples, _ = load_train_examples(cfg)
+    examples, *_ = load_train_examples(cfg)
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):
         load_train_examples(load_config(tiny, over))
