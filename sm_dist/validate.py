@@ -5,6 +5,11 @@ model folder, data file or checkpoint costs seconds, not a vLLM start-up:
 
 * `check_model_dir`: an HF folder with config.json, a loadable tokenizer that has `<bkspc>`, a vocab
   that covers it, and safetensors weights whose headers match their file sizes.
+* `check_train_data`: the data file is readable and leaves at least one usable example (and enough
+  prompts for the rollout workers); otherwise the count of each kind of bad row.
+* `preflight`: what `sm-dist train` checks before it writes anything or starts Ray: the above, and the
+  checkpoint to resume from. The data is read twice (here and by the driver's `build_data`): the
+  price of failing before anything is written; it is small next to a vLLM start-up.
 
 Imports no Ray or vLLM; transformers only inside `check_model_dir`.
 """
@@ -15,7 +20,8 @@ import json
 import logging
 from pathlib import Path
 
-from sm_dist.errors import ModelError
+from sm_dist.config import Config, ConfigError
+from sm_dist.errors import CheckpointError, ModelError
 
 log = logging.getLogger("sm_dist.validate")
 
@@ -98,3 +104,61 @@ def _load_tokenizer(d: Path, what: str):
             f"{d} has no loadable tokenizer ({type(e).__name__}: {msg}).",
             "copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into it",
         ) from None
+
+
+def check_train_data(cfg: Config, tok=None) -> None:
+    """Load (and with a tokenizer, encode) `data.train_path` as the driver will; raise a DataError
+    when no example is usable. A missing file that `data.fallback` will generate is not checked."""
+    from sm_dist.data.datasets import encode_examples, load_examples, no_usable_examples
+
+    d = cfg.data
+    if not Path(d.train_path).exists() and d.fallback != "none":
+        return
+    kw = dict(prompt_field=d.prompt_field, answer_field=d.answer_field, text_field=d.text_field)
+    fmt = None if d.format == "auto" else d.format
+    examples, loaded = load_examples(
+        d.train_path, fmt=fmt, prompt_chars=d.prompt_chars, on_bad=d.on_bad, limit=d.limit, **kw
+    )
+    reports = [loaded]
+    if tok is not None and examples:
+        examples, encoded = encode_examples(
+            examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad, source=d.train_path
+        )
+        reports.append(encoded)
+    if not examples:
+        raise no_usable_examples("data.train_path", d.train_path, *reports)
+    if tok is not None and d.noise == "task" and d.p_noise > 0:
+        specials = set(tok.all_special_ids)
+        if len({t for e in examples for t in e.target_ids} - specials) < 2:
+            raise ConfigError(
+                "data.noise",
+                f"the answers in {d.train_path} use fewer than 2 distinct tokens: no wrong token to draw as noise.",
+                "set data.noise=vocab, or data.p_noise=0, or use more varied answers",
+            )
+    if tok is not None and len(examples) < cfg.rollout.num_workers:
+        raise ConfigError(
+            "rollout.num_workers",
+            f"{len(examples)} usable prompts in {d.train_path} cannot feed {cfg.rollout.num_workers} workers.",
+            "use fewer rollout workers or more data",
+        )
+
+
+def preflight(cfg: Config, resume: str | None) -> Path | None:
+    """Check the model, the data and (with `resume`) the run to resume before anything is written or
+    started; return the checkpoint to resume from (None for a fresh run)."""
+    from sm_dist.learner import checkpoint as ckpt
+
+    tok = check_model_dir(cfg.model.dir) if Path(cfg.model.dir).exists() else None
+    check_train_data(cfg, tok)
+    if not resume:
+        return None
+    run_dir = Path(cfg.run.run_dir)
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        what = "has no completed checkpoint under checkpoints/" if run_dir.is_dir() else "does not exist"
+        raise CheckpointError(
+            f"--resume {resume}",
+            f"{run_dir} {what}.",
+            "pass the run.run_dir of a run that saved a checkpoint",
+        )
+    return last

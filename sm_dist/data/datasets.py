@@ -84,7 +84,9 @@ def no_usable_examples(what: str, path: str | Path, *reports: Report) -> DataErr
     how many rows each kind of bad row took (`reports`: the load report, then the encode report, whose
     numbers are example numbers rather than file lines)."""
     if not reports or reports[0].rows_read == 0:
-        return DataError(what, f"{path} holds no rows (an empty file).", "point it at a file with examples")
+        return DataError(
+            what, f"{path} holds no rows (empty, or blank lines only).", "point it at a file with examples"
+        )
     why = ", ".join(
         f"{n} {reason} ({'lines' if i == 0 else 'examples'} {r.first_lines[reason]})"
         for i, r in enumerate(reports)
