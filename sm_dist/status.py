@@ -61,6 +61,15 @@ def read_driver(run_dir: str | Path) -> dict | None:
 
 def claim_run_dir(run_dir: str | Path) -> None:
     """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it."""
+    check_free(run_dir)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
+    tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
+    tmp.write_text(json.dumps(me))
+    os.replace(tmp, Path(run_dir) / DRIVER_FILE)
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Raise RunDirBusy if another live driver holds `run_dir` (a stale driver.json does not count)."""
     info = read_driver(run_dir)
     if info is not None and info.get("pid") != os.getpid() and _alive(info) is not False:
         where = f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
@@ -68,10 +77,6 @@ def claim_run_dir(run_dir: str | Path) -> None:
             f"{run_dir} is in use by another sm-dist train ({where}). Stop it first (SIGTERM ends it with a "
             f"checkpoint), or use another run.run_dir. If that driver is gone, delete {Path(run_dir) / DRIVER_FILE}."
         )
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
-    tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
-    tmp.write_text(json.dumps(me))
-    os.replace(tmp, Path(run_dir) / DRIVER_FILE)
 
 
 def release_run_dir(run_dir: str | Path) -> None:
@@ -142,6 +147,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "loss_bc": mean("loss/bc"),
         "learner_restarts": last.get("run/learner_restarts"),
         "checkpoints": [p.name for p in ckpts],
+        "corrupt_checkpoints": sorted(p.name for p in (d / "checkpoints").glob("step-*.corrupt*")),
         "last_checkpoint": str(ckpts[-1]) if ckpts else None,
         "buffer_added_rows": buf.get("added_rows"),
         "buffer_evicted_rows": buf.get("evicted_rows"),
@@ -167,6 +173,10 @@ def format_status(st: dict) -> str:
         + (f"  ({len(st['checkpoints'])} kept)" if st["checkpoints"] else ""),
         f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted",
     ]
+    if st.get("corrupt_checkpoints"):
+        lines.append(
+            f"set aside:   {', '.join(st['corrupt_checkpoints'])} (corrupt, found on a resume; kept)"
+        )
     if st["state"] == "died":
         lines.append(
             f"resume with: sm-dist train <config> --resume {st['run_dir']}   (the driver exited without "

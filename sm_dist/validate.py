@@ -8,7 +8,7 @@ model folder, data file or checkpoint costs seconds, not a vLLM start-up:
 * `check_train_data`: the data file is readable and leaves at least one usable example (and enough
   prompts for the rollout workers); otherwise the count of each kind of bad row.
 * `preflight`: what `sm-dist train` checks before it writes anything or starts Ray: the above, and the
-  checkpoint to resume from. The data is read twice (here and by the driver's `build_data`): the
+  checkpoint to resume from (`resume_checkpoint`: the newest intact one; see `learner.checkpoint.verify`). The data is read twice (here and by the driver's `build_data`): the
   price of failing before anything is written; it is small next to a vLLM start-up.
 
 Imports no Ray or vLLM; transformers only inside `check_model_dir`.
@@ -146,19 +146,50 @@ def check_train_data(cfg: Config, tok=None) -> None:
 def preflight(cfg: Config, resume: str | None) -> Path | None:
     """Check the model, the data and (with `resume`) the run to resume before anything is written or
     started; return the checkpoint to resume from (None for a fresh run)."""
-    from sm_dist.learner import checkpoint as ckpt
 
     tok = check_model_dir(cfg.model.dir) if Path(cfg.model.dir).exists() else None
     check_train_data(cfg, tok)
     if not resume:
         return None
-    run_dir = Path(cfg.run.run_dir)
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is None:
-        what = "has no completed checkpoint under checkpoints/" if run_dir.is_dir() else "does not exist"
+    return resume_checkpoint(Path(cfg.run.run_dir), resume)
+
+
+def resume_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The newest intact checkpoint of `run_dir` (`checkpoint.verify`). Newer corrupt ones are renamed
+    `step-N.corrupt` (kept, out of the way of new checkpoints and pruning) and logged with the reason."""
+    from sm_dist.learner import checkpoint as ckpt
+
+    ckpts = ckpt.list_checkpoints(run_dir)
+    what = f"--resume {resume}"
+    if not ckpts:
+        where = "has no completed checkpoint under checkpoints/" if run_dir.is_dir() else "does not exist"
         raise CheckpointError(
-            f"--resume {resume}",
-            f"{run_dir} {what}.",
-            "pass the run.run_dir of a run that saved a checkpoint",
+            what, f"{run_dir} {where}.", "pass the run.run_dir of a run that saved a checkpoint"
         )
-    return last
+    rejected: list[tuple[Path, str]] = []
+    for c in reversed(ckpts):
+        why, had_manifest = ckpt.verify(c)
+        if why is None:
+            break
+        rejected.append((c, why))
+    else:
+        whys = "; ".join(f"{c.name}: {why}" for c, why in rejected)
+        raise CheckpointError(
+            what,
+            f"none of the {len(ckpts)} checkpoints in {ckpt.checkpoints_dir(run_dir)} is intact ({whys}).",
+            "restore one from a copy, or start a new run (another run.run_dir); nothing was changed",
+        )
+    if not had_manifest:
+        log.warning(f"checkpoint {c.name} has no {ckpt.MANIFEST} (written before manifests): "
+                    "checked its structure only (files present, JSON, safetensors headers, optimizer CRCs)")  # fmt: skip
+    if rejected:
+        from sm_dist.status import RunDirBusy, check_free
+
+        try:  # renaming checkpoints under a live driver would pull them from under it
+            check_free(run_dir)
+        except RunDirBusy as e:
+            raise ConfigError("run.run_dir", str(e)) from None
+    for bad, why in rejected:
+        kept = ckpt.set_aside(bad)
+        log.warning(f"checkpoint {bad.name} is corrupt ({why}): kept as {kept}; resuming from {c.name}")
+    return c
