@@ -22,6 +22,7 @@ from typing import Literal
 
 from sm_dist.buffer.schema import DATA_POLICY_VERSION
 from sm_dist.core.traces import augment_noise, collapse
+from sm_dist.core.vocab import BKSPC_TOKEN
 from sm_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ def load_examples(
     text_field (jsonl/parquet) or fmt="text" (one example per non-blank line): plain text, split so the
         first `prompt_chars` characters are the prompt (0: empty prompt, the whole text is the answer).
     on_bad: "error" raises on the first bad row (file, line, reason); "skip" counts it in the report.
-        Bad rows: malformed json, a non-object row, a missing field, a non-string value, an empty answer
-        (or an empty prompt outside text mode, where a prompt is expected).
+        Bad rows: malformed json, a line that is not UTF-8, a non-object row, a missing field, a
+        non-string value, an empty answer (or an empty prompt outside text mode, where a prompt is
+        expected), the literal text `<bkspc>` in a prompt or answer (`_no_bkspc_text`).
     limit: stop after this many examples are kept.
     Line numbers are 1-based (jsonl/text: file lines; parquet: row index + 1).
     """
@@ -246,12 +248,25 @@ def _to_example(record, prompt_field, answer_field, text_field, prompt_chars) ->
             raise _BadRow(
                 "empty", f"text of {len(text)} chars leaves no answer after prompt_chars={prompt_chars}"
             )
-        return Example(prompt, answer)
+        return _no_bkspc_text(Example(prompt, answer))
     prompt, answer = _field(record, prompt_field), _field(record, answer_field)
     for name, value in ((prompt_field, prompt), (answer_field, answer)):
         if not value.strip():
             raise _BadRow("empty", f"field {name!r} is empty")
-    return Example(prompt, answer)
+    return _no_bkspc_text(Example(prompt, answer))
+
+
+def _no_bkspc_text(ex: Example) -> Example:
+    """The rule for the literal text `<bkspc>` in data: the row is bad (reason `bkspc_text`). The text
+    tokenises to the real backspace action, which a prompt must never hold and an answer must not
+    teach as a written token; escaping it would silently change the task, so the row is refused."""
+    for name, value in (("prompt", ex.prompt), ("answer", ex.answer)):
+        if BKSPC_TOKEN in value:
+            raise _BadRow(
+                "bkspc_text",
+                f"the {name} contains the literal text {BKSPC_TOKEN}, the backspace action's token",
+            )
+    return ex
 
 
 # ---- tokenisation ------------------------------------------------------------------------------------

@@ -189,3 +189,24 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):
         load_train_examples(load_config(tiny, over))
+
+
+def test_literal_bkspc_text_and_non_utf8_lines_are_bad_rows_of_their_own(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    lines = [
+        json.dumps(GOOD).encode(),  # 1
+        json.dumps({"prompt": "What is 1 + 1? <bkspc>", "answer": "2"}).encode(),  # 2 bkspc in the prompt
+        json.dumps({"prompt": "What is 1 + 1?", "answer": "2<bkspc>3"}).encode(),  # 3 bkspc in the answer
+        b'{"prompt": "caf\xe9", "answer": "1"}',  # 4 latin-1, not UTF-8
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    examples, report = load_examples(path, on_bad="skip")
+    assert examples == [Example(GOOD["prompt"], GOOD["answer"])]
+    assert report.skipped == Counter(bkspc_text=2, not_utf8=1)
+    assert report.first_lines == {"bkspc_text": [2, 3], "not_utf8": [4]}
+    with pytest.raises(ValueError, match=r"odd\.jsonl:2: bkspc_text: .*data\.on_bad=skip"):
+        load_examples(path)
+    text = tmp_path / "odd.txt"  # the same rule in plain-text mode
+    text.write_text("ab<bkspc>cd\nabcd\n")
+    examples, report = load_examples(text, on_bad="skip", prompt_chars=2)
+    assert examples == [Example("ab", "cd")] and report.skipped == Counter(bkspc_text=1)
