@@ -151,7 +151,67 @@ def preflight(cfg: Config, resume: str | None) -> Path | None:
     check_train_data(cfg, tok)
     if not resume:
         return None
+    check_resume_config(cfg, Path(cfg.run.run_dir))
     return resume_checkpoint(Path(cfg.run.run_dir), resume)
+
+
+# keys a resume cannot change, and why (a prefix ending in "." covers a section)
+FROZEN_ON_RESUME = {
+    "model.tiny.": "the checkpoint's weights keep the shape the run started with (model.tiny only shapes a "
+    "model built when model.dir is missing)",
+    "model.dir": "the checkpoint's weights and tokenizer come from the run's model; another folder would "
+    "encode the data with another tokenizer",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> dict[str, tuple]:
+    """Log the keys that differ from the run's saved config (its latest config.yaml / config.resume.yaml);
+    raise a ConfigError for a change that cannot take effect on a resume. Returns {key: (saved, new)}."""
+    import yaml
+
+    saved_files = [p for p in (run_dir / "config.yaml", run_dir / "config.resume.yaml") if p.is_file()]
+    if not saved_files:
+        log.warning(f"--resume: {run_dir} has no saved config.yaml; the overrides cannot be compared")
+        return {}
+    latest = max(saved_files, key=lambda p: p.stat().st_mtime)
+    try:
+        saved = _flat(yaml.safe_load(latest.read_text()))
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(
+            str(latest),
+            f"is not a readable config ({type(e).__name__}).",
+            "restore it, or delete it to skip the comparison",
+        ) from None
+    new = _flat(cfg.model_dump(mode="json"))
+    default_dir = {saved.get("run.run_dir", "") + "/model", str(run_dir) + "/model"}
+    diff = {k: (saved.get(k), v) for k, v in new.items() if k != "run.run_dir" and saved.get(k) != v}
+    if {saved.get("model.dir"), new.get("model.dir")} <= default_dir:
+        diff.pop("model.dir", None)  # the default `<run_dir>/model` of a run directory that moved
+    if diff:
+        log.info("--resume: keys that differ from " + f"{latest.name}: "
+                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))  # fmt: skip
+    for key, (a, b) in diff.items():
+        why = next(
+            (w for k, w in FROZEN_ON_RESUME.items() if key == k or (k.endswith(".") and key.startswith(k))),
+            None,
+        )
+        if why:
+            raise ConfigError(
+                key, f"--resume cannot change it ({a!r} in {latest} -> {b!r}): {why}.",
+                "drop the override, or start a new run (another run.run_dir) with it",
+            )  # fmt: skip
+    if any(k.startswith("data.") for k in diff):
+        log.warning(
+            "--resume: data.* changes reach the rollout prompts only; the expert buffer keeps its rows"
+        )
+    return diff
 
 
 def resume_checkpoint(run_dir: Path, resume: str) -> Path:
