@@ -155,6 +155,13 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     }
 
 
+def _driver_note(drv: dict, state: str) -> str:
+    if state == "died":  # a driver killed without its clean exit leaves driver.json behind
+        return (f" (stale {DRIVER_FILE}: pid {drv.get('pid')} on {drv.get('host')}, started {drv.get('started')}, "
+                "no longer runs; the next sm-dist train on this run directory takes it over)")  # fmt: skip
+    return f" (pid {drv.get('pid')} on {drv.get('host')}, since {drv.get('started')})"
+
+
 def format_status(st: dict) -> str:
     def num(x, fmt="{:.3f}"):
         return "-" if x is None else fmt.format(x)
@@ -163,8 +170,7 @@ def format_status(st: dict) -> str:
     drv = st["driver"]
     lines = [
         f"run dir:     {st['run_dir']}",
-        f"state:       {st['state']}"
-        + (f" (pid {drv['pid']} on {drv['host']}, since {drv['started']})" if drv else ""),
+        f"state:       {st['state']}" + (_driver_note(drv, st["state"]) if drv else ""),
         f"step:        {num(st['step'], '{}')} of {total}   ({num(st['steps_per_s'], '{:.2f}')} steps/s recently)",
         f"loss:        total {num(st['loss_total'])}, bc {num(st['loss_bc'])} (mean of the last metric lines)",
         f"weights:     version {num(st['weights_version'], '{:.0f}')}"
