@@ -85,19 +85,15 @@ def release_run_dir(run_dir: str | Path) -> None:
         (Path(run_dir) / DRIVER_FILE).unlink(missing_ok=True)
 
 
-def run_status(run_dir: str | Path, window: int = 10) -> dict:
-    """Where the run in `run_dir` stands (see the module docstring for the files read)."""
+def _read_run_config(d: Path) -> dict:
+    """The resolved config of the latest (re)start (config.yaml or config.resume.yaml), as a dict."""
     import yaml
 
-    from sm_dist.learner.checkpoint import list_checkpoints
-    from sm_dist.metrics import read_metrics
-
-    d = Path(run_dir)
     configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
     if not configs:
         what = "is not a run directory (no config.yaml)" if d.is_dir() else "does not exist"
         raise UserError(str(d), f"{what}.", "pass the run.run_dir of a run started by sm-dist train")
-    latest = max(configs, key=lambda c: c.stat().st_mtime)  # the latest (re)start
+    latest = max(configs, key=lambda c: c.stat().st_mtime)
     try:
         cfg = yaml.safe_load(latest.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -106,6 +102,17 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         ) from None
     if not isinstance(cfg, dict):
         raise UserError(str(latest), f"holds a {type(cfg).__name__}, not a config.", _FIX_CONFIG.format(d=d))
+    return cfg
+
+
+def run_status(run_dir: str | Path, window: int = 10) -> dict:
+    """Where the run in `run_dir` stands (see the module docstring for the files read)."""
+
+    from sm_dist.learner.checkpoint import list_checkpoints
+    from sm_dist.metrics import read_metrics
+
+    d = Path(run_dir)
+    cfg = _read_run_config(d)
     try:
         rows = read_metrics(d)
     except (FileNotFoundError, ValueError):
