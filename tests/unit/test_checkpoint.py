@@ -109,19 +109,29 @@ def test_a_checkpoint_without_manifest_gets_the_structural_checks(tmp_path):
     assert "tensors end at byte" in ckpt.verify(c)[0]
 
 
-def test_resume_falls_back_to_the_newest_intact_checkpoint_and_keeps_the_corrupt_one(tmp_path, caplog):
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_keeps_the_corrupt_one(tmp_path):
+    import logging
+
     from sm_dist.validate import resume_checkpoint
 
     for step in (10, 20, 30):
         _real_checkpoint(tmp_path, step)
     newest = ckpt.latest_checkpoint(tmp_path)
     _flip_byte(newest / "model" / "model.safetensors")
-    with caplog.at_level("WARNING", logger="sm_dist"):
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("sm_dist.validate")  # its own handler: setup_logging may stop propagation
+    logger.addHandler(handler)
+    try:
         chosen = resume_checkpoint(tmp_path, str(tmp_path))
+    finally:
+        logger.removeHandler(handler)
     assert chosen.name == "step-00000020"
     kept = ckpt.checkpoints_dir(tmp_path) / "step-00000030.corrupt"
     assert kept.is_dir() and (kept / "model" / "model.safetensors").exists()
-    assert "step-00000030 is corrupt" in caplog.text and "resuming from step-00000020" in caplog.text
+    text = "\n".join(records)
+    assert "step-00000030 is corrupt" in text and "resuming from step-00000020" in text
     # the run goes on: its next checkpoint of step 30 and pruning leave the corrupt one alone
     for step in (30, 40, 50, 60, 70, 80):
         _real_checkpoint(tmp_path, step, keep_last=2)
