@@ -1,18 +1,43 @@
-"""The `sm-dist` command line (also `python -m sm_dist`)."""
+"""The `sm-dist` command line (also `python -m sm_dist`).
+
+One error boundary (`main`): a `sm_dist.errors.UserError` (a bad file, folder, value or checkpoint)
+ends as one line on stderr, `sm-dist <command>: <input>: <problem> Fix: <fix>`, with exit code 2;
+`--debug` or `SM_DIST_DEBUG=1` re-raises it with its traceback. Any other exception is a bug and keeps
+its traceback. The commands check their inputs before they start anything slow.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+from sm_dist.errors import DataError, ModelError, UserError, one_line
 
 
 def _make_tiny_model(args) -> int:
-    from sm_dist.core.tiny import make_tiny_model
+    from sm_dist.config import VLLM_CPU_HEAD_SIZES
 
+    head, rem = divmod(args.hidden_size, args.num_heads) if args.num_heads > 0 else (0, 1)
+    if rem or head not in VLLM_CPU_HEAD_SIZES:
+        raise UserError(
+            f"--hidden-size {args.hidden_size} --num-heads {args.num_heads}",
+            f"head size {args.hidden_size}/{args.num_heads} is not one vLLM's CPU attention supports "
+            f"{VLLM_CPU_HEAD_SIZES}.",
+            "e.g. --hidden-size 128 --num-heads 2",
+        )
     texts = None
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+            raise DataError(
+                f"--text {args.text}", f"cannot be read as UTF-8 text ({e}).", "pass a text file"
+            ) from None
+    from sm_dist.core.tiny import make_tiny_model
+
     out = make_tiny_model(
         args.out,
         texts=texts,
@@ -27,6 +52,11 @@ def _make_tiny_model(args) -> int:
 
 
 def _add_bkspc(args) -> int:
+    if not (Path(args.model_dir) / "config.json").is_file():
+        problem = "has no config.json" if Path(args.model_dir).is_dir() else "does not exist"
+        raise ModelError(
+            args.model_dir, f"{problem}; an HF causal-LM folder was expected.", "pass a model folder"
+        )
     from sm_dist.core.vocab import add_bkspc_to_dir
 
     bid = add_bkspc_to_dir(args.model_dir, args.out)
@@ -35,34 +65,24 @@ def _add_bkspc(args) -> int:
 
 
 def _train(args) -> int:
-    from sm_dist.config import ConfigError
     from sm_dist.config_load import load_config
 
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.run_dir={args.resume}")
-    try:
-        cfg = load_config(args.config, overrides)
-        from sm_dist.driver import train
+    cfg = load_config(args.config, overrides)
+    from sm_dist.driver import train
 
-        return train(cfg, resume=args.resume, address=args.address)
-    except ConfigError as e:
-        print(f"sm-dist: {e}", file=sys.stderr)
-        return 2
+    return train(cfg, resume=args.resume, address=args.address)
 
 
 def _config(args) -> int:
-    from sm_dist.config import ConfigError
     from sm_dist.config_load import dump_config, load_config, reference
 
     if args.reference:
         print(reference(), end="")
         return 0
-    try:
-        print(dump_config(load_config(args.config, list(args.overrides))), end="")
-    except ConfigError as e:
-        print(f"sm-dist: {e}", file=sys.stderr)
-        return 2
+    print(dump_config(load_config(args.config, list(args.overrides))), end="")
     return 0
 
 
@@ -71,11 +91,7 @@ def _status(args) -> int:
 
     from sm_dist.status import format_status, run_status
 
-    try:
-        st = run_status(args.run_dir)
-    except FileNotFoundError as e:
-        print(f"sm-dist status: {e}", file=sys.stderr)
-        return 2
+    st = run_status(args.run_dir)
     print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
     return 0
 
@@ -84,30 +100,40 @@ def _eval(args) -> int:
     import json
 
     from sm_dist.eval.arith_eval import evaluate, format_table
+    from sm_dist.eval.decoding import decoding_params, resolve_decoding
+    from sm_dist.validate import check_model_dir
 
-    try:
-        summary = evaluate(
-            args.model,
-            args.data,
-            decoding=args.decoding,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            samples=args.samples,
-            seed=args.seed,
-            force_error=args.force_error,
-            backspace=None if args.backspace is None else args.backspace == "on",
-            limit=args.limit,
-            prompt_field=args.prompt_field,
-            answer_field=args.answer_field,
-            on_bad=args.on_bad,
-            max_actions=args.max_actions,
-            max_backspaces=args.max_backspaces,
-            bkspc_bias=args.bkspc_bias,
-            batch_size=args.batch_size,
+    if args.limit is not None and args.limit < 1:
+        raise UserError(
+            f"--limit {args.limit}", "evaluates no example.", "pass --limit N with N >= 1, or omit it"
         )
+    _check_eval_data(args)
+    check_model_dir(args.model, "--model")
+    try:  # imports vLLM (RolloutParams): after the checks above, which cost less
+        dec = resolve_decoding(args.decoding, None if args.backspace is None else args.backspace == "on")
+        decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, args.max_actions,
+                        args.max_backspaces, args.bkspc_bias)  # fmt: skip
     except ValueError as e:
-        print(f"sm-dist eval: {e}", file=sys.stderr)
-        return 2
+        raise UserError("sm-dist eval flags", f"{e}.", "see sm-dist eval --help") from None
+    summary = evaluate(
+        args.model,
+        args.data,
+        decoding=args.decoding,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        samples=args.samples,
+        seed=args.seed,
+        force_error=args.force_error,
+        backspace=None if args.backspace is None else args.backspace == "on",
+        limit=args.limit,
+        prompt_field=args.prompt_field,
+        answer_field=args.answer_field,
+        on_bad=args.on_bad,
+        max_actions=args.max_actions,
+        max_backspaces=args.max_backspaces,
+        bkspc_bias=args.bkspc_bias,
+        batch_size=args.batch_size,
+    )
     print(format_table(summary))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -116,7 +142,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _check_eval_data(args) -> None:
+    """Every row of --data readable, and at least one usable (before the model and vLLM load)."""
+    from sm_dist.data.datasets import load_examples, no_usable_examples
+
+    kw = {"prompt_field": args.prompt_field, "answer_field": args.answer_field, "on_bad": args.on_bad}
+    examples, report = load_examples(args.data, limit=args.limit, **kw)
+    if not examples:
+        raise no_usable_examples(f"--data {args.data}", args.data, report)
+
+
 def _plot(args) -> int:
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        problem = "has no metrics.jsonl" if Path(args.run_dir).is_dir() else "does not exist"
+        raise UserError(
+            args.run_dir,
+            f"{problem}; nothing to plot.",
+            "pass the run.run_dir of a run that has logged steps",
+        )
     from sm_dist.eval.plot import plot_run
 
     for path in plot_run(args.run_dir, args.out):
@@ -132,6 +175,8 @@ def _text_metrics(args) -> int:
     from sm_dist.data.datasets import load_examples
     from sm_dist.eval.text_metrics import text_metrics
 
+    if not (Path(args.model) / "config.json").is_file():
+        raise ModelError(f"--model {args.model}", "is not an HF model folder (no config.json).", "pass one")
     examples, report = load_examples(args.data, text_field=args.field, on_bad=args.on_bad, limit=args.limit)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -320,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-json", action="store_true", help="console logs as JSON lines (env SM_DIST_LOG_JSON=1)"
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an input error instead of its one-line message (env SM_DIST_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _add_model_parsers(sub)
     _add_run_parsers(sub)
@@ -328,8 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line. `train`/`config` overrides may also follow the options
+    (`train CONFIG --resume DIR key=value`): argparse leaves those over, and they are appended in order
+    (`parse_intermixed_args` cannot be used with subcommands)."""
+    p = build_parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command in ("train", "config") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    debug = args.debug or os.environ.get("SM_DIST_DEBUG", "") not in ("", "0", "false")
     from sm_dist.logs import setup_logging
 
     try:
@@ -337,7 +401,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"sm-dist: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except UserError as e:  # the user's input, not our bug: one line, unless asked for the traceback
+        if debug:
+            raise
+        print(f"sm-dist {args.command}: {one_line(e)}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

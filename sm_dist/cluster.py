@@ -40,11 +40,30 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# Ray's switch for "no multi-node cluster on this machine" (named for Windows/macOS, where it is off by
+# default). With it on (the Linux default), `ray.init(_node_ip_address="127.0.0.1")` replaces the loopback
+# address with the machine's routable one (`services.resolve_ip_for_localhost`), so the GCS, the raylet,
+# the object manager, every worker's gRPC server and the dashboard/runtime-env agents listen on `::`,
+# `0.0.0.0` or the external address. With it off, Ray keeps 127.0.0.1 and every one of them binds to
+# loopback (checked by tests/integration/test_loopback.py on ray 2.60).
+LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _loopback_only() -> None:
+    """Make the local Ray about to start loopback-only: the env var for the processes it spawns (they
+    inherit this process's environment), and the constant Ray read from it if it is already imported."""
+    os.environ.update(LOOPBACK_ONLY_ENV)
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, temp_dir: str | None = None):
-    """Start a local Ray bound to 127.0.0.1 (no dashboard) whose workers get `env`; return `ray`."""
+    """Start a local Ray bound to 127.0.0.1 only (no dashboard) whose workers get `env`; return `ray`."""
     import ray
 
     set_process_env()
+    _loopback_only()
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,

@@ -12,17 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sm_dist.sync.config import ObjectStoreConfig, TransportConfig, as_transport
 
+from sm_dist.errors import UserError
+
 # vLLM's CPU build supports these attention head sizes (PLATFORM.md); mirrored from sm_dist.core.tiny
 # so this module stays free of torch.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config problem: `key` is the dotted path, the message says what is wrong and how to fix it."""
 
     def __init__(self, key: str, message: str, fix: str = ""):
-        self.key, self.fix = key, fix
-        super().__init__(f"config error at `{key}`: {message}" + (f" Fix: {fix}" if fix else ""))
+        super().__init__(f"config error at `{key}`", message, fix)
+        self.key = key
 
 
 class _Section(BaseModel):

@@ -31,7 +31,11 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
         if nxt is None:
             nxt = cur[p] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(".".join(parts[: i + 1]), f"is {nxt!r}, not a section; cannot set {key}.")
+            raise ConfigError(
+                ".".join(parts[: i + 1]),
+                f"is {nxt!r}, not a section; cannot set {key}.",
+                "check the key's spelling",
+            )
         cur = nxt
     cur[parts[-1]] = value
 
@@ -114,7 +118,11 @@ def check_paths(cfg: Config) -> None:
             "model.make_tiny_if_missing=true",
         )
     if md.exists() and not (md / "config.json").exists():
-        raise ConfigError("model.dir", f"{md} has no config.json; it is not an HF model folder.")
+        raise ConfigError(
+            "model.dir",
+            f"{md} has no config.json; it is not an HF model folder.",
+            "point model.dir at an HF model folder with <bkspc> (sm-dist add-bkspc BASE OUT makes one)",
+        )
     named = re.search(r"train-(easy|medium|hard)", Path(cfg.data.train_path).name)
     if cfg.data.fallback != "none" and named and cfg.data.fallback != f"arith_{named[1]}":
         raise ConfigError(
@@ -149,9 +157,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(cpath.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("<file>", f"{cpath} is not valid YAML: {e}") from None
+            raise ConfigError("<file>", f"{cpath} is not valid YAML: {e}", "correct the YAML") from None
         if not isinstance(raw, dict):
-            raise ConfigError("<root>", f"{cpath} must hold a mapping of sections, got {type(raw).__name__}.")
+            raise ConfigError(
+                "<root>",
+                f"{cpath} must hold a mapping of sections, got {type(raw).__name__}.",
+                "see configs/tiny-cpu.yaml for the layout",
+            )
     for key, value in parse_overrides(list(overrides or [])):
         _set_dotted(raw, key, value)
     try:

@@ -53,6 +53,7 @@ from sm_dist.recovery import (
 from sm_dist.sampler import BatchSampler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
+from sm_dist.validate import preflight
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -189,9 +190,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     """Run (or resume) a training job; returns the process exit code. The run directory is claimed
     for the duration (`sm_dist.status`): a second driver on it is refused."""
     run_dir = Path(cfg.run.run_dir)
-    last = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and last is None:
-        raise ConfigError("--resume", f"{run_dir} has no completed checkpoint under checkpoints/.")
+    last = preflight(cfg, resume)  # model, data, checkpoint: before anything is written or started
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         claim_run_dir(run_dir)

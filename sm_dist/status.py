@@ -15,7 +15,23 @@ import os
 import socket
 from pathlib import Path
 
+from sm_dist.errors import UserError
+
 DRIVER_FILE = "driver.json"
+_FIX_CONFIG = (
+    "it is the resolved config the run wrote at its start: restore it (sm-dist config CONFIG [overrides] "
+    "> {d}/config.yaml prints one), or delete it and keep config.resume.yaml if there is one"
+)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file written by the run, or None when absent; a corrupt one is a UserError."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"is not valid JSON ({e}).", "restore or delete the file") from None
 
 
 class RunDirBusy(RuntimeError):
@@ -45,6 +61,15 @@ def read_driver(run_dir: str | Path) -> dict | None:
 
 def claim_run_dir(run_dir: str | Path) -> None:
     """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it."""
+    check_free(run_dir)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
+    tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
+    tmp.write_text(json.dumps(me))
+    os.replace(tmp, Path(run_dir) / DRIVER_FILE)
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Raise RunDirBusy if another live driver holds `run_dir` (a stale driver.json does not count)."""
     info = read_driver(run_dir)
     if info is not None and info.get("pid") != os.getpid() and _alive(info) is not False:
         where = f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
@@ -52,10 +77,6 @@ def claim_run_dir(run_dir: str | Path) -> None:
             f"{run_dir} is in use by another sm-dist train ({where}). Stop it first (SIGTERM ends it with a "
             f"checkpoint), or use another run.run_dir. If that driver is gone, delete {Path(run_dir) / DRIVER_FILE}."
         )
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
-    tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
-    tmp.write_text(json.dumps(me))
-    os.replace(tmp, Path(run_dir) / DRIVER_FILE)
 
 
 def release_run_dir(run_dir: str | Path) -> None:
@@ -64,23 +85,39 @@ def release_run_dir(run_dir: str | Path) -> None:
         (Path(run_dir) / DRIVER_FILE).unlink(missing_ok=True)
 
 
+def _read_run_config(d: Path) -> dict:
+    """The resolved config of the latest (re)start (config.yaml or config.resume.yaml), as a dict."""
+    import yaml
+
+    configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
+    if not configs:
+        what = "is not a run directory (no config.yaml)" if d.is_dir() else "does not exist"
+        raise UserError(str(d), f"{what}.", "pass the run.run_dir of a run started by sm-dist train")
+    latest = max(configs, key=lambda c: c.stat().st_mtime)
+    try:
+        cfg = yaml.safe_load(latest.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(
+            str(latest), f"is not valid YAML ({type(e).__name__}).", _FIX_CONFIG.format(d=d)
+        ) from None
+    if not isinstance(cfg, dict):
+        raise UserError(str(latest), f"holds a {type(cfg).__name__}, not a config.", _FIX_CONFIG.format(d=d))
+    return cfg
+
+
 def run_status(run_dir: str | Path, window: int = 10) -> dict:
     """Where the run in `run_dir` stands (see the module docstring for the files read)."""
-    import yaml
 
     from sm_dist.learner.checkpoint import list_checkpoints
     from sm_dist.metrics import read_metrics
 
     d = Path(run_dir)
-    configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
-    if not configs:
-        raise FileNotFoundError(f"{d} is not a run directory (no config.yaml): pass the run.run_dir of a run")
-    cfg = yaml.safe_load(max(configs, key=lambda c: c.stat().st_mtime).read_text())  # the latest (re)start
+    cfg = _read_run_config(d)
     try:
         rows = read_metrics(d)
     except (FileNotFoundError, ValueError):
         rows = []
-    summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
+    summary = _read_json(d / "summary.json")
     driver = read_driver(d)
     alive = _alive(driver) if driver else False
     if driver and alive is not False:
@@ -103,8 +140,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
         rate = (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
     version = next((r["sync/version"] for r in reversed(rows) if r.get("sync/version") is not None), None)
-    manifest = d / "buffer" / "manifest.json"
-    buf = json.loads(manifest.read_text()) if manifest.exists() else {}
+    buf = _read_json(d / "buffer" / "manifest.json") or {}
     ckpts = list_checkpoints(d)
     return {
         "run_dir": str(d),
@@ -118,11 +154,19 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "loss_bc": mean("loss/bc"),
         "learner_restarts": last.get("run/learner_restarts"),
         "checkpoints": [p.name for p in ckpts],
+        "corrupt_checkpoints": sorted(p.name for p in (d / "checkpoints").glob("step-*.corrupt*")),
         "last_checkpoint": str(ckpts[-1]) if ckpts else None,
         "buffer_added_rows": buf.get("added_rows"),
         "buffer_evicted_rows": buf.get("evicted_rows"),
         "summary": summary,
     }
+
+
+def _driver_note(drv: dict, state: str) -> str:
+    if state == "died":  # a driver killed without its clean exit leaves driver.json behind
+        return (f" (stale {DRIVER_FILE}: pid {drv.get('pid')} on {drv.get('host')}, started {drv.get('started')}, "
+                "no longer runs; the next sm-dist train on this run directory takes it over)")  # fmt: skip
+    return f" (pid {drv.get('pid')} on {drv.get('host')}, since {drv.get('started')})"
 
 
 def format_status(st: dict) -> str:
@@ -133,8 +177,7 @@ def format_status(st: dict) -> str:
     drv = st["driver"]
     lines = [
         f"run dir:     {st['run_dir']}",
-        f"state:       {st['state']}"
-        + (f" (pid {drv['pid']} on {drv['host']}, since {drv['started']})" if drv else ""),
+        f"state:       {st['state']}" + (_driver_note(drv, st["state"]) if drv else ""),
         f"step:        {num(st['step'], '{}')} of {total}   ({num(st['steps_per_s'], '{:.2f}')} steps/s recently)",
         f"loss:        total {num(st['loss_total'])}, bc {num(st['loss_bc'])} (mean of the last metric lines)",
         f"weights:     version {num(st['weights_version'], '{:.0f}')}"
@@ -143,6 +186,10 @@ def format_status(st: dict) -> str:
         + (f"  ({len(st['checkpoints'])} kept)" if st["checkpoints"] else ""),
         f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted",
     ]
+    if st.get("corrupt_checkpoints"):
+        lines.append(
+            f"set aside:   {', '.join(st['corrupt_checkpoints'])} (corrupt, found on a resume; kept)"
+        )
     if st["state"] == "died":
         lines.append(
             f"resume with: sm-dist train <config> --resume {st['run_dir']}   (the driver exited without "

@@ -22,10 +22,14 @@ from typing import Literal
 
 from sm_dist.buffer.schema import DATA_POLICY_VERSION
 from sm_dist.core.traces import augment_noise, collapse
+from sm_dist.core.vocab import BKSPC_TOKEN
+from sm_dist.errors import DataError
 
 log = logging.getLogger(__name__)
 
 _FIRST_LINES = 5  # line numbers kept per skip reason
+# how to get past a bad row: the config key (sm-dist train) and the flag (eval, text-metrics)
+FIX_ROW = "fix the file, or skip and count such rows: data.on_bad=skip (train) or --on-bad skip (eval)."
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,28 @@ LoadReport = Report
 EncodeReport = Report
 
 
+def no_usable_examples(what: str, path: str | Path, *reports: Report) -> DataError:
+    """The error for data that leaves nothing to train or evaluate on, saying why: an empty file, or
+    how many rows each kind of bad row took (`reports`: the load report, then the encode report, whose
+    numbers are example numbers rather than file lines)."""
+    if not reports or reports[0].rows_read == 0:
+        return DataError(
+            what, f"{path} holds no rows (empty, or blank lines only).", "point it at a file with examples"
+        )
+    why = ", ".join(
+        f"{n} {reason} ({'lines' if i == 0 else 'examples'} {r.first_lines[reason]})"
+        for i, r in enumerate(reports)
+        for reason, n in r.skipped.most_common()
+    )
+    skipped = {reason for r in reports for reason in r.skipped}
+    fix = "fix those rows, or check data.prompt_field / data.answer_field / data.text_field"
+    if skipped <= {"overlong_prompt", "overlong_answer"}:
+        fix = "raise data.max_prompt_len / data.max_answer_len (tokens), or use shorter rows"
+    return DataError(
+        what, f"no usable examples in {path}: {reports[0].rows_read} rows read, none usable: {why}.", fix
+    )
+
+
 class _BadRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -101,17 +127,24 @@ def load_examples(
     text_field (jsonl/parquet) or fmt="text" (one example per non-blank line): plain text, split so the
         first `prompt_chars` characters are the prompt (0: empty prompt, the whole text is the answer).
     on_bad: "error" raises on the first bad row (file, line, reason); "skip" counts it in the report.
-        Bad rows: malformed json, a non-object row, a missing field, a non-string value, an empty answer
-        (or an empty prompt outside text mode, where a prompt is expected).
+        Bad rows: malformed json, a line that is not UTF-8, a non-object row, a missing field, a
+        non-string value, an empty answer (or an empty prompt outside text mode, where a prompt is
+        expected), the literal text `<bkspc>` in a prompt or answer (`_no_bkspc_text`).
     limit: stop after this many examples are kept.
     Line numbers are 1-based (jsonl/text: file lines; parquet: row index + 1).
     """
     path = Path(path)
     fmt = fmt or next((k for k, f in FORMATS.items() if path.suffix.lower() in f.suffixes), None)
     if fmt not in FORMATS:
-        raise ValueError(
-            f"cannot read {path} as {fmt!r} (suffix {path.suffix!r}); pass fmt= one of {sorted(FORMATS)} "
-            "(config: data.format)"
+        raise DataError(
+            str(path),
+            f"cannot tell its format from the suffix {path.suffix!r} (format {fmt!r}).",
+            f"use a suffix of {sorted(s for f in FORMATS.values() for s in f.suffixes)}, or set data.format",
+        )
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(
+            str(path), f"{what}; a data file was expected.", "pass the path of a jsonl/parquet/text file"
         )
     form = FORMATS[fmt]
     if on_bad not in ("error", "skip"):
@@ -128,34 +161,48 @@ def load_examples(
             report.kept += 1
         except _BadRow as e:
             if on_bad == "error":
-                raise ValueError(
-                    f"{path}:{line_no}: {e.reason}: {e.detail}. Fix the file, or pass on_bad='skip' to skip "
-                    "and count such rows."
-                ) from None
+                raise DataError(f"{path}:{line_no}", f"{e.reason}: {e.detail}.", FIX_ROW) from None
             report.skip(e.reason, line_no)
     if report.skipped:
         log.warning("%s", report.summary())
     return examples, report
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) of every non-blank line (blank lines separate nothing)."""
-    with path.open(encoding="utf-8") as f:
+def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line (blank lines separate nothing). Bytes:
+    a line that is not UTF-8 is a bad row of its own (`_utf8`), not the end of the file."""
+    with path.open("rb") as f:
         for i, line in enumerate(f):
             if line.strip():
-                yield i + 1, line.rstrip("\n")
+                yield i + 1, line.rstrip(b"\r\n")
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadRow(
+            "not_utf8", f"byte {raw[e.start : e.start + 1]!r} at column {e.start + 1} is not UTF-8"
+        ) from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(
+            str(path), f"is not a readable parquet file ({e}).", "pass a parquet file, or set data.format"
+        ) from None
+    for i, row in enumerate(table.to_pylist()):
         yield i + 1, row
 
 
-def _decode_json(raw: str) -> dict:
+def _decode_json(raw: bytes) -> dict:
     try:
-        return _object(json.loads(raw))
+        return _object(json.loads(_utf8(raw)))
     except json.JSONDecodeError as e:
         raise _BadRow("malformed_json", f"{e.msg} at column {e.colno}") from None
 
@@ -180,7 +227,7 @@ class DataFormat:
 FORMATS: dict[str, DataFormat] = {
     "jsonl": DataFormat((".jsonl", ".json"), _read_lines, _decode_json),
     "parquet": DataFormat((".parquet",), _read_parquet, _object),
-    "text": DataFormat((".txt", ".text"), _read_lines, lambda raw: raw),
+    "text": DataFormat((".txt", ".text"), _read_lines, _utf8),
 }
 
 
@@ -201,12 +248,25 @@ def _to_example(record, prompt_field, answer_field, text_field, prompt_chars) ->
             raise _BadRow(
                 "empty", f"text of {len(text)} chars leaves no answer after prompt_chars={prompt_chars}"
             )
-        return Example(prompt, answer)
+        return _no_bkspc_text(Example(prompt, answer))
     prompt, answer = _field(record, prompt_field), _field(record, answer_field)
     for name, value in ((prompt_field, prompt), (answer_field, answer)):
         if not value.strip():
             raise _BadRow("empty", f"field {name!r} is empty")
-    return Example(prompt, answer)
+    return _no_bkspc_text(Example(prompt, answer))
+
+
+def _no_bkspc_text(ex: Example) -> Example:
+    """The rule for the literal text `<bkspc>` in data: the row is bad (reason `bkspc_text`). The text
+    tokenises to the real backspace action, which a prompt must never hold and an answer must not
+    teach as a written token; escaping it would silently change the task, so the row is refused."""
+    for name, value in (("prompt", ex.prompt), ("answer", ex.answer)):
+        if BKSPC_TOKEN in value:
+            raise _BadRow(
+                "bkspc_text",
+                f"the {name} contains the literal text {BKSPC_TOKEN}, the backspace action's token",
+            )
+    return ex
 
 
 # ---- tokenisation ------------------------------------------------------------------------------------
@@ -218,6 +278,7 @@ def encode_examples(
     max_prompt_len: int,
     max_answer_len: int,
     on_overlong: Literal["error", "skip", "truncate_left"] = "error",
+    source: str = "encode_examples",
 ) -> tuple[list[EncodedExample], EncodeReport]:
     """Tokenise examples (no special tokens added) and append eos to each answer.
 
@@ -225,14 +286,15 @@ def encode_examples(
     (a cut answer teaches the model to stop early). The prompt may be truncated from the left (keeping
     the end, nearest the answer) with on_overlong="truncate_left"; an over-long answer is then skipped
     and counted. With "skip" every over-long example is skipped and counted; with "error" the first one
-    raises ValueError naming the example index and lengths. Line numbers in the report are indices + 1.
+    raises a DataError naming `source`, the example (1-based) and lengths. Line numbers in the report
+    are indices + 1.
     """
     if on_overlong not in ("error", "skip", "truncate_left"):
         raise ValueError(f"on_overlong={on_overlong!r}; use 'error', 'skip' or 'truncate_left'")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos token; set one")
-    report = Report(source="encode_examples")
+    report = Report(source=source)
     out: list[EncodedExample] = []
     for i, ex in enumerate(examples):
         report.rows_read += 1
@@ -251,9 +313,11 @@ def encode_examples(
             )
         if problem is not None:
             if on_overlong == "error":
-                raise ValueError(
-                    f"example {i}: {problem[1]}. Raise the limit, or pass on_overlong='skip' "
-                    "(or 'truncate_left' for prompts)."
+                key = "data.max_answer_len" if problem[0] == "overlong_answer" else "data.max_prompt_len"
+                raise DataError(
+                    f"{source}: example {i + 1}",
+                    f"{problem[1]}.",
+                    f"raise {key}, or skip and count such rows: data.on_bad=skip.",
                 )
             report.skip(problem[0], i + 1)
             continue

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from sm_dist.config import Config, ConfigError
+from sm_dist.config import Config
 
 log = logging.getLogger("sm_dist.data")
 
@@ -30,7 +30,8 @@ def prepare_model(cfg: Config) -> None:
 
 
 def load_train_examples(cfg: Config):
-    """Examples from data.train_path, or generated arithmetic data (data.fallback) when it is missing."""
+    """(examples, the path read, its load report) from data.train_path, or from generated arithmetic data
+    (data.fallback) when it is missing."""
     from sm_dist.data.datasets import load_examples
 
     path = Path(cfg.data.train_path)
@@ -52,20 +53,22 @@ def load_train_examples(cfg: Config):
         answer_field=d.answer_field, text_field=d.text_field, prompt_chars=d.prompt_chars, on_bad=d.on_bad,
         limit=d.limit,
     )  # fmt: skip
-    return ex, str(path)
+    return ex, str(path), report
 
 
 def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]], list[list[int]]]:
     """Augmented expert rows (for the expert buffer), the encoded prompts (for rollout workers) and
     their expert targets (answer + eos: for rollout.correction_rows)."""
     from sm_dist.core.vocab import get_bkspc_id
-    from sm_dist.data.datasets import augment, encode_examples, make_data_rows
+    from sm_dist.data.datasets import augment, encode_examples, make_data_rows, no_usable_examples
 
     d = cfg.data
-    examples, _ = load_train_examples(cfg)
-    enc, _ = encode_examples(examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad)
+    examples, path, loaded = load_train_examples(cfg)
+    enc, encoded = encode_examples(
+        examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad, source=path
+    )
     if not enc:
-        raise ConfigError("data.train_path", f"no usable examples in {d.train_path} after encoding.")
+        raise no_usable_examples("data.train_path", path, loaded, encoded)
     bk = get_bkspc_id(tok)
     specials = set(tok.all_special_ids) | {bk}
     if d.noise == "task":

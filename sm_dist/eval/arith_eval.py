@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sm_dist.data.arith import is_valid_numeral, parse_question
+from sm_dist.errors import UserError
 
 
 @dataclass
@@ -193,14 +194,16 @@ def evaluate(
     (per-sample results as dicts, ordered by (question, sample)).
     `decoding`: see `sm_dist.eval.decoding` (default "search"); `backspace` is its legacy alias (on =
     search, off = greedy_no_bkspc). `force_error`: the recovery measure (module docstring).
-    Flags, then data (bad rows raise or are skipped per `on_bad`) are checked before any engine is
-    built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
+    Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
+    UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
     """
     from transformers import AutoTokenizer
 
-    from sm_dist.data.datasets import load_examples
+    from sm_dist.data.datasets import load_examples, no_usable_examples
     from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
 
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit}", "evaluates no example.", "pass limit >= 1, or None for all")
     decoding = resolve_decoding(decoding, backspace)
     params = decoding_params(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
@@ -208,6 +211,8 @@ def evaluate(
     examples, report = load_examples(
         data, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad, limit=limit
     )
+    if not examples:  # before the engine: an empty evaluation is an input error, not "accuracy n/a"
+        raise no_usable_examples(f"--data {data}", data, report)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids, answer_ids = _encode(tok, examples)
     prefixes = forced_error_prefixes(answer_ids, seed) if force_error else None

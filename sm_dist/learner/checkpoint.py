@@ -7,19 +7,31 @@ Layout of one checkpoint (what `sm-dist train --resume RUN_DIR` reads):
     learner_state.json      learner counters (step, skipped steps, sequences)
     run_state.json          driver state: step, weights version, syncs applied per worker, expert rows
     buffer_manifest.json    copy of the replay buffer's manifest at checkpoint time (rows it held)
+    manifest.json           size and sha256 of every other file; written last, just before the rename
 
 A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
-completed checkpoints are kept.
+completed checkpoints are kept. `verify` checks a checkpoint before a resume trusts it: against its
+manifest, then structurally (JSON files parse, safetensors headers match their file sizes, the zip
+CRCs of optimizer.pt). A checkpoint written before manifests existed gets the structural checks only.
+A corrupt checkpoint found on resume is renamed `step-XXXXXXXX.corrupt` (`set_aside`): kept, never
+deleted, and out of the way of a new checkpoint of the same step and of pruning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 
-_PREFIX, _TMP = "step-", ".tmp"
+_PREFIX, _TMP, _CORRUPT = "step-", ".tmp", ".corrupt"
+MANIFEST = "manifest.json"
+_DONE = re.compile(r"step-(\d+)")
+# what every checkpoint holds (learner rank 0 writes the first three, `commit` the last)
+REQUIRED = ("model/config.json", "optimizer.pt", "learner_state.json", "run_state.json")
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -31,7 +43,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     d = checkpoints_dir(run_dir)
     if not d.is_dir():
         return []
-    done = [p for p in d.iterdir() if p.name.startswith(_PREFIX) and not p.name.endswith(_TMP)]
+    done = [p for p in d.iterdir() if _DONE.fullmatch(p.name)]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX) :]))
 
 
@@ -52,11 +64,13 @@ def begin(run_dir: str | Path, step: int) -> Path:
 
 
 def commit(tmp: Path, run_state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write run_state.json and the buffer manifest copy, rename tmp -> final, prune to `keep_last`."""
+    """Write run_state.json, the buffer manifest copy and (last) manifest.json, rename tmp -> final,
+    prune to `keep_last`."""
     (tmp / "run_state.json").write_text(json.dumps(run_state, indent=1))
     manifest = Path(run_dir) / "buffer" / "manifest.json"
     if manifest.exists():
         shutil.copy2(manifest, tmp / "buffer_manifest.json")
+    write_manifest(tmp)
     final = tmp.with_name(tmp.name[: -len(_TMP)])
     if final.exists():  # the same step checkpointed twice (e.g. a final checkpoint after a periodic one)
         shutil.rmtree(final)
@@ -93,4 +107,107 @@ def pin_model(ckpt: Path, run_dir: str | Path) -> Path:
     shutil.copytree(Path(ckpt) / "model", tmp, copy_function=link)
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
+    return dst
+
+
+# ---- integrity ---------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> Path:
+    """`ckpt/manifest.json`: {"files": {relative path: {"size", "sha256"}}} of every other file."""
+    d = Path(ckpt)
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    with (d / MANIFEST).open("w") as f:
+        json.dump({"version": 1, "files": entries}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return d / MANIFEST
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file at `path` cannot be loaded (its header and size disagree), or None.
+    Reads the header only: 8 bytes of length, then JSON with each tensor's byte range."""
+    path, name = Path(path), Path(path).name
+    size = path.stat().st_size
+    if size < 8:
+        return f"{name} is {size} bytes, too short for a safetensors file"
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8:
+            return (
+                f"{name}: its header says {n} bytes but the file has {size} (truncated, or not safetensors)"
+            )
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{name}: its header is not safetensors JSON (corrupt)"
+    if 8 + n + end != size:
+        return f"{name}: its tensors end at byte {8 + n + end} but the file has {size} bytes (truncated?)"
+    return None
+
+
+def _structure_problem(d: Path) -> str | None:
+    """What a manifest cannot tell: every required file present, JSON parses, weights and optimizer
+    readable (safetensors headers, zip CRCs)."""
+    for rel in REQUIRED:
+        if not (d / rel).is_file():
+            return f"{rel} is missing"
+    for rel in ("run_state.json", "learner_state.json", "model/config.json"):
+        try:
+            json.loads((d / rel).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{rel} is not valid JSON ({e})"
+    weights = sorted((d / "model").glob("*.safetensors"))
+    if not weights:
+        return "model/ holds no *.safetensors weights"
+    for w in weights:
+        if problem := safetensors_problem(w):
+            return f"model/{problem}"
+    try:
+        with zipfile.ZipFile(d / "optimizer.pt") as z:
+            bad = z.testzip()
+    except Exception as e:  # noqa: BLE001 -- a damaged zip fails in many ways (BadZipFile, zlib, UTF-8 names...)
+        return f"optimizer.pt is not a readable torch file ({type(e).__name__}: {e})"
+    return f"optimizer.pt: its entry {bad} fails its CRC check" if bad else None
+
+
+def verify(ckpt: str | Path) -> tuple[str | None, bool]:
+    """(why `ckpt` cannot be resumed from, or None; whether it had a manifest to check against)."""
+    d = Path(ckpt)
+    if not (d / MANIFEST).is_file():
+        return _structure_problem(d), False
+    try:
+        files = json.loads((d / MANIFEST).read_text())["files"]
+        items = [(rel, int(m["size"]), str(m["sha256"])) for rel, m in files.items()]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})", True
+    for rel, size, sha in items:
+        f = d / rel
+        if not f.is_file():
+            return f"{rel} is missing (listed in {MANIFEST})", True
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {MANIFEST} says {size}", True
+        if _sha256(f) != sha:
+            return f"{rel} does not match its sha256 in {MANIFEST}", True
+    return _structure_problem(d), True
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a corrupt checkpoint to `step-XXXXXXXX.corrupt` (a numbered suffix if taken); kept as is."""
+    dst = Path(ckpt).with_name(Path(ckpt).name + _CORRUPT)
+    n = 1
+    while dst.exists():
+        n += 1
+        dst = Path(ckpt).with_name(f"{Path(ckpt).name}{_CORRUPT}{n}")
+    os.replace(ckpt, dst)
     return dst

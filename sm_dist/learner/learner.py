@@ -377,7 +377,7 @@ class Learner:
         sd: dict[str, torch.Tensor] = {}
         for f in files:
             sd.update(load_file(str(f)))
-        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False)
+        opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,

@@ -41,3 +41,111 @@ def test_pinned_model_outlives_the_pruned_checkpoint(tmp_path):
     assert not (pinned / "stale.txt").exists()
     shutil.rmtree(ckpt.checkpoints_dir(tmp_path))
     assert (pinned / "model.safetensors").read_bytes() == b"weights-30"
+
+
+# ---- manifest, verification and the fallback on resume ------------------------------------------------
+
+
+def _real_checkpoint(run, step: int, keep_last: int = 5):
+    """A checkpoint with every file a learner writes: weights, config, optimizer, learner state."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = ckpt.begin(run, step)
+    (tmp / "model").mkdir()
+    save_file({"w": torch.full((4, 4), float(step))}, tmp / "model" / "model.safetensors")
+    (tmp / "model" / "config.json").write_text("{}")
+    torch.save({"optimizer": {"state": {}, "param_groups": [{"betas": (0.9, 0.95)}]}}, tmp / "optimizer.pt")
+    (tmp / "learner_state.json").write_text(json.dumps({"step": step}))
+    return ckpt.commit(tmp, {"step": step}, run, keep_last=keep_last)
+
+
+def test_manifest_is_written_and_verifies(tmp_path):
+    import torch
+
+    c = _real_checkpoint(tmp_path, 10)
+    files = json.loads((c / ckpt.MANIFEST).read_text())["files"]
+    assert set(files) >= {"model/model.safetensors", "optimizer.pt", "run_state.json", "learner_state.json"}
+    assert ckpt.verify(c) == (None, True)
+    assert torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"][0]["betas"] == (
+        0.9,
+        0.95,
+    )
+
+
+def _flip_byte(path, offset=-10):
+    b = bytearray(path.read_bytes())
+    b[offset] ^= 0xFF
+    path.write_bytes(bytes(b))
+
+
+def test_verify_names_the_damaged_file(tmp_path):
+    c = _real_checkpoint(tmp_path, 10)
+    _flip_byte(c / "optimizer.pt")
+    assert "optimizer.pt does not match its sha256" in ckpt.verify(c)[0]
+    c = _real_checkpoint(tmp_path, 20)
+    w = c / "model" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-7])
+    assert "model/model.safetensors has" in ckpt.verify(c)[0]
+    c = _real_checkpoint(tmp_path, 30)
+    (c / "run_state.json").unlink()
+    assert "run_state.json is missing" in ckpt.verify(c)[0]
+
+
+def test_a_checkpoint_without_manifest_gets_the_structural_checks(tmp_path):
+    c = _real_checkpoint(tmp_path, 10)
+    (c / ckpt.MANIFEST).unlink()
+    assert ckpt.verify(c) == (None, False)
+    (c / "run_state.json").write_text("{not json")
+    assert "run_state.json is not valid JSON" in ckpt.verify(c)[0]
+    c = _real_checkpoint(tmp_path, 20)
+    (c / ckpt.MANIFEST).unlink()
+    _flip_byte(c / "optimizer.pt", offset=len((c / "optimizer.pt").read_bytes()) // 3)
+    assert "optimizer.pt" in ckpt.verify(c)[0]
+    c = _real_checkpoint(tmp_path, 30)
+    (c / ckpt.MANIFEST).unlink()
+    w = c / "model" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-7])
+    assert "tensors end at byte" in ckpt.verify(c)[0]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_keeps_the_corrupt_one(tmp_path):
+    import logging
+
+    from sm_dist.validate import resume_checkpoint
+
+    for step in (10, 20, 30):
+        _real_checkpoint(tmp_path, step)
+    newest = ckpt.latest_checkpoint(tmp_path)
+    _flip_byte(newest / "model" / "model.safetensors")
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda r: records.append(r.getMessage())
+    logger = logging.getLogger("sm_dist.validate")  # its own handler: setup_logging may stop propagation
+    logger.addHandler(handler)
+    try:
+        chosen = resume_checkpoint(tmp_path, str(tmp_path))
+    finally:
+        logger.removeHandler(handler)
+    assert chosen.name == "step-00000020"
+    kept = ckpt.checkpoints_dir(tmp_path) / "step-00000030.corrupt"
+    assert kept.is_dir() and (kept / "model" / "model.safetensors").exists()
+    text = "\n".join(records)
+    assert "step-00000030 is corrupt" in text and "resuming from step-00000020" in text
+    # the run goes on: its next checkpoint of step 30 and pruning leave the corrupt one alone
+    for step in (30, 40, 50, 60, 70, 80):
+        _real_checkpoint(tmp_path, step, keep_last=2)
+    assert kept.is_dir() and ckpt.latest_checkpoint(tmp_path).name == "step-00000080"
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path):
+    import pytest
+
+    from sm_dist.errors import CheckpointError
+    from sm_dist.validate import resume_checkpoint
+
+    c = _real_checkpoint(tmp_path, 10)
+    (c / "optimizer.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints .* optimizer.pt has 4 bytes"):
+        resume_checkpoint(tmp_path, str(tmp_path))
+    assert c.is_dir()  # nothing renamed or deleted

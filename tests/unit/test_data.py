@@ -49,7 +49,7 @@ def messy(tmp_path):
 
 
 def test_load_error_names_file_line_reason_and_fix(messy):
-    with pytest.raises(ValueError, match=r"messy\.jsonl:2: malformed_json: .*on_bad='skip'"):
+    with pytest.raises(ValueError, match=r"messy\.jsonl:2: malformed_json: .*data\.on_bad=skip"):
         load_examples(messy)
 
 
@@ -109,17 +109,19 @@ def test_load_text_modes(tmp_path):
     assert load_examples(jpath, text_field="text", prompt_chars=2)[0] == [Example("ab", "cdef")]
 
 
-def test_unknown_suffix_asks_for_fmt(tmp_path):
+def test_unknown_suffix_asks_for_the_format(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("a,b\n")
-    with pytest.raises(ValueError, match="pass fmt="):
+    with pytest.raises(ValueError, match="data.format"):
         load_examples(path)
 
 
 def test_encode_appends_eos_and_applies_the_length_policy(tokenizer):
     eos = tokenizer.eos_token_id
     examples = [Example("1 + 1", "2"), Example("10 + 10 + 10", "30"), Example("1", "1111111")]
-    with pytest.raises(ValueError, match=r"example 1: prompt is 12 tokens > max_prompt_len=6"):
+    with pytest.raises(
+        ValueError, match=r"example 2: prompt is 12 tokens > max_prompt_len=6.*data\.max_prompt_len"
+    ):
         encode_examples(examples, tokenizer, max_prompt_len=6, max_answer_len=4)
     encoded, report = encode_examples(examples, tokenizer, 6, 4, on_overlong="skip")
     assert [len(e.prompt_ids) for e in encoded] == [5]
@@ -183,7 +185,28 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     ]
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
     cfg = load_config(tiny, [*over, "data.format=jsonl"])
-    examples, _ = load_train_examples(cfg)
+    examples, *_ = load_train_examples(cfg)
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):
         load_train_examples(load_config(tiny, over))
+
+
+def test_literal_bkspc_text_and_non_utf8_lines_are_bad_rows_of_their_own(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    lines = [
+        json.dumps(GOOD).encode(),  # 1
+        json.dumps({"prompt": "What is 1 + 1? <bkspc>", "answer": "2"}).encode(),  # 2 bkspc in the prompt
+        json.dumps({"prompt": "What is 1 + 1?", "answer": "2<bkspc>3"}).encode(),  # 3 bkspc in the answer
+        b'{"prompt": "caf\xe9", "answer": "1"}',  # 4 latin-1, not UTF-8
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    examples, report = load_examples(path, on_bad="skip")
+    assert examples == [Example(GOOD["prompt"], GOOD["answer"])]
+    assert report.skipped == Counter(bkspc_text=2, not_utf8=1)
+    assert report.first_lines == {"bkspc_text": [2, 3], "not_utf8": [4]}
+    with pytest.raises(ValueError, match=r"odd\.jsonl:2: bkspc_text: .*data\.on_bad=skip"):
+        load_examples(path)
+    text = tmp_path / "odd.txt"  # the same rule in plain-text mode
+    text.write_text("ab<bkspc>cd\nabcd\n")
+    examples, report = load_examples(text, on_bad="skip", prompt_chars=2)
+    assert examples == [Example("ab", "cd")] and report.skipped == Counter(bkspc_text=1)

@@ -79,6 +79,7 @@ def test_status_of_a_running_a_dead_and_a_finished_run(tmp_path, other_process):
     other_process.wait()
     st = run_status(run)
     assert st["state"] == "died" and "--resume" in format_status(st)
+    assert f"stale driver.json: pid {other_process.pid}" in format_status(st)
 
     (run / DRIVER_FILE).unlink()
     (run / "summary.json").write_text(json.dumps({"stopped_early": False, "step": 24}))
