@@ -10,9 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sm_dist.sync.config import ObjectStoreConfig, TransportConfig, as_transport
-
 from sm_dist.errors import UserError
+from sm_dist.sync.config import ObjectStoreConfig, TransportConfig, as_transport
 
 # vLLM's CPU build supports these attention head sizes (PLATFORM.md); mirrored from sm_dist.core.tiny
 # so this module stays free of torch.
