@@ -4,7 +4,9 @@ Pure pydantic (no torch, Ray or vLLM), so `sm_dist.config` validates a run befor
 Each class says what the rest of the system needs to know about its transport, and builds the two
 ends of it lazily (the imports happen in the process that uses them):
 
-    sender()                  learner rank 0's end (`WeightSender`), built inside the learner actor
+    ends                      (module, sender class, receiver class): the transport's code in sm_dist/sync
+    sender(timeout_s)         learner rank 0's end (`WeightSender`, given the class's other fields),
+                              built inside the learner actor
     receiver(engine, ...)     a rollout worker's end (`WeightReceiver`), built inside the worker actor
     engine_kwargs()           extra `vllm.LLM` arguments the receiving engine needs (in the worker)
     collective                the workers must be threaded (a stage runs beside the batch it waits for)
@@ -27,12 +29,20 @@ class _Transport(BaseModel):
 
     collective: ClassVar[bool] = False
     survives_restarts: ClassVar[bool] = False
+    ends: ClassVar[tuple[str, str, str]]  # (module, sender class, receiver class) in sm_dist/sync
+
+    def _end(self, i: int):
+        import importlib
+
+        return getattr(importlib.import_module(self.ends[0]), self.ends[i])
 
     def sender(self, timeout_s: float):
-        raise NotImplementedError
+        """Learner rank 0's end (a `WeightSender`), built in the learner process."""
+        return self._end(1)(timeout_s, **self.model_dump(exclude={"kind"}))
 
     def receiver(self, engine: Any, worker_id: str, timeout_s: float):
-        raise NotImplementedError
+        """A rollout worker's end (a `WeightReceiver`), built in the worker process."""
+        return self._end(2)(engine, worker_id, timeout_s)
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {}
@@ -48,15 +58,11 @@ class ObjectStoreConfig(_Transport):
     kind: Literal["object_store"] = Field("object_store", description="The transport.")
     survives_restarts: ClassVar[bool] = True
 
-    def sender(self, timeout_s: float):
-        from sm_dist.sync.object_store import ObjectStoreSender
-
-        return ObjectStoreSender(timeout_s)
-
-    def receiver(self, engine: Any, worker_id: str, timeout_s: float):
-        from sm_dist.sync.object_store import ObjectStoreReceiver
-
-        return ObjectStoreReceiver(engine, worker_id, timeout_s)
+    ends: ClassVar[tuple[str, str, str]] = (
+        "sm_dist.sync.object_store",
+        "ObjectStoreSender",
+        "ObjectStoreReceiver",
+    )
 
 
 class GlooConfig(_Transport):
@@ -66,15 +72,7 @@ class GlooConfig(_Transport):
     kind: Literal["gloo"] = Field("gloo", description="The transport.")
     collective: ClassVar[bool] = True
 
-    def sender(self, timeout_s: float):
-        from sm_dist.sync.collective import GlooSender
-
-        return GlooSender(timeout_s)
-
-    def receiver(self, engine: Any, worker_id: str, timeout_s: float):
-        from sm_dist.sync.collective import GlooReceiver
-
-        return GlooReceiver(engine, worker_id, timeout_s)
+    ends: ClassVar[tuple[str, str, str]] = ("sm_dist.sync.collective", "GlooSender", "GlooReceiver")
 
 
 class NcclConfig(_Transport):
@@ -84,15 +82,7 @@ class NcclConfig(_Transport):
     packed: bool = Field(True, description="Pack tensors into few NCCL broadcasts (vLLM's packed mode).")
     collective: ClassVar[bool] = True
 
-    def sender(self, timeout_s: float):
-        from sm_dist.sync.nccl import NcclSender
-
-        return NcclSender(timeout_s, packed=self.packed)
-
-    def receiver(self, engine: Any, worker_id: str, timeout_s: float):
-        from sm_dist.sync.nccl import NcclReceiver
-
-        return NcclReceiver(engine, worker_id, timeout_s)
+    ends: ClassVar[tuple[str, str, str]] = ("sm_dist.sync.nccl", "NcclSender", "NcclReceiver")
 
     def engine_kwargs(self) -> dict[str, Any]:
         from sm_dist.sync.nccl import engine_kwargs
@@ -115,7 +105,6 @@ class NcclConfig(_Transport):
 
 
 TransportConfig = Annotated[ObjectStoreConfig | GlooConfig | NcclConfig, Field(discriminator="kind")]
-TRANSPORT_KINDS = ("object_store", "gloo", "nccl")
 
 
 def as_transport(value: Any) -> Any:
