@@ -33,24 +33,19 @@ def check_resources(ray, cfg: Config) -> None:
     """Fail before starting anything when the cluster cannot hold the actors the config asks for."""
     have = ray.cluster_resources()
     r, lc = cfg.rollout, cfg.learner
-    cpu_need = r.num_workers * r.cpus_per_worker + lc.num_learners * lc.cpus_per_learner
-    gpu_need = r.num_workers * r.gpus_per_worker + lc.num_learners * lc.gpus_per_learner
-    if cpu_need > have.get("CPU", 0):
-        raise ConfigError(
-            "rollout.num_workers",
-            f"{r.num_workers} workers x rollout.cpus_per_worker={r.cpus_per_worker} + {lc.num_learners} learners "
-            f"x learner.cpus_per_learner={lc.cpus_per_learner} = {cpu_need} CPUs, but the cluster has "
-            f"{have.get('CPU', 0)}.",
-            "lower rollout.num_workers / rollout.cpus_per_worker (or learner.*), or add CPUs (run.num_cpus)",
-        )
-    if gpu_need > have.get("GPU", 0):
-        raise ConfigError(
-            "rollout.gpus_per_worker",
-            f"rollout.num_workers={r.num_workers} x rollout.gpus_per_worker={r.gpus_per_worker} + "
-            f"{lc.num_learners} learners x learner.gpus_per_learner={lc.gpus_per_learner} = {gpu_need} GPUs, "
-            f"but the cluster has {have.get('GPU', 0)}.",
-            "lower rollout.num_workers / rollout.gpus_per_worker, or run on a cluster with GPUs",
-        )
+    for res, per_worker, per_learner, fix in (
+        ("CPU", "cpus_per_worker", "cpus_per_learner", "add CPUs (run.num_cpus)"),
+        ("GPU", "gpus_per_worker", "gpus_per_learner", "run on a cluster with GPUs"),
+    ):
+        need = r.num_workers * getattr(r, per_worker) + lc.num_learners * getattr(lc, per_learner)
+        if need > have.get(res, 0):
+            raise ConfigError(
+                "rollout.num_workers",
+                f"rollout.num_workers={r.num_workers} x rollout.{per_worker}={getattr(r, per_worker)} + "
+                f"{lc.num_learners} learners x learner.{per_learner}={getattr(lc, per_learner)} = {need} "
+                f"{res}s, but the cluster has {have.get(res, 0)}.",
+                f"lower rollout.num_workers / rollout.{per_worker} (or learner.{per_learner}), or {fix}",
+            )
 
 
 def build_actors(

@@ -109,31 +109,16 @@ def _eval(args) -> int:
         )
     _check_eval_data(args)
     check_model_dir(args.model, "--model")
+    backspace = None if args.backspace is None else args.backspace == "on"
     try:  # imports vLLM (RolloutParams): after the checks above, which cost less
-        dec = resolve_decoding(args.decoding, None if args.backspace is None else args.backspace == "on")
+        dec = resolve_decoding(args.decoding, backspace)
         decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, args.max_actions,
                         args.max_backspaces, args.bkspc_bias)  # fmt: skip
     except ValueError as e:
         raise UserError("sm-dist eval flags", f"{e}.", "see sm-dist eval --help") from None
-    summary = evaluate(
-        args.model,
-        args.data,
-        decoding=args.decoding,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        samples=args.samples,
-        seed=args.seed,
-        force_error=args.force_error,
-        backspace=None if args.backspace is None else args.backspace == "on",
-        limit=args.limit,
-        prompt_field=args.prompt_field,
-        answer_field=args.answer_field,
-        on_bad=args.on_bad,
-        max_actions=args.max_actions,
-        max_backspaces=args.max_backspaces,
-        bkspc_bias=args.bkspc_bias,
-        batch_size=args.batch_size,
-    )
+    keys = ("decoding", "temperature", "top_p", "samples", "seed", "force_error", "limit", "prompt_field",
+            "answer_field", "on_bad", "max_actions", "max_backspaces", "bkspc_bias", "batch_size")  # fmt: skip
+    summary = evaluate(args.model, args.data, backspace=backspace, **{k: getattr(args, k) for k in keys})
     print(format_table(summary))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
