@@ -107,15 +107,15 @@ def _eval(args) -> int:
         raise UserError(
             f"--limit {args.limit}", "evaluates no example.", "pass --limit N with N >= 1, or omit it"
         )
-    _check_eval_data(args)
-    check_model_dir(args.model, "--model")
     backspace = None if args.backspace is None else args.backspace == "on"
-    try:  # imports vLLM (RolloutParams): after the checks above, which cost less
+    try:  # the flags first: a wrong combination is wrong whatever the files hold
         dec = resolve_decoding(args.decoding, backspace)
         decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, args.max_actions,
                         args.max_backspaces, args.bkspc_bias)  # fmt: skip
     except ValueError as e:
         raise UserError("sm-dist eval flags", f"{e}.", "see sm-dist eval --help") from None
+    _check_eval_data(args)
+    check_model_dir(args.model, "--model")
     keys = ("decoding", "temperature", "top_p", "samples", "seed", "force_error", "limit", "prompt_field",
             "answer_field", "on_bad", "max_actions", "max_backspaces", "bkspc_bias", "batch_size")  # fmt: skip
     summary = evaluate(args.model, args.data, backspace=backspace, **{k: getattr(args, k) for k in keys})

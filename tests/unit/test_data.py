@@ -164,17 +164,19 @@ def test_make_data_rows_rejects_a_trace_that_does_not_collapse_to_its_target():
 
 
 def test_data_format_and_text_field_from_the_config(tmp_path):
-    """data.format / data.text_field / data.prompt_chars reach the loader; the config's format names
-    are the registry's (adding a format is one FORMATS entry plus its name in the config)."""
+    """data.format / data.text_field / data.prompt_chars reach the loader; the config takes exactly the
+    registry's format names (adding a format is one FORMATS entry)."""
     import json
-    import typing
 
-    from sm_dist.config import DataConfig
+    from sm_dist.config import ConfigError, DataConfig
     from sm_dist.config_load import load_config
     from sm_dist.data.datasets import FORMATS
     from sm_dist.data.prepare import load_train_examples
 
-    assert set(typing.get_args(DataConfig.model_fields["format"].annotation)) == {"auto", *FORMATS}
+    for name in ("auto", *FORMATS):
+        assert DataConfig(format=name).format == name
+    with pytest.raises((ConfigError, ValueError), match=r"'xml' is not one of \['auto', 'jsonl'"):
+        DataConfig(format="xml")
     f = tmp_path / "stories.data"  # a suffix no format claims: data.format must say it
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Once upon a time", "The end")))
     over = [

@@ -199,7 +199,7 @@ def test_a_step_averages_the_ranks_and_counts_the_slowest(tmp_path):
 # ---- the batch sampler ---------------------------------------------------------------------------
 
 
-def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
+def _sampler(replay_answers, fill=True, warmup=0):
     from types import SimpleNamespace
 
     import pyarrow as pa
@@ -209,22 +209,36 @@ def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
     def rows(n, tag):
         return pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})
 
-    replay = FakeActor(sample=Method(rows(0, "r"), rows(5, "r")))  # empty, then 5 fresh rows
+    replay = FakeActor(sample=Method(*(rows(n, "r") for n in replay_answers)))
     expert = FakeActor(sample=Method(lambda n: rows(n, "d")))
     c = SimpleNamespace(
         buffer=SimpleNamespace(
-            wait_for_replay=True, max_staleness=2, newest_first=False, fill_with_data=True
+            wait_for_replay=True, max_staleness=2, newest_first=False, fill_with_data=fill
         ),
-        objective=SimpleNamespace(warmup_steps=0),
+        objective=SimpleNamespace(warmup_steps=warmup),
         sync=SimpleNamespace(timeout_s=30.0),
         split_batch=lambda: (6, 6),
     )
+    return BatchSampler(FakeRay(), c, replay, expert), replay, expert
+
+
+def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
+    sampler, replay, expert = _sampler([0, 3, 6])  # empty, too few, then enough fresh rows
     waits = []
-    data, rep = BatchSampler(FakeRay(), c, replay, expert).sample(
+    data, rep = sampler.sample(
         2, step=3, version=10, wait=lambda t, why: waits.append(why), stopping=lambda: False
     )
-    assert len(waits) == 1 and "buffer.wait_for_replay" in waits[0]
-    assert replay.sample.calls[0] == (6,) and [r.num_rows for r in rep] == [2, 2]  # 5 -> 4, even
-    assert expert.sample.calls == [(8,)]  # 6 data rows + 2 filling the short replay half
-    assert [d.num_rows for d in data] == [4, 4]
-    assert data[0]["sample_id"].to_pylist() == ["d0", "d2", "d4", "d6"]
+    assert len(waits) == 2 and "buffer.wait_for_replay" in waits[0]
+    assert len(replay.sample.calls) == 3 and [r.num_rows for r in rep] == [3, 3]
+    assert expert.sample.calls == [(6,)] and [d.num_rows for d in data] == [3, 3]
+    assert data[0]["sample_id"].to_pylist() == ["d0", "d2", "d4"]
+
+
+def test_the_sampler_fills_a_short_replay_half_with_data_during_warmup():
+    sampler, _, expert = _sampler([5], warmup=10)  # step 3 < warmup: no waiting
+    data, rep = sampler.sample(2, step=3, version=10, wait=lambda t, why: 1 / 0, stopping=lambda: False)
+    assert [r.num_rows for r in rep] == [2, 2]  # 5 fresh rows -> 4, an even split
+    assert expert.sample.calls == [(8,)] and [d.num_rows for d in data] == [4, 4]  # 6 + the 2 missing
+    sampler, _, expert = _sampler([5], fill=False, warmup=10)
+    sampler.sample(2, step=3, version=10, wait=lambda t, why: 1 / 0, stopping=lambda: False)
+    assert expert.sample.calls == [(6,)]
