@@ -51,6 +51,7 @@ from sm_dist.recovery import (
     save_checkpoint,
 )
 from sm_dist.sampler import BatchSampler
+from sm_dist.scaling import WorkerPool
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
 from sm_dist.validate import preflight
@@ -75,6 +76,8 @@ class Trainer:
         self.group = LearnerGroup(
             ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d)
         )
+        self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
+        self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
 
@@ -170,6 +173,8 @@ def run_loop(t: Trainer) -> None:
     if cfg.run.asynchronous:
         t.sched.submit_all()
     while t.s.step < step_limit(cfg) and not t.stop_requested:
+        if t.pool is not None:
+            t.pool.admit()  # workers added since the last step join (sm_dist/scaling.py)
         try:
             m = run_step(t)
         except t.ray.exceptions.RayError as e:
@@ -262,6 +267,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
+        t.pool = WorkerPool(ray, cfg, t.sched, prompts, targets, model_dir, replay, expert)
         install_signal_handlers(t)
         t.group.connect(workers, names)
         if last:

@@ -1,0 +1,113 @@
+"""Live scaling of the rollout workers: add some or remove some while the learners train.
+
+    pool = WorkerPool(ray, cfg, sched, prompts, targets, model_dir, replay, expert)
+    pool.scale_to(3)      # starts the missing workers (their constructors run in the background)
+    pool.admit()          # between two learner steps: the ready ones join (weights first, then batches)
+    pool.scale_to(1)      # not-yet-joined workers are cancelled first, then the newest live ones leave
+
+The bookkeeping is the scheduler's (`RolloutScheduler.add_workers` / `admit_joined` / `remove_worker`):
+an added worker joins once its constructor answered, the learner's sender is reconnected to the new
+list and re-sends the latest version, and the worker's first batch goes out once that version is
+applied. A removed worker's in-flight batch lands (its rows were acknowledged by the buffer before the
+batch returned) and then the worker is killed; none of its rows are lost or written twice. Nothing
+here waits for a worker to start: the learner never waits on scaling. After every change of the live
+set the prompts are re-sharded over it (`RolloutWorker.set_prompts`).
+
+Only the object-store transport scales: a collective transport's group is fixed when it forms.
+A worker that Ray restarts after a re-shard reads the shard it was built with again (prompts may
+then overlap between two workers until the next re-shard; rows stay distinct, by `sample_id`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sm_dist.actors import make_worker, shard, worker_class
+
+log = logging.getLogger("sm_dist.driver")
+
+
+class ScalingRefused(ValueError):
+    """A scaling request that cannot be carried out (its message says why and what to do)."""
+
+
+class WorkerPool:
+    def __init__(self, ray: Any, cfg: Any, sched: Any, prompts: list, targets: list | None, model_dir: str,
+                 replay: Any, expert: Any):  # fmt: skip
+        self.ray, self.cfg, self.sched = ray, cfg, sched
+        self.prompts, self.targets, self.model_dir = prompts, targets, model_dir
+        self.replay, self.expert = replay, expert
+        self.next_id = len(sched.names)  # worker names are never reused: w0, w1, ... in order of creation
+        self.built: dict[str, Any] = {}  # name -> the PromptShard it was built with (a restart re-reads it)
+        self.current: list = []  # the last re-shard's PromptShards (refs alive until they are read)
+        self._W = None
+
+    def size(self) -> int:
+        """Live workers plus the ones starting."""
+        return len(self.sched.workers) + self.sched.pending_joins()
+
+    def check(self, n: int) -> None:
+        t = self.cfg.sync.transport
+        if t.collective:
+            raise ScalingRefused(
+                f"sync.transport={t.kind} cannot add or remove rollout workers while the run goes on (its "
+                "group is formed once, at start). Use sync.transport=object_store, or stop the run and "
+                "--resume it with a new rollout.num_workers"
+            )
+        if not 1 <= n <= len(self.prompts):
+            raise ScalingRefused(
+                f"workers must be between 1 and the number of prompts ({len(self.prompts)}), got {n}"
+            )
+
+    def scale_to(self, n: int) -> dict:
+        """Start or remove workers so that `n` are live or starting; returns `counts()`."""
+        self.check(n)
+        cur = self.size()
+        if n > cur:
+            self._add(n - cur, n)
+        elif n < cur:
+            k = cur - n
+            k -= self.sched.cancel_joins(k)
+            for _ in range(k):
+                name = self.sched.remove_worker(len(self.sched.workers) - 1)
+                self.built.pop(name, None)
+            if k:
+                self.reshard()
+        return self.counts(target=n)
+
+    def counts(self, target: int | None = None) -> dict:
+        live = len(self.sched.workers)
+        return {"workers": live, "joining": self.sched.pending_joins(), "target": target or live,
+                "names": list(self.sched.names)}  # fmt: skip
+
+    def _add(self, k: int, n: int) -> None:
+        if self._W is None:
+            self._W = worker_class(self.ray, self.cfg)
+        handles, names, base = [], [], self.size()
+        for j in range(k):
+            name, seed = f"w{self.next_id}", self.cfg.run.seed + self.next_id
+            self.next_id += 1
+            sh = shard(self.ray, self.cfg, self.prompts, self.targets, (base + j) % n, n)
+            self.built[name] = sh
+            handles.append(
+                make_worker(self._W, self.cfg, name, self.model_dir, sh, self.replay, self.expert, seed)
+            )
+            names.append(name)
+        self.sched.add_workers(handles, names)
+        log.info(f"starting rollout workers {names} (scaling to {n})")
+
+    def admit(self) -> list[int]:
+        """Between two learner steps: the started workers that are ready join; re-shard if any did."""
+        new = self.sched.admit_joined()
+        if new:
+            self.reshard()
+        return new
+
+    def reshard(self) -> None:
+        """Every live worker gets every n-th prompt from its index (ordered before its next batch: both
+        calls come from this process)."""
+        n = len(self.sched.workers)
+        self.current = [shard(self.ray, self.cfg, self.prompts, self.targets, i, n) for i in range(n)]
+        for w, sh in zip(self.sched.workers, self.current, strict=True):
+            w.set_prompts.remote(sh)
