@@ -337,6 +337,17 @@ class RunConfig(_Section):
     asynchronous: bool = Field(
         True, description="Workers generate while learners step; false alternates them (benchmark baseline)."
     )
+    api_host: str = Field(
+        "127.0.0.1",
+        description="Address the control API binds (GET /health /status /metrics, POST /scale /pause /resume "
+        "/checkpoint /stop); 0.0.0.0 exposes it to the network (mutating calls still need the bearer token).",
+    )
+    api_port: int | None = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Control API port; 0: a free one (written to <run_dir>/api.json); null: no API.",
+    )
 
 
 class Config(_Section):

@@ -40,6 +40,7 @@ from sm_dist.actors import (
 )
 from sm_dist.config import Config, ConfigError
 from sm_dist.config_load import dump_config
+from sm_dist.control import Controller
 from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.learner_group import LearnerGroup
@@ -78,6 +79,7 @@ class Trainer:
         )
         self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
         self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
+        self.control = Controller(cfg.run.run_dir)  # calls from the control API, applied between steps
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
 
@@ -132,6 +134,8 @@ class Trainer:
         out["perf/learner_busy"] = self.group.busy_s / wall
         out["perf/rollout_busy"] = self.sched.gen_s / wall / len(self.sched.workers)
         out["perf/learner_wait_s_total"] = self.sampler.wait_s
+        out["buffer/staleness_mean"] = self.sampler.staleness
+        out["rollout/workers"] = float(len(self.sched.workers))
         return out
 
     def state(self) -> RunState:
@@ -159,7 +163,9 @@ def run_step(t: Trainer) -> dict[str, float]:
     if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < step_limit(cfg):
         save_checkpoint(t)
     if t.s.step % cfg.run.log_every == 0:
-        t.log.log(t.s.step, t.metrics(m, extra))
+        logged = t.metrics(m, extra)
+        t.log.log(t.s.step, logged)
+        t.control.update(t, logged)
     return m
 
 
@@ -173,8 +179,9 @@ def run_loop(t: Trainer) -> None:
     if cfg.run.asynchronous:
         t.sched.submit_all()
     while t.s.step < step_limit(cfg) and not t.stop_requested:
-        if t.pool is not None:
-            t.pool.admit()  # workers added since the last step join (sm_dist/scaling.py)
+        t.control.apply(t)  # control API calls, workers joining; blocks while paused (sm_dist/control.py)
+        if t.stop_requested:
+            break
         try:
             m = run_step(t)
         except t.ray.exceptions.RayError as e:
@@ -205,6 +212,24 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         return _train(cfg, run_dir, last, resume, address)
     finally:
         release_run_dir(run_dir)
+
+
+def start_api(t: Trainer, run_dir: Path):
+    """The control API (sm_dist/api.py) on run.api_host:run.api_port, or None with run.api_port: null."""
+    if t.cfg.run.api_port is None:
+        return None
+    from sm_dist.api import ApiServer
+
+    t.control.update(t)
+    r = t.cfg.run
+    try:
+        return ApiServer(t.control, run_dir, r.api_host, r.api_port).start()
+    except OSError as e:  # the address is taken or not this host's
+        raise ConfigError(
+            "run.api_port",
+            f"the control API cannot listen on {r.api_host}:{r.api_port} ({e}).",
+            "pick another run.api_port (0: a free one) or run.api_host",
+        ) from None
 
 
 def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
@@ -280,11 +305,15 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
 
             ray.get(expert.add.remote(rows_to_batch(data_rows)))
             state.expert_rows = len(data_rows)
+        api = start_api(t, run_dir)
         try:
             run_loop(t)
         except Exception as e:
             rescue_checkpoint(t, e)
             raise
+        finally:
+            if api is not None:
+                api.stop()
         final = save_checkpoint(t)
         logger.close()
         _finish(t, run_dir, final, logger)

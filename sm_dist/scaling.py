@@ -96,6 +96,12 @@ class WorkerPool:
             names.append(name)
         self.sched.add_workers(handles, names)
         log.info(f"starting rollout workers {names} (scaling to {n})")
+        r = self.cfg.rollout
+        free = getattr(self.ray, "available_resources", dict)()
+        for res, per in (("CPU", r.cpus_per_worker), ("GPU", r.gpus_per_worker)):
+            if per and k * per > free.get(res, 0.0):
+                log.warning(f"{names} need {k * per:g} {res}s, the cluster has {free.get(res, 0.0):g} free: they "
+                            "start when resources appear (an autoscaler adds nodes for them; else scale down)")  # fmt: skip
 
     def admit(self) -> list[int]:
         """Between two learner steps: the started workers that are ready join; re-shard if any did."""

@@ -98,9 +98,15 @@ class RolloutScheduler:
         self.syncs = {} if syncs is None else syncs
         self.restarts: dict[str, int] = {}
         self.stopping = False
+        self.paused = False  # the control API's pause: landed batches are not resubmitted
         self.batches = 0  # rollout batches landed (all workers)
         self.gen_s = 0.0  # seconds the workers spent generating
         self.stats: dict[str, list[float]] = {}  # rollout/... values since the last `take_stats`
+
+    @property
+    def feeding(self) -> bool:
+        """Does a landed batch get its worker's next one?"""
+        return self.p.asynchronous and not self.stopping and not self.paused
 
     # ---- calls
     def submit_batch(self, i: int) -> None:
@@ -153,11 +159,11 @@ class RolloutScheduler:
             self._count_sync(self.names[call.worker])
             if call.worker in self.awaiting:  # an added worker's first weights: its first batch now
                 self.awaiting.discard(call.worker)
-                if self.p.asynchronous and not self.stopping:
+                if self.feeding:
                     self.submit_batch(call.worker)
             return
         self._count_batch(out)
-        if self.p.asynchronous and not self.stopping:
+        if self.feeding:
             self.submit_batch(call.worker)
 
     def _count_batch(self, out: dict) -> None:
@@ -197,6 +203,23 @@ class RolloutScheduler:
         if not ready:
             raise TimeoutError(f"no rollout worker answered within {timeout_s}s while {what}")
         self.handle(ready[0])
+
+    def poll(self, timeout_s: float) -> None:
+        """Handle whatever answers land within `timeout_s` (none in flight: just wait)."""
+        if not self.inflight:
+            time.sleep(timeout_s)
+            return
+        ready, _ = self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout_s)
+        for f in ready:
+            if f in self.inflight:
+                self.handle(f)
+
+    def resume_batches(self) -> None:
+        """After a pause: a batch for every live worker that has none in flight (nor awaits weights)."""
+        busy = {c.worker for c in self.inflight.values() if isinstance(c, BatchCall)}
+        for i in range(len(self.workers)):
+            if i not in busy and i not in self.awaiting and self.feeding:
+                self.submit_batch(i)
 
     def drain(self) -> None:
         """Stop resubmitting and let every in-flight batch and sync land, so the final state counts them
@@ -259,7 +282,7 @@ class RolloutScheduler:
         self.awaiting.discard(i)  # its batch goes out below
         if self.resend is not None:  # it restarted with its initial weights
             self.track(self.resend(i))
-        if self.p.asynchronous and not self.stopping:  # its lost batch, whichever call failed
+        if self.feeding:  # its lost batch, whichever call failed
             self.submit_batch(i)
 
     def _wait_restarted(self, i: int) -> None:
@@ -340,7 +363,8 @@ class RolloutScheduler:
             elif d.pending:
                 self.track(d)
                 self.awaiting.add(i)
-            elif self.p.asynchronous and not self.stopping:  # nothing published yet: its weights are current
+                log.info(f"rollout worker {self.names[i]} joins with weights version {d.version}")
+            elif self.feeding:  # nothing published yet: its weights are current
                 self.submit_batch(i)
         log.info(f"rollout workers {[self.names[i] for i in new]} joined; {len(self.workers)} now")
         return new

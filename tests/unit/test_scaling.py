@@ -125,6 +125,7 @@ def pool_for(s, transport_collective=False, prompts=10, monkeypatch=None):
     cfg = SimpleNamespace(
         sync=SimpleNamespace(transport=SimpleNamespace(collective=transport_collective, kind="gloo")),
         run=SimpleNamespace(seed=0),
+        rollout=SimpleNamespace(cpus_per_worker=0.5, gpus_per_worker=0.0),
     )
     monkeypatch.setattr(scaling, "worker_class", lambda ray, cfg: "W")
     monkeypatch.setattr(scaling, "shard", lambda ray, cfg, p, t, i, n: (i, n))

@@ -1,0 +1,69 @@
+"""A run as a service, end to end: `sm-dist ctl` scales the rollout workers 2 -> 3 -> 1 while the
+learner trains. The added worker's first rows carry the weights version it joined with (or a later
+one); no acknowledged row is lost or written twice; training reaches run.total_steps."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+
+from tests.integration.test_pipeline import FAST, ROOT, TINY, _metrics, _start, _wait, ray_tmp  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp):  # noqa: F811
+    from sm_dist.buffer import read_run_buffer
+    from sm_dist.ctl import call
+
+    run = tmp_path / "run"
+    total = 400  # at ~4 steps/s on 2 cores: long enough for a third vLLM engine to start
+    proc = _start(tmp_path, ray_tmp, [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}",
+                                      f"run.total_steps={total}", "run.num_cpus=3", "run.checkpoint_every=100",
+                                      *FAST[:3]])  # fmt: skip
+    _wait(
+        lambda: (run / "api.json").exists() and _metrics(run) and _metrics(run)[-1]["step"] >= 5,
+        "step 5",
+        proc,
+    )
+    v_asked = call(run, "status")["live"]["version"]
+    assert call(run, "scale", 3)["joining"] == 1
+    log = run / "driver.log"
+    joined = _wait(lambda: re.search(r"rollout worker w2 joins with weights version (\d+)", log.read_text()),
+                   "w2 to join", proc)  # fmt: skip
+    v_join = int(joined.group(1))
+    assert v_join >= v_asked
+    _wait(lambda: "w2" in call(run, "status")["live"]["workers"], "w2 live", proc)
+    _wait(
+        lambda: any(w == "w2" for w in read_run_buffer(run).column("worker_id").to_pylist()), "w2 rows", proc
+    )
+    step_down = call(run, "status")["live"]["step"]
+    out = call(run, "scale", 1)
+    assert out["workers"] == 1 and out["names"] == ["w0"]
+    log_text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log_text[-3000:]
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == total and not summary["stopped_early"]
+    assert [r["step"] for r in _metrics(run)] == list(range(1, total + 1))  # training never stopped
+    rows = read_run_buffer(run).to_pylist()
+    buf = summary["buffer"]
+    assert buf["evicted_rows"] == 0 and len(rows) == buf["added_rows"]  # no acknowledged row lost
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids))  # none written twice
+    by_worker = {w: [r["policy_version"] for r in rows if r["worker_id"] == w] for w in ("w0", "w1", "w2")}
+    assert (
+        by_worker["w2"] and min(by_worker["w2"]) >= v_join
+    )  # its first rollouts: the version it joined with
+    text = log.read_text()
+    assert "rollout worker w2 removed" in text and "rollout worker w1 removed" in text
+    last_w1 = max(r["created_at"] for r in rows if r["worker_id"] == "w1")
+    last_w0 = max(r["created_at"] for r in rows if r["worker_id"] == "w0")
+    assert last_w0 > last_w1  # w0 went on alone
+    figures = {"v_asked": v_asked, "v_join": v_join, "w2_first_version": min(by_worker["w2"]),
+               "step_scaled_down": step_down, "rows": len(rows), "added_rows": buf["added_rows"],
+               "rows_per_worker": {w: len(v) for w, v in by_worker.items()}}  # fmt: skip
+    print("scaling figures:", json.dumps(figures))
