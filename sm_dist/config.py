@@ -137,6 +137,12 @@ class DataConfig(_Section):
     augment_copies: int = Field(
         1, ge=1, description="Augmented copies of each example (different noise draws)."
     )
+    watch_dir: str | None = Field(
+        None,
+        description="A folder polled between learner steps for new expert data files (same formats and "
+        "checks as train_path); each is added to the expert buffer once (null: off).",
+    )
+    watch_poll_s: float = Field(1.0, gt=0.0, description="Seconds between two listings of data.watch_dir.")
 
 
 # ---- objective --------------------------------------------------------------------------------------

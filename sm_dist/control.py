@@ -59,11 +59,16 @@ class Controller:
     # ---- the loop's thread
     def apply(self, t: Any) -> None:
         """Run the queued calls; while paused, keep handling worker answers and calls until resumed
-        or stopped. Workers added earlier join here (`WorkerPool.admit`)."""
+        or stopped. Workers added earlier join here (`WorkerPool.admit`), and new data.watch_dir files
+        are taken."""
         while True:
             self._drain_calls(t)
             if t.pool is not None:
                 t.pool.admit()
+            if getattr(t, "watcher", None) is not None:
+                t.s.expert_rows += (
+                    t.watcher.poll()
+                )  # data.watch_dir: new expert files (sm_dist/data/watch.py)
             if not self.paused or t.stop_requested:
                 return
             self._refresh(t)

@@ -80,6 +80,7 @@ class Trainer:
         self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
         self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
         self.control = Controller(cfg.run.run_dir)  # calls from the control API, applied between steps
+        self.watcher = None  # data.watch_dir (sm_dist/data/watch.py), set by _train
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
 
@@ -305,6 +306,10 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
 
             ray.get(expert.add.remote(rows_to_batch(data_rows)))
             state.expert_rows = len(data_rows)
+        if cfg.data.watch_dir:
+            from sm_dist.data.watch import DataWatcher
+
+            t.watcher = DataWatcher(cfg, tok, ray, expert, run_dir)
         api = start_api(t, run_dir)
         try:
             run_loop(t)
