@@ -65,6 +65,8 @@ class Controller:
             self._drain_calls(t)
             if t.pool is not None:
                 t.pool.admit()
+            if getattr(t, "autoscaler", None) is not None:
+                self._autoscale(t)
             if getattr(t, "watcher", None) is not None:
                 t.s.expert_rows += (
                     t.watcher.poll()
@@ -73,6 +75,14 @@ class Controller:
                 return
             self._refresh(t)
             t.sched.poll(0.2)  # batches in flight land; none are resubmitted while paused
+
+    def _autoscale(self, t: Any) -> None:
+        replay = (self._buffers[1] or {}).get("replay") or {}
+        fill = replay.get("rows", 0) / t.cfg.buffer.capacity_rows
+        try:
+            t.autoscaler.tick(t.sampler.wait_s, fill)
+        except ValueError as e:  # e.g. a refused size: reported, the run goes on
+            log.warning(f"autoscaling: {e}")
 
     def _drain_calls(self, t: Any) -> None:
         while True:

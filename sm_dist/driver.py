@@ -52,7 +52,7 @@ from sm_dist.recovery import (
     save_checkpoint,
 )
 from sm_dist.sampler import BatchSampler
-from sm_dist.scaling import WorkerPool
+from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
 from sm_dist.validate import preflight
@@ -80,6 +80,7 @@ class Trainer:
         self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
         self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
         self.control = Controller(cfg.run.run_dir)  # calls from the control API, applied between steps
+        self.autoscaler = None  # rollout.max_workers (sm_dist/scaling.py), set by _train
         self.watcher = None  # data.watch_dir (sm_dist/data/watch.py), set by _train
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
@@ -294,6 +295,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
         t.pool = WorkerPool(ray, cfg, t.sched, prompts, targets, model_dir, replay, expert)
+        t.autoscaler = autoscaler(cfg, t.pool)
         install_signal_handlers(t)
         t.group.connect(workers, names)
         if last:

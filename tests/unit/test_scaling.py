@@ -149,3 +149,30 @@ def test_the_pool_refuses_a_collective_transport_and_impossible_sizes(monkeypatc
         pool_for(s, transport_collective=True, monkeypatch=monkeypatch).scale_to(2)
     with pytest.raises(scaling.ScalingRefused, match="between 1 and the number of prompts"):
         pool_for(s, prompts=3, monkeypatch=monkeypatch).scale_to(4)
+
+
+def test_the_autoscaler_adds_on_learner_wait_and_removes_on_a_full_buffer_with_hysteresis(monkeypatch):
+    s = sched_with([worker(STATS), worker(STATS)])
+    pool = pool_for(s, monkeypatch=monkeypatch)
+    clock = [0.0]
+    a = scaling.Autoscaler(pool, 1, 3, window_s=10.0, up_wait=0.2, down_wait=0.02, clock=lambda: clock[0])
+
+    def window(wait_s, fill=0.0):
+        clock[0] += 10.0
+        a.wait += wait_s
+        return a.tick(a.wait, fill)
+
+    a.wait = 0.0
+    assert a.tick(0.0, 0.0) is None  # the first window starts
+    assert window(5.0) is None  # waited 50%: one vote up
+    assert window(1.0) is None  # 10%: between the thresholds, the vote is reset
+    assert window(5.0) is None and window(5.0) == 3  # two windows in a row: a third worker
+    assert s.pending_joins() == 1 and window(9.0) is None  # none while it starts
+    s.cancel_joins()
+    s.workers.append(worker(STATS))
+    s.names.append("w2")
+    assert a.tick(a.wait, 0.0) is None  # a new window starts once it joined
+    assert window(9.0) is None and window(9.0) is None  # at max_workers: no more
+    assert window(0.0, fill=0.2) is None and window(0.0, fill=0.2) is None  # idle learner, buffer not full
+    assert window(0.0, fill=0.9) is None and window(0.0, fill=0.9) == 2  # idle learner, full buffer
+    assert a.changes == [(2, 3), (3, 2)]
