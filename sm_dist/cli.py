@@ -202,6 +202,7 @@ BENCHMARKS = {
     "pipeline": "pipeline.py",
     "gpu-equivalence": "gpu_equivalence.py",
     "arith": "arith_sm_vs_mle.py",
+    "scaling": "scaling.py",
 }
 
 

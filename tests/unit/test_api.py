@@ -174,3 +174,16 @@ def test_the_loop_applies_calls_between_steps_and_pause_blocks_until_resume(tmp_
     ctl.apply(t)
     with pytest.raises(ValueError, match="cannot scale"):
         scale.result(0)
+
+
+def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, capsys):
+    from sm_dist.cli import main
+
+    (tmp_path / "api.json").write_text(json.dumps({"url": "http://127.0.0.1:9"}))  # nothing listens there
+    for argv, msg in ((["ctl", str(tmp_path / "nope"), "status"], "does not exist"),
+                      (["ctl", str(tmp_path), "health"], "does not answer"),
+                      (["ctl", str(tmp_path), "scale"], "needs the number")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
