@@ -14,6 +14,9 @@ steps, check the sync deadline, checkpoint, log. Its parts:
 - `LearnerGroup` (sm_dist/learner_group.py): the ranks' step, publish, checkpoint, and their rebuild
   from the latest checkpoint when one dies.
 - `BatchSampler` (sm_dist/sampler.py): the data and replay halves of each step, bounded staleness.
+- between two steps (`Controller.apply`, sm_dist/control.py): the control API's queued calls (scale,
+  pause, resume, checkpoint, stop; the server is sm_dist/api.py), rollout workers joining
+  (`WorkerPool`, sm_dist/scaling.py), the autoscaler, and new data.watch_dir files (sm_dist/data/watch.py).
 - the weight transport (sm_dist/sync): learner rank 0 sends; an object-store send returns at once and
   the scheduler tracks each worker's confirmation; a collective send (gloo, nccl) returns once every
   worker has the version, the scheduler handling batch completions meanwhile.
@@ -216,6 +219,30 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         release_run_dir(run_dir)
 
 
+def attach_service_parts(t: Trainer, tok, prompts: list, targets: list, model_dir: str) -> None:
+    """Live scaling, autoscaling (rollout.max_workers) and data.watch_dir (README "Running as a service")."""
+    cfg = t.cfg
+    t.pool = WorkerPool(t.ray, cfg, t.sched, prompts, targets, model_dir, t.replay, t.expert)
+    t.autoscaler = autoscaler(cfg, t.pool)
+    if cfg.data.watch_dir:
+        from sm_dist.data.watch import DataWatcher
+
+        t.watcher = DataWatcher(cfg, tok, t.ray, t.expert, cfg.run.run_dir)
+
+
+def run_served(t: Trainer, run_dir: Path) -> None:
+    """`run_loop` with the control API up (a failed loop leaves a rescue checkpoint)."""
+    api = start_api(t, run_dir)
+    try:
+        run_loop(t)
+    except Exception as e:
+        rescue_checkpoint(t, e)
+        raise
+    finally:
+        if api is not None:
+            api.stop()
+
+
 def start_api(t: Trainer, run_dir: Path):
     """The control API (sm_dist/api.py) on run.api_host:run.api_port, or None with run.api_port: null."""
     if t.cfg.run.api_port is None:
@@ -294,8 +321,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
-        t.pool = WorkerPool(ray, cfg, t.sched, prompts, targets, model_dir, replay, expert)
-        t.autoscaler = autoscaler(cfg, t.pool)
+        attach_service_parts(t, tok, prompts, targets, model_dir)
         install_signal_handlers(t)
         t.group.connect(workers, names)
         if last:
@@ -308,19 +334,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
 
             ray.get(expert.add.remote(rows_to_batch(data_rows)))
             state.expert_rows = len(data_rows)
-        if cfg.data.watch_dir:
-            from sm_dist.data.watch import DataWatcher
-
-            t.watcher = DataWatcher(cfg, tok, ray, expert, run_dir)
-        api = start_api(t, run_dir)
-        try:
-            run_loop(t)
-        except Exception as e:
-            rescue_checkpoint(t, e)
-            raise
-        finally:
-            if api is not None:
-                api.stop()
+        run_served(t, run_dir)
         final = save_checkpoint(t)
         logger.close()
         _finish(t, run_dir, final, logger)
