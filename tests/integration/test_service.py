@@ -1,6 +1,8 @@
 """A run as a service, end to end: `sm-dist ctl` scales the rollout workers 2 -> 3 -> 1 while the
 learner trains. The added worker's first rows carry the weights version it joined with (or a later
-one); no acknowledged row is lost or written twice; training reaches run.total_steps."""
+one); no acknowledged row is lost or written twice; training reaches run.total_steps. Meanwhile a data
+file dropped into data.watch_dir reaches the expert buffer within a step or two, and a bad one is
+reported and skipped."""
 
 from __future__ import annotations
 
@@ -15,23 +17,36 @@ from tests.integration.test_pipeline import FAST, ROOT, TINY, _metrics, _start, 
 pytestmark = pytest.mark.slow
 
 
-def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp):  # noqa: F811
+def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # noqa: F811
     from sm_dist.buffer import read_run_buffer
     from sm_dist.ctl import call
 
+    # the run's own inductor cache: the session's shared one under /tmp once vanished under a running
+    # learner (InductorError: FileNotFoundError), on a machine shared with other test sessions
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     run = tmp_path / "run"
     total = 400  # at ~4 steps/s on 2 cores: long enough for a third vLLM engine to start
     proc = _start(tmp_path, ray_tmp, [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}",
                                       f"run.total_steps={total}", "run.num_cpus=3", "run.checkpoint_every=100",
+                                      f"data.watch_dir={tmp_path / 'incoming'}", "data.watch_poll_s=0.05",
                                       *FAST[:3]])  # fmt: skip
     _wait(
         lambda: (run / "api.json").exists() and _metrics(run) and _metrics(run)[-1]["step"] >= 5,
         "step 5",
         proc,
     )
+    step_drop = _metrics(run)[-1]["step"]
+    (tmp_path / "incoming" / "bad.jsonl").write_text("not json\n")
+    good = "".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(7))
+    (tmp_path / "incoming" / "new.jsonl.tmp").write_text(good)
+    (tmp_path / "incoming" / "new.jsonl.tmp").rename(tmp_path / "incoming" / "new.jsonl")
+    log = run / "driver.log"
+    _wait(lambda: "new.jsonl: 7 expert rows added" in log.read_text(), "the watched file", proc, 60)
+    step_added = _metrics(run)[-1]["step"]
+    assert step_added - step_drop <= 2, (step_drop, step_added)  # taken between two steps
+    assert "bad.jsonl skipped" in log.read_text()
     v_asked = call(run, "status")["live"]["version"]
     assert call(run, "scale", 3)["joining"] == 1
-    log = run / "driver.log"
     joined = _wait(lambda: re.search(r"rollout worker w2 joins with weights version (\d+)", log.read_text()),
                    "w2 to join", proc)  # fmt: skip
     v_join = int(joined.group(1))
@@ -63,7 +78,12 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp):  # noqa: F811
     last_w1 = max(r["created_at"] for r in rows if r["worker_id"] == "w1")
     last_w0 = max(r["created_at"] for r in rows if r["worker_id"] == "w0")
     assert last_w0 > last_w1  # w0 went on alone
+    expert = read_run_buffer(run / "expert").column("sample_id").to_pylist()
+    assert sum(i.startswith("watch") for i in expert) == 7 and len(expert) == len(set(expert))
+    taken = json.loads((run / "watch_taken.json").read_text())
+    assert taken["new.jsonl"]["rows"] == 7 and "error" in taken["bad.jsonl"]
     figures = {"v_asked": v_asked, "v_join": v_join, "w2_first_version": min(by_worker["w2"]),
                "step_scaled_down": step_down, "rows": len(rows), "added_rows": buf["added_rows"],
-               "rows_per_worker": {w: len(v) for w, v in by_worker.items()}}  # fmt: skip
+               "rows_per_worker": {w: len(v) for w, v in by_worker.items()},
+               "watch_steps": [step_drop, step_added]}  # fmt: skip
     print("scaling figures:", json.dumps(figures))
