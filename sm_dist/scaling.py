@@ -14,8 +14,8 @@ here waits for a worker to start: the learner never waits on scaling. After ever
 set the prompts are re-sharded over it (`RolloutWorker.set_prompts`).
 
 Only the object-store transport scales: a collective transport's group is fixed when it forms.
-A worker that Ray restarts after a re-shard reads the shard it was built with again (prompts may
-then overlap between two workers until the next re-shard; rows stay distinct, by `sample_id`).
+A worker that Ray restarts after a re-shard is given its current shard again (its constructor re-read
+the one it was built with).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class WorkerPool:
         self.built: dict[str, Any] = {}  # name -> the PromptShard it was built with (a restart re-reads it)
         self.current: list = []  # the last re-shard's PromptShards (refs alive until they are read)
         self._W = None
+        sched.rejoined = self._rejoined
 
     def size(self) -> int:
         """Live workers plus the ones starting."""
@@ -111,6 +112,12 @@ class WorkerPool:
         if new:
             self.reshard()
         return new
+
+    def _rejoined(self, i: int) -> None:
+        """Worker i restarted: Ray re-ran its constructor with the shard it was built with; give it its
+        current one (after a re-shard)."""
+        if i < len(self.current):
+            self.sched.workers[i].set_prompts.remote(self.current[i])
 
     def reshard(self) -> None:
         """Every live worker gets every n-th prompt from its index (ordered before its next batch: both

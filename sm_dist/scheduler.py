@@ -95,6 +95,7 @@ class RolloutScheduler:
         self.inflight: dict[Any, BatchCall | SyncCall | JoinCall | RetireCall] = {}
         self.joined: list[tuple[Any, str]] = []  # added workers ready, waiting for `admit_joined`
         self.awaiting: set[int] = set()  # admitted workers whose first weights are on their way
+        self.rejoined: Callable[[int], None] | None = None  # called with i after worker i restarted
         self.syncs = {} if syncs is None else syncs
         self.restarts: dict[str, int] = {}
         self.stopping = False
@@ -280,6 +281,8 @@ class RolloutScheduler:
                 del self.inflight[f]
         self._wait_restarted(i)
         self.awaiting.discard(i)  # its batch goes out below
+        if self.rejoined is not None:  # e.g. its current prompt shard again (scaling re-sharded them)
+            self.rejoined(i)
         if self.resend is not None:  # it restarted with its initial weights
             self.track(self.resend(i))
         if self.feeding:  # its lost batch, whichever call failed

@@ -176,3 +176,18 @@ def test_the_autoscaler_adds_on_learner_wait_and_removes_on_a_full_buffer_with_h
     assert window(0.0, fill=0.2) is None and window(0.0, fill=0.2) is None  # idle learner, buffer not full
     assert window(0.0, fill=0.9) is None and window(0.0, fill=0.9) == 2  # idle learner, full buffer
     assert a.changes == [(2, 3), (3, 2)]
+
+
+def test_a_restarted_worker_gets_its_current_shard_back(monkeypatch):
+    from tests.unit.fakes import ActorUnavailableError
+
+    w0 = worker(STATS)
+    w1 = FakeActor(run_batch=Method(Fut(error=RayActorError("killed")), STATS), set_prompts=Method(1),
+                   version=Method(Fut(error=ActorUnavailableError("restarting")), 0))  # fmt: skip
+    s = sched_with([w0, w1], resend=lambda i: Delivery(0))
+    pool = pool_for(s, monkeypatch=monkeypatch)
+    pool.reshard()
+    assert w1.set_prompts.calls == [((1, 2),)]
+    s.submit_batch(1)
+    land(s, BatchCall)  # it died: restarted, its shard re-sent, its batch resubmitted
+    assert w1.set_prompts.calls == [((1, 2),), ((1, 2),)] and s.restarts == {"w1": 1}
