@@ -2,13 +2,15 @@
 learner trains. The added worker's first rows carry the weights version it joined with (or a later
 one); no acknowledged row is lost or written twice; training reaches run.total_steps. Meanwhile a data
 file dropped into data.watch_dir reaches the expert buffer within a step or two, and a bad one is
-reported and skipped."""
+reported and skipped; pause holds the learner, resume and checkpoint-now work."""
 
 from __future__ import annotations
 
 import json
 import re
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +60,13 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # 
     step_down = call(run, "status")["live"]["step"]
     out = call(run, "scale", 1)
     assert out["workers"] == 1 and out["names"] == ["w0"]
+    assert call(run, "pause")["paused"] and call(run, "health")["paused"]
+    paused_at = _metrics(run)[-1]["step"]
+    time.sleep(2)
+    assert _metrics(run)[-1]["step"] == paused_at  # no step while paused
+    assert not call(run, "resume")["paused"]
+    ck = call(run, "checkpoint")
+    assert Path(ck["checkpoint"], "model", "config.json").exists() and ck["step"] >= paused_at
     log_text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log_text[-3000:]
 
