@@ -45,6 +45,7 @@ class WorkerPool:
         self.current: list = []  # the last re-shard's PromptShards (refs alive until they are read)
         self._W = None
         sched.rejoined = self._rejoined
+        self.shard_calls: dict[Any, str] = {}  # the last re-shard's set_prompts calls, until checked
 
     def size(self) -> int:
         """Live workers plus the ones starting."""
@@ -108,6 +109,7 @@ class WorkerPool:
 
     def admit(self) -> list[int]:
         """Between two learner steps: the started workers that are ready join; re-shard if any did."""
+        self.check_shards()
         new = self.sched.admit_joined()
         if new:
             self.reshard()
@@ -124,8 +126,23 @@ class WorkerPool:
         calls come from this process)."""
         n = len(self.sched.workers)
         self.current = [shard(self.ray, self.cfg, self.prompts, self.targets, i, n) for i in range(n)]
-        for w, sh in zip(self.sched.workers, self.current, strict=True):
-            w.set_prompts.remote(sh)
+        self.check_shards()
+        self.shard_calls = {w.set_prompts.remote(sh): name for w, sh, name in
+                            zip(self.sched.workers, self.current, self.sched.names, strict=True)}  # fmt: skip
+
+    def check_shards(self) -> None:
+        """Report a failed `set_prompts` of the last re-shard (the worker keeps its previous shard)."""
+        if not self.shard_calls:
+            return
+        ready, _ = self.ray.wait(list(self.shard_calls), num_returns=len(self.shard_calls), timeout=0)
+        for f in ready:
+            name = self.shard_calls.pop(f)
+            try:
+                self.ray.get(f)
+            except Exception as e:
+                log.warning(
+                    f"rollout worker {name}: its new prompt shard was not taken ({e}); it keeps its last"
+                )
 
 
 class Autoscaler:

@@ -82,6 +82,11 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # 
     assert (
         by_worker["w2"] and min(by_worker["w2"]) >= v_join
     )  # its first rollouts: the version it joined with
+    w1_rows = sorted((r for r in rows if r["worker_id"] == "w1"), key=lambda r: r["created_at"])
+    w1_first = {tuple(r["prompt_ids"]) for r in w1_rows[:16]}  # from w1's first shard (every 2nd from 1)
+    assert any(
+        tuple(r["prompt_ids"]) in w1_first for r in rows if r["worker_id"] == "w0"
+    )  # w0 was re-sharded
     text = log.read_text()
     assert "rollout worker w2 removed" in text and "rollout worker w1 removed" in text
     last_w1 = max(r["created_at"] for r in rows if r["worker_id"] == "w1")
