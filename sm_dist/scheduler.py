@@ -6,6 +6,9 @@ and what to do when a worker dies or a weight sync is late.
     sched.track(delivery)                 # a weight version on its way (sm_dist.sync.base.Delivery)
     sched.wait_for(learner_futures)       # wait for the learners; handle worker answers meanwhile
     sched.check_sync_deadline()           # a version not applied within sync.timeout_s raises
+    sched.add_workers(handles, names)     # scaling (sm_dist/scaling.py): started, joining later
+    sched.admit_joined()                  # between steps: the ready ones join (weights, then batches)
+    sched.remove_worker(i)                # its in-flight batch lands (a `RetireCall`), then it is killed
 
 Every in-flight call is a typed record (`BatchCall`, `SyncCall`) keyed by its future. A worker that
 dies (its actor process is gone) is restarted by Ray (`rollout.max_restarts`); the scheduler waits for
