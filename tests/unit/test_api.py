@@ -176,8 +176,10 @@ def test_the_loop_applies_calls_between_steps_and_pause_blocks_until_resume(tmp_
         scale.result(0)
 
 
-def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, capsys):
+def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     from sm_dist.cli import main
+
+    monkeypatch.setattr("sm_dist.logs.setup_logging", lambda *a, **k: None)  # leave the loggers to pytest
 
     (tmp_path / "api.json").write_text(json.dumps({"url": "http://127.0.0.1:9"}))  # nothing listens there
     for argv, msg in ((["ctl", str(tmp_path / "nope"), "status"], "does not exist"),

@@ -30,6 +30,21 @@ def setup(tmp_path, tiny_model_dir):
     return cfg, tok, expert, added, run_dir
 
 
+@pytest.fixture
+def logged():
+    """What the sm_dist loggers say (their own handler: setup_logging may stop propagation)."""
+    import io
+
+    buf, logger = io.StringIO(), logging.getLogger("sm_dist")
+    h = logging.StreamHandler(buf)
+    logger.addHandler(h)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield buf
+    logger.removeHandler(h)
+    logger.setLevel(old)
+
+
 def jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -55,24 +70,22 @@ def test_a_new_file_is_added_once_also_after_a_resume(setup):
     assert pa.Table.from_batches([added[1]]).column("sample_id").to_pylist()[0].startswith("watch1-")
 
 
-def test_a_bad_file_is_reported_and_skipped_and_the_next_one_still_taken(setup, caplog):
+def test_a_bad_file_is_reported_and_skipped_and_the_next_one_still_taken(setup, logged):
     cfg, tok, expert, added, run_dir = setup
     w = DataWatcher(cfg, tok, FakeRay(), expert, run_dir)
     (w.dir / "a-bad.jsonl").write_text("this is not json\n")
     (w.dir / "b-good.jsonl").write_text(jsonl(GOOD))
-    with caplog.at_level(logging.INFO, logger="sm_dist.data"):
-        assert w.poll(force=True) == 5
-    assert "a-bad.jsonl skipped" in caplog.text and len(added) == 1
+    assert w.poll(force=True) == 5
+    assert "a-bad.jsonl skipped" in logged.getvalue() and len(added) == 1
     record = json.loads((run_dir / "watch_taken.json").read_text())
     assert record["a-bad.jsonl"]["rows"] == 0 and "error" in record["a-bad.jsonl"]
     assert record["b-good.jsonl"]["rows"] == 5
 
 
-def test_with_on_bad_skip_the_bad_rows_are_counted_and_the_rest_added(setup, caplog):
+def test_with_on_bad_skip_the_bad_rows_are_counted_and_the_rest_added(setup, logged):
     cfg, tok, expert, added, run_dir = setup
     cfg.data.on_bad = "skip"
     w = DataWatcher(cfg, tok, FakeRay(), expert, run_dir)
     (w.dir / "mixed.jsonl").write_text(jsonl(GOOD[:3]) + "{broken\n" + jsonl([{"prompt": "x"}]))
-    with caplog.at_level(logging.INFO, logger="sm_dist"):
-        assert w.poll(force=True) == 3
-    assert "skipped 2" in caplog.text, caplog.text
+    assert w.poll(force=True) == 3
+    assert "skipped 2" in logged.getvalue(), logged.getvalue()
