@@ -96,7 +96,7 @@ class ApiServer:
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.host, self.port)
             loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]
+            self.port = self._runner.addresses[0][1]
         except BaseException as e:  # e.g. the port is taken: start() raises it
             errors.append(e)
             ready.set()
