@@ -51,48 +51,67 @@ def check_resources(ray, cfg: Config) -> None:
 def build_actors(
     ray, cfg: Config, prompts: list[list[int]], model_dir: str, targets: list[list[int]] | None = None
 ):
+    """The buffers, the rollout workers (each with its prompt shard) and the learner ranks; the last
+    item returned holds the shards' refs, which the caller keeps for the whole run."""
     from sm_dist.buffer.replay import ReplayBuffer
-    from sm_dist.rollout.engine import RolloutParams
-    from sm_dist.rollout.worker import PromptShard, RolloutWorker
 
     b, r = cfg.buffer, cfg.rollout
     run_dir = cfg.run.run_dir
-    env = {"env_vars": vllm_env(r.engine.cpu_kvcache_gib)}
     Buf = ray.remote(num_cpus=0)(ReplayBuffer)
     replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
     expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
-    params = RolloutParams(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_actions=r.max_actions,
-        max_backspaces=r.max_backspaces,
-        samples_per_prompt=r.samples_per_prompt,
-        seed=cfg.run.seed,
-    )
-    W = ray.remote(
+    W = worker_class(ray, cfg)
+    names = [f"w{i}" for i in range(r.num_workers)]
+    shards = [shard(ray, cfg, prompts, targets, i, r.num_workers) for i in range(r.num_workers)]
+    workers = [
+        make_worker(W, cfg, names[i], model_dir, shards[i], replay, expert, seed=cfg.run.seed + i)
+        for i in range(r.num_workers)
+    ]
+    refs = ([s.ref for s in shards], [s.targets_ref for s in shards])
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), refs
+
+
+def worker_class(ray, cfg: Config):
+    """`RolloutWorker` as a Ray actor class with the run's resources."""
+    from sm_dist.rollout.worker import RolloutWorker
+
+    r = cfg.rollout
+    return ray.remote(
         num_cpus=r.cpus_per_worker,
         num_gpus=r.gpus_per_worker,
-        runtime_env=env,
+        runtime_env={"env_vars": vllm_env(r.engine.cpu_kvcache_gib)},
         max_concurrency=2
         if cfg.sync.transport.collective
         else 1,  # a stage runs beside the batch it waits for
         max_restarts=r.max_restarts,  # Ray re-runs the constructor; the driver re-sends the weights
     )(RolloutWorker)
-    names = [f"w{i}" for i in range(r.num_workers)]
-    # by reference: small creation arguments survive a restart (PromptShard); the caller holds the
-    # refs for the whole run, so a restarted worker can still read its prompts
-    shards = [ray.put(prompts[i :: r.num_workers]) for i in range(r.num_workers)]
-    corr = r.correction_rows and targets is not None  # expert targets travel only when they are used
-    target_shards = [ray.put(targets[i :: r.num_workers]) if corr else None for i in range(r.num_workers)]
-    workers = [
-        W.remote(
-            names[i], model_dir, PromptShard(shards[i], target_shards[i]), params, r.batch_size, sink=replay,
-            data_sink=expert if corr else None, engine=r.engine, transport=cfg.sync.transport,
-            seed=cfg.run.seed + i, dtype=cfg.model.dtype, sync_timeout_s=cfg.sync.timeout_s,
-        )
-        for i in range(r.num_workers)
-    ]  # fmt: skip
-    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), (shards, target_shards)
+
+
+def shard(ray, cfg: Config, prompts: list, targets: list | None, i: int, n: int):
+    """Worker i of n's `PromptShard` (every n-th prompt from the i-th), by reference: small creation
+    arguments survive a restart; the caller holds the refs for the whole run, so a restarted worker
+    can still read its prompts."""
+    from sm_dist.rollout.worker import PromptShard
+
+    corr = cfg.rollout.correction_rows and targets is not None  # expert targets travel only when used
+    return PromptShard(ray.put(prompts[i::n]), ray.put(targets[i::n]) if corr else None)
+
+
+def make_worker(W, cfg: Config, name: str, model_dir: str, prompt_shard, replay, expert, seed: int):
+    """One rollout worker actor (its constructor runs in the background: wait on `version`)."""
+    from sm_dist.rollout.engine import RolloutParams
+
+    r = cfg.rollout
+    params = RolloutParams(
+        temperature=r.temperature, top_p=r.top_p, max_actions=r.max_actions, max_backspaces=r.max_backspaces,
+        samples_per_prompt=r.samples_per_prompt, seed=cfg.run.seed,
+    )  # fmt: skip
+    corr = prompt_shard.targets_ref is not None
+    return W.remote(
+        name, model_dir, prompt_shard, params, r.batch_size, sink=replay,
+        data_sink=expert if corr else None, engine=r.engine, transport=cfg.sync.transport,
+        seed=seed, dtype=cfg.model.dtype, sync_timeout_s=cfg.sync.timeout_s,
+    )  # fmt: skip
 
 
 def build_learners(ray, cfg: Config, model_dir: str) -> list:

@@ -96,6 +96,27 @@ def _status(args) -> int:
     return 0
 
 
+def _ctl(args) -> int:
+    import json
+
+    from sm_dist.ctl import call
+    from sm_dist.status import format_status
+
+    if args.command_name == "scale" and (args.n is None or args.n < 1):
+        raise UserError(
+            "ctl scale", "needs the number of rollout workers.", "e.g. sm-dist ctl RUN_DIR scale 3"
+        )
+    out = call(args.run_dir, args.command_name, args.n)
+    if args.command_name == "status":
+        live = out.pop("live", {})
+        print(format_status(out))
+        print(f"live:        step {live.get('step')}, workers {live.get('workers')} (+{live.get('joining', 0)} "
+              f"starting){', paused' if live.get('paused') else ''}")  # fmt: skip
+    else:
+        print(out if isinstance(out, str) else json.dumps(out, indent=1))
+    return 0
+
+
 def _eval(args) -> int:
     import json
 
@@ -181,6 +202,7 @@ BENCHMARKS = {
     "pipeline": "pipeline.py",
     "gpu-equivalence": "gpu_equivalence.py",
     "arith": "arith_sm_vs_mle.py",
+    "scaling": "scaling.py",
 }
 
 
@@ -295,6 +317,19 @@ def _add_run_parsers(sub) -> None:
     st.add_argument("run_dir", help="a run directory written by `sm-dist train`")
     st.add_argument("--json", action="store_true", help="print the status as JSON")
     st.set_defaults(func=_status)
+
+    ct = sub.add_parser(
+        "ctl",
+        help="talk to a live run's control API: status, health, metrics, scale N, pause, resume, checkpoint, stop",
+    )
+    ct.add_argument("run_dir", help="the run directory of a live `sm-dist train`")
+    ct.add_argument(
+        "command_name",
+        metavar="command",
+        choices=("status", "health", "metrics", "scale", "pause", "resume", "checkpoint", "stop"),
+    )
+    ct.add_argument("n", nargs="?", type=int, help="scale: the number of rollout workers")
+    ct.set_defaults(func=_ctl)
 
     c = sub.add_parser(
         "config",

@@ -137,6 +137,12 @@ class DataConfig(_Section):
     augment_copies: int = Field(
         1, ge=1, description="Augmented copies of each example (different noise draws)."
     )
+    watch_dir: str | None = Field(
+        None,
+        description="A folder polled between learner steps for new expert data files (same formats and "
+        "checks as train_path); each is added to the expert buffer once (null: off).",
+    )
+    watch_poll_s: float = Field(1.0, gt=0.0, description="Seconds between two listings of data.watch_dir.")
 
 
 # ---- objective --------------------------------------------------------------------------------------
@@ -253,6 +259,24 @@ class RolloutConfig(_Section):
         description="Times a dead rollout worker (crash, OOM kill) is restarted; it then loads the latest "
         "weights (object_store transport) and resumes. A worker that dies once more stops the run.",
     )
+    min_workers: int = Field(
+        1, ge=1, description="Autoscaling (when max_workers is set): the fewest workers."
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Autoscaling: keep the learner fed with between min_workers and max_workers workers, "
+        "adding one when the learner waited for rollouts more than autoscale_up_wait of a window, removing "
+        "one when it waited less than autoscale_down_wait and the replay buffer is at least half full, the "
+        "same decision two windows in a row (null: off; object_store transport).",
+    )
+    autoscale_window_s: float = Field(30.0, gt=0.0, description="Autoscaling: seconds per decision window.")
+    autoscale_up_wait: float = Field(
+        0.2, gt=0.0, le=1.0, description="Autoscaling: learner wait fraction above which a worker is added."
+    )
+    autoscale_down_wait: float = Field(
+        0.02, ge=0.0, le=1.0, description="Autoscaling: learner wait fraction below which one may be removed."
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine settings.")
 
 
@@ -337,6 +361,17 @@ class RunConfig(_Section):
     asynchronous: bool = Field(
         True, description="Workers generate while learners step; false alternates them (benchmark baseline)."
     )
+    api_host: str = Field(
+        "127.0.0.1",
+        description="Address the control API binds (GET /health /status /metrics, POST /scale /pause /resume "
+        "/checkpoint /stop); 0.0.0.0 exposes it to the network (mutating calls still need the bearer token).",
+    )
+    api_port: int | None = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Control API port; 0: a free one (written to <run_dir>/api.json); null: no API.",
+    )
 
 
 class Config(_Section):
@@ -377,6 +412,21 @@ class Config(_Section):
                 f"Fix: set rollout.engine.max_model_len={need} or lower the lengths"
             )
         self.sync.transport.check(self)
+        r = self.rollout
+        if r.max_workers is not None and not r.min_workers <= r.num_workers <= r.max_workers:
+            raise ValueError(
+                f"rollout.max_workers: autoscaling needs min_workers ({r.min_workers}) <= num_workers "
+                f"({r.num_workers}) <= max_workers ({r.max_workers}). Fix: adjust them"
+            )
+        if r.max_workers is not None and self.sync.transport.collective:
+            raise ValueError(
+                f"rollout.max_workers: autoscaling adds and removes workers, which sync.transport="
+                f"{self.sync.transport.kind} cannot take mid-run. Fix: sync.transport=object_store, or max_workers=null"
+            )
+        if r.max_workers is not None and r.autoscale_down_wait >= r.autoscale_up_wait:
+            raise ValueError(
+                "rollout.autoscale_down_wait must be below rollout.autoscale_up_wait (hysteresis). Fix: e.g. 0.02 and 0.2"
+            )
         if self.learner.attn == "flex" and self.learner.gpus_per_learner == 0:
             raise ValueError(
                 "learner.attn: flex has no backward pass on the CPU (learner.gpus_per_learner=0). "

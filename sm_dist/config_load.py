@@ -104,6 +104,8 @@ def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     out.run.run_dir = run_dir
     out.model.dir = model_dir
     out.data.train_path = _resolve(cfg.data.train_path, bases)
+    if cfg.data.watch_dir:
+        out.data.watch_dir = str((Path.cwd() / os.path.expanduser(cfg.data.watch_dir)).resolve())
     return out
 
 

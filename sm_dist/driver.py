@@ -14,6 +14,9 @@ steps, check the sync deadline, checkpoint, log. Its parts:
 - `LearnerGroup` (sm_dist/learner_group.py): the ranks' step, publish, checkpoint, and their rebuild
   from the latest checkpoint when one dies.
 - `BatchSampler` (sm_dist/sampler.py): the data and replay halves of each step, bounded staleness.
+- between two steps (`Controller.apply`, sm_dist/control.py): the control API's queued calls (scale,
+  pause, resume, checkpoint, stop; the server is sm_dist/api.py), rollout workers joining
+  (`WorkerPool`, sm_dist/scaling.py), the autoscaler, and new data.watch_dir files (sm_dist/data/watch.py).
 - the weight transport (sm_dist/sync): learner rank 0 sends; an object-store send returns at once and
   the scheduler tracks each worker's confirmation; a collective send (gloo, nccl) returns once every
   worker has the version, the scheduler handling batch completions meanwhile.
@@ -40,6 +43,7 @@ from sm_dist.actors import (
 )
 from sm_dist.config import Config, ConfigError
 from sm_dist.config_load import dump_config
+from sm_dist.control import Controller
 from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.learner_group import LearnerGroup
@@ -51,6 +55,7 @@ from sm_dist.recovery import (
     save_checkpoint,
 )
 from sm_dist.sampler import BatchSampler
+from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
 from sm_dist.validate import preflight
@@ -75,6 +80,11 @@ class Trainer:
         self.group = LearnerGroup(
             ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d)
         )
+        self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
+        self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
+        self.control = Controller(cfg.run.run_dir)  # calls from the control API, applied between steps
+        self.autoscaler = None  # rollout.max_workers (sm_dist/scaling.py), set by _train
+        self.watcher = None  # data.watch_dir (sm_dist/data/watch.py), set by _train
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
 
@@ -129,6 +139,8 @@ class Trainer:
         out["perf/learner_busy"] = self.group.busy_s / wall
         out["perf/rollout_busy"] = self.sched.gen_s / wall / len(self.sched.workers)
         out["perf/learner_wait_s_total"] = self.sampler.wait_s
+        out["buffer/staleness_mean"] = self.sampler.staleness
+        out["rollout/workers"] = float(len(self.sched.workers))
         return out
 
     def state(self) -> RunState:
@@ -156,7 +168,9 @@ def run_step(t: Trainer) -> dict[str, float]:
     if t.s.step % cfg.run.checkpoint_every == 0 and t.s.step < step_limit(cfg):
         save_checkpoint(t)
     if t.s.step % cfg.run.log_every == 0:
-        t.log.log(t.s.step, t.metrics(m, extra))
+        logged = t.metrics(m, extra)
+        t.log.log(t.s.step, logged)
+        t.control.update(t, logged)
     return m
 
 
@@ -170,6 +184,9 @@ def run_loop(t: Trainer) -> None:
     if cfg.run.asynchronous:
         t.sched.submit_all()
     while t.s.step < step_limit(cfg) and not t.stop_requested:
+        t.control.apply(t)  # control API calls, workers joining; blocks while paused (sm_dist/control.py)
+        if t.stop_requested:
+            break
         try:
             m = run_step(t)
         except t.ray.exceptions.RayError as e:
@@ -200,6 +217,48 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         return _train(cfg, run_dir, last, resume, address)
     finally:
         release_run_dir(run_dir)
+
+
+def attach_service_parts(t: Trainer, tok, prompts: list, targets: list, model_dir: str) -> None:
+    """Live scaling, autoscaling (rollout.max_workers) and data.watch_dir (README "Running as a service")."""
+    cfg = t.cfg
+    t.pool = WorkerPool(t.ray, cfg, t.sched, prompts, targets, model_dir, t.replay, t.expert)
+    t.autoscaler = autoscaler(cfg, t.pool)
+    if cfg.data.watch_dir:
+        from sm_dist.data.watch import DataWatcher
+
+        t.watcher = DataWatcher(cfg, tok, t.ray, t.expert, cfg.run.run_dir)
+
+
+def run_served(t: Trainer, run_dir: Path) -> None:
+    """`run_loop` with the control API up (a failed loop leaves a rescue checkpoint)."""
+    api = start_api(t, run_dir)
+    try:
+        run_loop(t)
+    except Exception as e:
+        rescue_checkpoint(t, e)
+        raise
+    finally:
+        if api is not None:
+            api.stop()
+
+
+def start_api(t: Trainer, run_dir: Path):
+    """The control API (sm_dist/api.py) on run.api_host:run.api_port, or None with run.api_port: null."""
+    if t.cfg.run.api_port is None:
+        return None
+    from sm_dist.api import ApiServer
+
+    t.control.update(t)
+    r = t.cfg.run
+    try:
+        return ApiServer(t.control, run_dir, r.api_host, r.api_port).start()
+    except OSError as e:  # the address is taken or not this host's
+        raise ConfigError(
+            "run.api_port",
+            f"the control API cannot listen on {r.api_host}:{r.api_port} ({e}).",
+            "pick another run.api_port (0: a free one) or run.api_host",
+        ) from None
 
 
 def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
@@ -262,6 +321,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
+        attach_service_parts(t, tok, prompts, targets, model_dir)
         install_signal_handlers(t)
         t.group.connect(workers, names)
         if last:
@@ -274,11 +334,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
 
             ray.get(expert.add.remote(rows_to_batch(data_rows)))
             state.expert_rows = len(data_rows)
-        try:
-            run_loop(t)
-        except Exception as e:
-            rescue_checkpoint(t, e)
-            raise
+        run_served(t, run_dir)
         final = save_checkpoint(t)
         logger.close()
         _finish(t, run_dir, final, logger)

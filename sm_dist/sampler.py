@@ -21,6 +21,7 @@ class BatchSampler:
     def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any):
         self.ray, self.cfg, self.replay, self.expert = ray, cfg, replay, expert
         self.wait_s = 0.0  # seconds the learner spent waiting for fresh rollouts
+        self.staleness = 0.0  # mean versions behind of the last replay rows sampled
 
     def sample(
         self,
@@ -49,6 +50,10 @@ class BatchSampler:
             )
             self.wait_s += time.perf_counter() - t0
         rep = rep.slice(0, (rep.num_rows // ranks) * ranks)
+        if rep.num_rows and "policy_version" in rep.schema.names:  # versions behind, of the rows used
+            import pyarrow.compute as pc
+
+            self.staleness = version - pc.mean(rep.column("policy_version")).as_py()
         fill = n_rep - rep.num_rows if b.fill_with_data else 0
         dat = self.ray.get(self.expert.sample.remote(n_dat + fill))
         dat = dat.slice(0, (dat.num_rows // ranks) * ranks)

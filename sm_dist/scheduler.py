@@ -6,6 +6,9 @@ and what to do when a worker dies or a weight sync is late.
     sched.track(delivery)                 # a weight version on its way (sm_dist.sync.base.Delivery)
     sched.wait_for(learner_futures)       # wait for the learners; handle worker answers meanwhile
     sched.check_sync_deadline()           # a version not applied within sync.timeout_s raises
+    sched.add_workers(handles, names)     # scaling (sm_dist/scaling.py): started, joining later
+    sched.admit_joined()                  # between steps: the ready ones join (weights, then batches)
+    sched.remove_worker(i)                # its in-flight batch lands (a `RetireCall`), then it is killed
 
 Every in-flight call is a typed record (`BatchCall`, `SyncCall`) keyed by its future. A worker that
 dies (its actor process is gone) is restarted by Ray (`rollout.max_restarts`); the scheduler waits for
@@ -16,6 +19,7 @@ resubmits its batch. Its lost batch is simply not in the buffer; acknowledged ro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +48,27 @@ class SyncCall:
 
 
 @dataclass(frozen=True)
+class JoinCall:
+    """A worker being added: its constructor (vLLM start-up) runs; `version` answers when it is ready.
+    It has no index until it is admitted (`admit_joined`, between two learner steps)."""
+
+    handle: Any
+    name: str
+    worker: int = -1
+
+
+@dataclass(frozen=True)
+class RetireCall:
+    """The last batch of a removed worker: its rows are acknowledged in the buffer when it lands (or
+    lost with it, never half-written); then the worker is killed."""
+
+    handle: Any
+    name: str
+    since: float = 0.0  # monotonic seconds when it was removed
+    worker: int = -1
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
     """The settings the scheduler follows (from rollout.*, sync.*, run.*)."""
 
@@ -63,18 +88,29 @@ class RolloutScheduler:
         policy: RolloutPolicy,
         resend: Callable[[int], Delivery] | None = None,
         syncs: dict[str, int] | None = None,
+        reconnect: Callable[[list, list[str]], None] | None = None,
     ):
         """`resend(i)` re-sends the latest weights to worker i (the learner's end of the transport);
-        `syncs` counts the versions each worker applied (the run state's, updated in place)."""
+        `syncs` counts the versions each worker applied (the run state's, updated in place);
+        `reconnect(workers, names)` points the learner's sender at a new worker list (scaling)."""
         self.ray, self.workers, self.names, self.p = ray, workers, names, policy
-        self.resend = resend
-        self.inflight: dict[Any, BatchCall | SyncCall] = {}
+        self.resend, self.reconnect = resend, reconnect
+        self.inflight: dict[Any, BatchCall | SyncCall | JoinCall | RetireCall] = {}
+        self.joined: list[tuple[Any, str]] = []  # added workers ready, waiting for `admit_joined`
+        self.awaiting: set[int] = set()  # admitted workers whose first weights are on their way
+        self.rejoined: Callable[[int], None] | None = None  # called with i after worker i restarted
         self.syncs = {} if syncs is None else syncs
         self.restarts: dict[str, int] = {}
         self.stopping = False
+        self.paused = False  # the control API's pause: landed batches are not resubmitted
         self.batches = 0  # rollout batches landed (all workers)
         self.gen_s = 0.0  # seconds the workers spent generating
         self.stats: dict[str, list[float]] = {}  # rollout/... values since the last `take_stats`
+
+    @property
+    def feeding(self) -> bool:
+        """Does a landed batch get its worker's next one?"""
+        return self.p.asynchronous and not self.stopping and not self.paused
 
     # ---- calls
     def submit_batch(self, i: int) -> None:
@@ -107,6 +143,9 @@ class RolloutScheduler:
     def handle(self, fut) -> None:
         """Take the answer of one in-flight call."""
         call = self.inflight.pop(fut)
+        if isinstance(call, (JoinCall, RetireCall)):
+            self._handle_scaling(fut, call)
+            return
         ex = self.ray.exceptions
         try:
             out = self.ray.get(fut)
@@ -122,13 +161,20 @@ class RolloutScheduler:
         if isinstance(call, SyncCall):
             confirm_version(self.names[call.worker], out, call.version)
             self._count_sync(self.names[call.worker])
+            if call.worker in self.awaiting:  # an added worker's first weights: its first batch now
+                self.awaiting.discard(call.worker)
+                if self.feeding:
+                    self.submit_batch(call.worker)
             return
+        self._count_batch(out)
+        if self.feeding:
+            self.submit_batch(call.worker)
+
+    def _count_batch(self, out: dict) -> None:
         self.batches += 1
         self.gen_s += out.get("rollout/gen_s", 0.0)
         for k, v in out.items():
             self.stats.setdefault(k, []).append(v)
-        if self.p.asynchronous and not self.stopping:
-            self.submit_batch(call.worker)
 
     def _count_sync(self, name: str) -> None:
         self.syncs[name] = self.syncs.get(name, 0) + 1
@@ -162,9 +208,28 @@ class RolloutScheduler:
             raise TimeoutError(f"no rollout worker answered within {timeout_s}s while {what}")
         self.handle(ready[0])
 
+    def poll(self, timeout_s: float) -> None:
+        """Handle whatever answers land within `timeout_s` (none in flight: just wait)."""
+        if not self.inflight:
+            time.sleep(timeout_s)
+            return
+        ready, _ = self.ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout_s)
+        for f in ready:
+            if f in self.inflight:
+                self.handle(f)
+
+    def resume_batches(self) -> None:
+        """After a pause: a batch for every live worker that has none in flight (nor awaits weights)."""
+        busy = {c.worker for c in self.inflight.values() if isinstance(c, BatchCall)}
+        for i in range(len(self.workers)):
+            if i not in busy and i not in self.awaiting and self.feeding:
+                self.submit_batch(i)
+
     def drain(self) -> None:
-        """Stop resubmitting and let every in-flight batch and sync land, so the final state counts them."""
+        """Stop resubmitting and let every in-flight batch and sync land, so the final state counts them
+        (workers still starting are dropped: they never had work)."""
         self.stopping = True
+        self.cancel_joins()
         while self.inflight:
             self.wait_one(self.p.sync_timeout_s, "the run finishes (sync.timeout_s)")
 
@@ -175,7 +240,16 @@ class RolloutScheduler:
             self.wait_one(self.p.sync_timeout_s, "a synchronous rollout round runs (sync.timeout_s)")
 
     def check_sync_deadline(self, now: float | None = None) -> None:
+        """A weight version not applied within sync.timeout_s raises; a removed worker whose last batch
+        has not landed within it is killed (its batch abandoned: none of its rows were acknowledged)."""
         now = time.monotonic() if now is None else now
+        for f, c in list(self.inflight.items()):
+            if isinstance(c, RetireCall) and now - c.since > self.p.sync_timeout_s:
+                del self.inflight[f]
+                self.ray.kill(c.handle, no_restart=True)
+                log.warning(
+                    f"removed rollout worker {c.name}: its last batch was abandoned after {self.p.sync_timeout_s}s"
+                )
         for c in self.inflight.values():
             if isinstance(c, SyncCall) and now - c.sent_at > self.p.sync_timeout_s:
                 raise WeightSyncError(
@@ -209,9 +283,12 @@ class RolloutScheduler:
             if c.worker == i:
                 del self.inflight[f]
         self._wait_restarted(i)
+        self.awaiting.discard(i)  # its batch goes out below
+        if self.rejoined is not None:  # e.g. its current prompt shard again (scaling re-sharded them)
+            self.rejoined(i)
         if self.resend is not None:  # it restarted with its initial weights
             self.track(self.resend(i))
-        if self.p.asynchronous and not self.stopping:  # its lost batch, whichever call failed
+        if self.feeding:  # its lost batch, whichever call failed
             self.submit_batch(i)
 
     def _wait_restarted(self, i: int) -> None:
@@ -228,6 +305,103 @@ class RolloutScheduler:
                         f"{self.p.startup_timeout_s}s"
                     ) from e
                 time.sleep(0.5)
+
+    # ---- scaling: called between learner steps (sm_dist/scaling.py decides who and when)
+    def add_workers(self, handles: list, names: list[str]) -> None:
+        """Workers being added: each is admitted (`admit_joined`) once its constructor has answered."""
+        for h, n in zip(handles, names, strict=True):
+            self.inflight[h.version.remote()] = JoinCall(h, n)
+
+    def pending_joins(self) -> int:
+        """Added workers not admitted yet (starting, or ready and waiting for `admit_joined`)."""
+        return len(self.joined) + sum(isinstance(c, JoinCall) for c in self.inflight.values())
+
+    def cancel_joins(self, most: int | None = None) -> int:
+        """Kill up to `most` (None: all) added workers not admitted yet, the latest first; how many."""
+        starting = [(f, c.handle) for f, c in self.inflight.items() if isinstance(c, JoinCall)]
+        victims = (starting[::-1] + [(None, h) for h, _ in self.joined[::-1]])[:most]
+        for f, h in victims:
+            if f is None:
+                self.joined = [(jh, n) for jh, n in self.joined if jh is not h]
+            else:
+                del self.inflight[f]
+            self.ray.kill(h, no_restart=True)
+        return len(victims)
+
+    def _handle_scaling(self, fut, call: JoinCall | RetireCall) -> None:
+        try:
+            out = self.ray.get(fut)
+        except self.ray.exceptions.RayError as e:
+            from sm_dist.actors import describe_error
+
+            what = "failed to start" if isinstance(call, JoinCall) else "failed during its last batch"
+            log.warning(f"rollout worker {call.name} {what} ({describe_error(e)}); dropped")
+            self.ray.kill(call.handle, no_restart=True)
+            return
+        if isinstance(call, JoinCall):
+            self.joined.append((call.handle, call.name))
+            return
+        self._count_batch(out)  # its rows are in the buffer: the batch returns once the sink acknowledged
+        self.ray.kill(call.handle, no_restart=True)
+        log.info(f"rollout worker {call.name} removed after its last batch")
+
+    def admit_joined(self) -> list[int]:
+        """Admit the added workers that are ready: into the lists, the learner's sender reconnected, the
+        latest weights re-sent. A worker's first batch goes out once its weights are applied, so its
+        first rollouts carry the version current when it joined (or a later one). Returns their indices."""
+        if not self.joined:
+            return []
+        new = []
+        for h, n in self.joined:
+            self.workers.append(h)
+            self.names.append(n)
+            new.append(len(self.workers) - 1)
+        self.joined = []
+        if self.reconnect is not None:
+            self.reconnect(self.workers, self.names)
+        for i in new:
+            d = self.resend(i) if self.resend is not None else Delivery(0)
+            if d.pending and not self.p.asynchronous:  # synchronous: applied before the next round
+                confirm_version(
+                    self.names[i], self.ray.get(d.pending[i], timeout=self.p.sync_timeout_s), d.version
+                )
+                self._count_sync(self.names[i])
+            elif d.pending:
+                self.track(d)
+                self.awaiting.add(i)
+                log.info(f"rollout worker {self.names[i]} joins with weights version {d.version}")
+            elif self.feeding:  # nothing published yet: its weights are current
+                self.submit_batch(i)
+        log.info(f"rollout workers {[self.names[i] for i in new]} joined; {len(self.workers)} now")
+        return new
+
+    def remove_worker(self, i: int) -> str:
+        """Take worker `i` out; returns its name. Its in-flight batch becomes a `RetireCall` (it lands,
+        its rows acknowledged, then the worker is killed); with none in flight it is killed now. The
+        indices above `i` shift down by one, and the learner's sender is reconnected."""
+        if len(self.workers) <= 1:
+            raise ValueError("cannot remove the last rollout worker")
+        h, name = self.workers.pop(i), self.names.pop(i)
+        retiring = False
+        for f, c in list(self.inflight.items()):
+            if isinstance(c, (JoinCall, RetireCall)):
+                continue
+            if c.worker == i and isinstance(c, BatchCall):
+                self.inflight[f] = RetireCall(h, name, time.monotonic())
+                retiring = True
+            elif c.worker == i:  # a weight confirmation it no longer needs
+                del self.inflight[f]
+            elif c.worker > i:
+                self.inflight[f] = dataclasses.replace(c, worker=c.worker - 1)
+        self.awaiting = {j - (j > i) for j in self.awaiting if j != i}
+        if not retiring:
+            self.ray.kill(h, no_restart=True)
+        if self.reconnect is not None:
+            self.reconnect(self.workers, self.names)
+        log.info(
+            f"rollout worker {name} removed{' once its batch lands' if retiring else ''}; {len(self.workers)} left"
+        )
+        return name
 
     # ---- metrics
     def take_stats(self) -> dict[str, float]:

@@ -3,8 +3,9 @@
 A running `sm-dist train` holds `<run_dir>/driver.json` (pid, host, start time): a second driver on
 the same run directory is refused while the first is alive (two would interleave checkpoints, buffer
 segments and metrics), and a file left by a killed driver is recognised as stale and taken over.
-`run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, buffer/manifest.json and
-summary.json; it imports no torch or Ray, so it works on a login node while the job runs elsewhere.
+`run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, buffer/manifest.json,
+summary.json and api.json (the control API's address, sm_dist/api.py); it imports no torch or Ray,
+so it works on a login node while the job runs elsewhere.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "buffer_added_rows": buf.get("added_rows"),
         "buffer_evicted_rows": buf.get("evicted_rows"),
         "summary": summary,
+        "api": _read_json(d / "api.json") if state.startswith("running") else None,  # sm_dist/api.py
     }
 
 
@@ -186,6 +188,10 @@ def format_status(st: dict) -> str:
         + (f"  ({len(st['checkpoints'])} kept)" if st["checkpoints"] else ""),
         f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted",
     ]
+    if st.get("api"):
+        lines.append(
+            f"control:     {st['api'].get('url')}   (sm-dist ctl {st['run_dir']} status|scale N|pause|...)"
+        )
     if st.get("corrupt_checkpoints"):
         lines.append(
             f"set aside:   {', '.join(st['corrupt_checkpoints'])} (corrupt, found on a resume; kept)"

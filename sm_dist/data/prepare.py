@@ -59,16 +59,28 @@ def load_train_examples(cfg: Config):
 def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]], list[list[int]]]:
     """Augmented expert rows (for the expert buffer), the encoded prompts (for rollout workers) and
     their expert targets (answer + eos: for rollout.correction_rows)."""
+    from sm_dist.data.datasets import no_usable_examples
+
+    examples, path, loaded = load_train_examples(cfg)
+    rows, enc, encoded = encode_rows(cfg, tok, examples, path)
+    if not enc:
+        raise no_usable_examples("data.train_path", path, loaded, encoded)
+    return rows, [e.prompt_ids for e in enc], [e.target_ids for e in enc]
+
+
+def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "data"):
+    """Examples -> (expert-buffer rows, the encoded examples, the encoding report): encoded, checked
+    against data.max_prompt_len/max_answer_len (data.on_bad), noise-augmented `data.augment_copies`
+    times; row ids f"{id_prefix}{copy}-{i}". Shared by data.train_path and data.watch_dir."""
     from sm_dist.core.vocab import get_bkspc_id
-    from sm_dist.data.datasets import augment, encode_examples, make_data_rows, no_usable_examples
+    from sm_dist.data.datasets import augment, encode_examples, make_data_rows
 
     d = cfg.data
-    examples, path, loaded = load_train_examples(cfg)
     enc, encoded = encode_examples(
         examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad, source=path
     )
     if not enc:
-        raise no_usable_examples("data.train_path", path, loaded, encoded)
+        return [], enc, encoded
     bk = get_bkspc_id(tok)
     specials = set(tok.all_special_ids) | {bk}
     if d.noise == "task":
@@ -78,5 +90,5 @@ def build_data(cfg: Config, tok) -> tuple[list[dict], list[list[int]], list[list
     rows: list[dict] = []
     for c in range(d.augment_copies):
         aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
-        rows += make_data_rows(aug, bk, id_prefix=f"data{c}")
-    return rows, [e.prompt_ids for e in enc], [e.target_ids for e in enc]
+        rows += make_data_rows(aug, bk, id_prefix=f"{id_prefix}{c}")
+    return rows, enc, encoded

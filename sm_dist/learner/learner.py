@@ -319,10 +319,11 @@ class Learner:
     def connect_weights(self, workers: list, names: list[str]) -> None:
         """Rank 0 builds its end of `sync.transport` and connects it to the rollout workers (a
         collective rendezvouses here, at this node's address); other ranks keep nothing. Call on every
-        rank; again after the workers change."""
+        rank; again after the workers change (scaling: the sender keeps its last version for `resend`)."""
         if self.rank == 0:
-            self.sender = self.sync.transport.sender(self.sync.timeout_s)
-            self.sender.connect(workers, names, self.module)
+            if self.sender is None or self.sync.transport.collective:  # a collective rendezvouses anew
+                self.sender = self.sync.transport.sender(self.sync.timeout_s)
+            self.sender.connect(workers, names, self.module)  # the object store keeps its last version
 
     def publish_weights(self, version: int):
         """Send the current weights as `version` (`sm_dist.sync.base.Delivery` on rank 0, None on the

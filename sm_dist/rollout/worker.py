@@ -276,6 +276,19 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
+    def set_prompts(self, shard: PromptShard) -> int:
+        """A new prompt shard (the workers were re-sharded after scaling); takes effect from the next
+        batch. Returns the shard's size."""
+        prompts, targets = shard.load(), shard.load_targets()
+        if not prompts:
+            raise ValueError(f"{self.worker_id}: an empty prompt shard")
+        if self.data_sink is not None and (targets is None or len(targets) != len(prompts)):
+            raise ValueError(f"{self.worker_id}: correction rows need one expert target per prompt")
+        self.prompts = [list(map(int, p)) for p in prompts]
+        self.targets = targets if self.data_sink is not None else self.targets
+        self._cursor = 0
+        return len(self.prompts)
+
     def stop(self) -> None:
         """Ask `run` to return after the current batch (needs a threaded actor to be called mid-run)."""
         self._stop.set()
