@@ -35,6 +35,7 @@ from sm_dist.actors import (
     build_actors,
     build_learners,
     check_resources,
+    learner_placement,
     start_ray,
     wait_ready,
 )
@@ -62,7 +63,10 @@ class Trainer:
     """One run's parts: the rollout scheduler, the learner group, the batch sampler and the run state.
     `run_loop` drives it, one `run_step` at a time; `recovery` checkpoints it."""
 
-    def __init__(self, ray, cfg: Config, replay, expert, workers, names, learners, state: RunState, logger):
+    def __init__(
+        self, ray, cfg: Config, replay, expert, workers, names, learners, state: RunState, logger, pg=None
+    ):
+        """`pg`: the learners' placement group (`sm_dist.actors.learner_placement`); restarts reuse it."""
         self.ray, self.cfg, self.s, self.log = ray, cfg, state, logger
         self.replay, self.expert, self.names = replay, expert, names
         policy = RolloutPolicy(
@@ -73,7 +77,7 @@ class Trainer:
         self.sched = RolloutScheduler(ray, workers, names, policy, self._resend, state.syncs)
         self.sched.batches = state.rollout_batches
         self.group = LearnerGroup(
-            ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d)
+            ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d, pg)
         )
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
@@ -212,6 +216,8 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         "rollout_batches": t.sched.batches,
         "worker_restarts": t.sched.restarts,
         "learner_restarts": t.group.restarts,
+        "learner_rendezvous": t.group.rendezvous,  # rank 0's node address:port, where the ranks met
+        "driver_node": t.ray.util.get_node_ip_address(),
         "last_checkpoint": str(final),
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
         "metrics": str(logger.path),
@@ -253,15 +259,16 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         check_resources(ray, cfg)
         model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
         # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
+        pg = learner_placement(ray, cfg)  # the learners' bundles, reserved before anything starts
         replay, expert, workers, names, learners, prompt_refs = build_actors(
-            ray, cfg, prompts, model_dir, targets
+            ray, cfg, prompts, model_dir, targets, pg
         )
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
-        t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
+        t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger, pg)
         install_signal_handlers(t)
         t.group.connect(workers, names)
         if last:

@@ -1,13 +1,18 @@
 """The learner rank: a plain class (the driver applies `ray.remote`), one per data-parallel rank.
 
     Learner = ray.remote(num_cpus=1)(Learner)
-    ranks = [Learner.remote(r, M, addr, port, model_dir, cfg.learner, cfg.objective, steps, seed, sync=cfg.sync)
+    ranks = [Learner.remote(r, M, model_dir, cfg.learner, cfg.objective, steps, seed, sync=cfg.sync)
              for r in range(M)]
+    addr, port = ray.get(ranks[0].rendezvous_address.remote())   # rank 0's own node, a port free there
+    ray.get([l.init_distributed.remote(addr, port) for l in ranks])    # the process group, then AdamW
     metrics = ray.get([l.train_step.remote(data_shard[r], replay_shard[r]) for r, l in enumerate(ranks)])
     ray.get([l.connect_weights.remote(workers, names) for l in ranks])    # once
     delivery = ray.get([l.publish_weights.remote(version) for l in ranks])[0]  # rank 0's Delivery
 
-Public methods: `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
+(`sm_dist.actors.build_learners` does the above in placement-group bundles.) With one rank the
+constructor builds the optimiser itself and `init_distributed` is not needed.
+
+Public methods: `rendezvous_address`, `init_distributed`, `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
 `save_checkpoint`, `load_checkpoint`.
 
 Normalisation (why M ranks with B/M rows each equal one rank with B rows): the objective takes
@@ -123,8 +128,6 @@ class Learner:
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         model_dir: str,
         learner: LearnerConfig,
         objective: ObjectiveConfig,
@@ -153,8 +156,14 @@ class Learner:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.module = model  # the HF model (sharded in place under FSDP2)
         self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
-        if world_size > 1:
-            self._init_distributed(master_addr, master_port)
+        self.rendezvous: tuple[str, int] | None = None  # where the process group met (rank 0's choice)
+        self.optimizer: Any = None  # built once the parameters are final (after FSDP2 shards them)
+        self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
+        self.c = _Counters()
+        if world_size == 1:
+            self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(),
             lr=self.opt_p.lr,
@@ -165,16 +174,38 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.opt_p, self.total_steps)
         )
-        self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
-        self.c = _Counters()
 
-    def _init_distributed(self, addr: str, port: int) -> None:
+    def rendezvous_address(self, port: int | None = None) -> tuple[str, int]:
+        """Rank 0: where the ranks' process group meets, chosen once: this node's address (the one Ray
+        knows it by) and `port` (learner.master_port), or a port free on this node now."""
+        from sm_dist.cluster import free_port, node_ip_address
+
+        if self.rendezvous is None:
+            addr = node_ip_address()
+            self.rendezvous = (addr, port or free_port(addr))
+        return self.rendezvous
+
+    def init_distributed(self, addr: str, port: int, timeout_s: float = 1800.0) -> None:
+        """Join the ranks' process group at rank 0's `addr:port` (every rank at once: it blocks until all
+        have joined), shard (FSDP2) or wrap (DDP) the model, then build the optimiser."""
+        import datetime as dt
+
         import torch.distributed as dist
 
+        self.rendezvous = (addr, port)
+        if self.world_size == 1:  # no group: the constructor built the optimiser
+            return
+        if self.optimizer is not None:
+            raise RuntimeError(f"learner rank {self.rank}: init_distributed called twice")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size
-        )
+            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size,
+            timeout=dt.timedelta(seconds=timeout_s),
+        )  # fmt: skip
+        self._wrap()
+        self._build_optimizer()
+
+    def _wrap(self) -> None:
         if self.opt_p.strategy == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -211,6 +242,8 @@ class Learner:
     def train_step(self, data_rows, replay_rows=None) -> dict[str, float]:
         """One optimiser step on this rank's rows (Arrow batch or list of dicts each); returns metrics."""
         t0 = time.perf_counter()
+        if self.optimizer is None:
+            raise RuntimeError(f"learner rank {self.rank} of {self.world_size}: init_distributed first")
         data, replay = _as_rows(data_rows), _as_rows(replay_rows)
         if not data and not replay:
             raise ValueError(f"learner rank {self.rank}: train_step got no rows")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sm_dist.cluster import free_port
 from sm_dist.config import LearnerConfig, ObjectiveConfig
 
 LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant", clip_norm=1.0, grad_accum=1)
@@ -48,6 +47,16 @@ def rows(tiny_model_dir):
     return data, model
 
 
+def _group(L, n: int, model_dir, cfg) -> list:
+    """`n` ranks of actor class `L` in one process group, met at rank 0's own address."""
+    import ray
+
+    ranks = [L.remote(r, n, str(model_dir), cfg, OBJECTIVE, 10, seed=0) for r in range(n)]
+    addr, port = ray.get(ranks[0].rendezvous_address.remote())
+    ray.get([lr.init_distributed.remote(addr, port) for lr in ranks])
+    return ranks
+
+
 def _params_after(learners, shards, steps: int = 1) -> dict[str, torch.Tensor]:
     import ray
 
@@ -64,13 +73,12 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
 
     data, model = rows
     L = ray.remote(num_cpus=1)(Learner)
-    one = L.remote(0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)
+    one = L.remote(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)
     p1 = _params_after([one], [(data, model)], steps)
     ray.kill(one)
 
-    port = free_port()
     cfg = LEARNER.model_copy(update={"strategy": strategy})
-    two = [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10, seed=0) for r in (0, 1)]
+    two = _group(L, 2, tiny_model_dir, cfg)
     if strategy == "fsdp2":  # really sharded: each rank holds about half of every parameter
         local = ray.get(two[1].local_param_numel.remote())
         total = sum(v.numel() for v in p1.values())
@@ -101,8 +109,7 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
     shards = [(data[r::2], model[r::2]) for r in (0, 1)]
 
     def pair():
-        port = free_port()
-        return [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10) for r in (0, 1)]
+        return _group(L, 2, tiny_model_dir, cfg)
 
     a = pair()
     _params_after(a, shards)
@@ -124,16 +131,12 @@ def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
     from sm_dist.learner.learner import Learner
 
     data, model = rows
-    a = Learner(
-        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
-    )
+    a = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
     a.train_step(data[:4], model[:4])
     a.save_checkpoint(str(tmp_path / "ck"))
     m_a = a.train_step(data[4:], model[4:])
 
-    b = Learner(
-        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
-    )
+    b = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
     assert b.load_checkpoint(str(tmp_path / "ck")) == 1
     m_b = b.train_step(data[4:], model[4:])
     assert m_b["learner/step"] == 2
@@ -161,7 +164,7 @@ def test_data_rows_use_their_stored_noise_flags(tiny_model_dir, rows):
 
     data, _ = rows
     row = next(r for r in data if any(r["is_noise"]))
-    lr = Learner(0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
+    lr = Learner(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
     stored, genuine, v1 = lr.traces(
         [row, {**row, "is_noise": [False] * len(row["action_ids"])}, {**row, "is_noise": []}]
     )
