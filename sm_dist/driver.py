@@ -54,6 +54,7 @@ from sm_dist.recovery import (
 from sm_dist.sampler import BatchSampler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
+from sm_dist.storage import check_shared_run_dir
 from sm_dist.validate import preflight
 
 log = logging.getLogger("sm_dist.driver")
@@ -264,6 +265,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
             ray, cfg, prompts, model_dir, targets, pg
         )
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
+        check_shared_run_dir(ray, run_dir, learners, cfg.run.startup_timeout_s)
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())

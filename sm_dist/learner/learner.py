@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -372,43 +374,65 @@ class Learner:
         return self.sender.resend(index)
 
     def save_checkpoint(self, ckpt_dir: str) -> dict:
-        """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
-        Call on every rank (FSDP2 gathers collectively). Nothing is copied from the folder the model
-        came from: that may be a checkpoint `keep_last` has pruned since."""
-        sd = self.full_state_dict()
-        osd = self._optimizer_state()
+        """Every rank writes its own shard of the model and optimiser state to `state/` (DCP,
+        `sm_dist.learner.sharded`: nothing is gathered on one rank); then rank 0 writes `model/` (an HF
+        folder vLLM can load: the weights alone are gathered) and `learner_state.json`. Call on every
+        rank. Nothing is copied from the folder the model came from: a checkpoint `keep_last` may have
+        pruned since. Returns this rank's seconds and bytes written (rank 0: also the state)."""
+        from sm_dist.learner import sharded
+
+        out, t0 = Path(ckpt_dir), time.perf_counter()
+        sharded.save_state(self.module, self.optimizer, out / "state")
+        own = sum(f.stat().st_size for f in (out / "state").glob(f"__{self.rank}_*.distcp"))
+        figures = {"rank": self.rank, "state_bytes": own, "state_s": time.perf_counter() - t0}
+        sd = self.full_state_dict()  # weights only (a collective under FSDP2)
         if self.rank != 0:
-            return {}
-        out = Path(ckpt_dir)
+            return figures
         (out / "model").mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
         self.tokenizer.save_pretrained(out / "model")
-        torch.save({"optimizer": osd, "scheduler": self.scheduler.state_dict()}, out / "optimizer.pt")
         state = {
             "step": self.c.step,
             "skipped": self.c.skipped,
             "sequences": self.c.sequences,
+            "world_size": self.world_size,
+            "strategy": self.opt_p.strategy,
+            "scheduler": self.scheduler.state_dict(),
             "optim": self.opt_p.model_dump(mode="json"),
         }
         (out / "learner_state.json").write_text(json.dumps(state, indent=1))
-        return state
-
-    def _optimizer_state(self) -> dict:
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.module, self.optimizer, options=opts)
-        return self.optimizer.state_dict()
+        return {**state, **figures, "save_s": time.perf_counter() - t0}
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
-        """Restore weights, optimizer, scheduler and counters on every rank; return the step."""
-        from safetensors.torch import load_file
+        """Restore weights, optimizer, scheduler and counters on every rank (from `state/`, whatever
+        strategy and number of ranks wrote it; or a legacy `optimizer.pt` + `model/`); return the step.
+        A file that would unpickle code is refused with a `CheckpointError`."""
+        from sm_dist.errors import CheckpointError
+        from sm_dist.learner import sharded
 
         d = Path(ckpt_dir)
-        files = sorted((d / "model").glob("*.safetensors"))
+        st = json.loads((d / "learner_state.json").read_text())
+        try:
+            if (d / "state").is_dir():
+                sharded.load_state(self.module, self.optimizer, d / "state")
+                self.scheduler.load_state_dict(st["scheduler"])
+            else:
+                self._load_legacy(d)
+        except pickle.UnpicklingError as e:  # UnsafeCheckpoint, or torch.load(weights_only=True)'s refusal
+            raise CheckpointError(
+                str(d), f"refused to load it: {sharded.one_line(e)}",
+                "resume only from checkpoints you trust to hold tensors alone; sm-dist never unpickles code",
+            ) from None  # fmt: skip
+        self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
+        return self.c.step
+
+    def _load_legacy(self, d: Path) -> None:
+        """A checkpoint from before `state/`: full weights in `model/`, the optimiser in optimizer.pt
+        (loaded with weights_only=True: tensors and plain containers only)."""
+        from safetensors.torch import load_file
+
         sd: dict[str, torch.Tensor] = {}
-        for f in files:
+        for f in sorted((d / "model").glob("*.safetensors")):
             sd.update(load_file(str(f)))
         opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.sharded:
@@ -430,12 +454,23 @@ class Learner:
                 )
             self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        st = json.loads((d / "learner_state.json").read_text())
-        self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
-        return self.c.step
 
     def get_step(self) -> int:
         return self.c.step
+
+    def write_token(self, path: str, token: str) -> str:
+        """Write `token` to `path` (fsynced; folders made) and return this rank's node address: the
+        driver reads it back to check that `run.run_dir` is one storage for every node
+        (`sm_dist.storage`)."""
+        from sm_dist.cluster import node_ip_address
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("w") as f:
+            f.write(token)
+            f.flush()
+            os.fsync(f.fileno())
+        return node_ip_address()
 
     def local_param_numel(self) -> int:
         """Parameter elements this rank holds (its shard under FSDP2, everything under DDP)."""
