@@ -347,6 +347,13 @@ class RunConfig(_Section):
         gt=0.0,
         description="How long the learners and rollout workers (vLLM engines) may take to start.",
     )
+    stop_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="After SIGTERM/SIGINT (`ray job stop`), the most seconds the final checkpoint may take; "
+        "past it the driver gives up on it (the last periodic one stands). Keep the job's "
+        "RAY_JOB_STOP_WAIT_TIME_S above it (deploy/ sets 900).",
+    )
     asynchronous: bool = Field(
         True, description="Workers generate while learners step; false alternates them (benchmark baseline)."
     )

@@ -288,7 +288,8 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         except Exception as e:
             rescue_checkpoint(t, e)
             raise
-        final = save_checkpoint(t)
+        # after a stop signal, bounded: Ray's job stop kills at RAY_JOB_STOP_WAIT_TIME_S
+        final = save_checkpoint(t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None)
         logger.close()
         _finish(t, run_dir, final, logger)
         return 0
