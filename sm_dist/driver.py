@@ -235,6 +235,21 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
     )
 
 
+def _begin(t: Trainer, last: Path | None, data_rows: list) -> None:
+    """Connect the weight transport, load the checkpoint resumed from (if any), seed the expert buffer."""
+    t.group.connect(t.sched.workers, t.names)
+    if last:
+        t.group.load(str(last))
+        log.info(f"resumed from {last} at step {t.s.step}, weights version {t.s.version}")
+        t.s.version -= 1
+        t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
+    if t.ray.get(t.expert.stats.remote())["rows"] == 0:
+        from sm_dist.buffer.schema import rows_to_batch
+
+        t.ray.get(t.expert.add.remote(rows_to_batch(data_rows)))
+        t.s.expert_rows = len(data_rows)
+
+
 def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
     from transformers import AutoTokenizer
 
@@ -264,32 +279,25 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         replay, expert, workers, names, learners, prompt_refs = build_actors(
             ray, cfg, prompts, model_dir, targets, pg
         )
+        check_shared_run_dir(
+            ray, run_dir, learners, cfg.run.startup_timeout_s
+        )  # ranks up; engines may not be
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
-        check_shared_run_dir(ray, run_dir, learners, cfg.run.startup_timeout_s)
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger, pg)
         install_signal_handlers(t)
-        t.group.connect(workers, names)
-        if last:
-            t.group.load(str(last))
-            log.info(f"resumed from {last} at step {state.step}, weights version {state.version}")
-            t.s.version -= 1
-            t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
-        if ray.get(expert.stats.remote())["rows"] == 0:
-            from sm_dist.buffer.schema import rows_to_batch
-
-            ray.get(expert.add.remote(rows_to_batch(data_rows)))
-            state.expert_rows = len(data_rows)
+        _begin(t, last, data_rows)
         try:
             run_loop(t)
         except Exception as e:
             rescue_checkpoint(t, e)
             raise
-        # after a stop signal, bounded: Ray's job stop kills at RAY_JOB_STOP_WAIT_TIME_S
-        final = save_checkpoint(t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None)
+        final = save_checkpoint(
+            t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None
+        )  # Ray kills later
         logger.close()
         _finish(t, run_dir, final, logger)
         return 0
