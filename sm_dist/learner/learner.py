@@ -189,7 +189,9 @@ class Learner:
 
     def init_distributed(self, addr: str, port: int, timeout_s: float = 1800.0) -> None:
         """Join the ranks' process group at rank 0's `addr:port` (every rank at once: it blocks until all
-        have joined), shard (FSDP2) or wrap (DDP) the model, then build the optimiser."""
+        have joined; the driver bounds that wait by run.startup_timeout_s), shard (FSDP2) or wrap (DDP)
+        the model, then build the optimiser. The group's rendezvous and collectives time out after
+        max(timeout_s, 30 min), torch's default."""
         import datetime as dt
 
         import torch.distributed as dist
@@ -202,7 +204,7 @@ class Learner:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size,
-            timeout=dt.timedelta(seconds=timeout_s),
+            timeout=dt.timedelta(seconds=max(timeout_s, 1800.0)),  # also every collective's
         )  # fmt: skip
         self._wrap()
         self._build_optimizer()
