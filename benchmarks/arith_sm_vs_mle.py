@@ -138,7 +138,7 @@ def pretrain(
     bk = get_bkspc_id(tok)
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
     lc = LearnerConfig(lr=a.pretrain_lr, lr_warmup_steps=100)
-    learner = Learner(0, 1, "127.0.0.1", 0, str(init), lc, ObjectiveConfig(divergence="mle"), steps)
+    learner = Learner(0, 1, str(init), lc, ObjectiveConfig(divergence="mle"), steps)
     rng, t0, log = random.Random(0), time.perf_counter(), []
     for step in range(steps):
         m = learner.train_step(rng.sample(rows, a.pretrain_batch))

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from sm_dist.cluster import free_port, init_local_ray, ray_logging_level, set_process_env, vllm_env
+from sm_dist.cluster import init_local_ray, ray_logging_level, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError
 
 log = logging.getLogger("sm_dist.driver")
@@ -46,13 +46,23 @@ def check_resources(ray, cfg: Config) -> None:
                 f"{res}s, but the cluster has {have.get(res, 0)}.",
                 f"lower rollout.num_workers / rollout.{per_worker} (or learner.{per_learner}), or {fix}",
             )
+    for res, per in lc.resources.items():  # custom resources: the learners' only
+        if lc.num_learners * per > have.get(res, 0):
+            raise ConfigError(
+                "learner.resources",
+                f"{lc.num_learners} learners x {per} {res!r} = {lc.num_learners * per}, but the cluster has "
+                f"{have.get(res, 0)} (nodes carry it with ray start --resources '{{\"{res}\": N}}').",
+                "start nodes with that resource, or drop it from learner.resources",
+            )
 
 
 def build_actors(
-    ray, cfg: Config, prompts: list[list[int]], model_dir: str, targets: list[list[int]] | None = None
-):
-    """The buffers, the rollout workers (each with its prompt shard) and the learner ranks; the last
-    item returned holds the shards' refs, which the caller keeps for the whole run."""
+    ray, cfg: Config, prompts: list[list[int]], model_dir: str, targets: list[list[int]] | None = None,
+    pg=None,
+):  # fmt: skip
+    """The buffers, the rollout workers (each with its prompt shard) and the learner ranks (in `pg`, a
+    learner placement group, made when None); the last item returned holds the shards' refs, which the
+    caller keeps for the whole run."""
     from sm_dist.buffer.replay import ReplayBuffer
 
     b, r = cfg.buffer, cfg.rollout
@@ -68,7 +78,7 @@ def build_actors(
         for i in range(r.num_workers)
     ]
     refs = ([s.ref for s in shards], [s.targets_ref for s in shards])
-    return replay, expert, workers, names, build_learners(ray, cfg, model_dir), refs
+    return replay, expert, workers, names, build_learners(ray, cfg, model_dir, pg), refs
 
 
 def worker_class(ray, cfg: Config):
@@ -114,38 +124,93 @@ def make_worker(W, cfg: Config, name: str, model_dir: str, prompt_shard, replay,
     )  # fmt: skip
 
 
-def build_learners(ray, cfg: Config, model_dir: str) -> list:
-    """The learner ranks (one torch.distributed group), with weights from `model_dir`."""
+class LearnerRanks(list):
+    """The learner actors in rank order, with where their process group met (`rendezvous`,
+    "address:port" on rank 0's node)."""
+
+    rendezvous: str | None = None
+
+
+def learner_bundle(cfg: Config) -> dict[str, float]:
+    """What one learner rank reserves: its CPUs, GPUs (if any) and the config's custom resources."""
+    lc = cfg.learner
+    bundle = {"CPU": lc.cpus_per_learner, "GPU": lc.gpus_per_learner, **lc.resources}
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def learner_placement(ray, cfg: Config):
+    """A placement group of one bundle per learner rank (learner.placement_strategy, PACK by default:
+    the ranks share as few nodes as the cluster allows), reserved before any rank starts. Rollout
+    workers are placed on their own, outside it, so they can scale independently."""
+    from ray.util.placement_group import placement_group
+
+    lc = cfg.learner
+    bundle = learner_bundle(cfg)
+    pg = placement_group([dict(bundle) for _ in range(lc.num_learners)], strategy=lc.placement_strategy)
+    if not pg.wait(timeout_seconds=cfg.run.startup_timeout_s):
+        ray.util.remove_placement_group(pg)
+        raise ConfigError(
+            "learner.resources",
+            f"the cluster could not place {lc.num_learners} learner bundles {bundle} "
+            f"(learner.placement_strategy={lc.placement_strategy}) within run.startup_timeout_s="
+            f"{cfg.run.startup_timeout_s}s; it has {ray.available_resources()} free.",
+            "start nodes that carry these resources (ray start --resources ...), lower "
+            "learner.num_learners / learner.cpus_per_learner / learner.gpus_per_learner, or use "
+            "learner.placement_strategy=SPREAD",
+        )
+    return pg
+
+
+def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
+    """The learner ranks (one torch.distributed group), with weights from `model_dir`, one per bundle of
+    `pg` (`learner_placement`; made here when None). Every rank loads its model at once; then rank 0
+    picks its own node's address and a port free there, and every rank joins it (`init_distributed`)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from sm_dist.learner.learner import Learner
 
     lc = cfg.learner
+    pg = pg or learner_placement(ray, cfg)
     env = {"env_vars": vllm_env(cfg.rollout.engine.cpu_kvcache_gib)}
-    L = ray.remote(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, runtime_env=env)(Learner)
-    addr = ray.util.get_node_ip_address()
-    port = lc.master_port or free_port(addr)
-    return [
-        L.remote(
-            rank, lc.num_learners, addr, port, model_dir, lc, cfg.objective, cfg.run.total_steps,
-            cfg.run.seed, sync=cfg.sync,
-        )
+    L = ray.remote(
+        num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner, resources=lc.resources or None,
+        runtime_env=env,
+    )(Learner)  # fmt: skip
+    ranks = LearnerRanks(
+        L.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
+        .remote(rank, lc.num_learners, model_dir, lc, cfg.objective, cfg.run.total_steps, cfg.run.seed,
+                sync=cfg.sync)
         for rank in range(lc.num_learners)
-    ]  # fmt: skip
+    )  # fmt: skip
+    labels = [f"learner rank {i}" for i in range(len(ranks))]
+    timeout = cfg.run.startup_timeout_s
+    addr, port = _wait(ray, [ranks[0].rendezvous_address.remote(lc.master_port)], labels[:1], timeout)[0]
+    ranks.rendezvous = f"{addr}:{port}"
+    where = ray.util.get_node_ip_address()
+    log.info(f"learner ranks rendezvous at {ranks.rendezvous} (rank 0's node; the driver is on {where})")
+    _wait(ray, [lr.init_distributed.remote(addr, port, timeout) for lr in ranks], labels, timeout)
+    return ranks
+
+
+def _wait(ray, futs: list, labels: list[str], timeout_s: float) -> list:
+    """`wait_all` for start-up calls: a constructor's error names the actor, a timeout the late ones."""
+    from sm_dist.sync.base import wait_all
+
+    try:
+        return wait_all(futs, labels, timeout_s, "start-up (run.startup_timeout_s)")
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
 
 
 def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     """Block until every actor has finished its constructor (vLLM engines built, models loaded), so
     the loop, its clock and the staleness bound start with every worker able to generate; return the
     seconds it took. A constructor error is re-raised naming the actor; a timeout names the late ones."""
-    from sm_dist.sync.base import wait_all
-
     t0 = time.perf_counter()
     futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
     labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
     log.info(f"starting {len(workers)} rollout workers and {len(learners)} learners ...")
-    try:
-        wait_all(futs, labels, cfg.run.startup_timeout_s, "start-up (run.startup_timeout_s)")
-    except ray.exceptions.RayActorError as e:
-        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
+    _wait(ray, futs, labels, cfg.run.startup_timeout_s)
     return time.perf_counter() - t0
 
 

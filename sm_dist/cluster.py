@@ -40,6 +40,14 @@ def free_port(address: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def node_ip_address() -> str:
+    """This process's node address as Ray knows it (inside an actor: the actor's node), or 127.0.0.1
+    outside Ray. What a process that hosts a rendezvous hands to the ones that dial it."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
 # Ray's switch for "no multi-node cluster on this machine" (named for Windows/macOS, where it is off by
 # default). With it on (the Linux default), `ray.init(_node_ip_address="127.0.0.1")` replaces the loopback
 # address with the machine's routable one (`services.resolve_ip_for_localhost`), so the GCS, the raylet,

@@ -215,7 +215,20 @@ class LearnerConfig(_Section):
     )
     cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per learner actor.")
     gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per learner actor (0: CPU, gloo).")
-    master_port: int | None = Field(None, description="torch.distributed port (null: pick a free one).")
+    master_port: int | None = Field(
+        None,
+        description="torch.distributed port on learner rank 0's node (null: rank 0 picks one free there).",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each learner rank needs besides CPUs/GPUs (e.g. {learner_node: 1} "
+        "to keep the ranks on nodes started with --resources '{\"learner_node\": N}').",
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How the ranks' placement group (one bundle per rank) spreads over nodes: PACK fills "
+        "nodes in turn (fewest nodes, fastest collectives); STRICT_PACK needs them all on one node.",
+    )
 
 
 # ---- rollout ----------------------------------------------------------------------------------------
@@ -357,6 +370,13 @@ class RunConfig(_Section):
         900.0,
         gt=0.0,
         description="How long the learners and rollout workers (vLLM engines) may take to start.",
+    )
+    stop_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="After SIGTERM/SIGINT (`ray job stop`), the most seconds the final checkpoint may take; "
+        "past it the driver gives up on it (the last periodic one stands). Keep the job's "
+        "RAY_JOB_STOP_WAIT_TIME_S above it (deploy/ sets 900).",
     )
     asynchronous: bool = Field(
         True, description="Workers generate while learners step; false alternates them (benchmark baseline)."

@@ -93,12 +93,42 @@ def _resolve(path: str, bases: list[Path]) -> str:
     return str((bases[0] / p).resolve())
 
 
+RUN_ROOT_ENV = "SM_DIST_RUN_ROOT"  # where a relative run.run_dir goes, when set (deploy/ sets /shared/runs)
+
+
+def resolve_run_dir(raw: str) -> str:
+    """`run.run_dir` as an absolute path: as given; else under $SM_DIST_RUN_ROOT (said in the log);
+    else under the current directory, except in a `ray job submit` driver, whose current directory
+    is a per-job copy of --working-dir that Ray deletes: a `ConfigError` there."""
+    import logging
+
+    p = Path(os.path.expanduser(raw))
+    if p.is_absolute():
+        return str(p)
+    if root := os.environ.get(RUN_ROOT_ENV):
+        out = str((Path(root) / p).resolve())
+        logging.getLogger("sm_dist.driver").info(
+            f"run.run_dir={raw} is relative: {out} (under ${RUN_ROOT_ENV})"
+        )
+        return out
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for the entrypoint
+        raise ConfigError(
+            "run.run_dir",
+            f"{raw} is relative, and this driver runs under `ray job submit`, whose current directory "
+            f"({Path.cwd()}) is a per-job copy of --working-dir on the head node, deleted with the job and "
+            "invisible to the other nodes.",
+            f"give run.run_dir an absolute path on storage every node mounts (e.g. run.run_dir=/shared/runs/"
+            f"NAME), or set {RUN_ROOT_ENV}=/shared/runs (runtime_env env_vars) to put relative run dirs there",
+        )
+    return str((Path.cwd() / p).resolve())
+
+
 def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     """Absolute paths (module docstring rules); `model.dir` null -> `<run_dir>/model`."""
     bases = [Path.cwd()]
     if config_path is not None:
         bases += [config_path.parent.resolve(), config_path.parent.resolve().parent]
-    run_dir = str((Path.cwd() / os.path.expanduser(cfg.run.run_dir)).resolve())
+    run_dir = resolve_run_dir(cfg.run.run_dir)
     model_dir = _resolve(cfg.model.dir, bases) if cfg.model.dir else str(Path(run_dir) / "model")
     out = cfg.model_copy(deep=True)
     out.run.run_dir = run_dir

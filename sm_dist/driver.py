@@ -38,6 +38,7 @@ from sm_dist.actors import (
     build_actors,
     build_learners,
     check_resources,
+    learner_placement,
     start_ray,
     wait_ready,
 )
@@ -58,6 +59,7 @@ from sm_dist.sampler import BatchSampler
 from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
+from sm_dist.storage import check_shared_run_dir
 from sm_dist.validate import preflight
 
 log = logging.getLogger("sm_dist.driver")
@@ -67,7 +69,10 @@ class Trainer:
     """One run's parts: the rollout scheduler, the learner group, the batch sampler and the run state.
     `run_loop` drives it, one `run_step` at a time; `recovery` checkpoints it."""
 
-    def __init__(self, ray, cfg: Config, replay, expert, workers, names, learners, state: RunState, logger):
+    def __init__(
+        self, ray, cfg: Config, replay, expert, workers, names, learners, state: RunState, logger, pg=None
+    ):
+        """`pg`: the learners' placement group (`sm_dist.actors.learner_placement`); restarts reuse it."""
         self.ray, self.cfg, self.s, self.log = ray, cfg, state, logger
         self.replay, self.expert, self.names = replay, expert, names
         policy = RolloutPolicy(
@@ -78,7 +83,7 @@ class Trainer:
         self.sched = RolloutScheduler(ray, workers, names, policy, self._resend, state.syncs)
         self.sched.batches = state.rollout_batches
         self.group = LearnerGroup(
-            ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d)
+            ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d, pg)
         )
         self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
         self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
@@ -271,6 +276,8 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         "rollout_batches": t.sched.batches,
         "worker_restarts": t.sched.restarts,
         "learner_restarts": t.group.restarts,
+        "learner_rendezvous": t.group.rendezvous,  # rank 0's node address:port, where the ranks met
+        "driver_node": t.ray.util.get_node_ip_address(),
         "last_checkpoint": str(final),
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
         "metrics": str(logger.path),
@@ -285,6 +292,21 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
         f"  resume with: sm-dist train <config> --resume {run_dir}"
     )
+
+
+def _begin(t: Trainer, last: Path | None, data_rows: list) -> None:
+    """Connect the weight transport, load the checkpoint resumed from (if any), seed the expert buffer."""
+    t.group.connect(t.sched.workers, t.names)
+    if last:
+        t.group.load(str(last))
+        log.info(f"resumed from {last} at step {t.s.step}, weights version {t.s.version}")
+        t.s.version -= 1
+        t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
+    if t.ray.get(t.expert.stats.remote())["rows"] == 0:
+        from sm_dist.buffer.schema import rows_to_batch
+
+        t.ray.get(t.expert.add.remote(rows_to_batch(data_rows)))
+        t.s.expert_rows = len(data_rows)
 
 
 def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
@@ -312,30 +334,26 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         check_resources(ray, cfg)
         model_dir = str(ckpt.pin_model(last, run_dir)) if last else cfg.model.dir
         # prompt_refs stay referenced until train() returns: a restarted worker reads its prompts from them
+        pg = learner_placement(ray, cfg)  # the learners' bundles, reserved before anything starts
         replay, expert, workers, names, learners, prompt_refs = build_actors(
-            ray, cfg, prompts, model_dir, targets
+            ray, cfg, prompts, model_dir, targets, pg
         )
+        check_shared_run_dir(
+            ray, run_dir, learners, cfg.run.startup_timeout_s
+        )  # ranks up; engines may not be
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
         logger.text("config", text)
-        t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger)
+        t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger, pg)
         attach_service_parts(t, tok, prompts, targets, model_dir)
         install_signal_handlers(t)
-        t.group.connect(workers, names)
-        if last:
-            t.group.load(str(last))
-            log.info(f"resumed from {last} at step {state.step}, weights version {state.version}")
-            t.s.version -= 1
-            t.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
-        if ray.get(expert.stats.remote())["rows"] == 0:
-            from sm_dist.buffer.schema import rows_to_batch
-
-            ray.get(expert.add.remote(rows_to_batch(data_rows)))
-            state.expert_rows = len(data_rows)
+        _begin(t, last, data_rows)
         run_served(t, run_dir)
-        final = save_checkpoint(t)
+        final = save_checkpoint(
+            t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None
+        )  # Ray kills later
         logger.close()
         _finish(t, run_dir, final, logger)
         return 0

@@ -29,8 +29,10 @@ class LearnerDied(RuntimeError):
 
 class LearnerGroup:
     def __init__(self, ray: Any, cfg: Any, learners: list, wait_for: Callable, build: Callable[[str], list]):
-        """`build(model_dir)` makes a fresh set of ranks (`sm_dist.actors.build_learners`)."""
-        self.ray, self.cfg, self.learners = ray, cfg, learners
+        """`build(model_dir)` makes a fresh set of ranks, process group joined
+        (`sm_dist.actors.build_learners`, in the run's placement group)."""
+        self.ray, self.cfg, self.learners = ray, cfg, list(learners)
+        self.rendezvous: str | None = getattr(learners, "rendezvous", None)  # where the ranks met
         self.wait_for, self.build = wait_for, build
         self.restarts = 0
         self.busy_s = 0.0  # seconds the slowest rank spent in train_step, summed over steps
@@ -109,7 +111,8 @@ class LearnerGroup:
                     f"every rank restarts from {src}")  # fmt: skip
         for lr in self.learners:
             self.ray.kill(lr, no_restart=True)
-        self.learners = self.build(str(last / "model") if last else cfg.model.dir)
+        built = self.build(str(last / "model") if last else cfg.model.dir)
+        self.learners, self.rendezvous = list(built), getattr(built, "rendezvous", None)
         self.wait_for([lr.get_step.remote() for lr in self.learners], cfg.run.startup_timeout_s)
         if last is None:
             step = 0

@@ -3,13 +3,18 @@
 Layout of one checkpoint (what `sm-dist train --resume RUN_DIR` reads):
 
     model/                  HF folder (safetensors + tokenizer): loadable by transformers and vLLM
-    optimizer.pt            AdamW + LR scheduler state (rank 0; full state under FSDP2)
-    learner_state.json      learner counters (step, skipped steps, sequences)
+    state/                  model + AdamW state as torch.distributed.checkpoint: `__<rank>_0.distcp`
+                            written by each learner rank (its own shard), `.metadata` the index
+                            (sm_dist.learner.sharded); loads onto any strategy and number of ranks
+    learner_state.json      learner counters (step, skipped steps, sequences) and the LR schedule
     run_state.json          driver state: step, weights version, syncs applied per worker, expert rows
     buffer_manifest.json    copy of the replay buffer's manifest at checkpoint time (rows it held)
     manifest.json           size and sha256 of every other file; written last, just before the rename
 
-A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
+Checkpoints written before `state/` hold `optimizer.pt` (AdamW + scheduler, full state) instead;
+they still load (weights_only=True) and verify. Every rank writes into the same temp folder, which the
+driver renames: `run.run_dir` must be one filesystem for all of them (checked at start-up,
+`sm_dist.storage`). A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
 completed checkpoints are kept. `verify` checks a checkpoint before a resume trusts it: against its
 manifest, then structurally (JSON files parse, safetensors headers match their file sizes, the zip
 CRCs of optimizer.pt). A checkpoint written before manifests existed gets the structural checks only.
@@ -30,8 +35,10 @@ from pathlib import Path
 _PREFIX, _TMP, _CORRUPT = "step-", ".tmp", ".corrupt"
 MANIFEST = "manifest.json"
 _DONE = re.compile(r"step-(\d+)")
-# what every checkpoint holds (learner rank 0 writes the first three, `commit` the last)
-REQUIRED = ("model/config.json", "optimizer.pt", "learner_state.json", "run_state.json")
+# what every checkpoint holds (learner rank 0 writes the first two, `commit` the last), besides the
+# training state: `state/` (DCP shards) or, before it existed, `optimizer.pt`
+REQUIRED = ("model/config.json", "learner_state.json", "run_state.json")
+STATE = "state"
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -173,6 +180,12 @@ def _structure_problem(d: Path) -> str | None:
     for w in weights:
         if problem := safetensors_problem(w):
             return f"model/{problem}"
+    if (d / STATE).is_dir():
+        from sm_dist.learner.sharded import storage_problem
+
+        return storage_problem(d / STATE)
+    if not (d / "optimizer.pt").is_file():
+        return f"{STATE}/ (the training state) is missing"
     try:
         with zipfile.ZipFile(d / "optimizer.pt") as z:
             bad = z.testzip()

@@ -1,13 +1,18 @@
 """The learner rank: a plain class (the driver applies `ray.remote`), one per data-parallel rank.
 
     Learner = ray.remote(num_cpus=1)(Learner)
-    ranks = [Learner.remote(r, M, addr, port, model_dir, cfg.learner, cfg.objective, steps, seed, sync=cfg.sync)
+    ranks = [Learner.remote(r, M, model_dir, cfg.learner, cfg.objective, steps, seed, sync=cfg.sync)
              for r in range(M)]
+    addr, port = ray.get(ranks[0].rendezvous_address.remote())   # rank 0's own node, a port free there
+    ray.get([l.init_distributed.remote(addr, port) for l in ranks])    # the process group, then AdamW
     metrics = ray.get([l.train_step.remote(data_shard[r], replay_shard[r]) for r, l in enumerate(ranks)])
     ray.get([l.connect_weights.remote(workers, names) for l in ranks])    # once
     delivery = ray.get([l.publish_weights.remote(version) for l in ranks])[0]  # rank 0's Delivery
 
-Public methods: `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
+(`sm_dist.actors.build_learners` does the above in placement-group bundles.) With one rank the
+constructor builds the optimiser itself and `init_distributed` is not needed.
+
+Public methods: `rendezvous_address`, `init_distributed`, `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
 `save_checkpoint`, `load_checkpoint`.
 
 Normalisation (why M ranks with B/M rows each equal one rank with B rows): the objective takes
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -123,8 +130,6 @@ class Learner:
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         model_dir: str,
         learner: LearnerConfig,
         objective: ObjectiveConfig,
@@ -153,8 +158,14 @@ class Learner:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.module = model  # the HF model (sharded in place under FSDP2)
         self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
-        if world_size > 1:
-            self._init_distributed(master_addr, master_port)
+        self.rendezvous: tuple[str, int] | None = None  # where the process group met (rank 0's choice)
+        self.optimizer: Any = None  # built once the parameters are final (after FSDP2 shards them)
+        self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
+        self.c = _Counters()
+        if world_size == 1:
+            self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(
             self.module.parameters(),
             lr=self.opt_p.lr,
@@ -165,16 +176,40 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.opt_p, self.total_steps)
         )
-        self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
-        self.c = _Counters()
 
-    def _init_distributed(self, addr: str, port: int) -> None:
+    def rendezvous_address(self, port: int | None = None) -> tuple[str, int]:
+        """Rank 0: where the ranks' process group meets, chosen once: this node's address (the one Ray
+        knows it by) and `port` (learner.master_port), or a port free on this node now."""
+        from sm_dist.cluster import free_port, node_ip_address
+
+        if self.rendezvous is None:
+            addr = node_ip_address()
+            self.rendezvous = (addr, port or free_port(addr))
+        return self.rendezvous
+
+    def init_distributed(self, addr: str, port: int, timeout_s: float = 1800.0) -> None:
+        """Join the ranks' process group at rank 0's `addr:port` (every rank at once: it blocks until all
+        have joined; the driver bounds that wait by run.startup_timeout_s), shard (FSDP2) or wrap (DDP)
+        the model, then build the optimiser. The group's rendezvous and collectives time out after
+        max(timeout_s, 30 min), torch's default."""
+        import datetime as dt
+
         import torch.distributed as dist
 
+        self.rendezvous = (addr, port)
+        if self.world_size == 1:  # no group: the constructor built the optimiser
+            return
+        if self.optimizer is not None:
+            raise RuntimeError(f"learner rank {self.rank}: init_distributed called twice")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size
-        )
+            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size,
+            timeout=dt.timedelta(seconds=max(timeout_s, 1800.0)),  # also every collective's
+        )  # fmt: skip
+        self._wrap()
+        self._build_optimizer()
+
+    def _wrap(self) -> None:
         if self.opt_p.strategy == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
@@ -211,6 +246,8 @@ class Learner:
     def train_step(self, data_rows, replay_rows=None) -> dict[str, float]:
         """One optimiser step on this rank's rows (Arrow batch or list of dicts each); returns metrics."""
         t0 = time.perf_counter()
+        if self.optimizer is None:
+            raise RuntimeError(f"learner rank {self.rank} of {self.world_size}: init_distributed first")
         data, replay = _as_rows(data_rows), _as_rows(replay_rows)
         if not data and not replay:
             raise ValueError(f"learner rank {self.rank}: train_step got no rows")
@@ -340,43 +377,65 @@ class Learner:
         return self.sender.resend(index)
 
     def save_checkpoint(self, ckpt_dir: str) -> dict:
-        """Rank 0 writes `model/` (an HF folder vLLM can load), `optimizer.pt`, `learner_state.json`.
-        Call on every rank (FSDP2 gathers collectively). Nothing is copied from the folder the model
-        came from: that may be a checkpoint `keep_last` has pruned since."""
-        sd = self.full_state_dict()
-        osd = self._optimizer_state()
+        """Every rank writes its own shard of the model and optimiser state to `state/` (DCP,
+        `sm_dist.learner.sharded`: nothing is gathered on one rank); then rank 0 writes `model/` (an HF
+        folder vLLM can load: the weights alone are gathered) and `learner_state.json`. Call on every
+        rank. Nothing is copied from the folder the model came from: a checkpoint `keep_last` may have
+        pruned since. Returns this rank's seconds and bytes written (rank 0: also the state)."""
+        from sm_dist.learner import sharded
+
+        out, t0 = Path(ckpt_dir), time.perf_counter()
+        sharded.save_state(self.module, self.optimizer, out / "state")
+        own = sum(f.stat().st_size for f in (out / "state").glob(f"__{self.rank}_*.distcp"))
+        figures = {"rank": self.rank, "state_bytes": own, "state_s": time.perf_counter() - t0}
+        sd = self.full_state_dict()  # weights only (a collective under FSDP2)
         if self.rank != 0:
-            return {}
-        out = Path(ckpt_dir)
+            return figures
         (out / "model").mkdir(parents=True, exist_ok=True)
         self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
         self.tokenizer.save_pretrained(out / "model")
-        torch.save({"optimizer": osd, "scheduler": self.scheduler.state_dict()}, out / "optimizer.pt")
         state = {
             "step": self.c.step,
             "skipped": self.c.skipped,
             "sequences": self.c.sequences,
+            "world_size": self.world_size,
+            "strategy": self.opt_p.strategy,
+            "scheduler": self.scheduler.state_dict(),
             "optim": self.opt_p.model_dump(mode="json"),
         }
         (out / "learner_state.json").write_text(json.dumps(state, indent=1))
-        return state
-
-    def _optimizer_state(self) -> dict:
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.module, self.optimizer, options=opts)
-        return self.optimizer.state_dict()
+        return {**state, **figures, "save_s": time.perf_counter() - t0}
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
-        """Restore weights, optimizer, scheduler and counters on every rank; return the step."""
-        from safetensors.torch import load_file
+        """Restore weights, optimizer, scheduler and counters on every rank (from `state/`, whatever
+        strategy and number of ranks wrote it; or a legacy `optimizer.pt` + `model/`); return the step.
+        A file that would unpickle code is refused with a `CheckpointError`."""
+        from sm_dist.errors import CheckpointError
+        from sm_dist.learner import sharded
 
         d = Path(ckpt_dir)
-        files = sorted((d / "model").glob("*.safetensors"))
+        st = json.loads((d / "learner_state.json").read_text())
+        try:
+            if (d / "state").is_dir():
+                sharded.load_state(self.module, self.optimizer, d / "state")
+                self.scheduler.load_state_dict(st["scheduler"])
+            else:
+                self._load_legacy(d)
+        except pickle.UnpicklingError as e:  # UnsafeCheckpoint, or torch.load(weights_only=True)'s refusal
+            raise CheckpointError(
+                str(d), f"refused to load it: {sharded.one_line(e)}",
+                "resume only from checkpoints you trust to hold tensors alone; sm-dist never unpickles code",
+            ) from None  # fmt: skip
+        self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
+        return self.c.step
+
+    def _load_legacy(self, d: Path) -> None:
+        """A checkpoint from before `state/`: full weights in `model/`, the optimiser in optimizer.pt
+        (loaded with weights_only=True: tensors and plain containers only)."""
+        from safetensors.torch import load_file
+
         sd: dict[str, torch.Tensor] = {}
-        for f in files:
+        for f in sorted((d / "model").glob("*.safetensors")):
             sd.update(load_file(str(f)))
         opt = torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True)
         if self.sharded:
@@ -398,12 +457,23 @@ class Learner:
                 )
             self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        st = json.loads((d / "learner_state.json").read_text())
-        self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
-        return self.c.step
 
     def get_step(self) -> int:
         return self.c.step
+
+    def write_token(self, path: str, token: str) -> str:
+        """Write `token` to `path` (fsynced; folders made) and return this rank's node address: the
+        driver reads it back to check that `run.run_dir` is one storage for every node
+        (`sm_dist.storage`)."""
+        from sm_dist.cluster import node_ip_address
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("w") as f:
+            f.write(token)
+            f.flush()
+            os.fsync(f.fileno())
+        return node_ip_address()
 
     def local_param_numel(self) -> int:
         """Parameter elements this rank holds (its shard under FSDP2, everything under DDP)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sm_dist.cluster import free_port
 from sm_dist.config import LearnerConfig, ObjectiveConfig
 
 LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant", clip_norm=1.0, grad_accum=1)
@@ -48,6 +47,16 @@ def rows(tiny_model_dir):
     return data, model
 
 
+def _group(L, n: int, model_dir, cfg) -> list:
+    """`n` ranks of actor class `L` in one process group, met at rank 0's own address."""
+    import ray
+
+    ranks = [L.remote(r, n, str(model_dir), cfg, OBJECTIVE, 10, seed=0) for r in range(n)]
+    addr, port = ray.get(ranks[0].rendezvous_address.remote())
+    ray.get([lr.init_distributed.remote(addr, port) for lr in ranks])
+    return ranks
+
+
 def _params_after(learners, shards, steps: int = 1) -> dict[str, torch.Tensor]:
     import ray
 
@@ -64,13 +73,12 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
 
     data, model = rows
     L = ray.remote(num_cpus=1)(Learner)
-    one = L.remote(0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)
+    one = L.remote(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)
     p1 = _params_after([one], [(data, model)], steps)
     ray.kill(one)
 
-    port = free_port()
     cfg = LEARNER.model_copy(update={"strategy": strategy})
-    two = [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10, seed=0) for r in (0, 1)]
+    two = _group(L, 2, tiny_model_dir, cfg)
     if strategy == "fsdp2":  # really sharded: each rank holds about half of every parameter
         local = ray.get(two[1].local_param_numel.remote())
         total = sum(v.numel() for v in p1.values())
@@ -90,8 +98,11 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
 
 
 def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_model_dir, rows):
-    """2 FSDP2 ranks: step, checkpoint (gathered full weights and optimiser state), step again; a fresh
-    pair of ranks that loads the checkpoint and takes the same step ends with the same weights."""
+    """Sharded checkpoints (each rank its own DCP shard, no gather of the optimiser state): 2 FSDP2
+    ranks step, checkpoint, step again; a fresh pair that loads the checkpoint takes the same step to
+    the same weights. The same checkpoint loads onto 1 rank (the DDP path) taking the whole batch, and
+    that rank's checkpoint loads back onto the 2 FSDP2 ranks: the steps agree across the change of
+    strategy and rank count (to the 1-vs-2-rank tolerance of the equivalence test)."""
     ray = ray_cluster
     from sm_dist.learner.learner import Learner
 
@@ -100,40 +111,49 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
     cfg = LEARNER.model_copy(update={"strategy": "fsdp2"})
     shards = [(data[r::2], model[r::2]) for r in (0, 1)]
 
-    def pair():
-        port = free_port()
-        return [L.remote(r, 2, "127.0.0.1", port, str(tiny_model_dir), cfg, OBJECTIVE, 10) for r in (0, 1)]
-
-    a = pair()
+    a = _group(L, 2, tiny_model_dir, cfg)
     _params_after(a, shards)
-    ray.get([lr.save_checkpoint.remote(str(tmp_path / "ck")) for lr in a])
+    figures = ray.get([lr.save_checkpoint.remote(str(tmp_path / "ck")) for lr in a])
     pa = _params_after(a, shards)
     for lr in a:
         ray.kill(lr)
+    state = tmp_path / "ck" / "state"
+    assert sorted(f.name for f in state.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (tmp_path / "ck" / "optimizer.pt").exists()
+    print(f"FSDP2 save per rank: {[(f['state_bytes'], round(f['state_s'], 3)) for f in figures]}")
 
-    b = pair()
+    b = _group(L, 2, tiny_model_dir, cfg)
     assert ray.get([lr.load_checkpoint.remote(str(tmp_path / "ck")) for lr in b]) == [1, 1]
     pb = _params_after(b, shards)
+    _close(pa, pb, 1e-6, "resumed FSDP2 step vs the uninterrupted one")
+
+    one = L.remote(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)  # 2 FSDP2 ranks -> 1 rank
+    assert ray.get(one.load_checkpoint.remote(str(tmp_path / "ck"))) == 1
+    _close(pa, _params_after([one], [(data, model)]), 1e-5, "1 rank from the FSDP2 checkpoint")
+    ray.get(one.save_checkpoint.remote(str(tmp_path / "ck1")))
+    p_one = _params_after([one], [(data, model)])
+    ray.kill(one)
+    assert ray.get([lr.load_checkpoint.remote(str(tmp_path / "ck1")) for lr in b]) == [2, 2]  # 1 -> 2 FSDP2
+    _close(p_one, _params_after(b, shards), 1e-5, "2 FSDP2 ranks from the 1-rank checkpoint")
     for lr in b:
         ray.kill(lr)
-    worst = max(float((pa[k] - pb[k]).abs().max()) for k in pa)
-    assert worst <= 1e-6, f"resumed FSDP2 step differs from the uninterrupted one by {worst}"
+
+
+def _close(p, q, tol: float, what: str) -> None:
+    worst = max(float((p[k] - q[k]).abs().max()) for k in p)
+    assert worst <= tol, f"{what}: differs by {worst}"
 
 
 def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
     from sm_dist.learner.learner import Learner
 
     data, model = rows
-    a = Learner(
-        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
-    )
+    a = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
     a.train_step(data[:4], model[:4])
     a.save_checkpoint(str(tmp_path / "ck"))
     m_a = a.train_step(data[4:], model[4:])
 
-    b = Learner(
-        0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10
-    )
+    b = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
     assert b.load_checkpoint(str(tmp_path / "ck")) == 1
     m_b = b.train_step(data[4:], model[4:])
     assert m_b["learner/step"] == 2
@@ -161,7 +181,7 @@ def test_data_rows_use_their_stored_noise_flags(tiny_model_dir, rows):
 
     data, _ = rows
     row = next(r for r in data if any(r["is_noise"]))
-    lr = Learner(0, 1, "127.0.0.1", 0, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
+    lr = Learner(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
     stored, genuine, v1 = lr.traces(
         [row, {**row, "is_noise": [False] * len(row["action_ids"])}, {**row, "is_noise": []}]
     )

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from sm_dist.learner.sharded import read_all
 
 pytestmark = pytest.mark.slow
 
@@ -141,8 +142,8 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert last.name == f"step-{k:08d}"
     state = json.loads((last / "run_state.json").read_text())
     assert state["step"] == k
-    opt = torch.load(last / "optimizer.pt", weights_only=False)
-    adam_steps = {float(s["step"]) for s in opt["optimizer"]["state"].values()}
+    opt = read_all(last / "state")["optim"]  # the ranks' DCP shards, read without unpickling code
+    adam_steps = {float(s["step"]) for s in opt["state"].values()}
     assert adam_steps == {float(k)}  # no skipped steps: one Adam step per learner step
     rows_at_stop = first["buffer"]["added_rows"]
 
@@ -158,8 +159,8 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     second = json.loads((run / "summary.json").read_text())
     assert second["step"] == k + 8 and second["version"] >= state["version"]
     assert second["buffer"]["added_rows"] >= rows_at_stop  # the replay buffer was restored, then grew
-    opt2 = torch.load(Path(second["last_checkpoint"]) / "optimizer.pt", weights_only=False)
-    assert {float(s["step"]) for s in opt2["optimizer"]["state"].values()} == {float(k + 8)}
+    opt2 = read_all(Path(second["last_checkpoint"]) / "state")["optim"]
+    assert {float(s["step"]) for s in opt2["state"].values()} == {float(k + 8)}
 
 
 def _actor_pids(ray_tmp: str, cls: str) -> set[int]:
@@ -291,8 +292,8 @@ def test_dead_learner_rank_restarts_from_checkpoint(tmp_path, ray_tmp):
     # the step that died is logged unless the death surfaced in its publish or checkpoint
     assert steps[:cut] == list(range(1, cut + 1)) and cut in (k - 1, k), (k, steps)
     assert steps[cut:] == list(range(c + 1, total + 1)), (c, steps)
-    opt = torch.load(Path(summary["last_checkpoint"]) / "optimizer.pt", weights_only=False)
-    assert {float(s["step"]) for s in opt["optimizer"]["state"].values()} == {float(total)}
+    opt = read_all(Path(summary["last_checkpoint"]) / "state")["optim"]
+    assert {float(s["step"]) for s in opt["state"].values()} == {float(total)}
 
 
 def test_dead_replay_buffer_stops_with_checkpoint_and_resumes(tmp_path, ray_tmp):

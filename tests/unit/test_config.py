@@ -116,6 +116,22 @@ def test_too_many_resources_names_rollout_keys():
         check_resources(FakeRay, gpu)
 
 
+def test_learner_bundles_carry_the_custom_resources_the_cluster_must_have():
+    from sm_dist.actors import check_resources, learner_bundle
+
+    cfg = load_config(TINY, ["learner.num_learners=2", "learner.resources={learner_node: 1}"])
+    assert learner_bundle(cfg) == {"CPU": 1.0, "learner_node": 1.0}  # no GPU entry on a CPU run
+
+    class FakeRay:
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": 8.0, "learner_node": 1.0}
+
+    with pytest.raises(ConfigError) as e:
+        check_resources(FakeRay, cfg)
+    assert e.value.key == "learner.resources" and "2 learners x 1.0 'learner_node'" in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["tiny-cpu.yaml", "gpt2-gpu.yaml", "llama-8b-fsdp.yaml"])
 def test_example_configs_validate(name):
     raw = yaml.safe_load((ROOT / "configs" / name).read_text())

@@ -1,0 +1,132 @@
+"""A two-node Ray cluster on this machine: a head on 127.0.0.1 (the driver joins it with run.address) and a
+second node on 127.0.0.2 (Linux routes all of 127/8 to loopback) that alone carries the custom resource
+`learner_node`. With `learner.resources={learner_node: 1}` the learner ranks' placement group lands there,
+so their process group must meet at rank 0's node, 127.0.0.2, not at the driver's node.
+
+Both nodes run as `ray start --block` children of this test, each in its own process group, and are
+stopped by signalling those groups (never `ray stop`, which would stop other sessions' Ray too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from sm_dist.cluster import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
+
+
+def _ray_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"  # ray 2.60 `ray start` enables token auth (PLATFORM.md): join with it
+    return env
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+@contextmanager
+def two_nodes(head_cpus: int = 2, node_cpus: int = 2, learner_slots: int = 2):
+    """Yield the head's GCS address once both nodes are up; stop both on the way out."""
+    tmp = tempfile.mkdtemp(prefix="smn-", dir="/tmp")  # short: AF_UNIX socket paths are capped
+    port = free_port()
+    env, procs = _ray_env(), []
+
+    def start(*args: str) -> None:
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ray",
+                    "start",
+                    "--block",
+                    "--temp-dir",
+                    tmp,
+                    "--dashboard-agent-listen-port",
+                    str(free_port()),
+                    *args,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+
+    try:
+        start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard", "false",
+              "--num-cpus", str(head_cpus))  # fmt: skip
+        address = f"127.0.0.1:{port}"
+        _wait_nodes(address, env, 1, procs)
+        start("--address", address, "--node-ip-address", "127.0.0.2", "--num-cpus", str(node_cpus),
+              "--resources", json.dumps({"learner_node": learner_slots}))  # fmt: skip
+        _wait_nodes(address, env, 2, procs)
+        yield address
+    finally:
+        _stop(procs[::-1])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_nodes(address: str, env: dict, n: int, procs: list, timeout_s: float = 180) -> None:
+    """Until `n` nodes are alive (asked from a fresh process: a driver here would hold the cluster)."""
+    probe = (
+        "import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(1 for x in ray.nodes() if x['Alive']))"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = [p.args[2:4] for p in procs if p.poll() is not None]
+        assert not dead, f"ray start exited early: {dead}"
+        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"{n} Ray nodes not up at {address} after {timeout_s}s")
+
+
+def test_learners_on_the_second_node_meet_at_its_address(tmp_path):
+    run = tmp_path / "run"
+    with two_nodes() as address:
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", f"run.address={address}",
+             "run.total_steps=8", "run.checkpoint_every=4", "objective.warmup_steps=4", "sync.every=4",
+             "run.progress=false", "learner.num_learners=2", "learner.cpus_per_learner=0.5",
+             "learner.batch_size=16", "learner.resources={learner_node: 1}"],
+            env={**_ray_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}, cwd=ROOT, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        took = time.monotonic() - t0
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 8, summary
+    addr, _, port = summary["learner_rendezvous"].rpartition(":")
+    assert addr == "127.0.0.2" and int(port) > 0, summary  # rank 0's node, the learners' own
+    assert summary["driver_node"] != "127.0.0.2", summary  # the driver stayed on the head
+    log = (run / "driver.log").read_text()
+    assert f"learner ranks rendezvous at {summary['learner_rendezvous']}" in log
+    print(
+        f"two-node run: {took:.0f}s; rendezvous {summary['learner_rendezvous']}, driver {summary['driver_node']}"
+    )
