@@ -58,7 +58,7 @@ from sm_dist.recovery import (
 from sm_dist.sampler import BatchSampler
 from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
-from sm_dist.status import RunDirBusy, claim_run_dir, release_run_dir
+from sm_dist.status import RunDirBusy, claim_run_dir, note_children, release_run_dir
 from sm_dist.storage import check_shared_run_dir
 from sm_dist.validate import preflight
 
@@ -342,6 +342,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
             ray, run_dir, learners, cfg.run.startup_timeout_s
         )  # ranks up; engines may not be
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
+        note_children(run_dir)  # a kill -9 of this driver: the next start on run_dir stops what it left
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
         logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())

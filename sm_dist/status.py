@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -33,6 +34,9 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(str(path), f"is not valid JSON ({e}).", "restore or delete the file") from None
+
+
+log = logging.getLogger("sm_dist.driver")
 
 
 class RunDirBusy(RuntimeError):
@@ -61,12 +65,56 @@ def read_driver(run_dir: str | Path) -> dict | None:
 
 
 def claim_run_dir(run_dir: str | Path) -> None:
-    """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it."""
+    """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it. A
+    driver found dead (kill -9) on this host may have left its local Ray behind: those processes are
+    stopped first (`reap_leftovers`)."""
     check_free(run_dir)
+    info = read_driver(run_dir)
+    if info is not None and info.get("pid") != os.getpid():
+        reap_leftovers(info)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
+    _write_driver(run_dir, me)
+
+
+def _write_driver(run_dir: str | Path, info: dict) -> None:
     tmp = Path(run_dir) / (DRIVER_FILE + ".tmp")
-    tmp.write_text(json.dumps(me))
+    tmp.write_text(json.dumps(info))
     os.replace(tmp, Path(run_dir) / DRIVER_FILE)
+
+
+def note_children(run_dir: str | Path) -> None:
+    """Record this driver's descendant processes (the local Ray it started: GCS, raylet, agents, actor
+    workers) with their start times in driver.json, so that the next driver can stop them if this one
+    is killed without a chance to shut Ray down. Call after Ray and the actors are up."""
+    import psutil
+
+    info = read_driver(run_dir)
+    if info is None or info.get("pid") != os.getpid():
+        return
+    kids = psutil.Process().children(recursive=True)
+    info["children"] = [[p.pid, p.create_time()] for p in kids]
+    _write_driver(run_dir, info)
+
+
+def reap_leftovers(info: dict) -> list[int]:
+    """Stop the processes a dead driver on this host recorded (`note_children`) that still run: the
+    same pid AND the same start time (a reused pid is left alone). Returns the pids stopped."""
+    import psutil
+
+    if info.get("host") != socket.gethostname() or _alive(info) is not False:
+        return []
+    gone = []
+    for pid, started in info.get("children", []):
+        try:
+            p = psutil.Process(int(pid))
+            if abs(p.create_time() - float(started)) < 1e-3:
+                p.kill()
+                gone.append(int(pid))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    if gone:
+        log.warning(f"stopped {len(gone)} processes left by the dead driver pid {info.get('pid')}: {gone}")
+    return gone
 
 
 def check_free(run_dir: str | Path) -> None:

@@ -113,3 +113,34 @@ def test_cli_status_and_a_refused_second_driver(tmp_path, other_process):
         and f"in use by another sm-dist train (pid {other_process.pid}" in out.stderr
     )
     assert json.loads((run / DRIVER_FILE).read_text())["pid"] == other_process.pid  # left as it was
+
+
+def test_a_dead_drivers_leftover_processes_are_stopped_by_the_next_claim(tmp_path):
+    """kill -9 of a driver leaves its local Ray running; the next driver on the run dir stops the
+    processes the dead one recorded (same pid and start time), and nothing else."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from sm_dist.status import DRIVER_FILE, claim_run_dir, release_run_dir
+
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the killed driver
+    try:
+        started = psutil.Process(left.pid).create_time()
+        info = {"pid": dead.pid, "host": socket.gethostname(), "started": "x",
+                "children": [[left.pid, started], [other.pid, started - 1000.0]]}  # other: a reused pid  # fmt: skip
+        (tmp_path / DRIVER_FILE).write_text(json.dumps(info))
+        claim_run_dir(tmp_path)
+        assert left.wait(timeout=10) != 0  # stopped
+        assert other.poll() is None  # a different process under a recorded pid is left alone
+        assert json.loads((tmp_path / DRIVER_FILE).read_text())["pid"] != dead.pid
+        release_run_dir(tmp_path)
+    finally:
+        for p in (left, other):
+            p.kill()
