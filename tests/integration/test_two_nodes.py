@@ -48,14 +48,39 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=30)
 
 
+class EarlyExit(AssertionError):
+    """A `ray start` exited before its node was up."""
+
+
 @contextmanager
-def two_nodes(head_cpus: int = 2, node_cpus: int = 2, learner_slots: int = 2):
-    """Yield the head's GCS address once both nodes are up; stop both on the way out."""
-    tmp = tempfile.mkdtemp(prefix="smn-", dir="/tmp")  # short: AF_UNIX socket paths are capped
-    port = free_port()
-    env, procs = _ray_env(), []
+def two_nodes(head_cpus: int = 2, node_cpus: int = 2, learner_slots: int = 2, attempts: int = 2):
+    """Yield the head's GCS address once both nodes are up; stop both on the way out. A `ray start` that
+    exits early (e.g. a port taken between choosing it and binding it) is retried on fresh ports once;
+    its output is in the error otherwise."""
+    for attempt in range(attempts):
+        tmp = tempfile.mkdtemp(prefix="smn-", dir="/tmp")  # short: AF_UNIX socket paths are capped
+        procs: list[subprocess.Popen] = []
+        try:
+            address = _bring_up(tmp, procs, head_cpus, node_cpus, learner_slots)
+        except EarlyExit:
+            _stop(procs[::-1])
+            shutil.rmtree(tmp, ignore_errors=True)
+            if attempt + 1 == attempts:
+                raise
+            continue
+        try:
+            yield address
+        finally:
+            _stop(procs[::-1])
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+
+
+def _bring_up(tmp: str, procs: list, head_cpus: int, node_cpus: int, learner_slots: int) -> str:
+    port, env = free_port(), _ray_env()
 
     def start(*args: str) -> None:
+        log = open(Path(tmp) / f"ray-start-{len(procs)}.log", "w")  # noqa: SIM115 (closed with the dir)
         procs.append(
             subprocess.Popen(
                 [
@@ -69,27 +94,23 @@ def two_nodes(head_cpus: int = 2, node_cpus: int = 2, learner_slots: int = 2):
                     *args,
                 ],
                 env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         )
 
-    try:
-        start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard", "false",
-              "--num-cpus", str(head_cpus))  # fmt: skip
-        address = f"127.0.0.1:{port}"
-        _wait_nodes(address, env, 1, procs)
-        start("--address", address, "--node-ip-address", "127.0.0.2", "--num-cpus", str(node_cpus),
-              "--resources", json.dumps({"learner_node": learner_slots}))  # fmt: skip
-        _wait_nodes(address, env, 2, procs)
-        yield address
-    finally:
-        _stop(procs[::-1])
-        shutil.rmtree(tmp, ignore_errors=True)
+    start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard", "false",
+          "--num-cpus", str(head_cpus))  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    _wait_nodes(address, env, 1, procs, tmp)
+    start("--address", address, "--node-ip-address", "127.0.0.2", "--num-cpus", str(node_cpus),
+          "--resources", json.dumps({"learner_node": learner_slots}))  # fmt: skip
+    _wait_nodes(address, env, 2, procs, tmp)
+    return address
 
 
-def _wait_nodes(address: str, env: dict, n: int, procs: list, timeout_s: float = 180) -> None:
+def _wait_nodes(address: str, env: dict, n: int, procs: list, tmp: str, timeout_s: float = 180) -> None:
     """Until `n` nodes are alive (asked from a fresh process: a driver here would hold the cluster)."""
     probe = (
         "import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
@@ -97,8 +118,10 @@ def _wait_nodes(address: str, env: dict, n: int, procs: list, timeout_s: float =
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        dead = [p.args[2:4] for p in procs if p.poll() is not None]
-        assert not dead, f"ray start exited early: {dead}"
+        dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if dead:
+            tail = (Path(tmp) / f"ray-start-{dead[0]}.log").read_text()[-2000:]
+            raise EarlyExit(f"ray start #{dead[0]} exited early (exit {procs[dead[0]].returncode}):\n{tail}")
         out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
