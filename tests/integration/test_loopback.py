@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import ipaddress
 import signal
-import sys
 import time
 
 import pytest
 
-from tests.integration.test_pipeline import FAST, TINY, _metrics, _start, ray_tmp  # noqa: F401
+from tests.integration.test_pipeline import _metrics, _start, ray_tmp, train_cmd  # noqa: F401
 
 pytestmark = pytest.mark.slow
 psutil = pytest.importorskip("psutil")
@@ -36,16 +35,7 @@ def _loopback(ip: str) -> bool:
 
 def test_local_ray_listens_on_loopback_only(tmp_path, ray_tmp):  # noqa: F811
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "sm_dist",
-        "train",
-        TINY,
-        *FAST,
-        f"run.run_dir={run}",
-        "run.total_steps=200",
-    ]
+    args = train_cmd(run, "run.total_steps=200")
     proc = _start(tmp_path, ray_tmp, args)
     try:
         deadline = time.monotonic() + 300

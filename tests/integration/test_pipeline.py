@@ -38,6 +38,11 @@ def _env(tmp_path: Path, ray_tmp: str) -> dict:
     return env
 
 
+def train_cmd(run: Path, *overrides: str) -> list[str]:
+    """`python -m sm_dist train` of the tiny config with FAST's settings, into `run`."""
+    return [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, f"run.run_dir={run}", *overrides]
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
@@ -73,14 +78,7 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     workers' own mistakes into expert rows (rollout.correction_rows)."""
     run = tmp_path / "run"
     args = [
-        sys.executable,
-        "-m",
-        "sm_dist",
-        "train",
-        TINY,
-        f"run.run_dir={run}",
-        "run.total_steps=40",
-        *FAST,
+        *train_cmd(run, "run.total_steps=40"),
         *extra,
     ]
     out = subprocess.run(
