@@ -68,9 +68,7 @@ class Controller:
             if getattr(t, "autoscaler", None) is not None:
                 self._autoscale(t)
             if getattr(t, "watcher", None) is not None:
-                t.s.expert_rows += (
-                    t.watcher.poll()
-                )  # data.watch_dir: new expert files (sm_dist/data/watch.py)
+                t.s.expert_rows += t.watcher.poll(step=t.s.step)  # data.watch_dir (sm_dist/data/watch.py)
             if not self.paused or t.stop_requested:
                 return
             self._refresh(t)

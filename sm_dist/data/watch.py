@@ -42,14 +42,17 @@ class DataWatcher:
         self.poll_s = cfg.data.watch_poll_s
         self._last = 0.0
         self.rows_added = 0
+        self.step: int | None = None  # learner steps done at the last poll
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.poll_s
 
-    def poll(self, force: bool = False) -> int:
-        """Take the new files (if `data.watch_poll_s` has passed, or `force`); the rows added."""
+    def poll(self, force: bool = False, step: int | None = None) -> int:
+        """Take the new files (if `data.watch_poll_s` has passed, or `force`); the rows added. `step`:
+        the learner steps done so far, recorded with each file taken."""
         if not (force or self.due()):
             return 0
+        self.step = step
         self._last = time.monotonic()
         try:
             names = sorted(e.name for e in os.scandir(self.dir) if e.is_file())
@@ -96,7 +99,7 @@ class DataWatcher:
         return rows
 
     def _record(self, name: str, what: dict) -> None:
-        self.taken[name] = {**what, "time": time.time()}
+        self.taken[name] = {**what, "time": time.time(), "step": self.step}
         tmp = self.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.taken, indent=1))
         os.replace(tmp, self.record)
