@@ -57,13 +57,26 @@ def node_ip_address() -> str:
 LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def _loopback_only() -> None:
+def _loopback_only() -> dict[str, str | None]:
     """Make the local Ray about to start loopback-only: the env var for the processes it spawns (they
-    inherit this process's environment), and the constant Ray read from it if it is already imported."""
+    inherit this process's environment), and the constant Ray read from it if it is already imported.
+    Returns the previous values, for `_restore` once Ray's processes have started."""
+    old = {k: os.environ.get(k) for k in LOOPBACK_ONLY_ENV}
     os.environ.update(LOOPBACK_ONLY_ENV)
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+    return old
+
+
+def _restore(old: dict[str, str | None]) -> None:
+    """Put the environment back, so that later subprocesses (a user's `ray start`) do not inherit the
+    single-node setting (GCS, raylet and agents have their copy; workers inherit the raylet's)."""
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, temp_dir: str | None = None):
@@ -71,15 +84,18 @@ def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, te
     import ray
 
     set_process_env()
-    _loopback_only()
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": env if env is not None else vllm_env()},
-        logging_level=ray_logging_level(),
-    )
+    old = _loopback_only()
+    try:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": env if env is not None else vllm_env()},
+            logging_level=ray_logging_level(),
+        )
+    finally:
+        _restore(old)
     return ray
 
 

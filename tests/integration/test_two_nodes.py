@@ -31,10 +31,7 @@ TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 
 def _ray_env() -> dict:
-    # without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, which the local Ray of an earlier test in this process
-    # set to 0 (single-node, loopback only: sm_dist.cluster): `ray start` of a second node refuses it
-    drop = {"RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"  # ray 2.60 `ray start` enables token auth (PLATFORM.md): join with it
     return env
 
