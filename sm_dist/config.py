@@ -205,6 +205,22 @@ class LearnerConfig(_Section):
     nan_tolerance: int = Field(
         3, ge=1, description="Skip a step with a non-finite loss/grad; stop after this many in a row."
     )
+    cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per learner actor.")
+    gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per learner actor (0: CPU, gloo).")
+    master_port: int | None = Field(
+        None,
+        description="torch.distributed port on learner rank 0's node (null: rank 0 picks one free there).",
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How the ranks' placement group (one bundle per rank) spreads over nodes: PACK fills "
+        "nodes in turn (fewest nodes, fastest collectives); STRICT_PACK needs them all on one node.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each learner rank needs besides CPUs/GPUs (e.g. {learner_node: 1} "
+        "to keep the ranks on nodes started with --resources '{\"learner_node\": N}').",
+    )
     max_restarts: int = Field(
         2,
         ge=0,
@@ -212,22 +228,6 @@ class LearnerConfig(_Section):
         "replaced, loads the latest checkpoint (or the initial model), the weights are re-published, and "
         "the run goes on from that checkpoint's step (the steps since it are redone). object_store "
         "transport only; 0, or one death more, stops the run.",
-    )
-    cpus_per_learner: float = Field(1.0, gt=0.0, description="Ray CPUs per learner actor.")
-    gpus_per_learner: float = Field(0.0, ge=0.0, description="Ray GPUs per learner actor (0: CPU, gloo).")
-    master_port: int | None = Field(
-        None,
-        description="torch.distributed port on learner rank 0's node (null: rank 0 picks one free there).",
-    )
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources each learner rank needs besides CPUs/GPUs (e.g. {learner_node: 1} "
-        "to keep the ranks on nodes started with --resources '{\"learner_node\": N}').",
-    )
-    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "PACK",
-        description="How the ranks' placement group (one bundle per rank) spreads over nodes: PACK fills "
-        "nodes in turn (fewest nodes, fastest collectives); STRICT_PACK needs them all on one node.",
     )
 
 

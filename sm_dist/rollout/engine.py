@@ -218,18 +218,14 @@ class BackspaceEngine:
             # batch crashed). A budget of every sequence at full length means no prefill is split.
             kwargs["max_num_batched_tokens"] = max_num_seqs * max_model_len
         self.llm = LLM(
-            model=self.model_dir,
-            seed=seed,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
+            model=self.model_dir, seed=seed, dtype=dtype,
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
-            max_num_seqs=max_num_seqs,
-            logprobs_mode="processed_logprobs",
-            logits_processors=[BkspcLogitsProcessor],
+            # log-probs of the logits after BkspcLogitsProcessor's mask: the behaviour policy's own
+            logprobs_mode="processed_logprobs", logits_processors=[BkspcLogitsProcessor],
             **kwargs,
-        )
+        )  # fmt: skip
         self._version = 0
         self._req_counter = itertools.count()
 
