@@ -101,6 +101,8 @@ class RolloutScheduler:
         self.rejoined: Callable[[int], None] | None = None  # called with i after worker i restarted
         self.syncs = {} if syncs is None else syncs
         self.restarts: dict[str, int] = {}
+        self.incarnations: dict[str, str] = {}  # name -> the process a restarted worker answered from
+        self.unavailable: dict[str, int] = {}  # name -> failed calls in a row while that process lives
         self.stopping = False
         self.paused = False  # the control API's pause: landed batches are not resubmitted
         self.batches = 0  # rollout batches landed (all workers)
@@ -158,6 +160,7 @@ class RolloutScheduler:
             if isinstance(call, SyncCall):  # the sender's process (a dead learner) owned the call
                 return
             raise
+        self.unavailable.pop(self.names[call.worker], None)
         if isinstance(call, SyncCall):
             confirm_version(self.names[call.worker], out, call.version)
             self._count_sync(self.names[call.worker])
@@ -265,8 +268,10 @@ class RolloutScheduler:
 
         i = call.worker
         name = self.names[i]
-        n = self.restarts[name] = self.restarts.get(name, 0) + 1
         why = describe_error(err)
+        if self._still_alive(call, err, why):
+            return
+        n = self.restarts[name] = self.restarts.get(name, 0) + 1
         if n > self.p.max_restarts:
             raise RuntimeError(
                 f"rollout worker {name} died {n} times (rollout.max_restarts={self.p.max_restarts}); last: {why}"
@@ -282,7 +287,7 @@ class RolloutScheduler:
         for f, c in list(self.inflight.items()):  # the dead incarnation's other calls fail too
             if c.worker == i:
                 del self.inflight[f]
-        self._wait_restarted(i)
+        self.incarnations[name] = self._wait_restarted(i)
         self.awaiting.discard(i)  # its batch goes out below
         if self.rejoined is not None:  # e.g. its current prompt shard again (scaling re-sharded them)
             self.rejoined(i)
@@ -291,13 +296,40 @@ class RolloutScheduler:
         if self.feeding:  # its lost batch, whichever call failed
             self.submit_batch(i)
 
-    def _wait_restarted(self, i: int) -> None:
+    def _still_alive(self, call: BatchCall | SyncCall, err: Exception, why: str) -> bool:
+        """A call that failed with ActorUnavailableError ("the actor is restarting") on a worker Ray
+        already restarted, whose new process still answers: a caller's view of the restart lagged (e.g.
+        the learner re-sending weights right after it), not a second death. The call goes out again."""
+        i, name = call.worker, self.names[call.worker]
+        if not isinstance(err, self.ray.exceptions.ActorUnavailableError) or name not in self.incarnations:
+            return False
+        if isinstance(call, SyncCall) and self.resend is None:
+            return False
+        if self._wait_restarted(i) != self.incarnations[name]:
+            return False  # a new process: it did die again
+        n = self.unavailable[name] = self.unavailable.get(name, 0) + 1
+        if n > 10:
+            raise RuntimeError(
+                f"rollout worker {name}: {n} calls in a row failed as unavailable while its process lives; "
+                "the Ray cluster is unhealthy (see `ray status` and the run dir's logs)"
+            ) from err
+        log.warning(f"rollout worker {name} was unavailable for one call ({why}); sent again")
+        time.sleep(0.5)  # let the caller's view of the actor catch up
+        if isinstance(call, SyncCall):
+            self.track(self.resend(i))
+        elif self.feeding:
+            self.submit_batch(i)
+        return True
+
+    def _wait_restarted(self, i: int) -> str:
+        """Wait until worker i answers (Ray restarts a dead one); returns its process (`incarnation`)."""
         ex = self.ray.exceptions
         deadline = time.monotonic() + self.p.startup_timeout_s
         while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
             try:
-                self.ray.get(self.workers[i].version.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                return
+                return self.ray.get(
+                    self.workers[i].incarnation.remote(), timeout=max(1.0, deadline - time.monotonic())
+                )
             except (ex.ActorUnavailableError, ex.GetTimeoutError) as e:
                 if time.monotonic() > deadline:
                     raise TimeoutError(

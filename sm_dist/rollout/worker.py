@@ -19,6 +19,8 @@ and `stop` queue behind a running `run()`: drive such a worker with `run_batch` 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
 import threading
 import time
 import uuid
@@ -275,6 +277,10 @@ class RolloutWorker:
 
     def version(self) -> int:
         return self.engine.version
+
+    def incarnation(self) -> str:
+        """This actor's process, `host:pid`: a worker Ray restarted answers with a new one."""
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def set_prompts(self, shard: PromptShard) -> int:
         """A new prompt shard (the workers were re-sharded after scaling); takes effect from the next

@@ -25,8 +25,9 @@ POLICY = RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.
 STATS = {"rollout/gen_s": 0.5, "rollout/tokens_per_s": 100.0}
 
 
-def worker(*batch_answers, version_answers=(0,)):
-    return FakeActor(run_batch=Method(*batch_answers), version=Method(*version_answers))
+def worker(*batch_answers, processes=("host:1",)):
+    """`processes`: what `incarnation` answers in turn (an error while Ray restarts it)."""
+    return FakeActor(run_batch=Method(*batch_answers), version=Method(0), incarnation=Method(*processes))
 
 
 def sched_with(workers, policy=POLICY, resend=None):
@@ -46,7 +47,7 @@ def test_batches_land_while_waiting_for_the_learners_and_are_resubmitted():
 
 def test_a_dead_worker_is_restarted_resent_the_weights_and_resubmitted():
     died = Fut(error=RayActorError("the worker process died"))
-    w = worker(died, STATS, version_answers=(Fut(error=ActorUnavailableError("restarting")), 0))
+    w = worker(died, STATS, processes=(Fut(error=ActorUnavailableError("restarting")), "host:2"))
     resent = []
 
     def resend(i):
@@ -67,6 +68,50 @@ def test_a_worker_that_dies_too_often_stops_the_run_naming_it():
     s.submit_all()
     s.handle(next(iter(s.inflight)))  # first death: restarted
     with pytest.raises(RuntimeError, match=r"w0 died 2 times \(rollout.max_restarts=1\).*OOM killed"):
+        s.handle(next(iter(s.inflight)))
+
+
+def test_a_call_unavailable_after_a_restart_is_sent_again_not_counted_as_a_death(monkeypatch):
+    """After a restart, a caller whose view of the actor lags (the learner re-sending the weights) gets
+    "the actor is restarting" while the new process answers: sent again, not a second death."""
+    monkeypatch.setattr("sm_dist.scheduler.time.sleep", lambda s: None)
+    unavailable = Fut(error=ActorUnavailableError("The actor is restarting"))
+    w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
+    sent = []
+
+    def resend(i):
+        sent.append(i)
+        return Delivery(3, {i: unavailable if len(sent) == 1 else Fut(3)})
+
+    s = sched_with([w], resend=resend)
+    s.submit_all()
+    s.handle(next(f for f, c in s.inflight.items() if isinstance(c, BatchCall)))  # the death: restarted
+    assert s.restarts == {"w0": 1} and sent == [0]
+    s.handle(unavailable)  # the re-send failed as "restarting", but host:2 still answers
+    assert s.restarts == {"w0": 1} and sent == [0, 0]
+    sync = next(f for f, c in s.inflight.items() if isinstance(c, SyncCall))
+    s.handle(sync)
+    assert s.syncs == {"w0": 1} and s.unavailable == {}
+
+
+def test_an_unavailable_call_from_a_new_process_is_a_death_and_endless_ones_stop_the_run(monkeypatch):
+    monkeypatch.setattr("sm_dist.scheduler.time.sleep", lambda s: None)
+    gone = Fut(error=ActorUnavailableError("The actor is restarting"))
+    w = worker(Fut(error=RayActorError("killed")), gone, processes=("host:2", "host:3"))
+    s = sched_with([w], resend=lambda i: Delivery(0))
+    s.submit_all()
+    s.handle(next(iter(s.inflight)))  # first death: now host:2
+    with pytest.raises(RuntimeError, match=r"w0 died 2 times"):  # host:3 answers: it died again
+        s.handle(next(iter(s.inflight)))
+
+    w = worker(Fut(error=RayActorError("killed")), gone, processes=("host:2",))
+    s = sched_with([w], resend=lambda i: Delivery(0))
+    s.submit_all()
+    s.handle(next(iter(s.inflight)))
+    for _ in range(10):  # the same process answers each time: sent again
+        s.handle(next(iter(s.inflight)))
+    assert s.restarts == {"w0": 1}
+    with pytest.raises(RuntimeError, match=r"w0: 11 calls in a row failed as unavailable.*ray status"):
         s.handle(next(iter(s.inflight)))
 
 

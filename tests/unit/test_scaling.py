@@ -183,7 +183,7 @@ def test_a_restarted_worker_gets_its_current_shard_back(monkeypatch):
 
     w0 = worker(STATS)
     w1 = FakeActor(run_batch=Method(Fut(error=RayActorError("killed")), STATS), set_prompts=Method(1),
-                   version=Method(Fut(error=ActorUnavailableError("restarting")), 0))  # fmt: skip
+                   incarnation=Method(Fut(error=ActorUnavailableError("restarting")), "h:2"))  # fmt: skip
     s = sched_with([w0, w1], resend=lambda i: Delivery(0))
     pool = pool_for(s, monkeypatch=monkeypatch)
     pool.reshard()
