@@ -1,8 +1,9 @@
 """A run as a service, end to end: `sm-dist ctl` scales the rollout workers 2 -> 3 -> 1 while the
-learner trains. The added worker's first rows carry the weights version it joined with (or a later
-one); no acknowledged row is lost or written twice; training reaches run.total_steps. Meanwhile a data
-file dropped into data.watch_dir reaches the expert buffer within a step or two, and a bad one is
-reported and skipped; pause holds the learner, resume and checkpoint-now work."""
+learner trains, as a service (run.total_steps: null). The added worker's first rows carry the weights
+version it joined with (or a later one); no acknowledged row is lost or written twice; training never
+pauses for the scaling. Meanwhile a data file dropped into data.watch_dir reaches the expert buffer
+within a step or two, and a bad one is reported and skipped; pause holds the learner, resume and
+checkpoint-now work, and `stop` ends the service with exit 0 and a checkpoint of its last step."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # 
     # learner (InductorError: FileNotFoundError), on a machine shared with other test sessions
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     run = tmp_path / "run"
-    total = 400  # at ~4 steps/s on 2 cores: long enough for a third vLLM engine to start
     proc = _start(tmp_path, ray_tmp, [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}",
-                                      f"run.total_steps={total}", "run.num_cpus=3", "run.checkpoint_every=100",
+                                      "run.total_steps=null", "learner.schedule=constant", "run.num_cpus=3",
+                                      "run.checkpoint_every=100",
                                       f"data.watch_dir={tmp_path / 'incoming'}", "data.watch_poll_s=0.05",
                                       *FAST[:3]])  # fmt: skip
     _wait(
@@ -69,11 +70,22 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # 
     assert not call(run, "resume")["paused"]
     ck = call(run, "checkpoint")
     assert Path(ck["checkpoint"], "model", "config.json").exists() and ck["step"] >= paused_at
-    log_text, _ = proc.communicate(timeout=600)
+
+    def w0_alone():  # w0 has written rows since w1's last one
+        rows = read_run_buffer(run).to_pylist()
+        last = {
+            w: max((r["created_at"] for r in rows if r["worker_id"] == w), default=None) for w in ("w0", "w1")
+        }
+        return "rollout worker w1 removed" in log.read_text() and last["w0"] > last["w1"]
+
+    _wait(w0_alone, "w0's rows after w1 left", proc)
+    assert call(run, "stop")["stopping"]
+    log_text, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log_text[-3000:]
 
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == total and not summary["stopped_early"]
+    total = summary["step"]
+    assert total >= ck["step"] and summary["last_checkpoint"].endswith(f"step-{total:08d}")
     assert [r["step"] for r in _metrics(run)] == list(range(1, total + 1))  # training never stopped
     rows = read_run_buffer(run).to_pylist()
     buf = summary["buffer"]
