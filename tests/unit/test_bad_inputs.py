@@ -351,13 +351,33 @@ def assert_one_clear_line(out: subprocess.CompletedProcess, command: str, names:
     return line
 
 
+@pytest.fixture(scope="module")
+def launched(request, tmp_path_factory, tiny_model_dir):
+    """Every selected case set up in its own folder, its command started at once: the commands (each a
+    Python start-up and a preflight, seconds of imports) run side by side, one per core, while the
+    tests below take their results in turn. Case id -> (folder, argv, snapshot before, future)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = {
+        item.callspec.params["case"].id
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
+    pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
+    out = {}
+    for case in (c for c in CASES if c.id in wanted):
+        tmp = tmp_path_factory.mktemp(case.id)
+        argv = case.setup(tmp, tiny_model_dir)
+        out[case.id] = (tmp, argv, _snapshot(tmp), pool.submit(run_cli, argv, cwd=tmp))
+    yield out
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_ends_in_one_clear_line(case, tmp_path, tiny_model_dir):
-    argv = case.setup(tmp_path, tiny_model_dir)
-    before = _snapshot(tmp_path)
-    out = run_cli(argv, cwd=tmp_path)
-    assert_one_clear_line(out, argv[0], case.names)
-    assert _snapshot(tmp_path) == before, "the command wrote, changed or deleted files"
+def test_bad_input_ends_in_one_clear_line(case, launched):
+    tmp, argv, before, result = launched[case.id]
+    assert_one_clear_line(result.result(), argv[0], case.names)
+    assert _snapshot(tmp) == before, "the command wrote, changed or deleted files"
 
 
 def test_debug_shows_the_traceback(tmp_path):
