@@ -209,7 +209,8 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     t0 = time.perf_counter()
     futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
     labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
-    log.info(f"starting {len(workers)} rollout workers and {len(learners)} learners ...")
+    nw, nl = len(workers), len(learners)
+    log.info(f"starting {nw} rollout worker{'s' * (nw != 1)} and {nl} learner rank{'s' * (nl != 1)} ...")
     _wait(ray, futs, labels, cfg.run.startup_timeout_s)
     return time.perf_counter() - t0
 
