@@ -414,6 +414,7 @@ class RolloutScheduler:
         if len(self.workers) <= 1:
             raise ValueError("cannot remove the last rollout worker")
         h, name = self.workers.pop(i), self.names.pop(i)
+        self.incarnations.pop(name, None)  # a later worker may take the name
         retiring = False
         for f, c in list(self.inflight.items()):
             if isinstance(c, (JoinCall, RetireCall)):
