@@ -338,9 +338,8 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         replay, expert, workers, names, learners, prompt_refs = build_actors(
             ray, cfg, prompts, model_dir, targets, pg
         )
-        check_shared_run_dir(
-            ray, run_dir, learners, cfg.run.startup_timeout_s
-        )  # ranks up; engines may not be
+        # the ranks are up (the engines may not be): every learner node must see run_dir as the driver does
+        check_shared_run_dir(ray, run_dir, learners, cfg.run.startup_timeout_s)
         log.info(f"actors ready in {wait_ready(ray, cfg, workers, names, learners):.1f}s")
         note_children(run_dir)  # a kill -9 of this driver: the next start on run_dir stops what it left
         r = cfg.run
@@ -352,9 +351,8 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         install_signal_handlers(t)
         _begin(t, last, data_rows)
         run_served(t, run_dir)
-        final = save_checkpoint(
-            t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None
-        )  # Ray kills later
+        # after a stop signal the final checkpoint is bounded: Ray kills the job later (run.stop_timeout_s)
+        final = save_checkpoint(t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None)
         logger.close()
         _finish(t, run_dir, final, logger)
         return 0

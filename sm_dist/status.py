@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sm_dist.errors import UserError
 
+log = logging.getLogger("sm_dist.driver")
 DRIVER_FILE = "driver.json"
 _FIX_CONFIG = (
     "it is the resolved config the run wrote at its start: restore it (sm-dist config CONFIG [overrides] "
@@ -34,9 +35,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(str(path), f"is not valid JSON ({e}).", "restore or delete the file") from None
-
-
-log = logging.getLogger("sm_dist.driver")
 
 
 class RunDirBusy(RuntimeError):

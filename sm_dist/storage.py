@@ -26,28 +26,32 @@ def check_shared_run_dir(ray, run_dir: str | Path, learners: list, timeout_s: fl
     token = uuid.uuid4().hex
     d = Path(run_dir) / CHECK_DIR / token
     paths = [d / f"rank{r}" for r in range(len(learners))]
+    here = ray.util.get_node_ip_address()
     try:
         nodes = ray.get(
             [lr.write_token.remote(str(p), token) for lr, p in zip(learners, paths)], timeout=timeout_s
         )
         unseen = [r for r, p in enumerate(paths) if not (p.is_file() and p.read_text() == token)]
     except ray.exceptions.RayTaskError as e:  # a rank could not even write there
-        unseen, nodes = [None], [str(e.cause) if getattr(e, "cause", None) else str(e)]
+        cause = getattr(e, "cause", None) or e
+        raise _not_one_storage(
+            run_dir, f"a learner rank could not write under it ({str(cause)[:300]})"
+        ) from None
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    here = ray.util.get_node_ip_address()
-    if not unseen:
-        log.info(
-            f"run.run_dir {run_dir}: the same storage for the driver ({here}) and learner nodes {sorted(set(nodes))}"
+    if unseen:
+        r = unseen[0]
+        raise _not_one_storage(
+            run_dir,
+            f"learner rank {r} on node {nodes[r]} wrote {paths[r]}, but the driver on node {here} cannot read it",
         )
-        return
-    r = unseen[0]
-    what = (
-        f"learner rank {r} on node {nodes[r]} wrote {paths[r]}, but the driver on node {here} cannot read it"
-        if r is not None
-        else f"a learner rank could not write under it ({nodes[0][:300]})"
+    log.info(
+        f"run.run_dir {run_dir}: the same storage for the driver ({here}) and learner nodes {sorted(set(nodes))}"
     )
-    raise ConfigError(
+
+
+def _not_one_storage(run_dir: str | Path, what: str) -> ConfigError:
+    return ConfigError(
         "run.run_dir",
         f"{run_dir} is not one storage for every node: {what}. Checkpoints (each rank writes its own shard "
         "into a folder the driver renames) would be scattered over the nodes' own disks.",

@@ -42,7 +42,6 @@ class DataWatcher:
         self.poll_s = cfg.data.watch_poll_s
         self._last = 0.0
         self.rows_added = 0
-        self.step: int | None = None  # learner steps done at the last poll
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.poll_s
@@ -52,7 +51,6 @@ class DataWatcher:
         the learner steps done so far, recorded with each file taken."""
         if not (force or self.due()):
             return 0
-        self.step = step
         self._last = time.monotonic()
         try:
             names = sorted(e.name for e in os.scandir(self.dir) if e.is_file())
@@ -63,10 +61,10 @@ class DataWatcher:
         for name in names:
             if name in self.taken or name.startswith(".") or name.endswith((".tmp", ".part")):
                 continue
-            added += self._take(name)
+            added += self._take(name, step)
         return added
 
-    def _take(self, name: str) -> int:
+    def _take(self, name: str, step: int | None) -> int:
         from sm_dist.buffer.schema import rows_to_batch
 
         path = self.dir / name
@@ -74,12 +72,12 @@ class DataWatcher:
             rows = self.encode(path, f"watch{len(self.taken)}-")
         except Exception as e:  # a bad file (or a bad row with data.on_bad=error): reported, skipped
             log.error(f"data.watch_dir: {path} skipped: {' '.join(str(e).split())}")
-            self._record(name, {"rows": 0, "error": str(e)[:500]})
+            self._record(name, {"rows": 0, "error": str(e)[:500], "step": step})
             return 0
         if rows:
             self.ray.get(self.expert.add.remote(rows_to_batch(rows)), timeout=self.cfg.sync.timeout_s)
         self.rows_added += len(rows)
-        self._record(name, {"rows": len(rows)})
+        self._record(name, {"rows": len(rows), "step": step})
         log.info(f"data.watch_dir: {path}: {len(rows)} expert rows added")
         return len(rows)
 
@@ -99,7 +97,7 @@ class DataWatcher:
         return rows
 
     def _record(self, name: str, what: dict) -> None:
-        self.taken[name] = {**what, "time": time.time(), "step": self.step}
+        self.taken[name] = {**what, "time": time.time()}
         tmp = self.record.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.taken, indent=1))
         os.replace(tmp, self.record)

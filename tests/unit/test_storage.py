@@ -21,10 +21,11 @@ class _Call:
         return self.fn(*args)
 
 
-def _ray():
-    class RayTaskError(Exception):
-        pass
+class RayTaskError(Exception):
+    pass
 
+
+def _ray():
     return SimpleNamespace(
         get=lambda futs, timeout=None: list(futs),
         util=SimpleNamespace(get_node_ip_address=lambda: "10.0.0.1"),
@@ -59,6 +60,18 @@ def test_a_node_local_run_dir_is_refused_naming_the_rank_node_and_fix(tmp_path):
         "driver on node 10.0.0.1 cannot read it" in msg
         and "Fix: set run.run_dir to a folder every node" in msg
     )
+
+
+def test_a_rank_that_cannot_write_there_is_refused_naming_the_cause(tmp_path):
+    def denied(path: str, token: str) -> str:
+        raise RayTaskError("PermissionError: [Errno 13] Permission denied: '/shared/runs'")
+
+    learners = [_learner("10.0.0.2"), SimpleNamespace(write_token=_Call(denied))]
+    with pytest.raises(
+        ConfigError, match=r"`run.run_dir`.*could not write under it \(PermissionError.*Fix: set"
+    ):
+        check_shared_run_dir(_ray(), tmp_path / "run", learners, 10)
+    assert list((tmp_path / "run" / ".storage-check").iterdir()) == []
 
 
 def test_a_relative_run_dir_under_ray_job_submit_is_refused_or_put_under_the_root(tmp_path, monkeypatch):
