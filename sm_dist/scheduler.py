@@ -288,13 +288,13 @@ class RolloutScheduler:
             if c.worker == i:
                 del self.inflight[f]
         self.incarnations[name] = self._wait_restarted(i)
-        self.awaiting.discard(i)  # its batch goes out below
+        self.awaiting.discard(i)
         if self.rejoined is not None:  # e.g. its current prompt shard again (scaling re-sharded them)
             self.rejoined(i)
-        if self.resend is not None:  # it restarted with its initial weights
-            self.track(self.resend(i))
-        if self.feeding:  # its lost batch, whichever call failed
-            self.submit_batch(i)
+        # it restarted with its initial weights: its lost batch (whichever call failed) goes out only
+        # once it holds the current ones, never before (a batch sent now could run first: Ray orders
+        # calls per caller, and the weights come from the learner, the batch from the driver)
+        self._give_weights(i)
 
     def _still_alive(self, call: BatchCall | SyncCall, err: Exception, why: str) -> bool:
         """A call that failed with ActorUnavailableError ("the actor is restarting") on a worker Ray
@@ -317,7 +317,7 @@ class RolloutScheduler:
         time.sleep(0.5)  # let the caller's view of the actor catch up
         if isinstance(call, SyncCall):
             self.track(self.resend(i))
-        elif self.feeding:
+        elif self.feeding and i not in self.awaiting:  # an awaited worker's batch follows its weights
             self.submit_batch(i)
         return True
 
@@ -392,20 +392,28 @@ class RolloutScheduler:
         if self.reconnect is not None:
             self.reconnect(self.workers, self.names)
         for i in new:
-            d = self.resend(i) if self.resend is not None else Delivery(0)
-            if d.pending and not self.p.asynchronous:  # synchronous: applied before the next round
-                confirm_version(
-                    self.names[i], self.ray.get(d.pending[i], timeout=self.p.sync_timeout_s), d.version
-                )
-                self._count_sync(self.names[i])
-            elif d.pending:
-                self.track(d)
-                self.awaiting.add(i)
-                log.info(f"rollout worker {self.names[i]} joins with weights version {d.version}")
-            elif self.feeding:  # nothing published yet: its weights are current
-                self.submit_batch(i)
+            if v := self._give_weights(i):
+                log.info(f"rollout worker {self.names[i]} joins with weights version {v}")
         log.info(f"rollout workers {[self.names[i] for i in new]} joined; {len(self.workers)} now")
         return new
+
+    def _give_weights(self, i: int) -> int:
+        """Worker i (joined, or restarted with its initial weights) gets the latest weights; its first
+        batch goes out once they are applied (on their confirmation, in `handle`), so no row it writes
+        carries an older version. Synchronous mode waits for them here. Returns the version sent (0:
+        none published, its weights are current)."""
+        d = self.resend(i) if self.resend is not None else Delivery(0)
+        if d.pending and not self.p.asynchronous:  # synchronous: applied before the next round
+            confirm_version(
+                self.names[i], self.ray.get(d.pending[i], timeout=self.p.sync_timeout_s), d.version
+            )
+            self._count_sync(self.names[i])
+        elif d.pending:
+            self.track(d)
+            self.awaiting.add(i)
+        elif self.feeding:  # nothing to wait for: a collective send confirmed, or nothing published
+            self.submit_batch(i)
+        return d.version
 
     def remove_worker(self, i: int) -> str:
         """Take worker `i` out; returns its name. Its in-flight batch becomes a `RetireCall` (it lands,

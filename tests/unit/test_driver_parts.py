@@ -58,8 +58,24 @@ def test_a_dead_worker_is_restarted_resent_the_weights_and_resubmitted():
     s.submit_all()
     s.handle(next(iter(s.inflight)))
     assert s.restarts == {"w0": 1} and resent == [0]
-    calls = sorted(s.inflight.values(), key=lambda c: type(c).__name__)
-    assert calls == [BatchCall(0), SyncCall(0, 3, calls[1].sent_at)]  # its batch again, and the weights
+    assert [type(c) for c in s.inflight.values()] == [SyncCall]  # the weights; its batch once applied
+
+
+def test_a_restarted_worker_generates_only_once_it_holds_the_current_weights():
+    """The race behind a flaky end-to-end test: the re-sent weights come from the learner and the batch
+    from the driver, and Ray orders calls per caller only, so a batch sent at the restart could run on
+    the initial weights (rows with policy_version 0). The batch goes out on the weights' confirmation."""
+    weights = Fut(3, ready=False)
+    w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
+    s = sched_with([w], resend=lambda i: Delivery(3, {i: weights}))
+    s.submit_all()
+    s.handle(next(iter(s.inflight)))  # the death: restarted, the weights re-sent
+    assert len(w.run_batch.calls) == 1  # no batch before the weights
+    assert [type(c) for c in s.inflight.values()] == [SyncCall]
+    weights.ready = True
+    s.wait_one(1.0, "test")  # the confirmation lands: now its batch
+    assert s.syncs == {"w0": 1} and len(w.run_batch.calls) == 2
+    assert [type(c) for c in s.inflight.values()] == [BatchCall]
 
 
 def test_a_worker_that_dies_too_often_stops_the_run_naming_it():
