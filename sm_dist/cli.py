@@ -65,12 +65,20 @@ def _add_bkspc(args) -> int:
 
 
 def _train(args) -> int:
-    from sm_dist.config_load import load_config
+    from sm_dist.config_load import load_config, load_resume_config
 
-    overrides = list(args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).is_file():
+        config, overrides = None, [config, *overrides]  # `train --resume DIR key=value`: no CONFIG
     if args.resume:
-        overrides.append(f"run.run_dir={args.resume}")
-    cfg = load_config(args.config, overrides)
+        cfg = load_resume_config(args.resume, config, overrides)
+    elif config is None:
+        raise UserError(
+            "CONFIG", "sm-dist train needs a config file, or --resume RUN_DIR to continue a run.",
+            "sm-dist train configs/tiny-cpu.yaml (or sm-dist train --resume runs/tiny-cpu)",
+        )  # fmt: skip
+    else:
+        cfg = load_config(config, overrides)
     from sm_dist.driver import train
 
     return train(cfg, resume=args.resume, address=args.address)
@@ -305,10 +313,17 @@ def _add_model_parsers(sub) -> None:
 
 def _add_run_parsers(sub) -> None:
     tr = sub.add_parser("train", help="run (or resume) a SequenceMatch job from a YAML config")
-    tr.add_argument("config", help="YAML config, e.g. configs/tiny-cpu.yaml")
+    tr.add_argument(
+        "config",
+        nargs="?",
+        help="YAML config, e.g. configs/tiny-cpu.yaml (none with --resume: the saved one)",
+    )
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-4 run.total_steps=50")
     tr.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint, with its saved config.yaml and any "
+        "overrides on top (e.g. run.total_steps=600 to lengthen it); a CONFIG given too must not differ",
     )
     tr.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     tr.set_defaults(func=_train)

@@ -9,6 +9,8 @@ current directory. `model.dir: null` means `<run_dir>/model` (built there when `
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 import types
@@ -134,6 +136,8 @@ def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     out.run.run_dir = run_dir
     out.model.dir = model_dir
     out.data.train_path = _resolve(cfg.data.train_path, bases)
+    if cfg.run.eval_path:
+        out.run.eval_path = _resolve(cfg.run.eval_path, bases)
     if cfg.data.watch_dir:
         out.data.watch_dir = str((Path.cwd() / os.path.expanduser(cfg.data.watch_dir)).resolve())
     return out
@@ -169,6 +173,12 @@ def check_paths(cfg: Config) -> None:
             f"{cfg.data.train_path} does not exist and data.fallback is 'none'.",
             f"fix the path, or set data.fallback=arith_{named[1] if named else 'easy'} to generate arithmetic data",
         )
+    if cfg.run.eval_path and not Path(cfg.run.eval_path).is_file():
+        raise ConfigError(
+            "run.eval_path",
+            f"{cfg.run.eval_path} is not a file.",
+            "point it at a held-out jsonl/parquet of prompt/answer rows, or set run.eval_path=null",
+        )
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
@@ -196,6 +206,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"{cpath} must hold a mapping of sections, got {type(raw).__name__}.",
                 "see configs/tiny-cpu.yaml for the layout",
             )
+    return config_from_dict(raw, overrides, cpath)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | None = None, cpath: Path | None = None) -> Config:
+    """`load_config` from a mapping already read (`cpath`: the file it came from, for relative paths)."""
+    raw = copy.deepcopy(raw)
     for key, value in parse_overrides(list(overrides or [])):
         _set_dotted(raw, key, value)
     try:
@@ -205,6 +221,70 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = resolve_paths(cfg, cpath)
     check_paths(cfg)
     return cfg
+
+
+SAVED_CONFIG = "config.yaml"  # a run's resolved config, in its run directory
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def load_resume_config(run_dir: str, config_path: str | None, overrides: list[str]) -> Config:
+    """The config a `--resume RUN_DIR` runs with: the run's saved `config.yaml` with `overrides` on top.
+
+    A config file given beside it never changes the run silently: where it differs from the saved
+    config (overrides aside), a `ConfigError` lists the keys and the overrides that would apply them.
+    A run without a saved config (written before its first step) takes the config file as its base."""
+    rd = Path(resolve_run_dir(run_dir))
+    saved_path = rd / SAVED_CONFIG
+    ovr = [*overrides, f"run.run_dir={rd}"]
+    if not saved_path.is_file():
+        if config_path is None:
+            where = "has no saved config.yaml" if rd.is_dir() else "does not exist"
+            raise ConfigError(
+                "--resume", f"{rd} {where}.",
+                "pass the run.run_dir of a run that `sm-dist train` started (or give its CONFIG too)",
+            )  # fmt: skip
+        return load_config(config_path, ovr)
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            "--resume", f"{saved_path} is not readable YAML ({type(e).__name__}).",
+            "restore it from config.*.yaml beside it, or pass the run's CONFIG file and delete it",
+        ) from None  # fmt: skip
+    old_dir = (saved.get("run") or {}).get("run_dir")
+    if (saved.get("model") or {}).get("dir") == f"{old_dir}/model":  # the run dir moved: its model too
+        saved["model"]["dir"] = None
+    cfg = config_from_dict(saved, ovr, saved_path)
+    if config_path is not None:
+        _refuse_differing_file(cfg, load_config(config_path, ovr), config_path, saved_path)
+    return cfg
+
+
+def _refuse_differing_file(cfg: Config, given: Config, config_path: str, saved_path: Path) -> None:
+    a, b = _flat(cfg.model_dump(mode="json")), _flat(given.model_dump(mode="json"))
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if not diff:
+        return
+    listed = ", ".join(f"{k} ({a.get(k)!r} saved, {b.get(k)!r} in the file)" for k in diff[:8])
+    more = f" and {len(diff) - 8} more" if len(diff) > 8 else ""
+    apply = " ".join(_override(k, b.get(k)) for k in diff[:8])
+    raise ConfigError(
+        "--resume",
+        f"{config_path} differs from the run's saved {saved_path} in {listed}{more}; a resume continues "
+        "the saved config.",
+        f"drop {config_path} (sm-dist train --resume {saved_path.parent}) to continue as saved, or add "
+        f"the overrides that change it: {apply}",
+    )
 
 
 def dump_config(cfg: Config) -> str:

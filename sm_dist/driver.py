@@ -59,7 +59,12 @@ from sm_dist.sampler import BatchSampler
 from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
 from sm_dist.status import RunDirBusy, claim_run_dir, note_children, release_run_dir
-from sm_dist.storage import check_shared_run_dir
+from sm_dist.storage import (
+    check_shared_run_dir,
+    claim_fresh_run_dir,
+    keep_config_history,
+    set_aside_history,
+)
 from sm_dist.validate import preflight
 
 log = logging.getLogger("sm_dist.driver")
@@ -212,7 +217,11 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     """Run (or resume) a training job; returns the process exit code. The run directory is claimed
     for the duration (`sm_dist.status`): a second driver on it is refused."""
     run_dir = Path(cfg.run.run_dir)
+    if not resume and not cfg.run.overwrite:
+        claim_fresh_run_dir(run_dir, overwrite=False)  # a run already there: refused, nothing touched
     last = preflight(cfg, resume)  # model, data, checkpoint: before anything is written or started
+    if not resume:
+        claim_fresh_run_dir(run_dir, cfg.run.overwrite)  # run.overwrite: the old run moves aside
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         claim_run_dir(run_dir)
@@ -290,7 +299,8 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         f"{'stopped' if summary['stopped_early'] else 'done'} at step {t.s.step} "
         f"(weights version {t.s.version})\n  run dir:     {run_dir}\n  checkpoint:  {final}\n"
         f"  metrics:     {logger.path}\n  tensorboard: tensorboard --logdir {logger.tb_dir}\n"
-        f"  resume with: sm-dist train <config> --resume {run_dir}"
+        f"  continue with: sm-dist train --resume {run_dir} [key=value ...]  (its saved config; e.g. "
+        f"run.total_steps={t.s.step * 2} to train on)"
     )
 
 
@@ -318,7 +328,13 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
     log_to_run_dir(run_dir)
     log.debug(f"resolved config:\n{text}")
     log.info(f"run dir {run_dir}: resolved config in config.yaml, logs in driver.log and workers.log")
-    (run_dir / ("config.resume.yaml" if resume else "config.yaml")).write_text(text)
+    saved = ckpt.read_run_state(last) if last else {}
+    if last and (prev := keep_config_history(run_dir, text, saved.get("step", 0))):
+        log.info(f"--resume: the run's previous config is kept as {prev.name}")
+    (run_dir / "config.yaml").write_text(text)
+    if last and (n := set_aside_history(run_dir, saved.get("step", 0))):
+        log.info(f"--resume: {n} metric rows past step {saved.get('step', 0)} (redone now) moved to "
+                 "metrics.abandoned.jsonl")  # fmt: skip
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
     data_rows, prompts, targets = build_data(cfg, tok)
@@ -326,7 +342,6 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         raise ConfigError(
             "rollout.num_workers", f"{len(prompts)} prompts cannot feed {cfg.rollout.num_workers} workers."
         )
-    saved = ckpt.read_run_state(last) if last else {}
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     ray, local = start_ray(cfg, address)
     route_worker_logs(run_dir)
@@ -344,7 +359,9 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         note_children(run_dir)  # a kill -9 of this driver: the next start on run_dir stops what it left
         r = cfg.run
         wandb = {"project": r.wandb_project, "entity": r.wandb_entity, "mode": r.wandb_mode}
-        logger = MetricsLogger(run_dir, wandb=wandb, config=cfg.model_dump())
+        logger = MetricsLogger(
+            run_dir, wandb=wandb, config=cfg.model_dump(), resume_step=state.step if last else None
+        )
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger, pg)
         attach_service_parts(t, tok, prompts, targets, model_dir)

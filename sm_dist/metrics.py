@@ -23,9 +23,12 @@ class MetricsLogger:
         tensorboard: bool = True,
         wandb: dict | None = None,
         config: dict | None = None,
+        resume_step: int | None = None,
     ):
         """`wandb`: {"project", "entity", "mode"} to also log to W&B (None: off); `config` is the run's
-        resolved config, recorded with the W&B run."""
+        resolved config, recorded with the W&B run. `resume_step`: a run resumed from that step's
+        checkpoint; TensorBoard drops the events past it (`purge_step`), which the steps redone now replace
+        (the jsonl rows past it are set aside by `sm_dist.storage.set_aside_history`)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")
@@ -36,7 +39,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.tb_dir))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(self.tb_dir), purge_step=purge)
             except ImportError:  # tensorboard is optional (extra "plot"); jsonl is always written
                 self._tb = None
         self._wb = _start_wandb(Path(run_dir), wandb, config) if wandb and wandb.get("project") else None

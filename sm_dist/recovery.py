@@ -74,4 +74,4 @@ def rescue_checkpoint(t, err: BaseException) -> None:
         except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
             log.error(f"could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})")
     if last is not None:
-        log.info(f"resume from {last} with: sm-dist train <config> --resume {run_dir}")
+        log.info(f"resume from {last} with: sm-dist train --resume {run_dir}")

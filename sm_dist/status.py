@@ -23,7 +23,7 @@ log = logging.getLogger("sm_dist.driver")
 DRIVER_FILE = "driver.json"
 _FIX_CONFIG = (
     "it is the resolved config the run wrote at its start: restore it (sm-dist config CONFIG [overrides] "
-    "> {d}/config.yaml prints one), or delete it and keep config.resume.yaml if there is one"
+    "> {d}/config.yaml prints one), or copy the newest config.before-step-*.yaml over it"
 )
 
 
@@ -133,14 +133,13 @@ def release_run_dir(run_dir: str | Path) -> None:
 
 
 def _read_run_config(d: Path) -> dict:
-    """The resolved config of the latest (re)start (config.yaml or config.resume.yaml), as a dict."""
+    """The resolved config of the latest (re)start (config.yaml), as a dict."""
     import yaml
 
-    configs = [c for c in (d / "config.yaml", d / "config.resume.yaml") if c.exists()]
-    if not configs:
+    latest = d / "config.yaml"
+    if not latest.exists():
         what = "is not a run directory (no config.yaml)" if d.is_dir() else "does not exist"
         raise UserError(str(d), f"{what}.", "pass the run.run_dir of a run started by sm-dist train")
-    latest = max(configs, key=lambda c: c.stat().st_mtime)
     try:
         cfg = yaml.safe_load(latest.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -244,7 +243,7 @@ def format_status(st: dict) -> str:
         )
     if st["state"] == "died":
         lines.append(
-            f"resume with: sm-dist train <config> --resume {st['run_dir']}   (the driver exited without "
+            f"resume with: sm-dist train --resume {st['run_dir']}   (the driver exited without "
             "cleaning up: killed, or its machine went away)"
         )
     return "\n".join(lines)

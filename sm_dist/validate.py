@@ -172,15 +172,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_resume_config(cfg: Config, run_dir: Path) -> dict[str, tuple]:
-    """Log the keys that differ from the run's saved config (its latest config.yaml / config.resume.yaml);
+    """Log the keys that differ from the run's saved config (its config.yaml);
     raise a ConfigError for a change that cannot take effect on a resume. Returns {key: (saved, new)}."""
     import yaml
 
-    saved_files = [p for p in (run_dir / "config.yaml", run_dir / "config.resume.yaml") if p.is_file()]
-    if not saved_files:
+    latest = run_dir / "config.yaml"
+    if not latest.is_file():
         log.warning(f"--resume: {run_dir} has no saved config.yaml; the overrides cannot be compared")
         return {}
-    latest = max(saved_files, key=lambda p: p.stat().st_mtime)
     try:
         saved = _flat(yaml.safe_load(latest.read_text()))
     except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as e:

@@ -200,6 +200,24 @@ def resume_changing_the_model_shape(tmp, model):
     return [*argv, "model.tiny.hidden_size=256", "model.tiny.num_layers=4"]  # overrides after --resume
 
 
+def fresh_run_on_a_used_run_dir(tmp, model):
+    argv, _ = _run_with_checkpoint(tmp, model)
+    (tmp / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    return argv[: argv.index("--resume")]  # the same command without --resume
+
+
+def resume_with_a_differing_config_file(tmp, model):
+    argv, _ = _run_with_checkpoint(tmp, model)
+    longer = re.sub(r"total_steps: \d+", "total_steps: 777", Path(TINY).read_text())
+    assert "total_steps: 777" in longer
+    (tmp / "c.yaml").write_text(longer)
+    return [argv[0], str(tmp / "c.yaml"), *argv[2:]]
+
+
+def train_without_a_config(tmp, model):
+    return ["train", "run.total_steps=5"]
+
+
 def eval_missing_model(tmp, model):
     data = _jsonl(tmp / "d.jsonl", [GOOD_ROW])
     return ["eval", "--model", str(tmp / "no-model"), "--data", data]
@@ -303,6 +321,24 @@ CASES = [
         resume_changing_the_model_shape,
         ("model.tiny.hidden_size", "--resume cannot change"),
     ),
+    Case(
+        "fresh_run_on_a_used_run_dir",
+        fresh_run_on_a_used_run_dir,
+        (
+            "run.run_dir",
+            "already holds a run",
+            "1 checkpoint",
+            "2 metric rows",
+            "--resume",
+            "run.overwrite=true",
+        ),
+    ),
+    Case(
+        "resume_with_a_differing_config_file",
+        resume_with_a_differing_config_file,
+        ("--resume", "c.yaml differs", "run.total_steps (", "777 in the file)", "run.total_steps=777"),
+    ),
+    Case("train_without_a_config", train_without_a_config, ("CONFIG", "--resume RUN_DIR")),
     Case("eval_missing_model", eval_missing_model, ("--model", "no-model", "does not exist")),
     Case("eval_missing_data", eval_missing_data, ("missing.jsonl", "does not exist")),
     Case("eval_empty_data", eval_empty_data, ("--data", "e.jsonl", "holds no rows")),
