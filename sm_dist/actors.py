@@ -179,7 +179,7 @@ def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
     ranks = LearnerRanks(
         L.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank))
         .remote(rank, lc.num_learners, model_dir, lc, cfg.objective, cfg.run.total_steps, cfg.run.seed,
-                sync=cfg.sync)
+                sync=cfg.sync, model=cfg.model)
         for rank in range(lc.num_learners)
     )  # fmt: skip
     labels = [f"learner rank {i}" for i in range(len(ranks))]

@@ -340,6 +340,14 @@ def _add_run_parsers(sub) -> None:
     ct.add_argument("run_dir", help="the run directory of a live `sm-dist train`")
     ct.add_argument(
         "command_name",
+def _export(args) -> int:
+    from sm_dist.export import export
+
+    ckpt = export(args.run_dir, args.out, args.dtype)
+    print(f"{ckpt} exported to {args.out} (a plain HF folder, adapters merged)")
+    return 0
+
+
         metavar="command",
         choices=("status", "health", "metrics", "scale", "pause", "resume", "checkpoint", "stop"),
     )
@@ -359,6 +367,14 @@ def _add_run_parsers(sub) -> None:
     )
     c.set_defaults(func=_config)
 
+
+    e = sub.add_parser("export", help="a run's newest checkpoint as a plain HF folder (LoRA merged)")
+    e.add_argument("run_dir", help="run directory (or one checkpoint folder, checkpoints/step-N)")
+    e.add_argument("out", help="output folder")
+    e.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
+    )
+    e.set_defaults(func=_export)
 
 def _add_analysis_parsers(sub) -> None:
     tm = sub.add_parser(

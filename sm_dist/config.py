@@ -71,6 +71,26 @@ class TinyModelConfig(_Section):
         return self
 
 
+class LoraSettings(_Section):
+    """LoRA through PEFT (`sm_dist.learner.lora`): r > 0 trains low-rank adapters plus the `<bkspc>` rows of
+    the embedding and LM head; the base weights stay frozen. Rollout workers get merged weights."""
+
+    r: int = Field(0, ge=0, description="LoRA rank; 0: no LoRA (the whole model trains).")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA alpha: the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names (suffixes) that get adapters, e.g. [q_proj, v_proj]; `all-linear`: every "
+        "linear layer but the LM head (PEFT's meaning).",
+    )
+    bkspc_rows: Literal["trainable_tokens", "modules_to_save"] = Field(
+        "trainable_tokens",
+        description="How the `<bkspc>` embedding and LM-head rows train: PEFT's trainable_token_indices (that "
+        "row alone; cheaper, measured by benchmarks/lora_rows.py) or the whole embedding and head in "
+        "modules_to_save.",
+    )
+
+
 class ModelConfig(_Section):
     """The policy: an HF causal-LM folder that already has `<bkspc>` (see `sm-dist add-bkspc`)."""
 
@@ -83,7 +103,15 @@ class ModelConfig(_Section):
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model settings.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="vLLM weights dtype. The learner keeps float32 master weights."
+        "float32",
+        description="vLLM weights dtype, and the dtype weights leave the learner in (syncs, the checkpoint's "
+        "model/ folder, exports). The learner keeps float32 master weights (QLoRA: its adapters).",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA (off while lora.r is 0).")
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA: the frozen base is loaded in 4 bits (bitsandbytes NF4, double quantisation, "
+        "bfloat16 compute) under the LoRA adapters; needs model.lora.r > 0 and CUDA learners.",
     )
 
 
@@ -469,3 +497,22 @@ class Config(_Section):
         """(replay rows, data rows) of one full step, all ranks together."""
         n_rep = round(self.learner.batch_size * self.buffer.replay_fraction)
         return n_rep, self.learner.batch_size - n_rep
+        self._check_lora()
+    def _check_lora(self) -> None:
+        m = self.model
+        if m.load_in_4bit and m.lora.r == 0:
+            raise ValueError(
+                "model.load_in_4bit: a 4-bit base cannot train itself; QLoRA trains LoRA adapters on it. "
+                "Fix: set model.lora.r (e.g. model.lora.r=64)"
+            )
+        if m.load_in_4bit and self.learner.gpus_per_learner == 0:
+            raise ValueError(
+                "model.load_in_4bit: bitsandbytes' 4-bit layers need CUDA, and learner.gpus_per_learner is 0. "
+                "Fix: give the learners GPUs (learner.gpus_per_learner=1), or model.load_in_4bit=false"
+            )
+        if m.lora.r and self.sync.transport.kind == "nccl":
+            raise ValueError(
+                "sync.transport: nccl sends the live module's own tensors, which under LoRA are the unmerged "
+                "base weights. Fix: sync.transport=object_store (merged weights), or model.lora.r=0"
+            )
+

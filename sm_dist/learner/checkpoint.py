@@ -100,7 +100,15 @@ def pin_model(ckpt: Path, run_dir: str | Path) -> Path:
     """`<run_dir>/resumed-model`: a copy of `ckpt/model` that outlives the checkpoint, which `keep_last`
     prunes while the run goes on. A rollout worker that Ray restarts re-runs its constructor on the same
     folder, so a resumed run must not start its actors on the checkpoint itself. Hard links where the
-    filesystem allows (checkpoints are never modified in place), else copies."""
+    filesystem allows (checkpoints are never modified in place), else copies.
+
+    A LoRA checkpoint's `model/` is an adapter folder (`sm_dist.learner.lora`): the actors start on the
+    base folder it names (not pruned: it is the run's model.dir), the learners load the adapter from
+    `state/`, and the resumed run's first publish sends the merged weights."""
+    from sm_dist.learner.lora import base_dir, is_adapter_dir
+
+    if is_adapter_dir(Path(ckpt) / "model"):
+        return Path(base_dir(Path(ckpt) / "model"))
     dst = Path(run_dir) / "resumed-model"
     tmp = dst.with_name(dst.name + _TMP)
     shutil.rmtree(tmp, ignore_errors=True)

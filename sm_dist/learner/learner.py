@@ -40,9 +40,10 @@ from typing import Any
 
 import torch
 
-from sm_dist.config import LearnerConfig, ObjectiveConfig, SyncConfig
+from sm_dist.config import LearnerConfig, ModelConfig, ObjectiveConfig, SyncConfig
 from sm_dist.core.objective import ObjectiveParams
 from sm_dist.core.traces import TraceInputs, build_inputs
+from sm_dist.learner import lora
 from sm_dist.learner.step import StepParams, loss_and_backward
 
 
@@ -137,8 +138,10 @@ class Learner:
         seed: int = 0,
         device: str = "auto",
         sync: SyncConfig | None = None,
+        model: ModelConfig | None = None,
     ):
-        """`learner`, `objective`, `sync`: the run config's sections (sync: None, the defaults)."""
+        """`learner`, `objective`, `sync`, `model`: the run config's sections (None: the defaults).
+        `model_dir` may be a LoRA checkpoint's adapter folder: its base loads, the state comes later."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from sm_dist.core.vocab import check_model_has_bkspc, get_bkspc_id
@@ -151,11 +154,16 @@ class Learner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         torch.manual_seed(seed)
+        self.model_cfg = model_cfg = model or ModelConfig()
+        self.weights_dtype = getattr(torch, model_cfg.dtype)  # what leaves the learner (syncs, model/)
+        self.model_dir = lora.base_dir(self.model_dir)
         tok = self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.bkspc_id, self.eos_id = get_bkspc_id(tok), tok.eos_token_id
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
+        model = self._load_model(AutoModelForCausalLM)
         check_model_has_bkspc(model, self.bkspc_id)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if self.use_lora:  # the base frozen; adapters + <bkspc> rows train (sm_dist.learner.lora)
+            model = lora.apply_lora(model, model_cfg.lora, self.bkspc_id)
         self.module = model  # the HF model (sharded in place under FSDP2)
         self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
         self.rendezvous: tuple[str, int] | None = None  # where the process group met (rank 0's choice)
@@ -165,9 +173,32 @@ class Learner:
         if world_size == 1:
             self._build_optimizer()
 
+    @property
+    def use_lora(self) -> bool:
+        return self.model_cfg.lora.r > 0
+
+    def _load_model(self, auto):
+        """The HF model in float32 on this rank's device; QLoRA: its base in 4 bits (CUDA only)."""
+        if not self.model_cfg.load_in_4bit:
+            return auto.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
+        if self.device.type != "cuda":
+            from sm_dist.errors import UserError
+
+            raise UserError(
+                "model.load_in_4bit", f"QLoRA's 4-bit base needs CUDA; learner rank {self.rank} runs on {self.device}.",
+                "run the learners on GPUs (learner.gpus_per_learner=1), or set model.load_in_4bit=false",
+            )  # fmt: skip
+        model = auto.from_pretrained(
+            self.model_dir, quantization_config=lora.quantization_config(), dtype=torch.bfloat16,
+            device_map={"": self.device},
+        )  # fmt: skip
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
     def _build_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(
-            self.module.parameters(),
+            [p for p in self.module.parameters() if p.requires_grad],  # LoRA: adapters + <bkspc> rows
             lr=self.opt_p.lr,
             betas=self.opt_p.betas,
             eps=self.opt_p.eps,
@@ -350,8 +381,12 @@ class Learner:
 
     def _sync_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights to publish: gathered under FSDP2 (a collective), else the live tensors, with no
-        CPU staging copy (the senders copy each tensor straight into their buffer)."""
-        return self.full_state_dict() if self.sharded else self.module.state_dict()
+        CPU staging copy (the senders copy each tensor straight into their buffer, in model.dtype).
+        LoRA: the merged weights under HF names, made in model.dtype (`lora.merged_state_dict`)."""
+        if not self.use_lora:
+            return self.full_state_dict() if self.sharded else self.module.state_dict()
+        sd = self.full_state_dict() if self.sharded else lora.live_state_dict(self.module)
+        return lora.merged_state_dict(self.module, sd, self.weights_dtype) if self.rank == 0 else {}
 
     def connect_weights(self, workers: list, names: list[str]) -> None:
         """Rank 0 builds its end of `sync.transport` and connects it to the rollout workers (a
@@ -360,7 +395,8 @@ class Learner:
         if self.rank == 0:
             if self.sender is None or self.sync.transport.collective:  # a collective rendezvouses anew
                 self.sender = self.sync.transport.sender(self.sync.timeout_s)
-            self.sender.connect(workers, names, self.module)  # the object store keeps its last version
+            # the object store keeps its last version; weights travel in model.dtype
+            self.sender.connect(workers, names, self.module, dtype=self.weights_dtype)
 
     def publish_weights(self, version: int):
         """Send the current weights as `version` (`sm_dist.sync.base.Delivery` on rank 0, None on the
@@ -385,14 +421,18 @@ class Learner:
         from sm_dist.learner import sharded
 
         out, t0 = Path(ckpt_dir), time.perf_counter()
-        sharded.save_state(self.module, self.optimizer, out / "state")
+        (lora if self.use_lora else sharded).save_state(self.module, self.optimizer, out / "state")
         own = sum(f.stat().st_size for f in (out / "state").glob(f"__{self.rank}_*.distcp"))
         figures = {"rank": self.rank, "state_bytes": own, "state_s": time.perf_counter() - t0}
         sd = self.full_state_dict()  # weights only (a collective under FSDP2)
         if self.rank != 0:
             return figures
         (out / "model").mkdir(parents=True, exist_ok=True)
-        self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
+        if self.use_lora:  # the adapter and the <bkspc> rows; adapter_config.json names the base folder
+            lora.save_adapter(self.module, out / "model", sd)
+        else:  # an HF folder in model.dtype (the state/ shards keep the float32 master weights)
+            sd = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+            self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
         self.tokenizer.save_pretrained(out / "model")
         state = {
             "step": self.c.step,
@@ -417,7 +457,7 @@ class Learner:
         st = json.loads((d / "learner_state.json").read_text())
         try:
             if (d / "state").is_dir():
-                sharded.load_state(self.module, self.optimizer, d / "state")
+                (lora if self.use_lora else sharded).load_state(self.module, self.optimizer, d / "state")
                 self.scheduler.load_state_dict(st["scheduler"])
             else:
                 self._load_legacy(d)

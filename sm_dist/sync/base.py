@@ -79,10 +79,19 @@ class WeightSender(ABC):
         self.timeout_s = timeout_s
         self.workers: list[Any] = []
         self.names: list[str] = []
+        self.dtype: torch.dtype | None = None
 
-    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None) -> None:
+    def connect(
+        self,
+        workers: Sequence[Any],
+        names: Sequence[str],
+        module: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Remember the workers (`names` label them in errors); `module` is the model whose weights
-        are sent (used by transports that read it directly)."""
+        are sent (used by transports that read it directly); `dtype` the engines' (model.dtype):
+        floating-point tensors travel in it (None: as they are)."""
+        self.dtype = dtype
         if not workers:
             raise ValueError(f"{type(self).__name__} needs at least one rollout worker")
         self.workers = list(workers)

@@ -105,9 +105,9 @@ class GlooSender(WeightSender):
         self.master_address, self.master_port = master_address, master_port
         self.pg = None
 
-    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None) -> None:
+    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None, dtype=None) -> None:
         """Rendezvous with every worker (they block in "init" until rank 0 opens the store)."""
-        super().connect(workers, names, module)
+        super().connect(workers, names, module, dtype)
         self.client = StageClient(self.workers, self.names, self.timeout_s, "gloo")
         self.master_address = self.master_address or _node_ip()
         self.master_port = self.master_port or free_port(self.master_address)
@@ -135,7 +135,7 @@ class GlooSender(WeightSender):
             raise RuntimeError("GlooSender.send before connect()")
         self.client.version = version
         t0 = time.perf_counter()
-        buf = state_dict_to_buffer(state_dict)
+        buf = state_dict_to_buffer(state_dict, self.dtype)
         t1 = time.perf_counter()
         self.client.call("start")  # every worker holds its engine lock: between two batches
         t2 = time.perf_counter()

@@ -115,7 +115,7 @@ class NcclSender(WeightSender):
         self._engine = None
         self._module: torch.nn.Module | None = None
 
-    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None) -> None:
+    def connect(self, workers: Sequence[Any], names: Sequence[str], module: Any = None, dtype=None) -> None:
         """Rendezvous at this node's address with every vLLM worker; `module` is the model `send` sends."""
         import ray
         from vllm.distributed.weight_transfer.nccl_engine import (
@@ -126,7 +126,7 @@ class NcclSender(WeightSender):
         from sm_dist.cluster import free_port
 
         _require_cuda()
-        super().connect(workers, names, module)
+        super().connect(workers, names, module, dtype)
         self.client = _WorkerClient(self.workers, self.names, self.timeout_s, "NCCL")
         addr = ray.util.get_node_ip_address()
         info = NCCLTrainerInitInfo(

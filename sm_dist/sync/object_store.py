@@ -35,9 +35,12 @@ _ST_DTYPES = {
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def state_dict_to_buffer(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
+def state_dict_to_buffer(
+    state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> np.ndarray:
     """The weights in safetensors' file layout (8-byte header length, JSON header, raw data), written
-    with one copy into a uint8 numpy array.
+    with one copy into a uint8 numpy array; floating-point tensors in `dtype` (None: as they are),
+    converted by that same copy (no second copy of the model in either dtype).
 
     Why numpy and not bytes: Ray stores a numpy array out of band, so a reader on the same node maps it
     from the object store without a copy (bytes are copied on every `ray.get`); and the layout is still
@@ -52,11 +55,19 @@ def state_dict_to_buffer(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
         if key not in seen:
             seen.add(key)
             items.append((name, t.detach()))
-    items.sort(key=lambda kv: -kv[1].element_size())
+
+    def out_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    items.sort(key=lambda kv: -out_dtype(kv[1]).itemsize)
     header, off = {}, 0
     for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        n = t.numel() * out_dtype(t).itemsize
+        header[name] = {
+            "dtype": _ST_DTYPES[out_dtype(t)],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + n],
+        }
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # keep the data section 8-byte aligned
@@ -66,7 +77,8 @@ def state_dict_to_buffer(state_dict: Mapping[str, torch.Tensor]) -> np.ndarray:
     data = torch.from_numpy(buf[8 + len(hb) :])
     for name, t in items:
         a, b = header[name]["data_offsets"]
-        data[a:b].copy_(t.contiguous().reshape(-1).view(torch.uint8))  # device -> host copy if on GPU
+        dst = data[a:b].view(out_dtype(t)).view(t.shape)
+        dst.copy_(t)  # device -> host and, where dtype differs, the cast, in one copy
     return buf
 
 
@@ -106,7 +118,7 @@ class ObjectStoreSender(WeightSender):
         import ray
 
         t0 = time.perf_counter()
-        blob = state_dict_to_buffer(state_dict)
+        blob = state_dict_to_buffer(state_dict, self.dtype)
         t1 = time.perf_counter()
         self._last = (version, ray.put(blob))
         t2 = time.perf_counter()

