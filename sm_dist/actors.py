@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sm_dist.cluster import init_local_ray, ray_logging_level, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError
+from sm_dist.errors import ActorStartError
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -199,7 +200,24 @@ def _wait(ray, futs: list, labels: list[str], timeout_s: float) -> list:
     try:
         return wait_all(futs, labels, timeout_s, "start-up (run.startup_timeout_s)")
     except ray.exceptions.RayActorError as e:
-        raise RuntimeError(f"an actor failed to start: {describe_error(e)}") from e
+        who = next((lb for f, lb in zip(futs, labels, strict=True) if _failed(ray, f)), "an actor")
+        raise ActorStartError(
+            who,
+            f"failed to start: {describe_error(e)}",
+            "check the settings it was given (rollout.engine.*, model.dir, learner.*) against the "
+            "library's limits; its full traceback is in run_dir/workers.log (--debug shows the driver's)",
+        ) from e
+
+
+def _failed(ray, fut) -> bool:
+    ready, _ = ray.wait([fut], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(fut, timeout=0)
+    except Exception:  # noqa: BLE001 - any error of that call means it is the one that failed
+        return True
+    return False
 
 
 def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
@@ -232,4 +250,7 @@ def describe_error(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
     first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
     died = re.search(r"class_name: (\w+)", str(err))
-    return f"{type(cause).__name__}: {first}" + (f" [dead actor: {died.group(1)}]" if died else "")
+    # a constructor's error travels as text inside Ray's message: its own last "XError: ..." line says it
+    raised = re.findall(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .+)$", str(err), flags=re.M)
+    what = raised[-1].strip() if raised and cause is err else f"{type(cause).__name__}: {first}"
+    return what[:400] + (f" [dead actor: {died.group(1)}]" if died else "")

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from sm_dist.errors import DataError, ModelError, UserError, one_line
+from sm_dist.errors import DataError, ModelError, UserError, filesystem_error, one_line
 
 
 def _make_tiny_model(args) -> int:
@@ -81,6 +81,8 @@ def _train(args) -> int:
         cfg = load_config(config, overrides)
     from sm_dist.driver import train
 
+    args.run_dir_used = cfg.run.run_dir
+
     return train(cfg, resume=args.resume, address=args.address)
 
 
@@ -128,31 +130,50 @@ def _ctl(args) -> int:
 def _eval(args) -> int:
     import json
 
+    from sm_dist.config import RolloutConfig
     from sm_dist.eval.arith_eval import evaluate, format_table
     from sm_dist.eval.decoding import decoding_params, resolve_decoding
+    from sm_dist.eval.quiet import log_path, to_log_file
+    from sm_dist.eval.target import engine_max_len, resolve_target
     from sm_dist.validate import check_model_dir
 
     if args.limit is not None and args.limit < 1:
         raise UserError(
             f"--limit {args.limit}", "evaluates no example.", "pass --limit N with N >= 1, or omit it"
         )
+    caps = RolloutConfig().model_dump(include={"max_actions", "max_backspaces"})  # rollout.*'s defaults
     backspace = None if args.backspace is None else args.backspace == "on"
     try:  # the flags first: a wrong combination is wrong whatever the files hold
         dec = resolve_decoding(args.decoding, backspace)
-        decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, args.max_actions,
-                        args.max_backspaces, args.bkspc_bias)  # fmt: skip
+        ma, mb = (caps[k] if getattr(args, k) is None else getattr(args, k) for k in caps)
+        decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, ma, mb, args.bkspc_bias)
     except ValueError as e:
         raise UserError("sm-dist eval flags", f"{e}.", "see sm-dist eval --help") from None
+    target = resolve_target(args.model)  # a model, a checkpoint or a run (sm_dist/eval/target.py)
+    for k, v in {**caps, **target.defaults}.items():
+        if getattr(args, k) is None:  # a flag wins; then the run's config.yaml; then rollout.*'s default
+            setattr(args, k, v)
     _check_eval_data(args)
-    check_model_dir(args.model, "--model")
+    check_model_dir(target.model_dir, "--model")
+    max_model_len = engine_max_len(target.model_dir, args.max_model_len)
     keys = ("decoding", "temperature", "top_p", "samples", "seed", "force_error", "limit", "prompt_field",
             "answer_field", "on_bad", "max_actions", "max_backspaces", "bkspc_bias", "batch_size")  # fmt: skip
-    summary = evaluate(args.model, args.data, backspace=backspace, **{k: getattr(args, k) for k in keys})
-    print(format_table(summary))
+    log = log_path(args.log_file, args.out)
+    for note in target.notes:
+        print(f"sm-dist eval: {note}", file=sys.stderr)
+    print(f"sm-dist eval: vLLM's output goes to {log}", file=sys.stderr)
+    from sm_dist.cluster import set_process_env
+
+    set_process_env()  # vLLM's CPU defaults, before vLLM is imported
+    with to_log_file(log):  # file descriptors 1 and 2: vLLM prints from C++ and subprocesses too
+        summary = evaluate(target.model_dir, args.data, backspace=backspace, progress=False,
+                           max_model_len=max_model_len, **{k: getattr(args, k) for k in keys})  # fmt: skip
+    summary["model_arg"] = str(args.model)
+    print(json.dumps(summary, indent=2) if args.json else format_table(summary))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
-        print(f"results written to {args.out}")
+        print(f"sm-dist eval: results written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -240,17 +261,38 @@ def _bench(args) -> int:
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser(
         "eval",
-        help="evaluation (exact match) of a model on a jsonl of prompt/answer",
+        help="evaluation (exact match) of a model, run or checkpoint on prompt/answer data",
         description="Backspace-aware generation with vLLM on every prompt, exact match against the "
         "answer. Decodings: search (default; temperature 0, a token deleted at a state is never "
         "chosen again there), greedy (temperature 0; loops after a <bkspc>, for comparison), "
         "greedy_no_bkspc (temperature 0, <bkspc> forbidden: the control), sample (--temperature, "
-        "--top-p, --samples K per question, --seed). JSON: accuracy (over all samples), pass_at_k, "
-        "malformed_rate, bkspc_cap_hits, backspace statistics, per-base accuracy.",
+        "--top-p, --samples K per question, --seed). Stdout: a markdown table of the metrics (accuracy "
+        "over all samples, pass_at_k, malformed_rate, bkspc_cap_hits and length_cap_hits, backspace "
+        "statistics, per-base accuracy), or the JSON with --json; vLLM's output goes to --log-file.",
     )
-    ev.add_argument("--model", required=True, help="HF model folder (with <bkspc>)")
-    ev.add_argument("--data", required=True, help="jsonl with prompt/answer fields")
+    ev.add_argument(
+        "--model",
+        required=True,
+        help="an HF model folder with <bkspc>; a run directory RUN (its newest intact checkpoint's "
+        "weights); or a checkpoint RUN/checkpoints/step-N (its weights, step-N/model). With a run or a "
+        "checkpoint, --max-actions and --max-backspaces default to the run's config.yaml. RUN/model is "
+        "the run's start model (untrained), not the trained one",
+    )
+    ev.add_argument("--data", required=True, help="jsonl or parquet with prompt/answer fields")
     ev.add_argument("--out", help="write the results (metrics + per-example) as JSON here")
+    ev.add_argument(
+        "--json", action="store_true", help="print the results as JSON on stdout instead of the table"
+    )
+    ev.add_argument(
+        "--log-file",
+        help="vLLM's and the engine's output (default: beside --out as .log, else a temporary file; "
+        "its path is said on stderr)",
+    )
+    ev.add_argument(
+        "--max-model-len",
+        type=int,
+        help="the engine's context in tokens (default: the model's max_position_embeddings, at most 2048)",
+    )
     ev.add_argument(
         "--decoding",
         choices=("search", "greedy", "greedy_no_bkspc", "sample"),
@@ -278,8 +320,16 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument("--prompt-field", default="prompt")
     ev.add_argument("--answer-field", default="answer")
     ev.add_argument("--on-bad", choices=("error", "skip"), default="error", help="bad data rows")
-    ev.add_argument("--max-actions", type=int, default=64)
-    ev.add_argument("--max-backspaces", type=int, default=16)
+    ev.add_argument(
+        "--max-actions",
+        type=int,
+        help="cap on actions per answer (default: the run's rollout.max_actions, else rollout's default 32)",
+    )
+    ev.add_argument(
+        "--max-backspaces",
+        type=int,
+        help="cap on <bkspc> per answer (default: the run's rollout.max_backspaces, else rollout's default 8)",
+    )
     ev.add_argument(
         "--bkspc-bias",
         type=float,
@@ -288,6 +338,14 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--batch-size", type=int, default=256, help="prompts per generation batch")
     ev.set_defaults(func=_eval)
+
+
+def _export(args) -> int:
+    from sm_dist.export import export
+
+    ckpt = export(args.run_dir, args.out, args.dtype)
+    print(f"{ckpt} exported to {args.out} (a plain HF folder, adapters merged)")
+    return 0
 
 
 def _add_model_parsers(sub) -> None:
@@ -309,6 +367,14 @@ def _add_model_parsers(sub) -> None:
     a.add_argument("model_dir")
     a.add_argument("out")
     a.set_defaults(func=_add_bkspc)
+
+    e = sub.add_parser("export", help="a run's newest checkpoint as a plain HF folder (LoRA merged)")
+    e.add_argument("run_dir", help="run directory (or one checkpoint folder, checkpoints/step-N)")
+    e.add_argument("out", help="output folder")
+    e.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
+    )
+    e.set_defaults(func=_export)
 
 
 def _add_run_parsers(sub) -> None:
@@ -340,14 +406,6 @@ def _add_run_parsers(sub) -> None:
     ct.add_argument("run_dir", help="the run directory of a live `sm-dist train`")
     ct.add_argument(
         "command_name",
-def _export(args) -> int:
-    from sm_dist.export import export
-
-    ckpt = export(args.run_dir, args.out, args.dtype)
-    print(f"{ckpt} exported to {args.out} (a plain HF folder, adapters merged)")
-    return 0
-
-
         metavar="command",
         choices=("status", "health", "metrics", "scale", "pause", "resume", "checkpoint", "stop"),
     )
@@ -367,14 +425,6 @@ def _export(args) -> int:
     )
     c.set_defaults(func=_config)
 
-
-    e = sub.add_parser("export", help="a run's newest checkpoint as a plain HF folder (LoRA merged)")
-    e.add_argument("run_dir", help="run directory (or one checkpoint folder, checkpoints/step-N)")
-    e.add_argument("out", help="output folder")
-    e.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the run's model.dtype"
-    )
-    e.set_defaults(func=_export)
 
 def _add_analysis_parsers(sub) -> None:
     tm = sub.add_parser(
@@ -442,6 +492,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _run_dir_of(args) -> str | None:
+    """The run directory a failed `train` wrote to (for the --resume hint), where one is known."""
+    return getattr(args, "resume", None) or getattr(args, "run_dir_used", None)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     debug = args.debug or os.environ.get("SM_DIST_DEBUG", "") not in ("", "0", "false")
@@ -458,6 +513,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         print(f"sm-dist {args.command}: {one_line(e)}", file=sys.stderr)
+        code = 2
+    except Exception as e:  # a full disk or a read-only folder, wherever the write was: one line too
+        fs = filesystem_error(e, _run_dir_of(args))
+        if fs is None or debug:
+            raise
+        print(f"sm-dist {args.command}: {one_line(fs)}", file=sys.stderr)
         code = 2
     sys.exit(code)
 

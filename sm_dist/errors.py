@@ -25,6 +25,11 @@ class ModelError(UserError):
     """A model folder that cannot be used: no config or tokenizer, no `<bkspc>`, unreadable weights."""
 
 
+class ActorStartError(UserError):
+    """A Ray actor (a rollout worker's vLLM engine, a learner rank) failed in its constructor: almost
+    always settings the library refused (rollout.engine.*, the model folder, the cluster)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint (or a run directory to resume) that cannot be used."""
 
@@ -32,3 +37,43 @@ class CheckpointError(UserError):
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line (newlines of wrapped library messages folded into spaces)."""
     return " ".join(str(err).split())
+
+
+def filesystem_error(err: BaseException, run_dir: str | None = None) -> UserError | None:
+    """The OSError behind `err` (itself, its cause, or a Ray task error's `cause`) as a UserError when the
+    filesystem refused a write (full, read-only, no permission), else None."""
+    import errno
+    import os
+    from pathlib import Path
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = e.errno if isinstance(e, OSError) else _rust_os_error(e)  # safetensors' writer: Rust's
+        if code in _FS_ERRNOS:
+            where = (e.filename if isinstance(e, OSError) else None) or run_dir or "the filesystem"
+            full = code in (errno.ENOSPC, errno.EDQUOT)
+            fix = (
+                f"free space on that filesystem (df -h {os.path.dirname(str(where)) or where})"
+                if full
+                else "make it writable (permissions, a read-write mount)"
+            )
+            if run_dir and any((Path(run_dir) / "checkpoints").glob("step-*")):
+                fix += f", then continue: sm-dist train --resume {run_dir} (its checkpoints are intact)"
+            elif run_dir:
+                fix += ", then run the same command again (the run had no checkpoint yet)"
+            return UserError(str(where), f"{os.strerror(code)} (errno {code}).", fix)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+_FS_ERRNOS = {28, 122, 30, 13, 1}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM
+
+
+def _rust_os_error(e: BaseException) -> int | None:
+    """The errno in a Rust I/O error's text ("... (os error 28)"), as safetensors raises it."""
+    import re
+
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m[1]) if m else None

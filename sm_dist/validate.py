@@ -127,6 +127,15 @@ def check_train_data(cfg: Config, tok=None) -> None:
         reports.append(encoded)
     if not examples:
         raise no_usable_examples("data.train_path", d.train_path, *reports)
+    if tok is not None and (empty := sum(not e.prompt_ids for e in examples)):
+        raise ConfigError(
+            "data.prompt_chars",
+            f"{empty} of {len(examples)} prompts in {d.train_path} encode to 0 tokens (plain-text rows with "
+            f"data.prompt_chars={d.prompt_chars}, and a tokenizer that adds no BOS): the model has nothing "
+            "to generate from.",
+            "set data.prompt_chars=N (the first N characters of each text become its prompt), or give "
+            "rows a prompt field",
+        )
     if tok is not None and d.noise == "task" and d.p_noise > 0:
         specials = set(tok.all_special_ids)
         if len({t for e in examples for t in e.target_ids} - specials) < 2:
@@ -143,12 +152,105 @@ def check_train_data(cfg: Config, tok=None) -> None:
         )
 
 
-def preflight(cfg: Config, resume: str | None) -> Path | None:
-    """Check the model, the data and (with `resume`) the run to resume before anything is written or
-    started; return the checkpoint to resume from (None for a fresh run)."""
+def _run_tokenizer(cfg: Config):
+    """The tokenizer the run will use: the model folder's, or (a tiny model built at start) the one
+    `make_tiny_model` trains, so the data is checked against it before anything is built."""
+    if Path(cfg.model.dir).exists():
+        return check_model_dir(cfg.model.dir)
+    if cfg.model.make_tiny_if_missing:
+        from sm_dist.core.tiny import ARITH_ALPHABET, train_tokenizer
 
-    tok = check_model_dir(cfg.model.dir) if Path(cfg.model.dir).exists() else None
+        return train_tokenizer(None, alphabet=ARITH_ALPHABET)
+    return None
+
+
+def check_engine_limits(cfg: Config) -> None:
+    """`rollout.engine.*` against the model's own limits, which vLLM would refuse at actor start-up."""
+    from sm_dist.core.tiny import TINY_POSITIONS
+    from sm_dist.eval.target import model_positions
+
+    md = Path(cfg.model.dir)
+    positions = model_positions(md) if md.exists() else TINY_POSITIONS
+    e = cfg.rollout.engine
+    if positions is not None and e.max_model_len > positions:
+        where = f"{md}/config.json" if md.exists() else "the tiny model built at start"
+        raise ConfigError(
+            "rollout.engine.max_model_len",
+            f"{e.max_model_len} exceeds the model's {positions} positions ({where}); vLLM refuses an engine "
+            "longer than its model.",
+            f"set rollout.engine.max_model_len={positions} or less (it must hold data.max_prompt_len + "
+            f"rollout.max_actions = {cfg.data.max_prompt_len + cfg.rollout.max_actions})",
+        )
+
+
+def check_run_dir_writable(cfg: Config) -> None:
+    """The run directory can be created and written (not read-only, not full): a probe file is written
+    and removed, so nothing is left behind."""
+    import errno
+    import os
+    import uuid
+
+    d = Path(cfg.run.run_dir)
+    top = next((p for p in [d, *d.parents] if p.exists()), None)
+    if top is not None and not top.is_dir():
+        raise ConfigError("run.run_dir", f"{top} is a file, not a folder.", "pick another run.run_dir")
+    created = [p for p in [d, *d.parents] if not p.exists()][::-1]
+    probe = d / f".write-probe-{uuid.uuid4().hex}"
+    st = None if created else d.stat()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as f:
+            f.write(b"\0" * 65536)  # a disk with no room for this has none for a checkpoint
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise ConfigError(
+            "run.run_dir",
+            f"cannot write to {d} ({e.strerror}).",
+            "free space on that filesystem (df -h), or pick a run.run_dir on another one"
+            if full
+            else "pick a run.run_dir on a writable filesystem, or fix its permissions",
+        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
+        if st is not None:  # the folder as it was, its times included
+            os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for p in reversed(created):  # leave nothing: the run itself creates the folder later
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+
+def check_api_port(cfg: Config) -> None:
+    """A fixed `run.api_port` that is taken fails here, not after the actors are up."""
+    import socket
+
+    r = cfg.run
+    if not r.api_port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in r.api_host else socket.AF_INET) as s:
+        try:
+            s.bind((r.api_host, r.api_port))
+        except OSError as e:
+            raise ConfigError(
+                "run.api_port",
+                f"the control API cannot listen on {r.api_host}:{r.api_port} ({e.strerror}).",
+                "pick another run.api_port (0: a free one), stop what holds it, or set run.api_host",
+            ) from None
+
+
+def preflight(cfg: Config, resume: str | None) -> Path | None:
+    """Check the model, the data, the engine settings, the run directory, the API port and (with
+    `resume`) the run to resume before anything is written or started; return the checkpoint to resume
+    from (None for a fresh run)."""
+
+    tok = _run_tokenizer(cfg)
     check_train_data(cfg, tok)
+    check_engine_limits(cfg)
+    check_run_dir_writable(cfg)
+    check_api_port(cfg)
     if not resume:
         return None
     check_resume_config(cfg, Path(cfg.run.run_dir))

@@ -18,6 +18,7 @@ from sm_dist.core.vocab import BKSPC_TOKEN, add_bkspc
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # <bkspc> is added to the model by add_bkspc
 # Every character of the DeepMind add_or_sub_in_base questions and answers (bases 2..16).
 ARITH_ALPHABET = "0123456789abcdef +-?,.InbasewhtiWI"
+TINY_POSITIONS = 512  # max_position_embeddings of a tiny model built at start (model.tiny)
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
@@ -65,7 +66,7 @@ def make_tiny_model(
     num_heads: int = 2,
     num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
-    max_position_embeddings: int = 512,
+    max_position_embeddings: int = TINY_POSITIONS,
     seed: int = 0,
 ) -> Path:
     """Build and save a tiny Llama-style model + tokenizer to `out_dir`; return the path.

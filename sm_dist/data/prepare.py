@@ -22,11 +22,23 @@ def prepare_model(cfg: Config) -> None:
         return
     from sm_dist.core.tiny import make_tiny_model
 
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model: console noise
     t = cfg.model.tiny
     log.info(f"building tiny model at {md}")
-    make_tiny_model(
-        md, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
-    )
+    tmp = md.with_name(f".{md.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)  # a build cut short before (a full disk): never used
+    try:
+        make_tiny_model(
+            tmp, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(md)  # whole or absent: a half-written model folder would pass for the run's model
 
 
 def load_train_examples(cfg: Config):

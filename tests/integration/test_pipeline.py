@@ -145,10 +145,11 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert adam_steps == {float(k)}  # no skipped steps: one Adam step per learner step
     rows_at_stop = first["buffer"]["added_rows"]
 
+    # no config: the run's saved one (a service run, FAST settings) with one override on top
+    resume = [sys.executable, "-m", "sm_dist", "train", "--resume", str(run), f"run.total_steps={k + 8}"]
     out = subprocess.run(
-        [*base, "run.total_steps=" + str(k + 8), "--resume", str(run)], env=_env(tmp_path, ray_tmp), cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        resume, env=_env(tmp_path, ray_tmp), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {last} at step {k}" in out.stderr  # the log (stderr); the summary is stdout
     assert (run / "resumed-model" / "config.json").exists()  # actors start on the pinned copy

@@ -42,7 +42,9 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, ray_tmp):  # noqa
     assert f"kept as {kept}; resuming from step-00000004" in out.stderr
     assert f"resumed from {ckpts / 'step-00000004'} at step 4" in out.stderr
     assert (kept / "model" / "model.safetensors").read_bytes() == corrupt_bytes  # kept as it was
-    assert [r["step"] for r in _metrics(run)][-8:] == list(range(5, 13))  # steps 5.. redone from step 4
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 13))  # 5..8 redone from step 4, not twice
+    abandoned = [json.loads(x)["step"] for x in (run / "metrics.abandoned.jsonl").read_text().splitlines()]
+    assert abandoned == [5, 6, 7, 8]  # the first attempt's rows past step 4, set aside
     assert json.loads((run / "summary.json").read_text())["step"] == 12
     names = sorted(p.name for p in ckpts.iterdir())
     assert names == ["step-00000004", "step-00000008", "step-00000008.corrupt", "step-00000012"], names
