@@ -20,11 +20,11 @@ def prepare_model(cfg: Config) -> None:
     md = Path(cfg.model.dir)
     if md.exists():
         return
-    from sm_dist.core.tiny import make_tiny_model
-
     import shutil
 
     from transformers.utils import logging as hf_logging
+
+    from sm_dist.core.tiny import make_tiny_model
 
     hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model: console noise
     t = cfg.model.tiny
