@@ -46,6 +46,7 @@ from sm_dist.config import Config, ConfigError
 from sm_dist.config_load import dump_config
 from sm_dist.control import Controller
 from sm_dist.data.prepare import build_data, prepare_model
+from sm_dist.eval import heldout
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.learner_group import LearnerGroup
 from sm_dist.logs import log_to_run_dir, route_worker_logs
@@ -275,8 +276,9 @@ def start_api(t: Trainer, run_dir: Path):
         ) from None
 
 
-def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
-    """summary.json, and the end summary on stdout (the command's result; logs go to stderr)."""
+def _finish(t: Trainer, run_dir: Path, final: Path, logger, acc: dict | None = None) -> None:
+    """summary.json, and the end summary on stdout (the command's result; logs go to stderr).
+    `acc`: the held-out accuracy record (sm_dist/eval/heldout.py), None when not measured."""
     summary = {
         "run_dir": str(run_dir),
         "step": t.s.step,
@@ -293,6 +295,7 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         "tensorboard": str(logger.tb_dir),
         "buffer": t.ray.get(t.replay.stats.remote()),
         "stopped_early": t.s.step < step_limit(t.cfg),
+        "heldout": acc,  # {"path", "n", "before", "after", ...} or None (run.eval_path: null)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(
@@ -302,6 +305,8 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger) -> None:
         f"  continue with: sm-dist train --resume {run_dir} [key=value ...]  (its saved config; e.g. "
         f"run.total_steps={t.s.step * 2} to train on)"
     )
+    if text := heldout.line(acc):
+        print(f"  {text}")  # last: the line that shows what the run learned
 
 
 def _begin(t: Trainer, last: Path | None, data_rows: list) -> None:
@@ -338,9 +343,12 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
     data_rows, prompts, targets = build_data(cfg, tok)
+    held = heldout.load_heldout(cfg, tok)  # run.eval_path, read before Ray starts (None: not measured)
     if len(prompts) < cfg.rollout.num_workers:
         raise ConfigError(
-            "rollout.num_workers", f"{len(prompts)} prompts cannot feed {cfg.rollout.num_workers} workers."
+            "rollout.num_workers",
+            f"{len(prompts)} prompts cannot feed {cfg.rollout.num_workers} workers.",
+            f"set rollout.num_workers={len(prompts)} or fewer, or give more data",
         )
     state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
     ray, local = start_ray(cfg, address)
@@ -367,11 +375,13 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         attach_service_parts(t, tok, prompts, targets, model_dir)
         install_signal_handlers(t)
         _begin(t, last, data_rows)
+        acc = heldout.measure(t, held, tok, "before")  # on the workers' engines (sm_dist/eval/heldout.py)
         run_served(t, run_dir)
         # after a stop signal the final checkpoint is bounded: Ray kills the job later (run.stop_timeout_s)
         final = save_checkpoint(t, timeout_s=cfg.run.stop_timeout_s if t.stop_requested else None)
+        acc = heldout.measure(t, held, tok, "after") or acc
         logger.close()
-        _finish(t, run_dir, final, logger)
+        _finish(t, run_dir, final, logger, acc)
         return 0
     finally:
         if local:

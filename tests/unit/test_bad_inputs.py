@@ -218,6 +218,52 @@ def train_without_a_config(tmp, model):
     return ["train", "run.total_steps=5"]
 
 
+def one_answer_token_tiny_built_at_start(tmp, model):
+    """The same with the model built at start (the default): checked with the tokenizer it will get."""
+    data = _jsonl(tmp / "same.jsonl", [{"prompt": f"{i} + 0", "answer": "7"} for i in range(4)])
+    return _train(tmp, "model.dir=null", "model.make_tiny_if_missing=true", f"data.train_path={data}")
+
+
+def empty_prompts_without_bos(tmp, model):
+    rows = [{"text": f"In base 10, what is {i} + 1? {i + 1}"} for i in range(4)]
+    data = _jsonl(tmp / "t.jsonl", rows)
+    return _train(
+        tmp,
+        f"model.dir={model}",
+        f"data.train_path={data}",
+        "data.text_field=text",
+        "data.max_answer_len=48",
+        "rollout.engine.max_model_len=160",
+    )
+
+
+def engine_longer_than_the_model(tmp, model):
+    return _train(tmp, f"model.dir={model}", "rollout.engine.max_model_len=4096")
+
+
+_HELD: list = []  # sockets kept open while the commands run
+
+
+def api_port_taken(tmp, model):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    _HELD.append(s)
+    return _train(tmp, f"model.dir={model}", f"run.api_port={s.getsockname()[1]}")
+
+
+def run_dir_is_a_file(tmp, model):
+    (tmp / "afile").write_text("x")
+    return ["train", TINY, f"run.run_dir={tmp / 'afile' / 'run'}", f"model.dir={model}", "run.progress=false"]
+
+
+def more_workers_than_prompts(tmp, model):
+    data = _jsonl(tmp / "two.jsonl", [GOOD_ROW, {"prompt": "In base 10, what is 2 + 2?", "answer": "4"}])
+    return _train(tmp, f"model.dir={model}", f"data.train_path={data}", "rollout.num_workers=3")
+
+
 def eval_missing_model(tmp, model):
     data = _jsonl(tmp / "d.jsonl", [GOOD_ROW])
     return ["eval", "--model", str(tmp / "no-model"), "--data", data]
@@ -339,6 +385,20 @@ CASES = [
         ("--resume", "c.yaml differs", "run.total_steps (", "777 in the file)", "run.total_steps=777"),
     ),
     Case("train_without_a_config", train_without_a_config, ("CONFIG", "--resume RUN_DIR")),
+    Case(
+        "one_answer_token_tiny_built_at_start",
+        one_answer_token_tiny_built_at_start,
+        ("data.noise", "fewer than 2 distinct tokens"),
+    ),
+    Case("empty_prompts_without_bos", empty_prompts_without_bos, ("data.prompt_chars", "0 tokens")),
+    Case(
+        "engine_longer_than_the_model",
+        engine_longer_than_the_model,
+        ("rollout.engine.max_model_len", "4096 exceeds the model's 512 positions"),
+    ),
+    Case("api_port_taken", api_port_taken, ("run.api_port", "cannot listen", "another run.api_port")),
+    Case("run_dir_is_a_file", run_dir_is_a_file, ("run.run_dir", "afile is a file")),
+    Case("more_workers_than_prompts", more_workers_than_prompts, ("rollout.num_workers", "2 usable prompts")),
     Case("eval_missing_model", eval_missing_model, ("--model", "no-model", "does not exist")),
     Case("eval_missing_data", eval_missing_data, ("missing.jsonl", "does not exist")),
     Case("eval_empty_data", eval_empty_data, ("--data", "e.jsonl", "holds no rows")),
