@@ -6,7 +6,10 @@
   roundtrip = ray.put(the same buffer) + ray.get in another actor (returns the length); the buffer
               is made before the clock starts. Also printed: the round trip of the same weights as
               `bytes` (copied on get), the representation the transport used before.
-Median over `--repeats`. Last line: `sync_over_roundtrip: X` (against the numpy round trip).
+Median over `--repeats`. Also printed, per transport (object_store, gloo) and per wire dtype (float32,
+bfloat16: `model.dtype`, what leaves the learner), the bytes and seconds of one sync
+(`bytes_per_sync[<transport>,<dtype>]: N`), and for LoRA (r=8, every linear layer) the seconds to build
+the merged weights the learner sends. Last line: `sync_over_roundtrip: X` (against the numpy round trip).
 
     python benchmarks/weight_sync.py --hidden 512 --layers 4 --repeats 5
 """
@@ -111,12 +114,56 @@ def main():
         gloo.send(100 + rep, model.state_dict())
         if rep:
             gloo_s.append(time.perf_counter() - t0)
+    gworker_args = (gloo, gworker)
     sync, rt, rt_b = statistics.median(sync_s), statistics.median(rt_s), statistics.median(rt_bytes_s)
+    per_dtype(ray, model, model_dir, args.repeats, gworker_args)
     print(f"gloo broadcast sync (sync.transport=gloo): median {statistics.median(gloo_s):.3f}s", flush=True)
     print(f"median sync {sync:.3f}s, median round trip {rt:.3f}s (as bytes {rt_b:.3f}s)", flush=True)
     print(f"sync over the bytes round trip: {sync / rt_b:.3f}", flush=True)
     ray.shutdown()
     print(f"sync_over_roundtrip: {sync / rt:.3f}")
+
+
+def per_dtype(ray, model, model_dir: str, repeats: int, gloo_end) -> None:
+    """Bytes and median seconds of one sync per transport and wire dtype; LoRA's merge cost."""
+    import torch
+
+    from sm_dist.config import LoraSettings, SyncConfig
+    from sm_dist.learner import lora
+    from sm_dist.rollout.engine import RolloutParams
+    from sm_dist.rollout.worker import RolloutWorker
+    from sm_dist.sync.base import deliver
+
+    worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
+        "bench-dtype", str(model_dir), [[5, 6, 7]], RolloutParams(max_actions=4), batch_size=1
+    )
+    obj = SyncConfig(transport="object_store").transport.sender(300.0)
+    gloo, gworker = gloo_end
+    for dtype in (torch.float32, torch.bfloat16):
+        obj.connect([worker], ["bench-dtype"], dtype=dtype)
+        gloo.dtype = dtype  # connected above; only the wire dtype changes
+        for name, send in (("object_store", lambda v: deliver(obj, v, model.state_dict())),
+                           ("gloo", lambda v: gloo.send(v, model.state_dict()).metrics)):  # fmt: skip
+            secs, nbytes = [], 0
+            for rep in range(repeats + 1):
+                t0 = time.perf_counter()
+                nbytes = int(send(1000 + rep)["sync/bytes"])
+                if rep:
+                    secs.append(time.perf_counter() - t0)
+            tag = f"{name},{str(dtype).removeprefix('torch.')}"
+            print(f"sync_s[{tag}]: {statistics.median(secs):.4f}", flush=True)
+            print(f"bytes_per_sync[{tag}]: {nbytes}", flush=True)
+    peft_model = lora.apply_lora(model, LoraSettings(r=8), bkspc_id=model.config.vocab_size - 1)
+    plan = lora.merge_plan(peft_model)
+    secs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lora.merged_state_dict(peft_model, peft_model.state_dict(), torch.bfloat16, plan)
+        secs.append(time.perf_counter() - t0)
+    trainable, total = lora.param_counts(peft_model)
+    print(f"lora r=8: {trainable} trainable of {total} parameters", flush=True)
+    print(f"lora_merge_s[bfloat16]: {statistics.median(secs):.4f}", flush=True)
+    ray.kill(worker)
 
 
 if __name__ == "__main__":

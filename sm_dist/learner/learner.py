@@ -188,8 +188,18 @@ class Learner:
                 "model.load_in_4bit", f"QLoRA's 4-bit base needs CUDA; learner rank {self.rank} runs on {self.device}.",
                 "run the learners on GPUs (learner.gpus_per_learner=1), or set model.load_in_4bit=false",
             )  # fmt: skip
+        try:
+            import bitsandbytes  # noqa: F401 -- transformers' 4-bit layers are bitsandbytes'
+        except ImportError:
+            from sm_dist.errors import UserError
+
+            raise UserError(
+                "model.load_in_4bit", f"needs the bitsandbytes package, missing on learner rank {self.rank}.",
+                "pip install bitsandbytes on the learner nodes (the GPU image), or set model.load_in_4bit=false",
+            ) from None  # fmt: skip
+        compute = lora.compute_dtype(self.model_cfg.dtype)
         model = auto.from_pretrained(
-            self.model_dir, quantization_config=lora.quantization_config(), dtype=torch.bfloat16,
+            self.model_dir, quantization_config=lora.quantization_config(compute), dtype=compute,
             device_map={"": self.device},
         )  # fmt: skip
         from peft import prepare_model_for_kbit_training

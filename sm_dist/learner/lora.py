@@ -209,14 +209,19 @@ def save_adapter(model, out: str | Path, sd: Mapping[str, torch.Tensor] | None =
 # ---- QLoRA --------------------------------------------------------------------------------------------
 
 
-def quantization_config():
+def compute_dtype(model_dtype: str) -> torch.dtype:
+    """QLoRA's compute dtype: model.dtype, bfloat16 where that is float32 (4-bit layers never compute in it)."""
+    return torch.bfloat16 if model_dtype == "float32" else getattr(torch, model_dtype)
+
+
+def quantization_config(compute: torch.dtype = torch.bfloat16):
     """transformers' `BitsAndBytesConfig` for QLoRA (Dettmers et al. 2023): NF4 weights, double
-    quantisation of the scales, bfloat16 compute."""
+    quantisation of the scales, `compute` (bfloat16, or float16 on cards without it) for the matmuls."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute,
     )  # fmt: skip
 
 
