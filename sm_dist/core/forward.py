@@ -16,7 +16,9 @@ from typing import Literal
 
 import torch
 
+from sm_dist.core.head_loss import DEFAULT_CHUNK, HeadTargets, forward_head_scores
 from sm_dist.core.masks import dense_mask, flex_block_mask
+from sm_dist.core.objective import StateScores
 from sm_dist.core.traces import TraceBatch, TraceInputs, collate
 
 AttnBackend = Literal["sdpa", "flex", "split", "auto"]
@@ -51,36 +53,39 @@ def attn_implementation(model, impl: str):
         model.set_attn_implementation(old)
 
 
-def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch.Tensor:
-    """Logits [B, N, V] (fp32) of the traces in `batch`, in one forward pass.
+def _pick_attn(attn: AttnBackend, dev: torch.device, n_inputs: int) -> AttnBackend:
+    if attn != "auto":
+        return attn
+    if dev.type == "cuda":
+        return "flex"
+    return "sdpa" if n_inputs <= CPU_DENSE_MAX_LEN else "split"
+
+
+def masked_forward(model, batch: TraceBatch, attn: AttnBackend = "auto"):
+    """The HF model's output on the batch's rows, in one forward pass (`batch` on the model's device).
 
     `auto` picks FlexAttention on CUDA (measured; `split` is the candidate to replace it once measured
     on a GPU, see benchmarks/gpu_check.sh). On the CPU (where FlexAttention runs an unfused reference
     path and has no backward) it picks the dense mask up to `CPU_DENSE_MAX_LEN` inputs and `split`
     beyond: measured SequenceMatch/MLE step ratios, dense vs split, 1.02-1.03 vs 1.04-1.10 at 256
     inputs, 1.07 vs 1.07 at 512, 1.13-1.39 vs 1.01-1.04 at 1024 (O(N^2) mask memory vs O(N * deleted)).
+    Packed rows always take a mask (segments must not see each other).
     """
     _check_vocab(model, batch)
-    dev = next(model.parameters()).device
-    batch = batch.to(dev)
-    if attn == "auto":
-        if dev.type == "cuda":
-            attn = "flex"
-        else:
-            attn = "sdpa" if batch.input_ids.shape[1] <= CPU_DENSE_MAX_LEN else "split"
-    if not batch.any_backspace:
+    dev = batch.input_ids.device
+    attn = _pick_attn(attn, dev, batch.input_ids.shape[1])
+    seg = batch.seg_start
+    if not batch.any_backspace and seg is None:
         # Plain causal path: right padding needs no mask (pads come after every real token).
-        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        return out.logits.float()
+        return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     if attn == "split":
         from sm_dist.core.split_attn import SPLIT_IMPL, register_split, split_forward
 
         register_split()
         with attn_implementation(model, SPLIT_IMPL):
-            out = split_forward(model, batch.input_ids, batch.position_ids, batch.deleted_at)
-        return out.logits.float()
+            return split_forward(model, batch.input_ids, batch.position_ids, batch.deleted_at, seg)
     if attn == "sdpa":
-        impl, mask = "sdpa", dense_mask(batch.deleted_at)
+        impl, mask = "sdpa", dense_mask(batch.deleted_at, seg)
     elif attn == "flex":
         if dev.type == "cpu" and torch.is_grad_enabled():
             raise ValueError(
@@ -88,21 +93,64 @@ def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch
                 "or attn='sdpa' (learner.attn=auto picks one of them on the CPU)"
             )
         _register_flex()
-        impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at)
+        impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at, seg_start=seg)
     else:
         raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex', 'split' or 'auto'")
     with attn_implementation(model, impl):
-        out = model(
+        return model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
         )
-    return out.logits.float()
 
 
-def forward_traces(model, traces: Sequence[TraceInputs], attn: AttnBackend = "auto") -> list[torch.Tensor]:
-    """fp32 logits [n_i, V] at every input position of each trace, from one batched masked pass."""
-    batch = collate(traces)
+def masked_logits(model, batch: TraceBatch, attn: AttnBackend = "auto") -> torch.Tensor:
+    """Logits [R, N, V] (fp32) of the batch's rows, in one forward pass (see `masked_forward`)."""
+    dev = next(model.parameters()).device
+    return masked_forward(model, batch.to(dev), attn).logits.float()
+
+
+def state_targets(batch: TraceBatch, bkspc_id: int) -> tuple[HeadTargets, torch.Tensor]:
+    """The head's targets for the objective: the real states s_0 .. s_{T_b} of each sequence, the
+    action taken there (none at s_{T_b}), `<bkspc>` excluded at the prompt boundary; and the [B, T+1]
+    mask of those states (to scatter the scores back)."""
+    real = batch.real_states()
+    acts = torch.nn.functional.pad(batch.actions, (0, 1))  # [B, T+1], 0 after the last action
+    return HeadTargets(
+        flat_index=batch.flat_state_index()[real],
+        actions=acts[real],
+        exclude=(~batch.bkspc_allowed)[real],
+        excluded_id=bkspc_id,
+    ), real
+
+
+def masked_scores(
+    model, batch: TraceBatch, bkspc_id: int, attn: AttnBackend = "auto", chunk: int = DEFAULT_CHUNK
+) -> StateScores:
+    """What the objective reads (V(s_t), l(a_t|s_t)) from one masked pass, with the LM head run chunk by
+    chunk on the states only (`sm_dist.core.head_loss`): no [R, N, V] logits. Exact against
+    `scores_from_logits(masked_logits(...))` up to the matmul's summation order."""
+    dev = next(model.parameters()).device
+    batch = batch.to(dev)
+    targets, real = state_targets(batch, bkspc_id)
+    lse, q = forward_head_scores(model, lambda: masked_forward(model, batch, attn), targets, chunk)
+    B, T1 = real.shape
+    v = torch.zeros((B, T1), dtype=torch.float32, device=dev).masked_scatter(real, lse)
+    q_all = torch.zeros((B, T1), dtype=torch.float32, device=dev).masked_scatter(real, q)
+    return StateScores(v=v, q=q_all[:, : T1 - 1])
+
+
+def forward_traces(
+    model, traces: Sequence[TraceInputs], attn: AttnBackend = "auto", pack: bool = False
+) -> list[torch.Tensor]:
+    """fp32 logits [n_i, V] at every input position of each trace, from one batched masked pass
+    (`pack`: several traces a row, each its own segment)."""
+    batch = collate(traces, pack=pack)
     logits = masked_logits(model, batch, attn=attn)
-    return [logits[b, : int(n)] for b, n in enumerate(batch.lengths)]
+    out = []
+    for b, n in enumerate(batch.lengths):
+        r = int(batch.row[b])  # type: ignore[index]
+        off = int(batch.state_index[b, 0]) - int(traces[b].state_index[0])  # the trace's first input
+        out.append(logits[r, off : off + int(n)])
+    return out
 
 
 def _check_vocab(model, batch: TraceBatch) -> None:

@@ -130,31 +130,51 @@ def phi_prime(r: torch.Tensor, divergence: str, clip: float) -> torch.Tensor:
     return DIVERGENCE_SPECS[divergence].phi_prime(r.detach(), clip).clamp(max=clip)
 
 
-def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torch.Tensor:
-    """V(s_t) = logsumexp l(.|s_t), [B, T+1] fp32; <bkspc> excluded where the prompt boundary is.
+@dataclass
+class StateScores:
+    """What the objective reads of the logits, fp32: v [B, T+1] = V(s_t) (<bkspc> excluded at the
+    prompt boundary), q [B, T] = l(a_t|s_t); finite but never used on padding. From full logits
+    (`scores_from_logits`) or from hidden states chunk by chunk (`sm_dist.core.forward.masked_scores`)."""
 
-    logsumexp runs once over the [B, N, V] logits; only the few boundary states are recomputed with
+    v: torch.Tensor
+    q: torch.Tensor
+
+
+def scores_from_logits(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> StateScores:
+    """logits [R, N, V] of the batch's rows -> StateScores of its sequences.
+
+    logsumexp runs once over the [R, N, V] logits; only the few boundary states are recomputed with
     the <bkspc> column masked (no [B, T, V] copy of the logits).
     """
     logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)  # [B, N]
-    v = lse.gather(1, batch.state_index)  # [B, T+1]
+    V = logits.shape[-1]
+    flat = batch.flat_state_index()  # [B, T+1]
+    lse = torch.logsumexp(logits, dim=-1).reshape(-1)  # [R * N]
+    v = lse[flat]  # [B, T+1]
     b, t = batch.boundary_b, batch.boundary_t
     if b.numel():
-        rows = logits[b, batch.state_index[b, t]].clone()  # [K, V]
+        rows = logits.reshape(-1, V)[flat[b, t]].clone()  # [K, V]
         rows[:, bkspc_id] = float("-inf")
         v = v.index_put((b, t), torch.logsumexp(rows, dim=-1))
-    return v
+    T = batch.actions.shape[1]
+    q = logits.reshape(-1, V)[flat[:, :T], batch.actions]  # [B, T]
+    return StateScores(v=v, q=q)
 
 
-def transitions(logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams) -> dict[str, torch.Tensor]:
+def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torch.Tensor:
+    """V(s_t) = logsumexp l(.|s_t), [B, T+1] fp32; <bkspc> excluded where the prompt boundary is."""
+    return scores_from_logits(logits, batch, bkspc_id).v
+
+
+def transitions(
+    logits: torch.Tensor | StateScores, batch: TraceBatch, p: ObjectiveParams
+) -> dict[str, torch.Tensor]:
     """Per-transition tensors, all [B, T] fp32: q = l(a_t|s_t), v = V(s_t), v_next = V(s_{t+1}), r, and
     the time weights gamma^t, zero on padding and on boundary <bkspc> actions."""
+    sc = logits if isinstance(logits, StateScores) else scores_from_logits(logits, batch, p.bkspc_id)
     B, T = batch.actions.shape
-    dev = logits.device
-    v_all = state_values(logits, batch, p.bkspc_id)
-    rows = torch.arange(B, device=dev)[:, None]
-    q = logits[rows, batch.state_index[:, :T], batch.actions].float()
+    dev = sc.v.device
+    q, v_all = sc.q, sc.v
     v, v_next = v_all[:, :T], v_all[:, 1:]
     t_idx = torch.arange(T, device=dev)[None, :]
     last = t_idx == (batch.action_mask.sum(1, keepdim=True) - 1)
@@ -180,9 +200,10 @@ def _mix(data: torch.Tensor, model: torch.Tensor, batch: TraceBatch, a: float) -
 
 
 def sequence_match_loss(
-    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
+    logits: torch.Tensor | StateScores, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DESIGN §1 loss for `p.divergence` on logits [B, N, V]; returns (loss, metrics).
+    """The DESIGN §1 loss for `p.divergence` on logits [R, N, V] (or their StateScores); returns
+    (loss, metrics).
 
     Rows with `batch.from_data` are data (augmented expert) sequences, the others model rollouts.
     Metrics are detached 0-d tensors (no device sync here; `float()` them after backward).
@@ -190,7 +211,7 @@ def sequence_match_loss(
     """
     tr = transitions(logits, batch, p)
     spec = DIVERGENCE_SPECS[p.divergence]
-    dev = logits.device
+    dev = tr["q"].device
     is_data = batch.from_data.to(dev)[:, None]  # [B, 1]
     sw = batch.seq_weight.to(dev, torch.float32)
     w = tr["w"]  # gamma^t on valid steps, [B, T]
@@ -227,7 +248,7 @@ def sequence_match_loss(
     return loss, metrics
 
 
-def raise_if_not_finite(loss: torch.Tensor, logits: torch.Tensor, metrics: dict) -> None:
+def raise_if_not_finite(loss: torch.Tensor, logits: torch.Tensor | StateScores, metrics: dict) -> None:
     """Raise FloatingPointError naming the bad logits (or the loss terms) if `loss` is not finite."""
     if bool(torch.isfinite(loss)):
         return
@@ -258,7 +279,7 @@ def _metrics(loss, data_term, chi2_term, value_term, tr, is_data) -> dict[str, t
 
 
 def bc_loss(
-    logits: torch.Tensor, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
+    logits: torch.Tensor | StateScores, batch: TraceBatch, p: ObjectiveParams, check_finite: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Behaviour cloning on the data rows: the `mle` objective (gamma^t-weighted cross-entropy)."""
     mle = ObjectiveParams(
@@ -268,7 +289,7 @@ def bc_loss(
 
 
 def training_loss(
-    logits: torch.Tensor,
+    logits: torch.Tensor | StateScores,
     batch: TraceBatch,
     p: ObjectiveParams,
     step: int,
@@ -299,7 +320,16 @@ def training_loss(
     }
 
 
-def _check_finite(logits: torch.Tensor) -> None:
+def _check_finite(logits: torch.Tensor | StateScores) -> None:
+    if isinstance(logits, StateScores):
+        for name, x in (("V(s)", logits.v), ("l(a|s)", logits.q)):
+            if not torch.isfinite(x).all():
+                bad = (~torch.isfinite(x)).nonzero()[:4].tolist()
+                raise FloatingPointError(
+                    f"non-finite {name} at [sequence, step] {bad}: the model produced NaN/inf; lower the "
+                    "learning rate or check the inputs"
+                )
+        return
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).nonzero()[:4].tolist()
         raise FloatingPointError(

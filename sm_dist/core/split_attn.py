@@ -17,6 +17,10 @@ unchanged; every other layer is per-token). In that order, with `c` = the fewest
 * the two outputs are concatenated (no gather: the next layer works in the same permuted order), and a
   forward pre-hook on the LM head puts the final hidden states back in input order, once.
 
+Packed rows (several traces a row, `seg_start`): the same holds inside each segment, so the causal
+part becomes block-causal (a [c, c] bool mask, which loses the flash kernel on a GPU but not exactness)
+and the masked part adds seg_start[q] <= k.
+
 Pure torch; registered with transformers as the attention function `sm_split`, so any HF model whose
 attention goes through `AttentionInterface` (Llama, Qwen2, GPT-2, ...) can use it, through
 `split_forward` (which applies the permutation and the hook).
@@ -42,10 +46,11 @@ class SplitPlan:
     inv: torch.Tensor  # [B, N] slot of each input position (perm's inverse)
     n_causal: int  # c: the leading slots that are survivors in every row
     del_mask: torch.Tensor  # [B, 1, N - c, N] bool: what the query in slot c + i sees, over slots
+    causal_mask: torch.Tensor | None = None  # [B, 1, c, c] bool block-causal (packed rows), else None
 
 
-def make_split_plan(deleted_at: torch.Tensor) -> SplitPlan:
-    """[B, N] deleted_at -> the plan (one stable sort, one gather; one host sync, for `c`)."""
+def make_split_plan(deleted_at: torch.Tensor, seg_start: torch.Tensor | None = None) -> SplitPlan:
+    """[B, N] deleted_at (and seg_start) -> the plan (one stable sort, gathers; one host sync, for `c`)."""
     B, N = deleted_at.shape
     surv = deleted_at >= INF_POS
     n_causal = int(surv.sum(1).min())
@@ -56,7 +61,15 @@ def make_split_plan(deleted_at: torch.Tensor) -> SplitPlan:
     q = perm[:, n_causal:, None]  # input position of each masked-part query
     k = perm[:, None, :]
     del_mask = (k <= q) & (q < d_at[:, None, :])
-    return SplitPlan(perm, inv, n_causal, del_mask[:, None])
+    causal_mask = None
+    if seg_start is not None:
+        seg = seg_start.gather(1, perm)  # [B, N] segment start of the input in each slot
+        del_mask &= k >= seg[:, n_causal:, None]
+        pc = perm[:, :n_causal]
+        causal_mask = ((pc[:, None, :] <= pc[:, :, None]) & (pc[:, None, :] >= seg[:, :n_causal, None]))[
+            :, None
+        ]
+    return SplitPlan(perm, inv, n_causal, del_mask[:, None], causal_mask)
 
 
 def split_mask(plan: SplitPlan) -> torch.Tensor:
@@ -68,17 +81,23 @@ def split_mask(plan: SplitPlan) -> torch.Tensor:
     return m
 
 
-def split_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, deleted_at: torch.Tensor):
+def split_forward(
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    deleted_at: torch.Tensor,
+    seg_start: torch.Tensor | None = None,
+):
     """The model's output for the traces (logits in input order), computed in the permuted order.
     The model's attention implementation must be `sm_split` (see `register_split`)."""
-    plan = make_split_plan(deleted_at)
+    plan = make_split_plan(deleted_at, seg_start)
     head = model.get_output_embeddings()
 
     def unpermute(_module, args):
         h = args[0]  # [B, N, hidden]: the final hidden states, in slot order
         return (h.gather(1, plan.inv[..., None].expand(-1, -1, h.shape[-1])), *args[1:])
 
-    hook = head.register_forward_pre_hook(unpermute)
+    hook = head.register_forward_pre_hook(unpermute, prepend=True)  # before any other pre-hook
     try:
         return model(
             input_ids=input_ids.gather(1, plan.perm),
@@ -108,10 +127,11 @@ def split_attention_forward(
     c = plan.n_causal
     parts = []
     if c > 0:  # causal part: GQA natively (enable_gqa), as transformers' SDPA path does for the MLE baseline
+        cm = plan.causal_mask
         parts.append(
             F.scaled_dot_product_attention(
-                query[:, :, :c], key[:, :, :c], value[:, :, :c], is_causal=True, dropout_p=drop,
-                scale=scaling, enable_gqa=groups > 1,
+                query[:, :, :c], key[:, :, :c], value[:, :, :c], attn_mask=cm, is_causal=cm is None,
+                dropout_p=drop, scale=scaling, enable_gqa=groups > 1,
             )
         )  # fmt: skip
     # masked part: the query heads that share a KV head are stacked along the query axis (head

@@ -204,16 +204,22 @@ def _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size) -> None:
 
 @dataclass
 class TraceBatch:
-    """Right-padded batch of traces. B traces, N = max inputs, T = max actions.
+    """A batch of B traces (sequences) laid out in R model rows of N inputs, right-padded.
 
-    input_ids, position_ids, deleted_at: [B, N]; lengths: [B] (inputs per row);
-    state_index: [B, T+1] (padded with 0), actions: [B, T] (padded with 0), action_mask: [B, T] bool,
-    bkspc_allowed: [B, T+1] bool, terminal: [B] bool, any_backspace: whether any row needs the mask,
-    is_noise: [B, T] bool, from_data: [B] bool, seq_weight: [B] float (1 by default; expectations
-    are weighted means over sequences, which lets exact enumerations carry their probabilities).
-    boundary_b, boundary_t: [K] indices of the states s_t at the prompt boundary (<bkspc> masked there);
-    has_data, has_model: whether any row is data / a model rollout. These are computed on the host at
-    collation so the objective needs no device-to-host synchronisation.
+    Unpacked (`collate(pack=False)`): one trace per row, R = B, row = arange(B). Packed: several traces
+    per row, each its own segment (positions restart at 0, no attention across segments, the
+    `<bkspc>` rule inside each): key k is visible to query q iff seg_start[q] <= k <= q < deleted_at[k].
+
+    Model inputs, per row: input_ids, position_ids, deleted_at: [R, N]; seg_start: [R, N] (the first
+    input of each input's segment) or None when unpacked. Per sequence: row [B] (its row);
+    lengths [B] (its inputs); state_index [B, T+1] (input position *within its row* of s_0 .. s_T,
+    padded with 0), actions [B, T] (padded with 0), action_mask [B, T] bool, bkspc_allowed [B, T+1]
+    bool, terminal [B] bool, is_noise [B, T] bool, from_data [B] bool, seq_weight [B] float (1 by
+    default; expectations are weighted means over sequences, which lets exact enumerations carry their
+    probabilities). any_backspace: whether any row needs the mask. boundary_b, boundary_t: [K] indices
+    of the states s_t at the prompt boundary (<bkspc> masked there); has_data, has_model: whether any
+    sequence is data / a model rollout. All computed on the host at collation, so the objective needs
+    no device-to-host synchronisation.
     """
 
     input_ids: torch.Tensor
@@ -233,45 +239,95 @@ class TraceBatch:
     boundary_t: torch.Tensor
     has_data: bool
     has_model: bool
+    row: torch.Tensor | None = None  # [B] long; None: sequence b is row b
+    seg_start: torch.Tensor | None = None  # [R, N] long; None: one segment per row
+
+    def __post_init__(self):
+        if self.row is None:
+            self.row = torch.arange(self.actions.shape[0], device=self.actions.device)
+
+    @property
+    def packed(self) -> bool:
+        return self.seg_start is not None
+
+    def flat_state_index(self) -> torch.Tensor:
+        """[B, T+1]: index of each state's input in the [R * N] flattened positions."""
+        assert self.row is not None
+        return self.row[:, None] * self.input_ids.shape[1] + self.state_index
+
+    def real_states(self) -> torch.Tensor:
+        """[B, T+1] bool: s_0 .. s_{T_b} of each sequence (not padding)."""
+        T1 = self.state_index.shape[1]
+        idx = torch.arange(T1, device=self.action_mask.device)[None, :]
+        return idx <= self.action_mask.sum(1, keepdim=True)
 
     def to(self, device) -> TraceBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return TraceBatch(**moved)
 
 
-def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int = 1) -> TraceBatch:
-    """Right-pad traces into a batch. Pad inputs attend only to earlier keys; they are never read."""
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: trace indices per row, each row's lengths summing to <= capacity."""
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"a trace of {max(lengths)} inputs does not fit a packed row of {capacity}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        r = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+            room[r] -= lengths[i]
+    return rows
+
+
+def collate(
+    traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int = 1, pack: bool = False
+) -> TraceBatch:
+    """Lay traces out in rows, right-padded: one a row, or (`pack`) several a row, first-fit
+    decreasing into rows as long as the longest trace (so a packed row is never longer than an
+    unpacked one). Pad inputs attend only to earlier keys (of their own segment); they are never read."""
     if not traces:
         raise ValueError("collate needs at least one trace")
     B = len(traces)
-    N = max(int(t.input_ids.numel()) for t in traces)
-    N = -(-N // pad_to_multiple) * pad_to_multiple
-    T = max(t.num_actions for t in traces)
-    input_ids = torch.full((B, N), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, N), dtype=torch.long)
-    deleted_at = torch.full((B, N), INF_POS, dtype=torch.long)
+    lens = [int(t.input_ids.numel()) for t in traces]
+    N = -(-max(lens) // pad_to_multiple) * pad_to_multiple
+    layout = pack_rows(lens, N) if pack else [[b] for b in range(B)]
+    R, T = len(layout), max(t.num_actions for t in traces)
+    input_ids = torch.full((R, N), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, N), dtype=torch.long)
+    deleted_at = torch.full((R, N), INF_POS, dtype=torch.long)
+    seg_start = torch.zeros((R, N), dtype=torch.long)
+    row = torch.zeros(B, dtype=torch.long)
     state_index = torch.zeros((B, T + 1), dtype=torch.long)
     actions = torch.zeros((B, T), dtype=torch.long)
     action_mask = torch.zeros((B, T), dtype=torch.bool)
     bkspc_allowed = torch.zeros((B, T + 1), dtype=torch.bool)
     is_noise = torch.zeros((B, T), dtype=torch.bool)
-    for b, tr in enumerate(traces):
-        n, t = int(tr.input_ids.numel()), tr.num_actions
-        input_ids[b, :n], position_ids[b, :n], deleted_at[b, :n] = (
-            tr.input_ids,
-            tr.position_ids,
-            tr.deleted_at,
-        )
-        position_ids[b, n:] = torch.arange(N - n) + (int(tr.position_ids.max()) + 1)
-        state_index[b, : t + 1], bkspc_allowed[b, : t + 1] = tr.state_index, tr.bkspc_allowed
-        actions[b, :t], action_mask[b, :t], is_noise[b, :t] = tr.actions, True, tr.is_noise
+    for r, members in enumerate(layout):
+        off, last = 0, -1
+        for b in sorted(members):  # input order inside a row: trace order
+            tr, n, t = traces[b], lens[b], traces[b].num_actions
+            sl = slice(off, off + n)
+            input_ids[r, sl], position_ids[r, sl] = tr.input_ids, tr.position_ids
+            deleted_at[r, sl] = torch.where(tr.deleted_at < INF_POS, tr.deleted_at + off, tr.deleted_at)
+            seg_start[r, sl] = off
+            row[b] = r
+            state_index[b, : t + 1], bkspc_allowed[b, : t + 1] = tr.state_index + off, tr.bkspc_allowed
+            actions[b, :t], action_mask[b, :t], is_noise[b, :t] = tr.actions, True, tr.is_noise
+            off, last = off + n, int(tr.position_ids.max())
+        # padding: its own segment; positions continue after the last trace's largest
+        position_ids[r, off:] = torch.arange(N - off) + last + 1
+        seg_start[r, off:] = off
     real_state = torch.arange(T + 1)[None, :] <= action_mask.sum(1, keepdim=True)
     boundary = (~bkspc_allowed & real_state).nonzero(as_tuple=True)
     return TraceBatch(
         input_ids=input_ids,
         position_ids=position_ids,
         deleted_at=deleted_at,
-        lengths=torch.tensor([int(t.input_ids.numel()) for t in traces], dtype=torch.long),
+        lengths=torch.tensor(lens, dtype=torch.long),
         state_index=state_index,
         actions=actions,
         action_mask=action_mask,
@@ -285,4 +341,6 @@ def collate(traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int
         boundary_t=boundary[1],
         has_data=any(t.from_data for t in traces),
         has_model=not all(t.from_data for t in traces),
+        row=row,
+        seg_start=seg_start if pack else None,
     )

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sm_dist.core.forward import AttnBackend, masked_logits
+from sm_dist.core.forward import AttnBackend, masked_logits, masked_scores
+from sm_dist.core.head_loss import HeadTargets, forward_head_scores
 from sm_dist.core.objective import ObjectiveParams, raise_if_not_finite, training_loss
 from sm_dist.core.traces import TraceInputs, collate
 
@@ -25,6 +26,8 @@ class StepParams:
     attn: AttnBackend = "auto"
     autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on GPU
     pad_to_multiple: int = 1
+    loss_chunk_size: int = 1024  # positions per LM-head chunk (sm_dist.core.head_loss); 0: full logits
+    pack: bool = False  # several traces a row, each its own segment
 
 
 def loss_and_backward(
@@ -35,11 +38,14 @@ def loss_and_backward(
     `loss_scale` divides the loss for gradient accumulation (1 / number of micro-batches). Raises
     FloatingPointError on a non-finite loss (after backward: the caller must not step the optimizer).
     """
-    batch = collate(traces, pad_to_multiple=p.pad_to_multiple)
+    batch = collate(traces, pad_to_multiple=p.pad_to_multiple, pack=p.pack)
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     with torch.autocast(dev.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None):
-        logits = masked_logits(model, batch, attn=p.attn)
+        if p.loss_chunk_size > 0:  # the LM head chunk by chunk on the states only
+            logits = masked_scores(model, batch, p.objective.bkspc_id, p.attn, p.loss_chunk_size)
+        else:
+            logits = masked_logits(model, batch, attn=p.attn)
     loss, metrics = training_loss(
         logits, batch, p.objective, step, p.warmup_steps, p.sm_lambda, check_finite=False
     )
@@ -49,18 +55,29 @@ def loss_and_backward(
     raise_if_not_finite(loss, logits, metrics)
     out = {k: float(v) for k, v in metrics.items()}
     out["perf/tokens"] = float(batch.lengths.sum())
+    out["perf/rows"] = float(batch.input_ids.shape[0])
+    out["perf/padded_tokens"] = float(batch.input_ids.numel())
     return out
 
 
-def mle_loss_and_backward(model, input_ids: torch.Tensor, gamma: float = 1.0) -> float:
-    """The plain HF MLE step the benchmark compares against: causal LM, cross-entropy, backward."""
-    out = model(input_ids=input_ids, use_cache=False)
-    logits = out.logits[:, :-1].float()
+def mle_loss_and_backward(model, input_ids: torch.Tensor, gamma: float = 1.0, chunk: int = 0) -> float:
+    """The MLE step the benchmark compares against: HF's causal LM pass, gamma^t-weighted cross-entropy,
+    backward. `chunk` > 0 runs the LM head and the cross-entropy over chunks of positions
+    (`sm_dist.core.head_loss`, CE = logsumexp - l(target)), the treatment the anchors give their MLE
+    step (prime-rl, SkyRL); 0: full fp32 logits."""
+    R, N = input_ids.shape
     tgt = input_ids[:, 1:]
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
-    )
-    w = gamma ** torch.arange(tgt.shape[1], device=tgt.device, dtype=torch.float32)
-    loss = (ce.view_as(tgt) * w).sum(1).mean()
+    w = gamma ** torch.arange(N - 1, device=tgt.device, dtype=torch.float32)
+    if chunk > 0:
+        pos = torch.arange(R * N, device=tgt.device).view(R, N)[:, :-1].reshape(-1)
+        t = HeadTargets(pos, tgt.reshape(-1), torch.zeros_like(pos, dtype=torch.bool), 0)
+        lse, q = forward_head_scores(model, lambda: model(input_ids=input_ids, use_cache=False), t, chunk)
+        ce = (lse - q).view(R, N - 1)
+    else:
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none"
+        ).view_as(tgt)
+    loss = (ce * w).sum(1).mean()
     loss.backward()
     return float(loss.detach())

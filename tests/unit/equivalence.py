@@ -88,17 +88,24 @@ def separate_pass_logits(model, states: list[tuple[int, ...]], chunk: int = 64) 
 
 @torch.no_grad()
 def max_state_diff(
-    model, traces: list[Trace], bkspc: int, attn: str, cache: dict | None = None, chunk: int = 50
+    model,
+    traces: list[Trace],
+    bkspc: int,
+    attn: str,
+    cache: dict | None = None,
+    chunk: int = 50,
+    pack: bool = False,
 ):
     """(worst max-abs diff, largest |reference logit|, states checked) over every state of every
-    trace. `cache` keeps reference logits per state across calls (e.g. the SDPA and Flex runs)."""
+    trace. `cache` keeps reference logits per state across calls (e.g. the SDPA and Flex runs).
+    `pack`: the masked pass packs several traces a row (each its own segment)."""
     cache = {} if cache is None else cache
     todo = sorted({s for tr in traces for s in states_of(tr, bkspc)} - cache.keys(), key=len)
     cache.update(zip(todo, separate_pass_logits(model, todo)))
     inputs = [build_inputs(p, a, bkspc) for p, a in traces]
     worst, scale, checked = 0.0, 0.0, 0
     for i in range(0, len(traces), chunk):  # one masked pass per chunk of traces
-        outs = forward_traces(model, inputs[i : i + chunk], attn=attn)
+        outs = forward_traces(model, inputs[i : i + chunk], attn=attn, pack=pack)
         for tr, layout, logits in zip(traces[i : i + chunk], inputs[i : i + chunk], outs):
             for t, state in enumerate(states_of(tr, bkspc)):
                 ref = cache[state]

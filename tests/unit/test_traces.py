@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sm_dist.core.traces import INF_POS, augment_noise, build_inputs, collapse, collate
+from sm_dist.core.traces import INF_POS, augment_noise, build_inputs, collapse, collate, pack_rows
 
 BK = 9
 tokens = st.integers(min_value=0, max_value=8)
@@ -126,6 +126,35 @@ def test_collate_pads_and_flags():
     assert batch.is_noise[1].tolist() == [False, True, False, False, False]
     assert batch.any_backspace
     assert torch.equal(batch.state_index[0, :4], a.state_index)
+
+
+def test_pack_rows_first_fit_decreasing():
+    rows = pack_rows([5, 3, 2, 4, 1], capacity=5)
+    assert sorted(sorted(r) for r in rows) == [[0], [1, 2], [3, 4]]
+    assert all(sum([5, 3, 2, 4, 1][i] for i in r) <= 5 for r in rows)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([6], capacity=5)
+
+
+def test_packed_collate_lays_each_trace_out_as_its_own_segment():
+    """Positions restart, deleted_at and state_index shift by the segment's offset, each sequence
+    knows its row; the per-sequence arrays are the unpacked ones."""
+    a = build_inputs([1, 2], [3, BK, 4], BK)  # 5 inputs
+    b = build_inputs([1], [5, 6], BK)  # 3 inputs
+    c = build_inputs([7], [8, BK, BK, 6, 5, 4, 3], BK)  # 8 inputs: the row length
+    packed, plain = collate([a, b, c], pack=True), collate([a, b, c])
+    assert packed.input_ids.shape == (2, 8) and packed.row.tolist() == [1, 1, 0]
+    assert packed.input_ids[1, :5].tolist() == a.input_ids.tolist()
+    assert packed.input_ids[0].tolist() == c.input_ids.tolist()
+    assert packed.position_ids[1, 5].item() == b.position_ids[0].item() == 0  # restarts
+    assert packed.seg_start[1].tolist() == [0] * 5 + [5] * 3
+    assert packed.deleted_at[1, 5:].tolist() == [INF_POS] * 3
+    assert packed.deleted_at[1, :5].tolist() == a.deleted_at.tolist()
+    assert packed.state_index[1, :3].tolist() == (b.state_index + 5).tolist()
+    for k in ("actions", "action_mask", "bkspc_allowed", "is_noise", "boundary_b", "boundary_t", "lengths"):
+        assert torch.equal(getattr(packed, k), getattr(plain, k)), k
+    flat = packed.flat_state_index()
+    assert flat[1, 0].item() == 1 * 8 + 5 and flat[2, 0].item() == 0 * 8 + 0
 
 
 def test_self_correction_starts_from_the_first_own_mistake():

@@ -1,0 +1,169 @@
+"""The LM head and what the objective reads of it, over chunks of positions, never the full logits.
+
+The objective (DESIGN §1) reads two numbers per state of a sequence: V(s_t) = logsumexp of the logits
+(with `<bkspc>` excluded at the prompt boundary) and the chosen action's logit l(a_t|s_t). Today's path
+materialises fp32 logits [B, N, V] for every input position (4 GiB at B = 4, L = 2048, V = 128k, plus
+their gradient). Here the model body runs once; the LM head runs on the hidden states of the S
+positions the objective reads (the states, not the prompt or the padding), `chunk` rows at a time, and
+keeps in fp32 only `lse` [S] and `q` [S]. Backward recomputes each chunk's logits (one more head matmul
+per chunk, as prime-rl's `fused_lm_head_token_chunk_size` and SkyRL's chunked log-probs do):
+
+    d lse / d logits = softmax(logits)   (0 on an excluded <bkspc> column),   d q / d logits = onehot(a)
+
+so grad_logits = g_lse * p + g_q * onehot(a) [chunk, V], then grad_h = grad_logits @ W and
+grad_W += grad_logits^T @ h. Peak extra memory: a few [chunk, V] fp32 buffers.
+
+The head runs inside the model's forward (a pre-hook on the output embedding captures its input and
+a forward hook replaces its output by the scores), so FSDP2 and DDP see the scores as the model's
+output: parameters are unsharded, and gradients reduced, exactly as for the logits path.
+Supported heads: a plain `nn.Linear`-like module (weight [V, H], optional bias), used as-is by the
+model (Llama, Qwen2, GPT-2 ...). A model that post-processes its logits (softcapping, logit scale) is
+refused with the fix (`learner.loss_chunk_size=0`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 1024  # positions per chunk: [1024, 128k] fp32 is 512 MiB, [1024, 32k] 128 MiB
+
+
+@dataclass
+class HeadTargets:
+    """Which positions the head runs on and what is read there (all on the model's device).
+
+    flat_index: [S] long, index into the model's [R * N] flattened positions.
+    actions: [S] long, the action whose logit is read at each position (any id where none is needed).
+    exclude: [S] bool, the `excluded_id` column is left out of logsumexp there (prompt boundary).
+    """
+
+    flat_index: torch.Tensor
+    actions: torch.Tensor
+    exclude: torch.Tensor
+    excluded_id: int
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    dev = weight.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+
+
+def _chunk_logits(h, w, b, exclude, excluded_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits [c, V] of one chunk, and the same with the excluded column at -inf where asked."""
+    logits = F.linear(h, w, b).float()
+    masked = logits
+    if bool(exclude.any()):
+        masked = logits.clone()
+        masked[exclude, excluded_id] = float("-inf")
+    return logits, masked
+
+
+class _ChunkedHeadScores(torch.autograd.Function):
+    """(h [S, H], W [V, H], bias [V] | None) -> (lse [S], q [S]) fp32, chunk by chunk (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, actions, exclude, excluded_id: int, chunk: int, dt: torch.dtype):
+        S = h.shape[0]
+        lse = torch.empty(S, dtype=torch.float32, device=h.device)
+        q = torch.empty(S, dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            w, b = weight.to(dt), (bias.to(dt) if bias is not None else None)
+            for i in range(0, S, chunk):
+                j = min(S, i + chunk)
+                logits, masked = _chunk_logits(h[i:j].to(dt), w, b, exclude[i:j], excluded_id)
+                q[i:j] = logits.gather(1, actions[i:j, None])[:, 0]  # unmasked: a boundary <bkspc> reads
+                lse[i:j] = torch.logsumexp(masked, dim=-1)  # its logit (weight 0, but finite)
+        ctx.save_for_backward(h, weight, bias, actions, exclude, lse)
+        ctx.excluded_id, ctx.chunk, ctx.dt = excluded_id, chunk, dt
+        return lse, q
+
+    @staticmethod
+    def backward(ctx, g_lse, g_q):
+        h, weight, bias, actions, exclude, lse = ctx.saved_tensors
+        dt, chunk = ctx.dt, ctx.chunk
+        S = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+        with torch.autocast(h.device.type, enabled=False):
+            w, b = weight.to(dt), (bias.to(dt) if bias is not None else None)
+            for i in range(0, S, chunk):
+                j = min(S, i + chunk)
+                hc = h[i:j].to(dt)
+                _, masked = _chunk_logits(hc, w, b, exclude[i:j], ctx.excluded_id)
+                g = masked.sub_(lse[i:j, None]).exp_().mul_(g_lse[i:j, None])  # g_lse * softmax, in place
+                g.scatter_add_(1, actions[i:j, None], g_q[i:j, None])  # + g_q * onehot(a)
+                g = g.to(dt)
+                if grad_h is not None:
+                    grad_h[i:j] = (g @ w).to(h.dtype)
+                grad_w.add_((g.t() @ hc).float())  # fp32 accumulation over chunks
+                if bias is not None:
+                    grad_b.add_(g.float().sum(0))
+        gw = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = grad_b.to(bias.dtype) if (bias is not None and ctx.needs_input_grad[2]) else None
+        return grad_h, gw, gb, None, None, None, None, None
+
+
+def chunked_head_scores(
+    h: torch.Tensor, head: torch.nn.Module, t: HeadTargets, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [S, H] (hidden states at the target positions) -> (lse [S], q [S]) fp32, exact against
+    `logsumexp` / `gather` over `head(h).float()` (module docstring)."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    return _ChunkedHeadScores.apply(
+        h, weight, bias, t.actions, t.exclude, t.excluded_id, chunk, _compute_dtype(weight)
+    )
+
+
+def check_plain_head(model) -> torch.nn.Module:
+    """The model's output embedding, if the chunked path can stand in for it (else ValueError)."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    post = [
+        k
+        for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+        if getattr(cfg, k, None)
+    ]
+    if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2 or post:
+        raise ValueError(
+            f"the chunked loss needs a plain linear LM head whose output the model returns unchanged; "
+            f"{type(model).__name__} has head {type(head).__name__} and post-processing {post or 'none'}. "
+            "Fix: set learner.loss_chunk_size=0 (full logits)"
+        )
+    return head
+
+
+def forward_head_scores(model, call, targets: HeadTargets, chunk: int = DEFAULT_CHUNK):
+    """Run `call()` (the model's forward, however it is invoked) with the LM head replaced by the
+    chunked scores of `targets`; returns (lse [S], q [S]) fp32, read from the output's `.logits`."""
+    head = check_plain_head(model)
+    box: dict[str, torch.Tensor] = {}
+
+    def capture(_module, args):
+        box["h"] = args[0]  # [R, N, H], input order (split attention's un-permute hook runs first)
+        return (args[0][:, :0], *args[1:])  # the real head runs on no positions
+
+    def replace(_module, _args, _out):
+        h = box.pop("h")
+        flat = h.reshape(-1, h.shape[-1]).index_select(0, targets.flat_index)
+        lse, q = chunked_head_scores(flat, head, targets, chunk)
+        return torch.stack([lse, q], dim=-1)  # [S, 2]: what the model returns as `logits`
+
+    hooks = [head.register_forward_pre_hook(capture), head.register_forward_hook(replace)]
+    try:
+        out = call()
+    finally:
+        for hk in hooks:
+            hk.remove()
+    scores = out.logits
+    if scores.dim() != 2 or scores.shape != (targets.flat_index.numel(), 2):
+        raise ValueError(
+            f"{type(model).__name__} changed its LM head's output (got {tuple(scores.shape)}, expected "
+            f"({targets.flat_index.numel()}, 2)). Fix: set learner.loss_chunk_size=0 (full logits)"
+        )
+    return scores[:, 0], scores[:, 1]
