@@ -386,6 +386,13 @@ class RunConfig(_Section):
         None, ge=1, description="CPUs of the local Ray (null: this machine's count)."
     )
     progress: bool = Field(True, description="Show a tqdm progress bar.")
+    eval_path: str | None = Field(
+        None,
+        description="Held-out (prompt, answer) jsonl or parquet: its exact-match accuracy (search decoding, the "
+        "rollout workers' engines) is measured before the first step and after the last, shown in the end "
+        "summary as before -> after and written to summary.json; null: not measured.",
+    )
+    eval_limit: int | None = Field(None, ge=1, description="Only the first N rows of run.eval_path (null: all).")
     wandb_project: str | None = Field(
         None,
         description="Also log metrics to Weights & Biases under this project (needs `pip install wandb`).",

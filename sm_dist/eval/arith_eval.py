@@ -18,8 +18,10 @@ Metrics (see `summarize`), over all samples of all questions unless said otherwi
   sample; questions: their number (n counts samples).
 * malformed_rate: among prompts that parse as add_or_sub_in_base questions, the fraction of
   predictions that are not a valid numeral in the question's base; None if no prompt parses.
-* bkspc_cap_hits: samples truncated by a cap (finish_reason "action_cap" for max_backspaces,
-  "length" for max_actions), e.g. a greedy write/delete loop.
+* bkspc_cap_hits: samples stopped by the backspace cap (finish_reason "action_cap": one more
+  <bkspc> than max_backspaces), e.g. a greedy write/delete loop.
+* length_cap_hits: samples stopped by the length cap (finish_reason "length": max_actions actions,
+  or the engine's context), e.g. an answer that never ends. Counted apart from bkspc_cap_hits.
 * bkspc_rate: total <bkspc> actions / total actions.
 * answers_using_bkspc: fraction of examples whose action trace has at least one <bkspc>.
 * bkspc_fixes: number of <bkspc> actions that deleted a *wrong* token. Replaying the trace on a stack
@@ -132,7 +134,8 @@ def summarize(results: Sequence[ExampleResult], skipped: int = 0) -> dict:
         "pass_at_k": _mean(float(any(c)) for c in questions.values()),
         "k": max((len(c) for c in questions.values()), default=0),
         "malformed_rate": _mean(float(r.malformed) for r in arith) if arith else None,
-        "bkspc_cap_hits": sum(r.finish_reason in ("action_cap", "length") for r in results),
+        "bkspc_cap_hits": sum(r.finish_reason == "action_cap" for r in results),
+        "length_cap_hits": sum(r.finish_reason == "length" for r in results),
         "bkspc_rate": sum(r.num_backspaces for r in results) / total_actions if total_actions else 0.0,
         "answers_using_bkspc": _mean(float(r.num_backspaces > 0) for r in results),
         "bkspc_fixes": sum(r.bkspc_fixes for r in results),
@@ -183,12 +186,13 @@ def evaluate(
     prompt_field: str = "prompt",
     answer_field: str = "answer",
     on_bad: str = "error",
-    max_actions: int = 64,
-    max_backspaces: int = 16,
+    max_actions: int | None = None,
+    max_backspaces: int | None = None,
     bkspc_bias: float = 0.0,
     batch_size: int = 256,
     engine=None,
     progress: bool = True,
+    max_model_len: int | None = None,
 ) -> dict:
     """Run the evaluation; returns `summarize(...)` plus the decoding, its parameters and "examples"
     (per-sample results as dicts, ordered by (question, sample)).
@@ -196,6 +200,9 @@ def evaluate(
     search, off = greedy_no_bkspc). `force_error`: the recovery measure (module docstring).
     Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
     UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
+    `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (sm_dist.config.RolloutConfig);
+    `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`);
+    a prompt that leaves it no room is a UserError before the engine starts.
     """
     from transformers import AutoTokenizer
 
@@ -204,6 +211,12 @@ def evaluate(
 
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}", "evaluates no example.", "pass limit >= 1, or None for all")
+    from sm_dist.config import RolloutConfig
+    from sm_dist.eval.target import check_prompt_lengths, engine_max_len
+
+    defaults = RolloutConfig()
+    max_actions = defaults.max_actions if max_actions is None else max_actions
+    max_backspaces = defaults.max_backspaces if max_backspaces is None else max_backspaces
     decoding = resolve_decoding(decoding, backspace)
     params = decoding_params(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
@@ -216,16 +229,21 @@ def evaluate(
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids, answer_ids = _encode(tok, examples)
     prefixes = forced_error_prefixes(answer_ids, seed) if force_error else None
+    max_model_len = engine_max_len(model_dir, max_model_len)
+    lens = [len(p) + (len(prefixes[i]) if prefixes else 0) for i, p in enumerate(prompt_ids)]
+    check_prompt_lengths(lens, max_model_len if engine is None else engine.max_model_len, str(data))
     if engine is None:
         from sm_dist.rollout.engine import BackspaceEngine
 
-        engine = BackspaceEngine(model_dir, worker_extension_cls=None)
+        engine = BackspaceEngine(model_dir, worker_extension_cls=None, max_model_len=max_model_len)
     results = _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress)
     p = params
     return summarize(results, skipped=sum(report.skipped.values())) | {
         "skipped_by_reason": dict(report.skipped), "decoding": decoding, "temperature": p.temperature,
         "top_p": p.top_p, "samples": p.samples_per_prompt, "seed": seed, "forced_error": force_error,
         "bkspc_bias": bkspc_bias, "backspace": "off" if p.forbid_bkspc else "on", "model": str(model_dir),
+        "max_actions_cap": p.max_actions, "max_backspaces_cap": p.max_backspaces,
+        "max_model_len": engine.max_model_len,
         "data": str(data), "examples": [asdict(r) for r in results],
     }  # fmt: skip
 

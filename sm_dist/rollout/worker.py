@@ -257,6 +257,14 @@ class RolloutWorker:
             lock.release()
         return self.engine.version
 
+    def generate(self, prompts: Sequence[Sequence[int]], params: RolloutParams) -> list[dict]:
+        """Rollouts of `prompts` under the weights in use, sent nowhere (the held-out accuracy of
+        run.eval_path, sm_dist/eval/heldout.py): plain dicts, so the caller needs no vLLM import."""
+        with self._engine_lock:
+            rollouts = self.engine.generate(prompts, params)
+        keys = ("prompt_index", "final_ids", "action_ids", "finish_reason")
+        return [{k: getattr(r, k) for k in keys} for r in rollouts]
+
     def probe_logprobs(self, prompt_ids: Sequence[int], action_ids: Sequence[int]) -> list[float]:
         """Raw log-probs of `action_ids` after `prompt_ids` under the weights in use (sync check)."""
         with self._engine_lock:

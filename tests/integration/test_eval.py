@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 from itertools import islice
+from pathlib import Path
 
 import pytest
 
+from sm_dist.errors import ModelError, UserError
 from sm_dist.eval.arith_eval import count_bkspc_fixes, score_example, summarize
 
-DATA = "/work/shared/data/arith/add_or_sub_in_base.train-easy.jsonl"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "configs" / "data" / "arith" / "add_or_sub_in_base.heldout.jsonl"  # the bundled held-out split
 BK, EOS = 99, 98
 
 
@@ -47,7 +50,7 @@ def test_metric_functions_on_hand_made_traces():
     assert s["per_base"] == {"7": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
     assert summarize([other])["malformed_rate"] is None
     assert s["questions"] == 4 and s["pass_at_k"] == 0.5 and s["k"] == 1  # no question_index: 1 each
-    assert s["bkspc_cap_hits"] == 1  # `bad` finished on "length"
+    assert s["bkspc_cap_hits"] == 0 and s["length_cap_hits"] == 1  # `bad` finished on "length"
 
 
 def test_summarize_pass_at_k_and_cap_hits():
@@ -69,7 +72,8 @@ def test_summarize_pass_at_k_and_cap_hits():
     s = summarize(results)
     assert s["n"] == 9 and s["questions"] == 3 and s["k"] == 3
     assert s["accuracy"] == pytest.approx(4 / 9) and s["pass_at_k"] == pytest.approx(2 / 3)
-    assert s["bkspc_cap_hits"] == 3 and s["finish_reasons"] == {"eos": 6, "action_cap": 1, "length": 2}
+    assert s["bkspc_cap_hits"] == 1 and s["length_cap_hits"] == 2  # counted apart
+    assert s["finish_reasons"] == {"eos": 6, "action_cap": 1, "length": 2}
 
 
 def test_forced_error_prefixes_and_decoding_flags():
@@ -138,6 +142,7 @@ KEYS = {
     "k",
     "questions",
     "bkspc_cap_hits",
+    "length_cap_hits",
     "decoding",
     "temperature",
     "top_p",
@@ -182,7 +187,8 @@ def test_sampled_eval_is_reproducible_and_forced_errors_stick(tiny_model_dir, da
     assert p1 == p1b and p1 != p2
     assert (s1["n"], s1["questions"], s1["k"], s1["samples"], s1["temperature"]) == (24, 8, 3, 3, 1.0)
     assert s1["pass_at_k"] >= s1["accuracy"]
-    assert s1["bkspc_cap_hits"] == sum(e["finish_reason"] in ("action_cap", "length") for e in s1["examples"])
+    assert s1["bkspc_cap_hits"] == sum(e["finish_reason"] == "action_cap" for e in s1["examples"])
+    assert s1["length_cap_hits"] == sum(e["finish_reason"] == "length" for e in s1["examples"])
     # Forced error without <bkspc>: the wrong token stays, every answer is wrong.
     ctl, _ = run(decoding="greedy_no_bkspc", force_error=True, seed=4)
     assert ctl["forced_error"] is True and ctl["accuracy"] == 0.0
@@ -193,32 +199,99 @@ def test_sampled_eval_is_reproducible_and_forced_errors_stick(tiny_model_dir, da
     assert [e["forced_prefix"] for e in srch["examples"]] == [e["forced_prefix"] for e in ctl["examples"]]
 
 
+def _checkpoint(run: Path, step: int, model_src: Path) -> Path:
+    """A checkpoint folder as `sm-dist train` writes one (weights, states, manifest last)."""
+    import shutil
+
+    import torch
+
+    from sm_dist.learner.checkpoint import write_manifest
+
+    c = run / "checkpoints" / f"step-{step:08d}"
+    shutil.copytree(model_src, c / "model")
+    (c / "learner_state.json").write_text("{}")
+    (c / "run_state.json").write_text(json.dumps({"step": step}))
+    torch.save({}, c / "optimizer.pt")
+    write_manifest(c)
+    return c
+
+
+def test_model_argument_resolves_runs_and_checkpoints(tiny_model_dir, tmp_path):
+    """--model: a model folder as is (RUN/model: a note that it is the start model), a checkpoint to its
+    weights, a run to its newest intact checkpoint; caps from the run's config.yaml."""
+    from sm_dist.eval.target import resolve_target
+
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir()
+    (run / "config.yaml").write_text("rollout:\n  max_actions: 24\n  max_backspaces: 4\n")
+    c10, c20 = (_checkpoint(run, k, tiny_model_dir) for k in (10, 20))
+    t = resolve_target(run)
+    assert (t.model_dir, t.kind, t.defaults) == (
+        c20 / "model",
+        "run",
+        {"max_actions": 24, "max_backspaces": 4},
+    )
+    t = resolve_target(c10)
+    assert (t.model_dir, t.kind, t.defaults["max_actions"]) == (c10 / "model", "checkpoint", 24)
+    w = next((c20 / "model").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-1] + b"x")  # a damaged newest checkpoint: the one before it
+    t = resolve_target(run)
+    assert t.model_dir == c10 / "model" and any("skipped" in n and "sha256" in n for n in t.notes)
+    with pytest.raises(ModelError, match="damaged checkpoint"):
+        resolve_target(c20)
+    import shutil
+
+    shutil.copytree(tiny_model_dir, run / "model")
+    t = resolve_target(run / "model")
+    assert t.kind == "model" and t.defaults == {} and "start model (untrained)" in t.notes[0]
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_target(tmp_path / "nope")
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ModelError, match="no intact checkpoint"):
+        resolve_target(run)
+
+
+def test_engine_length_from_the_model(tmp_path):
+    from sm_dist.eval.target import check_prompt_lengths, engine_max_len
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256}))
+    assert engine_max_len(tmp_path, None) == 256 and engine_max_len(tmp_path, 128) == 128
+    with pytest.raises(UserError, match="more than the model's 256 positions"):
+        engine_max_len(tmp_path, 512)
+    (tmp_path / "config.json").write_text(json.dumps({"n_positions": 100_000}))  # GPT-2's key; capped
+    assert engine_max_len(tmp_path, None) == 2048
+    with pytest.raises(UserError, match="example 1 has a 300-token prompt"):
+        check_prompt_lengths([10, 300], 256, "d.jsonl")
+
+
+@pytest.fixture(scope="module")
+def model_256(tmp_path_factory):
+    """A tiny model with 256 positions (fewer than the 512 once hard-coded in the eval engine)."""
+    from sm_dist.core.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("m256") / "model", max_position_embeddings=256)
+
+
 @pytest.mark.slow
-def test_cli_eval(tiny_model_dir, data_file, tmp_path):
-    out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "sm_dist", "eval", "--model", str(tiny_model_dir), "--data", str(data_file)]
+def test_cli_eval(model_256, data_file, tmp_path):
+    """A 256-position model works; stdout is the table and nothing else; vLLM's output is in --log-file."""
+    out, log = tmp_path / "result.json", tmp_path / "vllm.log"
+    cmd = [sys.executable, "-m", "sm_dist", "eval", "--model", str(model_256), "--data", str(data_file)]
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "eval.jsonl:4" in bad.stderr
+    flags = ["--on-bad", "skip", "--limit", "4", "--max-actions", "8", "--backspace", "off"]  # legacy alias
     ok = subprocess.run(
-        [
-            *cmd,
-            "--on-bad",
-            "skip",
-            "--limit",
-            "4",
-            "--max-actions",
-            "8",
-            "--backspace",
-            "off",  # the legacy alias of --decoding greedy_no_bkspc
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*cmd, *flags, "--out", str(out), "--log-file", str(log)], capture_output=True, text=True, timeout=600
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "| accuracy |" in ok.stdout
+    lines = ok.stdout.splitlines()
+    assert "| accuracy |" in lines[2] or "| accuracy |" in ok.stdout
+    assert all(ln.startswith("|") or not ln for ln in lines), ok.stdout  # the table only
+    assert str(log) in ok.stderr and log.stat().st_size > 0  # vLLM's chatter went to the log
     s = json.loads(out.read_text())
-    assert s["n"] == 4 and s["skipped"] == 1 and s["backspace"] == "off"
-    assert s["decoding"] == "greedy_no_bkspc" and s["bkspc_rate"] == 0.0
+    assert s["n"] == 4 and s["skipped"] == 1 and s["backspace"] == "off" and s["max_model_len"] == 256
+    assert s["decoding"] == "greedy_no_bkspc" and s["bkspc_rate"] == 0.0 and s["max_actions_cap"] == 8
+    js = subprocess.run([*cmd, *flags[:4], "--json"], capture_output=True, text=True, timeout=600)
+    assert js.returncode == 0, js.stderr[-2000:]
+    assert json.loads(js.stdout)["n"] == 4  # the JSON alone on stdout
+    assert "sm-dist-eval-" in js.stderr  # no --out, no --log-file: a temporary log, named on stderr
