@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sm_dist.config import Config, ConfigError
+from sm_dist.data.sources import is_hub_id, source_exists
 
 # ---- loading ----------------------------------------------------------------------------------------
 
@@ -135,7 +136,8 @@ def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     out = cfg.model_copy(deep=True)
     out.run.run_dir = run_dir
     out.model.dir = model_dir
-    out.data.train_path = _resolve(cfg.data.train_path, bases)
+    raw = cfg.data.train_path  # a hub dataset id stays as it is (sm_dist.data.sources)
+    out.data.train_path = raw if is_hub_id(raw, bases) else _resolve(raw, bases)
     if cfg.run.eval_path:
         out.run.eval_path = _resolve(cfg.run.eval_path, bases)
     if cfg.data.watch_dir:
@@ -167,7 +169,7 @@ def check_paths(cfg: Config) -> None:
             f"({cfg.data.train_path}) with another level if that file were missing.",
             f"set data.fallback=arith_{named[1]} (or none)",
         )
-    if not Path(cfg.data.train_path).exists() and cfg.data.fallback == "none":
+    if not source_exists(cfg.data.train_path) and cfg.data.fallback == "none":
         raise ConfigError(
             "data.train_path",
             f"{cfg.data.train_path} does not exist and data.fallback is 'none'.",

@@ -112,7 +112,9 @@ def check_train_data(cfg: Config, tok=None) -> None:
     from sm_dist.data.datasets import encode_examples, load_examples, no_usable_examples
 
     d = cfg.data
-    if not Path(d.train_path).exists() and d.fallback != "none":
+    from sm_dist.data.sources import source_exists
+
+    if not source_exists(d.train_path) and d.fallback != "none":
         return
     kw = dict(prompt_field=d.prompt_field, answer_field=d.answer_field, text_field=d.text_field)
     fmt = None if d.format == "auto" else d.format

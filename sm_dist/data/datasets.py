@@ -1,4 +1,13 @@
-"""Expert data: load (jsonl/parquet/text) → encode (token ids) → augment (noise + <bkspc>) → buffer rows.
+"""Expert data: load (jsonl/parquet/text/arrow/csv files, globs, `datasets` folders and hub ids:
+`sm_dist.data.sources`) → encode (token ids) → augment (noise + <bkspc>) → buffer rows.
+
+Chat rows: a row with a `messages` list (role/content dicts, the last an assistant turn) is rendered
+with the tokenizer's own chat template: the prompt is `apply_chat_template(messages[:-1],
+add_generation_prompt=True)` (ids exactly as the template gives them, BOS included where the template
+has it), the answer the last assistant turn's content + eos. A conversation with more than one assistant
+turn is a bad row (`multi_assistant`): a row trains one answer (its actions), and the trace has no
+per-token roles that would mark earlier assistant turns as actions inside the context; split such a
+conversation into one row per assistant turn (each with the turns before it).
 
 Nothing is dropped silently: every skipped row is counted by reason in a report, and with
 `on_bad="error"` (the default) the first bad row raises a ValueError naming file, line and reason.
@@ -10,12 +19,11 @@ should stop, and must learn to delete it then.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +31,9 @@ from typing import Literal
 from sm_dist.buffer.schema import DATA_POLICY_VERSION
 from sm_dist.core.traces import augment_noise, collapse
 from sm_dist.core.vocab import BKSPC_TOKEN
+from sm_dist.data.chat import MESSAGES, chat_prompt_ids, split_messages
+from sm_dist.data.sources import FORMATS as FORMATS  # the registry data.format names (config.py)
+from sm_dist.data.sources import BadRow, records
 from sm_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,7 @@ FIX_ROW = "fix the file, or skip and count such rows: data.on_bad=skip (train) o
 class Example:
     prompt: str
     answer: str
+    messages: tuple = ()  # chat rows: the turns before the answer, ({"role", "content"}, ...)
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,7 @@ def no_usable_examples(what: str, path: str | Path, *reports: Report) -> DataErr
     )
 
 
-class _BadRow(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
+_BadRow = BadRow
 
 
 # ---- loading -----------------------------------------------------------------------------------------
@@ -120,10 +129,13 @@ def load_examples(
     prompt_chars: int = 0,
     on_bad: Literal["error", "skip"] = "error",
     limit: int | None = None,
+    split: str = "train",
+    name: str | None = None,
 ) -> tuple[list[Example], LoadReport]:
-    """Load (prompt, answer) examples from a jsonl, parquet or text file.
+    """Load (prompt, answer) examples from a jsonl, parquet, text, arrow or csv file, a glob of such
+    files, a `datasets` save_to_disk folder or a hub dataset id (`split`, config `name`).
 
-    fmt: inferred from the suffix when None (.jsonl/.json, .parquet, .txt/.text).
+    fmt: inferred from the suffix when None (.jsonl/.json, .parquet, .txt/.text, .arrow, .csv).
     text_field (jsonl/parquet) or fmt="text" (one example per non-blank line): plain text, split so the
         first `prompt_chars` characters are the prompt (0: empty prompt, the whole text is the answer).
     on_bad: "error" raises on the first bad row (file, line, reason); "skip" counts it in the report.
@@ -133,30 +145,16 @@ def load_examples(
     limit: stop after this many examples are kept.
     Line numbers are 1-based (jsonl/text: file lines; parquet: row index + 1).
     """
-    path = Path(path)
-    fmt = fmt or next((k for k, f in FORMATS.items() if path.suffix.lower() in f.suffixes), None)
-    if fmt not in FORMATS:
-        raise DataError(
-            str(path),
-            f"cannot tell its format from the suffix {path.suffix!r} (format {fmt!r}).",
-            f"use a suffix of {sorted(s for f in FORMATS.values() for s in f.suffixes)}, or set data.format",
-        )
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise DataError(
-            str(path), f"{what}; a data file was expected.", "pass the path of a jsonl/parquet/text file"
-        )
-    form = FORMATS[fmt]
     if on_bad not in ("error", "skip"):
         raise ValueError(f"on_bad={on_bad!r}; use 'error' or 'skip'")
     report = Report(source=str(path))
     examples: list[Example] = []
-    for line_no, raw in form.read(path):
+    for line_no, raw, decode in records(str(path), fmt, split, name):
         if limit is not None and len(examples) >= limit:
             break
         report.rows_read += 1
         try:
-            record = form.decode(raw)
+            record = decode(raw)
             examples.append(_to_example(record, prompt_field, answer_field, text_field, prompt_chars))
             report.kept += 1
         except _BadRow as e:
@@ -166,69 +164,6 @@ def load_examples(
     if report.skipped:
         log.warning("%s", report.summary())
     return examples, report
-
-
-def _read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line (blank lines separate nothing). Bytes:
-    a line that is not UTF-8 is a bad row of its own (`_utf8`), not the end of the file."""
-    with path.open("rb") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                yield i + 1, line.rstrip(b"\r\n")
-
-
-def _utf8(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _BadRow(
-            "not_utf8", f"byte {raw[e.start : e.start + 1]!r} at column {e.start + 1} is not UTF-8"
-        ) from None
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(
-            str(path), f"is not a readable parquet file ({e}).", "pass a parquet file, or set data.format"
-        ) from None
-    for i, row in enumerate(table.to_pylist()):
-        yield i + 1, row
-
-
-def _decode_json(raw: bytes) -> dict:
-    try:
-        return _object(json.loads(_utf8(raw)))
-    except json.JSONDecodeError as e:
-        raise _BadRow("malformed_json", f"{e.msg} at column {e.colno}") from None
-
-
-def _object(raw) -> dict:
-    if not isinstance(raw, dict):
-        raise _BadRow("not_an_object", f"expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-@dataclass(frozen=True)
-class DataFormat:
-    """A file format: the suffixes it is inferred from, a reader of (1-based line, raw record), and a
-    decoder of one raw record into a dict of fields or a plain text (raising _BadRow when it cannot)."""
-
-    suffixes: tuple[str, ...]
-    read: Callable[[Path], Iterator[tuple[int, object]]]
-    decode: Callable[[object], dict | str]
-
-
-# Adding a format = one entry here (and its name in config.DataConfig.format).
-FORMATS: dict[str, DataFormat] = {
-    "jsonl": DataFormat((".jsonl", ".json"), _read_lines, _decode_json),
-    "parquet": DataFormat((".parquet",), _read_parquet, _object),
-    "text": DataFormat((".txt", ".text"), _read_lines, _utf8),
-}
 
 
 def _field(record: dict, name: str) -> str:
@@ -241,6 +176,9 @@ def _field(record: dict, name: str) -> str:
 
 
 def _to_example(record, prompt_field, answer_field, text_field, prompt_chars) -> Example:
+    if isinstance(record, dict) and MESSAGES in record and text_field is None and prompt_field not in record:
+        msgs, answer = split_messages(record[MESSAGES])
+        return _no_bkspc_text(Example("".join(t["content"] for t in msgs), answer, msgs))
     if isinstance(record, str) or text_field is not None:
         text = record if isinstance(record, str) else _field(record, text_field)
         prompt, answer = text[:prompt_chars], text[prompt_chars:]
@@ -298,7 +236,11 @@ def encode_examples(
     out: list[EncodedExample] = []
     for i, ex in enumerate(examples):
         report.rows_read += 1
-        prompt_ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
+        prompt_ids = (
+            chat_prompt_ids(tokenizer, ex.messages)
+            if ex.messages
+            else tokenizer.encode(ex.prompt, add_special_tokens=False)
+        )
         target_ids = [*tokenizer.encode(ex.answer, add_special_tokens=False), eos]
         problem = None
         if len(target_ids) > max_answer_len:

@@ -45,10 +45,11 @@ def load_train_examples(cfg: Config):
     """(examples, the path read, its load report) from data.train_path, or from generated arithmetic data
     (data.fallback) when it is missing."""
     from sm_dist.data.datasets import load_examples
+    from sm_dist.data.sources import source_exists
 
     path = Path(cfg.data.train_path)
     d = cfg.data
-    if not path.exists():
+    if not source_exists(d.train_path):
         from sm_dist.data.arith import generate
 
         level = d.fallback.removeprefix("arith_")
@@ -63,7 +64,7 @@ def load_train_examples(cfg: Config):
     ex, report = load_examples(
         path, fmt=None if d.format == "auto" else d.format, prompt_field=d.prompt_field,
         answer_field=d.answer_field, text_field=d.text_field, prompt_chars=d.prompt_chars, on_bad=d.on_bad,
-        limit=d.limit,
+        limit=d.limit, split=d.split, name=d.name,
     )  # fmt: skip
     return ex, str(path), report
 

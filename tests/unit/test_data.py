@@ -110,7 +110,7 @@ def test_load_text_modes(tmp_path):
 
 
 def test_unknown_suffix_asks_for_the_format(tmp_path):
-    path = tmp_path / "d.csv"
+    path = tmp_path / "d.xml"
     path.write_text("a,b\n")
     with pytest.raises(ValueError, match="data.format"):
         load_examples(path)
