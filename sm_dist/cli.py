@@ -52,6 +52,10 @@ def _make_tiny_model(args) -> int:
 
 
 def _add_bkspc(args) -> int:
+    from sm_dist.hub import resolve_model
+
+    # a hub id: its folder in the huggingface_hub cache
+    args.model_dir = resolve_model(args.model_dir, what="MODEL_DIR") or args.model_dir
     if not (Path(args.model_dir) / "config.json").is_file():
         problem = "has no config.json" if Path(args.model_dir).is_dir() else "does not exist"
         raise ModelError(
@@ -364,7 +368,7 @@ def _add_model_parsers(sub) -> None:
     t.set_defaults(func=_make_tiny_model)
 
     a = sub.add_parser("add-bkspc", help="add <bkspc> to an HF model folder (resizes embeddings and head)")
-    a.add_argument("model_dir")
+    a.add_argument("model_dir", help="an HF model folder, or a hub id (from the huggingface_hub cache)")
     a.add_argument("out")
     a.set_defaults(func=_add_bkspc)
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from sm_dist.config import Config, ConfigError
 from sm_dist.data.sources import is_hub_id, source_exists
+from sm_dist.hub import resolve_model
 
 # ---- loading ----------------------------------------------------------------------------------------
 
@@ -132,7 +133,9 @@ def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     if config_path is not None:
         bases += [config_path.parent.resolve(), config_path.parent.resolve().parent]
     run_dir = resolve_run_dir(cfg.run.run_dir)
-    model_dir = _resolve(cfg.model.dir, bases) if cfg.model.dir else str(Path(run_dir) / "model")
+    m = cfg.model  # a hub model id becomes its folder in the huggingface_hub cache (sm_dist.hub)
+    hub_dir = resolve_model(m.dir, bases, "model.dir") if m.dir and not m.make_tiny_if_missing else None
+    model_dir = hub_dir or (_resolve(m.dir, bases) if m.dir else str(Path(run_dir) / "model"))
     out = cfg.model_copy(deep=True)
     out.run.run_dir = run_dir
     out.model.dir = model_dir
