@@ -149,4 +149,13 @@ class Controller:
             "joining": t.sched.pending_joins(),
             "buffers": bufs,
             "metrics": metrics if metrics is not None else prev.get("metrics", {}),
+            # the last publish's timings: a step that published is rarely the last one logged
+            "sync": {
+                **prev.get("sync", {}),
+                **{k: v for k, v in (metrics or {}).items() if _sync_time(k, v)},
+            },
         }
+
+
+def _sync_time(key: str, value) -> bool:
+    return key.startswith("sync/") and key.endswith("_s") and value is not None

@@ -373,6 +373,7 @@ def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, ad
         logger.text("config", text)
         t = Trainer(ray, cfg, replay, expert, workers, names, learners, state, logger, pg)
         attach_service_parts(t, tok, prompts, targets, model_dir)
+        t.pool.fixed_size = local
         install_signal_handlers(t)
         _begin(t, last, data_rows)
         acc = heldout.measure(t, held, tok, "before")  # on the workers' engines (sm_dist/eval/heldout.py)

@@ -49,7 +49,7 @@ def _families(snap: dict[str, Any]):
     sync = GaugeMetricFamily(
         "sm_dist_sync_seconds", "Seconds of the last weight publish, by phase.", labels=["phase"]
     )
-    for k, v in sorted(m.items()):
+    for k, v in sorted({**(snap.get("sync") or {}), **m}.items()):
         if k.startswith("sync/") and k.endswith("_s") and v is not None:
             sync.add_metric([k[5:-2]], float(v))
     yield sync

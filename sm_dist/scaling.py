@@ -44,8 +44,20 @@ class WorkerPool:
         self.built: dict[str, Any] = {}  # name -> the PromptShard it was built with (a restart re-reads it)
         self.current: list = []  # the last re-shard's PromptShards (refs alive until they are read)
         self._W = None
+        self.fixed_size = False  # a local Ray (started by this driver) never gains nodes: scale within it
         sched.rejoined = self._rejoined
         self.shard_calls: dict[Any, str] = {}  # the last re-shard's set_prompts calls, until checked
+
+    def most_workers(self) -> int:
+        """How many workers the cluster's total resources hold beside the learners (today's nodes)."""
+        r, lc = self.cfg.rollout, self.cfg.learner
+        total = getattr(self.ray, "cluster_resources", dict)()
+        most = len(self.prompts)
+        for res, per, learners in (("CPU", r.cpus_per_worker, lc.cpus_per_learner),
+                                   ("GPU", r.gpus_per_worker, lc.gpus_per_learner)):  # fmt: skip
+            if per:
+                most = min(most, int((total.get(res, 0.0) - lc.num_learners * learners) / per + 1e-9))
+        return max(most, 1)
 
     def size(self) -> int:
         """Live workers plus the ones starting."""
@@ -62,6 +74,12 @@ class WorkerPool:
         if not 1 <= n <= len(self.prompts):
             raise ScalingRefused(
                 f"workers must be between 1 and the number of prompts ({len(self.prompts)}), got {n}"
+            )
+        if self.fixed_size and n > (most := self.most_workers()):
+            raise ScalingRefused(
+                f"this run's local Ray cannot grow: it holds at most {most} rollout workers beside the "
+                f"learners (rollout.cpus_per_worker={self.cfg.rollout.cpus_per_worker}), got {n}. Scale to "
+                f"{most} or fewer, or run on a cluster (--address) whose autoscaler adds nodes"
             )
 
     def scale_to(self, n: int) -> dict:
@@ -99,12 +117,13 @@ class WorkerPool:
             )
             names.append(name)
         self.sched.add_workers(handles, names)
-        log.info(f"starting rollout workers {names} (scaling to {n})")
+        shown = names if len(names) <= 4 else f"{names[0]} .. {names[-1]} ({len(names)})"
+        log.info(f"starting rollout workers {shown} (scaling to {n})")
         r = self.cfg.rollout
         free = getattr(self.ray, "available_resources", dict)()
         for res, per in (("CPU", r.cpus_per_worker), ("GPU", r.gpus_per_worker)):
             if per and k * per > free.get(res, 0.0):
-                log.warning(f"{names} need {k * per:g} {res}s, the cluster has {free.get(res, 0.0):g} free: they "
+                log.warning(f"{shown} need {k * per:g} {res}s, the cluster has {free.get(res, 0.0):g} free: they "
                             "start when resources appear (an autoscaler adds nodes for them; else scale down)")  # fmt: skip
 
     def admit(self) -> list[int]:

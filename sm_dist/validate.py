@@ -109,14 +109,45 @@ def _load_tokenizer(d: Path, what: str):
 def check_train_data(cfg: Config, tok=None) -> None:
     """Load (and with a tokenizer, encode) `data.train_path` as the driver will; raise a DataError
     when no example is usable. A missing file that `data.fallback` will generate is not checked."""
-    from sm_dist.data.datasets import encode_examples, load_examples, no_usable_examples
+    from sm_dist.data.datasets import no_usable_examples
 
     d = cfg.data
     from sm_dist.data.sources import source_exists
 
     if not source_exists(d.train_path) and d.fallback != "none":
         return
-    kw = dict(prompt_field=d.prompt_field, answer_field=d.answer_field, text_field=d.text_field)
+    quiet = _Quiet(logging.getLogger("sm_dist.data"))  # the driver's build_data reports the same rows
+    with quiet:
+        examples, reports = _load_and_encode(cfg, tok)
+    if not examples:
+        raise no_usable_examples("data.train_path", d.train_path, *reports)
+    _check_examples(cfg, tok, examples)
+
+
+class _Quiet:
+    """A logger held at ERROR for a block (its warnings would repeat the driver's own, a moment later)."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.level = logger, logger.level
+
+    def __enter__(self):
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _load_and_encode(cfg: Config, tok):
+    from sm_dist.data.datasets import encode_examples, load_examples
+
+    d = cfg.data
+    kw = dict(
+        prompt_field=d.prompt_field,
+        answer_field=d.answer_field,
+        text_field=d.text_field,
+        split=d.split,
+        name=d.name,
+    )
     fmt = None if d.format == "auto" else d.format
     examples, loaded = load_examples(
         d.train_path, fmt=fmt, prompt_chars=d.prompt_chars, on_bad=d.on_bad, limit=d.limit, **kw
@@ -127,8 +158,11 @@ def check_train_data(cfg: Config, tok=None) -> None:
             examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad, source=d.train_path
         )
         reports.append(encoded)
-    if not examples:
-        raise no_usable_examples("data.train_path", d.train_path, *reports)
+    return examples, reports
+
+
+def _check_examples(cfg: Config, tok, examples: list) -> None:
+    d = cfg.data
     if tok is not None and (empty := sum(not e.prompt_ids for e in examples)):
         raise ConfigError(
             "data.prompt_chars",

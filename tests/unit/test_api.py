@@ -189,3 +189,22 @@ def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, caps
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_sync_seconds_keep_the_last_publish_between_publishing_steps(tmp_path):
+    """Only a step that publishes carries sync/... timings; the logged step is rarely that one, so the
+    snapshot keeps the last publish's, and /metrics always has sm_dist_sync_seconds samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sm_dist.prom import render
+
+    sched = SimpleNamespace(paused=False, names=["w0"], pending_joins=lambda: 0)
+    t = SimpleNamespace(stop_requested=False, sched=sched, s=SimpleNamespace(step=5, version=1),
+                        cfg=SimpleNamespace(run=SimpleNamespace(total_steps=9)))  # fmt: skip
+    ctl = Controller(tmp_path, buffer_refresh_s=1e9)
+    ctl.update(t, {"loss/total": 1.0, "sync/publish_s": 0.25, "sync/serialize_s": 0.125})
+    t.s.step = 6
+    ctl.update(t, {"loss/total": 0.9})  # no publish this step
+    fams = {f.name: f for f in text_string_to_metric_families(render(ctl.snapshot))}
+    got = {s.labels["phase"]: s.value for s in fams["sm_dist_sync_seconds"].samples}
+    assert got == {"publish": 0.25, "serialize": 0.125}

@@ -191,3 +191,18 @@ def test_a_restarted_worker_gets_its_current_shard_back(monkeypatch):
     s.submit_batch(1)
     land(s, BatchCall)  # it died: restarted, its shard re-sent, its batch resubmitted
     assert w1.set_prompts.calls == [((1, 2),), ((1, 2),)] and s.restarts == {"w1": 1}
+
+
+def test_a_local_ray_scales_only_within_its_cpus(monkeypatch):
+    """`ctl scale 500` on a 2-CPU local Ray is refused, naming the most that fit; a cluster (which an
+    autoscaler may grow) still takes it, with a warning."""
+    s = sched_with([worker(STATS)])
+    s.ray.cluster_resources = lambda: {"CPU": 2.0}
+    pool = pool_for(s, prompts=1000, monkeypatch=monkeypatch)
+    pool.cfg.learner = SimpleNamespace(num_learners=1, cpus_per_learner=1.0, gpus_per_learner=0.0)
+    pool.fixed_size = True
+    with pytest.raises(scaling.ScalingRefused, match=r"at most 2 rollout workers .* got 500"):
+        pool.scale_to(500)
+    assert pool.scale_to(2)["target"] == 2
+    pool.fixed_size = False
+    assert pool.scale_to(500)["joining"] == 499
