@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python -m sm_dist train ...` against a head started with `ray start`.
+"""`deploy/submit.sh` (`ray job submit --working-dir . -- python -m sm_dist train ...`) against a plain
+head started with `ray start` (token auth on, no kubectl).
 
 The head runs as `ray start --head --block`, a child of this test, and is stopped by signalling that
 process group (not `ray stop`, which would stop every Ray on the machine, other sessions' included).
@@ -46,11 +47,13 @@ def test_ray_job_submit_runs_tiny_config(tmp_path):
             if ok.returncode == 0:
                 break
             time.sleep(2)
+        # through deploy/submit.sh, as the README's plain-cluster walk-through does: no kubectl here, no
+        # RAY_AUTH_TOKEN; the token is the one `ray start --head` wrote to ~/.ray/auth_token
+        assert shutil.which("kubectl") is None and "RAY_AUTH_TOKEN" not in env
         out = subprocess.run(
-            ["ray", "job", "submit", "--address", addr, "--working-dir", ".", "--",
-             "python", "-m", "sm_dist", "train", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
+            ["bash", "deploy/submit.sh", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
              "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400,
+            env={**env, "RAY_DASHBOARD": addr}, cwd=ROOT, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         assert "succeeded" in out.stdout
