@@ -235,6 +235,28 @@ class LearnerConfig(_Section):
         description="Masked-attention backend: auto (flex on CUDA; on CPU sdpa up to 512 inputs, split beyond); sdpa (dense mask); flex "
         "(FlexAttention block mask); split (causal SDPA over surviving inputs + masked SDPA for deleted ones).",
     )
+    loss_chunk_size: int = Field(
+        512,
+        ge=0,
+        description="Positions per LM-head chunk: the model body runs once, the head and the objective's "
+        "logsumexp run on the states only, this many at a time, recomputed in backward (no [B, N, V] "
+        "logits); 0: full fp32 logits (needed for models that post-process logits, e.g. softcapping).",
+    )
+    pack: bool = Field(
+        True,
+        description="Pack several traces into each row (each its own segment: positions restart, no "
+        "attention across segments), rows as long as the longest trace; false: one trace a row, padded.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in backward (HF gradient checkpointing, "
+        "non-reentrant): less memory, about one more forward of compute. DDP and FSDP2.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="FSDP2 only: keep sharded parameters, gradients and optimiser state in CPU memory "
+        "(CPUOffloadPolicy; the optimiser step runs on the CPU).",
+    )
     nan_tolerance: int = Field(
         3, ge=1, description="Skip a step with a non-finite loss/grad; stop after this many in a row."
     )
@@ -262,6 +284,15 @@ class LearnerConfig(_Section):
         "the run goes on from that checkpoint's step (the steps since it are redone). object_store "
         "transport only; 0, or one death more, stops the run.",
     )
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp2(self):
+        if self.cpu_offload and self.strategy != "fsdp2":
+            raise ValueError(
+                f"learner.cpu_offload=true needs learner.strategy=fsdp2 (got {self.strategy!r}): only FSDP2 "
+                "shards what it offloads. Fix: set learner.strategy=fsdp2, or learner.cpu_offload=false"
+            )
+        return self
 
 
 # ---- rollout ----------------------------------------------------------------------------------------

@@ -40,10 +40,11 @@ def _register_flex() -> None:
 
 
 @contextmanager
-def attn_implementation(model, impl: str):
-    """Temporarily switch the model's attention implementation (HF `config._attn_implementation`)."""
+def attn_implementation(model, impl: str | None):
+    """Temporarily switch the model's attention implementation (HF `config._attn_implementation`);
+    None: keep the model's own."""
     old = model.config._attn_implementation
-    if old == impl:
+    if impl is None or old == impl:
         yield
         return
     model.set_attn_implementation(impl)
@@ -61,6 +62,27 @@ def _pick_attn(attn: AttnBackend, dev: torch.device, n_inputs: int) -> AttnBacke
     return "sdpa" if n_inputs <= CPU_DENSE_MAX_LEN else "split"
 
 
+def attention_impl(batch: TraceBatch, attn: AttnBackend = "auto") -> str | None:
+    """The attention implementation `masked_forward` runs `batch` under (registered here), or None for
+    the model's own (the plain causal path). Training with activation checkpointing must keep it set
+    through backward, where each layer's forward runs again: `with attn_implementation(model, impl)`
+    around forward and backward (`sm_dist.learner.step` does)."""
+    attn = _pick_attn(attn, batch.input_ids.device, batch.input_ids.shape[1])
+    if not batch.any_backspace and batch.seg_start is None:
+        return None
+    if attn == "split":
+        from sm_dist.core.split_attn import SPLIT_IMPL, register_split
+
+        register_split()
+        return SPLIT_IMPL
+    if attn == "flex":
+        _register_flex()
+        return FLEX_IMPL
+    if attn == "sdpa":
+        return "sdpa"
+    raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex', 'split' or 'auto'")
+
+
 def masked_forward(model, batch: TraceBatch, attn: AttnBackend = "auto"):
     """The HF model's output on the batch's rows, in one forward pass (`batch` on the model's device).
 
@@ -73,30 +95,24 @@ def masked_forward(model, batch: TraceBatch, attn: AttnBackend = "auto"):
     """
     _check_vocab(model, batch)
     dev = batch.input_ids.device
-    attn = _pick_attn(attn, dev, batch.input_ids.shape[1])
+    impl = attention_impl(batch, attn)
     seg = batch.seg_start
-    if not batch.any_backspace and seg is None:
-        # Plain causal path: right padding needs no mask (pads come after every real token).
-        return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    if attn == "split":
-        from sm_dist.core.split_attn import SPLIT_IMPL, register_split, split_forward
-
-        register_split()
-        with attn_implementation(model, SPLIT_IMPL):
-            return split_forward(model, batch.input_ids, batch.position_ids, batch.deleted_at, seg)
-    if attn == "sdpa":
-        impl, mask = "sdpa", dense_mask(batch.deleted_at, seg)
-    elif attn == "flex":
-        if dev.type == "cpu" and torch.is_grad_enabled():
-            raise ValueError(
-                "attn='flex': FlexAttention has no backward pass on the CPU; train with attn='split' "
-                "or attn='sdpa' (learner.attn=auto picks one of them on the CPU)"
-            )
-        _register_flex()
-        impl, mask = FLEX_IMPL, flex_block_mask(batch.deleted_at, seg_start=seg)
-    else:
-        raise ValueError(f"attn={attn!r}: use 'sdpa', 'flex', 'split' or 'auto'")
     with attn_implementation(model, impl):
+        if impl is None:  # plain causal path: right padding needs no mask (pads come after every real token)
+            return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+        if impl == "sm_split":
+            from sm_dist.core.split_attn import split_forward
+
+            return split_forward(model, batch.input_ids, batch.position_ids, batch.deleted_at, seg)
+        if impl == "sdpa":
+            mask = dense_mask(batch.deleted_at, seg)
+        else:
+            if dev.type == "cpu" and torch.is_grad_enabled():
+                raise ValueError(
+                    "attn='flex': FlexAttention has no backward pass on the CPU; train with attn='split' "
+                    "or attn='sdpa' (learner.attn=auto picks one of them on the CPU)"
+                )
+            mask = flex_block_mask(batch.deleted_at, seg_start=seg)
         return model(
             input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask, use_cache=False
         )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 1024  # positions per chunk: [1024, 128k] fp32 is 512 MiB, [1024, 32k] 128 MiB
+DEFAULT_CHUNK = 512  # positions per chunk: [512, 128k] fp32 is 256 MiB, [512, 32k] 64 MiB
 
 
 @dataclass
@@ -51,38 +51,48 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
 
 
-def _chunk_logits(h, w, b, exclude, excluded_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits [c, V] of one chunk, and the same with the excluded column at -inf where asked."""
-    logits = F.linear(h, w, b).float()
-    masked = logits
-    if bool(exclude.any()):
-        masked = logits.clone()
-        masked[exclude, excluded_id] = float("-inf")
-    return logits, masked
+def _excluded_rows(exclude: torch.Tensor) -> list[int]:
+    """The rows whose excluded column is left out (one host sync per call: a handful of states)."""
+    return exclude.nonzero()[:, 0].tolist()
+
+
+def _rows_in(rows: list[int], i: int, j: int, device) -> torch.Tensor:
+    return torch.tensor([r - i for r in rows if i <= r < j], dtype=torch.long, device=device)
 
 
 class _ChunkedHeadScores(torch.autograd.Function):
-    """(h [S, H], W [V, H], bias [V] | None) -> (lse [S], q [S]) fp32, chunk by chunk (module docstring)."""
+    """(h [S, H], W [V, H], bias [V] | None) -> (lse [S], q [S]) fp32, chunk by chunk (module docstring).
+
+    No [chunk, V] copy for the excluded column: logsumexp runs over the whole chunk, and only the few
+    excluded rows are recomputed without it (as `scores_from_logits` does); in backward their softmax
+    column is zeroed, since their lse never contained it."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, actions, exclude, excluded_id: int, chunk: int, dt: torch.dtype):
         S = h.shape[0]
         lse = torch.empty(S, dtype=torch.float32, device=h.device)
         q = torch.empty(S, dtype=torch.float32, device=h.device)
+        ex = _excluded_rows(exclude)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dt), (bias.to(dt) if bias is not None else None)
             for i in range(0, S, chunk):
                 j = min(S, i + chunk)
-                logits, masked = _chunk_logits(h[i:j].to(dt), w, b, exclude[i:j], excluded_id)
-                q[i:j] = logits.gather(1, actions[i:j, None])[:, 0]  # unmasked: a boundary <bkspc> reads
-                lse[i:j] = torch.logsumexp(masked, dim=-1)  # its logit (weight 0, but finite)
-        ctx.save_for_backward(h, weight, bias, actions, exclude, lse)
-        ctx.excluded_id, ctx.chunk, ctx.dt = excluded_id, chunk, dt
+                logits = F.linear(h[i:j].to(dt), w, b).float()  # [c, V]
+                q[i:j] = logits.gather(1, actions[i:j, None])[:, 0]  # a boundary <bkspc> reads its
+                lse[i:j] = torch.logsumexp(logits, dim=-1)  # logit (weight 0, but finite)
+                rows = _rows_in(ex, i, j, h.device)
+                if rows.numel():
+                    sub = logits[rows]  # [k, V], a copy
+                    sub[:, excluded_id] = float("-inf")
+                    lse[i + rows] = torch.logsumexp(sub, dim=-1)
+                del logits
+        ctx.save_for_backward(h, weight, bias, actions, lse)
+        ctx.excluded_id, ctx.chunk, ctx.dt, ctx.ex = excluded_id, chunk, dt, ex
         return lse, q
 
     @staticmethod
     def backward(ctx, g_lse, g_q):
-        h, weight, bias, actions, exclude, lse = ctx.saved_tensors
+        h, weight, bias, actions, lse = ctx.saved_tensors
         dt, chunk = ctx.dt, ctx.chunk
         S = h.shape[0]
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
@@ -93,15 +103,22 @@ class _ChunkedHeadScores(torch.autograd.Function):
             for i in range(0, S, chunk):
                 j = min(S, i + chunk)
                 hc = h[i:j].to(dt)
-                _, masked = _chunk_logits(hc, w, b, exclude[i:j], ctx.excluded_id)
-                g = masked.sub_(lse[i:j, None]).exp_().mul_(g_lse[i:j, None])  # g_lse * softmax, in place
-                g.scatter_add_(1, actions[i:j, None], g_q[i:j, None])  # + g_q * onehot(a)
+                g = F.linear(hc, w, b).float()  # the chunk's logits again, turned into their gradient:
+                g.sub_(lse[i:j, None]).exp_()  # softmax (of the lse's own support)
+                rows = _rows_in(ctx.ex, i, j, h.device)
+                if rows.numel():
+                    g[rows, ctx.excluded_id] = 0.0  # not in the excluded rows' lse
+                g.mul_(g_lse[i:j, None]).scatter_add_(1, actions[i:j, None], g_q[i:j, None])  # + onehot(a)
                 g = g.to(dt)
                 if grad_h is not None:
                     grad_h[i:j] = (g @ w).to(h.dtype)
-                grad_w.add_((g.t() @ hc).float())  # fp32 accumulation over chunks
+                if dt == torch.float32:  # fp32 accumulation over chunks, in place when possible
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w.add_((g.t() @ hc).float())
                 if bias is not None:
                     grad_b.add_(g.float().sum(0))
+                del g
         gw = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         gb = grad_b.to(bias.dtype) if (bias is not None and ctx.needs_input_grad[2]) else None
         return grad_h, gw, gb, None, None, None, None, None

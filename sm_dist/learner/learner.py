@@ -72,6 +72,8 @@ def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gp
         attn=lc.attn,
         autocast_dtype=torch.bfloat16 if (on_gpu and lc.bf16_autocast) else None,
         pad_to_multiple=8 if on_gpu else 1,
+        loss_chunk_size=lc.loss_chunk_size,
+        pack=lc.pack,
     )  # fmt: skip
 
 
@@ -164,6 +166,10 @@ class Learner:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         if self.use_lora:  # the base frozen; adapters + <bkspc> rows train (sm_dist.learner.lora)
             model = lora.apply_lora(model, model_cfg.lora, self.bkspc_id)
+        if learner.activation_checkpointing:  # before DDP/FSDP2 wrap the layers
+            from sm_dist.learner.sharded import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         self.module = model  # the HF model (sharded in place under FSDP2)
         self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
         self.rendezvous: tuple[str, int] | None = None  # where the process group met (rank 0's choice)
@@ -252,11 +258,13 @@ class Learner:
 
     def _wrap(self) -> None:
         if self.opt_p.strategy == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
+            from sm_dist.learner.sharded import fsdp_kwargs, fully_shard_model
 
-            for layer in self.module.model.layers:  # HF decoder blocks, then the root
-                fully_shard(layer)
-            fully_shard(self.module)
+            bf16 = self.model_cfg.dtype == "bfloat16" and self.device.type == "cuda"
+            kw = fsdp_kwargs(
+                self.opt_p.cpu_offload, torch.bfloat16 if bf16 else None, self.device.type == "cuda"
+            )
+            fully_shard_model(self.module, lora.hf_model(self.module).model.layers, **kw)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -174,3 +174,38 @@ def storage_problem(path: str | Path) -> str | None:
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line, its type first."""
     return f"{type(err).__name__}: " + " ".join(str(err).split())
+
+
+# ---- how the ranks hold the model (FSDP2 policies, activation checkpointing) ----------------------------
+
+
+def fsdp_kwargs(cpu_offload: bool, param_dtype, on_cuda: bool) -> dict:
+    """`fully_shard` keyword arguments: a MixedPrecisionPolicy when the weights train in a low precision
+    (`param_dtype`, e.g. torch.bfloat16 when model.dtype is bfloat16: the unsharded parameters and the
+    forward/backward in it, gradients reduce-scattered and accumulated in fp32, the sharded fp32 master
+    weights stepped by the optimiser), and a CPUOffloadPolicy with `cpu_offload` (pinned host memory on
+    CUDA). Plain values in, so it is testable without a process group."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    out: dict = {}
+    if param_dtype is not None and param_dtype != torch.float32:
+        out["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        out["offload_policy"] = CPUOffloadPolicy(pin_memory=on_cuda)
+    return out
+
+
+def fully_shard_model(model, layers, **kwargs) -> None:
+    """FSDP2 over each decoder block, then the root (whose group holds embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """HF gradient checkpointing of every decoder layer, non-reentrant (works under DDP and FSDP2, and
+    with inputs that need no gradient); the KV cache is off while training anyway."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

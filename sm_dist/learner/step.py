@@ -10,7 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sm_dist.core.forward import AttnBackend, masked_logits, masked_scores
+from sm_dist.core.forward import (
+    AttnBackend,
+    attention_impl,
+    attn_implementation,
+    masked_logits,
+    masked_scores,
+)
 from sm_dist.core.head_loss import HeadTargets, forward_head_scores
 from sm_dist.core.objective import ObjectiveParams, raise_if_not_finite, training_loss
 from sm_dist.core.traces import TraceInputs, collate
@@ -26,7 +32,7 @@ class StepParams:
     attn: AttnBackend = "auto"
     autocast_dtype: torch.dtype | None = None  # torch.bfloat16 on GPU
     pad_to_multiple: int = 1
-    loss_chunk_size: int = 1024  # positions per LM-head chunk (sm_dist.core.head_loss); 0: full logits
+    loss_chunk_size: int = 512  # positions per LM-head chunk (sm_dist.core.head_loss); 0: full logits
     pack: bool = False  # several traces a row, each its own segment
 
 
@@ -41,17 +47,20 @@ def loss_and_backward(
     batch = collate(traces, pad_to_multiple=p.pad_to_multiple, pack=p.pack)
     dev = next(model.parameters()).device
     batch = batch.to(dev)
-    with torch.autocast(dev.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None):
-        if p.loss_chunk_size > 0:  # the LM head chunk by chunk on the states only
-            logits = masked_scores(model, batch, p.objective.bkspc_id, p.attn, p.loss_chunk_size)
-        else:
-            logits = masked_logits(model, batch, attn=p.attn)
-    loss, metrics = training_loss(
-        logits, batch, p.objective, step, p.warmup_steps, p.sm_lambda, check_finite=False
-    )
-    # Backward is queued before any host sync; a non-finite loss is reported after it, before the
-    # optimizer step, which the caller then skips (gradients are discarded with zero_grad).
-    (loss * loss_scale).backward()
+    autocast = torch.autocast(dev.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None)
+    # the attention implementation stays set through backward (activation checkpointing reruns layers)
+    with attn_implementation(model, attention_impl(batch, p.attn)):
+        with autocast:
+            if p.loss_chunk_size > 0:  # the LM head chunk by chunk on the states only
+                logits = masked_scores(model, batch, p.objective.bkspc_id, p.attn, p.loss_chunk_size)
+            else:
+                logits = masked_logits(model, batch, attn=p.attn)
+        loss, metrics = training_loss(
+            logits, batch, p.objective, step, p.warmup_steps, p.sm_lambda, check_finite=False
+        )
+        # Backward is queued before any host sync; a non-finite loss is reported after it, before the
+        # optimizer step, which the caller then skips (gradients are discarded with zero_grad).
+        (loss * loss_scale).backward()
     raise_if_not_finite(loss, logits, metrics)
     out = {k: float(v) for k, v in metrics.items()}
     out["perf/tokens"] = float(batch.lengths.sum())
