@@ -195,10 +195,15 @@ def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
 
 def _wait(ray, futs: list, labels: list[str], timeout_s: float) -> list:
     """`wait_all` for start-up calls: a constructor's error names the actor, a timeout the late ones."""
-    from sm_dist.sync.base import wait_all
+    from sm_dist.sync.base import WeightSyncError, wait_all
 
     try:
         return wait_all(futs, labels, timeout_s, "start-up (run.startup_timeout_s)")
+    except WeightSyncError as e:  # the late ones named
+        raise ActorStartError(
+            "run.startup_timeout_s", f"{e}.",
+            "raise run.startup_timeout_s, or check that the cluster has the resources they wait for (ray status)",
+        ) from e  # fmt: skip
     except ray.exceptions.RayActorError as e:
         who = next((lb for f, lb in zip(futs, labels, strict=True) if _failed(ray, f)), "an actor")
         raise ActorStartError(
@@ -251,6 +256,11 @@ def describe_error(err: BaseException) -> str:
     first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
     died = re.search(r"class_name: (\w+)", str(err))
     # a constructor's error travels as text inside Ray's message: its own last "XError: ..." line says it
-    raised = re.findall(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .+)$", str(err), flags=re.M)
-    what = raised[-1].strip() if raised and cause is err else f"{type(cause).__name__}: {first}"
+    text = str(err)
+    raised = list(re.finditer(r"^\s*((?:\w+\.)*\w*(?:Error|Exception): .+)$", text, flags=re.M))
+    if raised and cause is err:  # with the lines that continue it (a pydantic error's reasons)
+        rest = text[raised[-1].end() :].splitlines()[1:4]
+        what = " ".join([raised[-1][1].strip(), *(ln.strip() for ln in rest if ln.strip())])
+    else:
+        what = f"{type(cause).__name__}: {first}"
     return what[:400] + (f" [dead actor: {died.group(1)}]" if died else "")

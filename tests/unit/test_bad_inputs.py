@@ -264,6 +264,12 @@ def more_workers_than_prompts(tmp, model):
     return _train(tmp, f"model.dir={model}", f"data.train_path={data}", "rollout.num_workers=3")
 
 
+def data_is_a_plain_folder(tmp, model):
+    (tmp / "mydata").mkdir()
+    (tmp / "mydata" / "notes.txt").write_text("not data\n")
+    return _train(tmp, f"model.dir={model}", f"data.train_path={tmp / 'mydata'}")
+
+
 def eval_missing_model(tmp, model):
     data = _jsonl(tmp / "d.jsonl", [GOOD_ROW])
     return ["eval", "--model", str(tmp / "no-model"), "--data", data]
@@ -399,6 +405,7 @@ CASES = [
     Case("api_port_taken", api_port_taken, ("run.api_port", "cannot listen", "another run.api_port")),
     Case("run_dir_is_a_file", run_dir_is_a_file, ("run.run_dir", "afile is a file")),
     Case("more_workers_than_prompts", more_workers_than_prompts, ("rollout.num_workers", "2 usable prompts")),
+    Case("data_is_a_plain_folder", data_is_a_plain_folder, ("mydata", "is a folder", "save_to_disk")),
     Case("eval_missing_model", eval_missing_model, ("--model", "no-model", "does not exist")),
     Case("eval_missing_data", eval_missing_data, ("missing.jsonl", "does not exist")),
     Case("eval_empty_data", eval_empty_data, ("--data", "e.jsonl", "holds no rows")),
