@@ -7,8 +7,8 @@ prompts are dealt round-robin to the workers, each generates its share with the 
 `sm-dist eval` scores it (`sm_dist.eval.arith_eval.score_example`). "Before" runs once the workers are
 up, on the weights they start with (the start model; on `--resume`, the value recorded by the first
 attempt in `<run_dir>/heldout.json` is kept). "After" runs once the loop has ended and the workers hold
-the final weights version (re-published if the last step was not a sync step). A run stopped by a
-signal skips "after" (its stop is bounded).
+the final weights version (re-published if the last step was not a sync step). A run stopped before
+`run.total_steps` (a signal) skips "after": its stop is bounded.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def measure(t, held: HeldOut | None, tok, when: str) -> dict | None:
     if when == "before" and "before" in rec:  # a resumed run keeps the first attempt's
         return rec
     if when == "after":
-        if t.stop_requested:
+        total = t.cfg.run.total_steps
+        if total is not None and t.s.step < total:  # stopped early (a signal): its stop is bounded
             return rec
         _hold_final_weights(t)
     t0 = time.perf_counter()
@@ -112,8 +113,10 @@ def measure(t, held: HeldOut | None, tok, when: str) -> dict | None:
     rec[f"{when}_s"] = round(time.perf_counter() - t0, 2)
     rec[f"{when}_version"] = t.s.version
     path.write_text(json.dumps(rec, indent=1))
-    log.info(
-        f"held-out accuracy {when} (weights version {t.s.version}): {rec[when]:.3f} in {rec[f'{when}_s']}s"
+    level = logging.INFO if when == "before" else logging.DEBUG  # "after": in the end summary
+    log.log(
+        level,
+        f"held-out accuracy {when} (weights version {t.s.version}): {rec[when]:.3f} in {rec[f'{when}_s']}s",
     )
     return rec
 
