@@ -163,8 +163,17 @@ class DataConfig(_Section):
     p_noise: float = Field(
         0.1, ge=0.0, le=1.0, description="Per-position probability of a `noise, <bkspc>` pair."
     )
-    noise: Literal["task", "vocab"] = Field(
-        "task", description="Noise alphabet: tokens seen in the answers ('task') or the whole vocabulary."
+    noise: Literal["task", "vocab", "plausible", "model"] = Field(
+        "task",
+        description="Which wrong token is injected (sm_dist.data.noise): uniform over the answers' tokens "
+        "('task') or the whole vocabulary ('vocab'); 'plausible': add_or_sub_in_base mistakes (a digit +-1 "
+        "in the base, a sign added or dropped, a carry/borrow slip); 'model': the base model's own top-k "
+        "at that state, expert token excluded, read from data.noise_path.",
+    )
+    noise_path: str | None = Field(
+        None,
+        description="data.noise=model: the candidates file written by `python -m sm_dist.data.noise` "
+        "(one vLLM prompt-log-prob pass of the base model over this data).",
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many examples (null: all).")
     augment_copies: int = Field(
@@ -176,6 +185,15 @@ class DataConfig(_Section):
         "checks as train_path); each is added to the expert buffer once (null: off).",
     )
     watch_poll_s: float = Field(1.0, gt=0.0, description="Seconds between two listings of data.watch_dir.")
+
+    @model_validator(mode="after")
+    def _noise_path_for_model_noise(self):
+        if self.noise == "model" and self.noise_path is None:
+            raise ValueError(
+                "data.noise=model needs data.noise_path; write it with "
+                "`python -m sm_dist.data.noise --model BASE --data TRAIN --out FILE`"
+            )
+        return self
 
 
 # ---- objective --------------------------------------------------------------------------------------
@@ -194,13 +212,28 @@ class ObjectiveConfig(_Section):
     chi2_weight: float = Field(
         1e-3,
         ge=0.0,
-        description="c = 1/(4 alpha) on the chi^2 term; small (DESIGN §1: c=25 is far too strong).",
+        description="c, the chi^2 term's weight in logit units. The paper's alpha = 0.01 read as IQ-Learn's "
+        "soft-Q temperature (the likely reading) gives c = alpha / (4 alpha_chi) ~ 0.0025-0.005; read as "
+        "c = 1/(4 alpha) (unlikely) it is 25, which destroys the policy (docs/results.md).",
     )
     data_mix: float = Field(0.5, ge=0.0, le=1.0, description="Weight of data occupancy in the mixture E_mix.")
     mask_noise_actions: bool = Field(True, description="Do not imitate injected noise actions (state kept).")
     warmup_steps: int = Field(20, ge=0, description="BC/MLE-only steps before the SequenceMatch loss starts.")
     sm_lambda: float = Field(0.5, ge=0.0, le=1.0, description="After warmup: (1-lambda) L_BC + lambda L_SM.")
     weight_clip: float = Field(10.0, gt=0.0, description="Cap on phi'(r) weights for kl/js/hellinger.")
+    bkspc_discount: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="delta: a <bkspc> transition discounts by gamma * delta (1: plain gamma). Tried against "
+        "the write/delete loop (sm_dist.core.objective docstring); it does not stop it.",
+    )
+    truncated_value: Literal["bootstrap", "complete"] = Field(
+        "bootstrap",
+        description="Value term of a truncated rollout: 'bootstrap' V(s_0) - gamma^T V(s_T) (the paper); "
+        "'complete' V(s_0), its whole continuation telescoped, which removes the reward for raising V "
+        "where write/delete loops are cut off (sm_dist.core.objective docstring).",
+    )
 
 
 # ---- learner ----------------------------------------------------------------------------------------

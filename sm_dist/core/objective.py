@@ -47,6 +47,30 @@ intent). On model rows every step counts (a rollout's own mistakes are the model
 `mask_noise_actions=false` noise actions are ordinary data actions (imitated, chi^2-penalised).
 
 A `<bkspc>` taken at the prompt boundary (a no-op the policy cannot take) is dropped from every term.
+
+Write/delete loops (issue 23; tests/unit/test_tabular.py, the loop case). Where the noise does not
+cover the model's own error x at s, the state s+x is on model rows only, and only c * E_model[r^2] and
+the value term act there. On a full model row the value term telescopes to V(s_0); on a row truncated
+after T actions it is V(s_0) - gamma^T V(s_T), which rewards raising V wherever rollouts are cut off.
+A write/delete cycle s -> s+y -> s lets V grow at almost no chi^2 cost: r = 0 on both transitions
+means l(y|s) = gamma V(s+y) and l(<bkspc>|s+y) = gamma V(s), consistent with V(s) ~ gamma^2 V(s), so a
+cycle costs c ((1 - gamma^2) V)^2, 4e-3 V at gamma = 0.998. Cycles get truncated, truncation pays for
+V, and V of the error state grows without bound (the exact tabular case: pi(<bkspc> | error) -> 0,
+V(error) 31 after 400 steps and rising, the loss below zero and falling). Two remedies, each a knob:
+
+* `bkspc_discount` delta: the discount of a <bkspc> transition is g_t = gamma * delta, the time
+  weights prod_{k<t} g_k (a semi-MDP where a deletion costs time). Every identity above holds with
+  g_t in place of gamma (the `mle` identity, the telescoping, the masked-noise difference), and a
+  cycle now costs c ((1 - gamma^2 delta) V)^2. It does not stop the loop: the bootstrap's reward is
+  linear in V, the cost quadratic with a tiny coefficient (delta = 0.9: V(error) 31 at 400 steps, as
+  without it).
+* `truncated_value = "complete"`: a truncated row's value term is V(s_0), i.e. + gamma^T V(s_T) (with
+  g_t: prod_t g_t V(s_T)). This is exact, not a heuristic: whatever the continuation after s_T, its
+  terms telescope to gamma^T V(s_T), so V(s_0) is the value term of the whole (untruncated) occupancy;
+  the bootstrap is the truncation's bias. The chi^2 term keeps its truncated sum (its tail is a
+  non-negative quantity the rollout did not see). On the tabular case the loop is gone: V(error) stays
+  near 0 and the policy at the error state keeps a mild preference for <bkspc> (as BC leaves it);
+  learning to *delete* the error still needs noise that covers it. Default "bootstrap" (the paper).
 """
 
 from __future__ import annotations
@@ -109,10 +133,14 @@ class ObjectiveParams:
     bkspc_id: int
     divergence: str = "chi2_mixture"  # a key of DIVERGENCE_SPECS
     gamma: float = 0.998
-    chi2_weight: float = 1e-3  # c = 1/(4 alpha); large c biases the optimum (DESIGN §1)
+    # c, in logit units: alpha = 0.01 read as IQ-Learn's soft-Q temperature gives c = alpha/(4 alpha_chi)
+    # ~ 0.0025-0.005 (the likely reading); read as c = 1/(4 alpha) it is 25 (unlikely: destroys the policy)
+    chi2_weight: float = 1e-3
     data_mix: float = 0.5  # weight of the data occupancy in E_mix
     mask_noise_actions: bool = True
     weight_clip: float = 10.0  # cap on phi'(r) for kl/js/hellinger, whose weights diverge for very negative r
+    bkspc_discount: float = 1.0  # delta: a <bkspc> transition discounts by gamma * delta (module docstring)
+    truncated_value: Literal["bootstrap", "complete"] = "bootstrap"  # value term of a truncated row
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -123,6 +151,10 @@ class ObjectiveParams:
             raise ValueError(f"chi2_weight={self.chi2_weight} must be >= 0")
         if not 0.0 <= self.data_mix <= 1.0:
             raise ValueError(f"data_mix={self.data_mix} must be in [0, 1]")
+        if not 0.0 < self.bkspc_discount <= 1.0:
+            raise ValueError(f"bkspc_discount={self.bkspc_discount} must be in (0, 1]")
+        if self.truncated_value not in ("bootstrap", "complete"):
+            raise ValueError(f"truncated_value={self.truncated_value!r}; 'bootstrap' or 'complete'")
 
 
 def phi_prime(r: torch.Tensor, divergence: str, clip: float) -> torch.Tensor:
@@ -169,8 +201,10 @@ def state_values(logits: torch.Tensor, batch: TraceBatch, bkspc_id: int) -> torc
 def transitions(
     logits: torch.Tensor | StateScores, batch: TraceBatch, p: ObjectiveParams
 ) -> dict[str, torch.Tensor]:
-    """Per-transition tensors, all [B, T] fp32: q = l(a_t|s_t), v = V(s_t), v_next = V(s_{t+1}), r, and
-    the time weights gamma^t, zero on padding and on boundary <bkspc> actions."""
+    """Per-transition tensors, all [B, T] fp32: q = l(a_t|s_t), v = V(s_t), v_next = V(s_{t+1}), the
+    discount g_t of each transition (gamma; gamma * bkspc_discount on a <bkspc>), r = q - g v_next, and
+    the time weights w_t = prod_{k<t} g_k (gamma^t when bkspc_discount = 1), zero on padding and on
+    boundary <bkspc> actions."""
     sc = logits if isinstance(logits, StateScores) else scores_from_logits(logits, batch, p.bkspc_id)
     B, T = batch.actions.shape
     dev = sc.v.device
@@ -181,8 +215,15 @@ def transitions(
     v_next = torch.where(last & batch.terminal[:, None], torch.zeros_like(v_next), v_next)
     boundary_bk = (batch.actions == p.bkspc_id) & ~batch.bkspc_allowed[:, :T]
     valid = batch.action_mask & ~boundary_bk
-    w = (p.gamma ** t_idx.float()) * valid.float()
-    return {"q": q, "v": v, "v_next": v_next, "r": q - p.gamma * v_next, "w": w, "valid": valid}
+    if p.bkspc_discount == 1.0:
+        g = torch.full_like(q, p.gamma)
+        w = (p.gamma ** t_idx.float()) * valid.float()
+    else:  # per-transition discounts; a boundary <bkspc> (a no-op, dropped) discounts nothing extra
+        bk = (batch.actions == p.bkspc_id) & valid
+        g = torch.where(bk, torch.full_like(q, p.gamma * p.bkspc_discount), torch.full_like(q, p.gamma))
+        w = torch.cumprod(torch.cat([torch.ones_like(g[:, :1]), g[:, :-1]], dim=1), dim=1) * valid.float()
+    r = q - g * v_next
+    return {"q": q, "v": v, "v_next": v_next, "g": g, "r": r, "w": w, "valid": valid, "last": last}
 
 
 def _expect(per_seq: torch.Tensor, seq_mask: torch.Tensor, seq_w: torch.Tensor) -> torch.Tensor:
@@ -220,14 +261,17 @@ def sequence_match_loss(
     w_imit = w_data * (~masked).float()  # data steps whose action is imitated
     w_model = w * (~is_data).float()
     r = tr["r"]
-    dv = tr["v"] - p.gamma * tr["v_next"]  # V(s_t) - gamma V(s_{t+1}), the telescoping difference
+    dv = tr["v"] - tr["g"] * tr["v_next"]  # V(s_t) - g_t V(s_{t+1}), the telescoping difference
+    dv_value = dv  # what the value term sums
+    if p.truncated_value == "complete":  # + g_T V(s_T) at a truncated row's last step (v_next = 0 when
+        dv_value = dv + tr["last"] * tr["g"] * tr["v_next"]  # terminal): each row's value term is V(s_0)
     # data term: phi'(r) r on imitated steps, r~ = dv on masked noise steps (module docstring)
     phi_r = w_imit * phi_prime(r, p.divergence, p.weight_clip) * r + (w_data - w_imit) * dv
     data_term = -_expect(phi_r.sum(1), is_data[:, 0], sw)
     r2_data = _expect((w_imit * r.pow(2)).sum(1), is_data[:, 0], sw)
     r2_model = _expect((w_model * r.pow(2)).sum(1), ~is_data[:, 0], sw)
-    value_data = _expect((w_data * dv).sum(1), is_data[:, 0], sw)
-    value_model = _expect((w_model * dv).sum(1), ~is_data[:, 0], sw)
+    value_data = _expect((w_data * dv_value).sum(1), is_data[:, 0], sw)
+    value_model = _expect((w_model * dv_value).sum(1), ~is_data[:, 0], sw)
     zero = torch.zeros((), device=dev)
     chi2_term = {
         "mix": p.chi2_weight * _mix(r2_data, r2_model, batch, p.data_mix),
@@ -283,8 +327,9 @@ def bc_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Behaviour cloning on the data rows: the `mle` objective (gamma^t-weighted cross-entropy)."""
     mle = ObjectiveParams(
-        bkspc_id=p.bkspc_id, divergence="mle", gamma=p.gamma, mask_noise_actions=p.mask_noise_actions
-    )
+        bkspc_id=p.bkspc_id, divergence="mle", gamma=p.gamma, mask_noise_actions=p.mask_noise_actions,
+        bkspc_discount=p.bkspc_discount,
+    )  # fmt: skip
     return sequence_match_loss(logits, batch, mle, check_finite=check_finite)
 
 

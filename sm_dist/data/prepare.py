@@ -100,8 +100,18 @@ def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "d
         noise_ids = sorted({t for e in enc for t in e.target_ids} - specials)
     else:
         noise_ids = [i for i in range(len(tok)) if i not in specials]
+    cands = None
+    if d.noise in ("plausible", "model"):  # per-position candidates (sm_dist.data.noise)
+        from sm_dist.data.noise import noise_candidates
+
+        cands = noise_candidates(d.noise, enc, tok, d.noise_path)
     rows: list[dict] = []
     for c in range(d.augment_copies):
-        aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
+        if cands is not None:
+            from sm_dist.data.noise import augment_with_candidates
+
+            aug = augment_with_candidates(enc, bk, d.p_noise, cands, seed=cfg.run.seed + c)
+        else:
+            aug = augment(enc, bk, d.p_noise, noise_ids, seed=cfg.run.seed + c)
         rows += make_data_rows(aug, bk, id_prefix=f"{id_prefix}{c}")
     return rows, enc, encoded

@@ -9,8 +9,10 @@ continuation (`final_ids`) without eos, decoded with special tokens skipped, com
 by exact match after strip().
 
 Recovery measure (`force_error`): every rollout starts with a forced prefix `answer[:i] + [w]`, a
-correct start then one wrong token (`forced_error_prefixes`); only a model that deletes w can still
-be right. The prefix is part of the action trace, so deleting w counts as a bkspc fix.
+correct start then one wrong token; only a model that deletes w can still be right. The prefix is part
+of the action trace, so deleting w counts as a bkspc fix. `force_error_kind`: "uniform" (w from the
+answers' tokens, `forced_error_prefixes`) or "plausible" (arithmetic: w a plausible mistake at i, a
+digit +-1, a sign, a carry/borrow slip, `plausible_error_prefixes`).
 
 Metrics (see `summarize`), over all samples of all questions unless said otherwise:
 * accuracy: mean exact-match correctness over samples (per-question accuracy when K = 1).
@@ -28,6 +30,11 @@ Metrics (see `summarize`), over all samples of all questions unless said otherwi
   of generated tokens, a <bkspc> pops the token at continuation position i; it is a fix when the
   reference tokenisation (answer ids + eos, as in `encode_examples`) has no token at i or a different
   one. (A deleted token that matched the reference at its position is not a fix.)
+* bkspc_precision: bkspc_fixes / num_backspaces (None without backspaces): how many deletions
+  removed a wrong token.
+* write_delete_pairs: (write x, <bkspc>) pairs, a token deleted right after it was written;
+  repeat_cycles: deletions of a token that had already been written and deleted at the same state (the
+  same stack): a write/delete loop turning once more. Both summed over samples.
 * length statistics: mean/max actions per rollout, mean/max predicted-answer characters.
 * per_base: {base: {"n", "accuracy"}} for arithmetic prompts.
 * skipped: bad rows skipped while loading (on_bad="skip").
@@ -58,6 +65,28 @@ class ExampleResult:
     question_index: int | None = None  # samples of one question share it; None = its own question
     sample_index: int = 0
     forced_prefix: str = ""  # decoded forced prefix (force_error), "" if none
+    write_delete_pairs: int = 0
+    repeat_cycles: int = 0
+
+
+def count_cycles(action_ids: Sequence[int], bkspc_id: int) -> tuple[int, int]:
+    """(write_delete_pairs, repeat_cycles) of a continuation (module docstring)."""
+    stack: list[int] = []
+    deleted: set[tuple[int, ...]] = set()  # stack + the token deleted from it
+    pairs = repeats = 0
+    prev = None
+    for a in action_ids:
+        if a == bkspc_id:
+            if stack:
+                pairs += prev is not None and prev != bkspc_id
+                key = tuple(stack)
+                repeats += key in deleted
+                deleted.add(key)
+                stack.pop()
+        else:
+            stack.append(int(a))
+        prev = a
+    return pairs, repeats
 
 
 def count_bkspc_fixes(action_ids: Sequence[int], bkspc_id: int, ref_ids: Sequence[int]) -> int:
@@ -94,6 +123,7 @@ def score_example(
         base = parse_question(prompt)[0]
     except ValueError:
         base = None
+    pairs, repeats = count_cycles(action_ids, bkspc_id)
     return ExampleResult(
         prompt=prompt,
         answer=answer,
@@ -105,6 +135,8 @@ def score_example(
         num_backspaces=sum(1 for a in action_ids if a == bkspc_id),
         bkspc_fixes=count_bkspc_fixes(action_ids, bkspc_id, ref_ids),
         finish_reason=finish_reason,
+        write_delete_pairs=pairs,
+        repeat_cycles=repeats,
     )
 
 
@@ -121,6 +153,7 @@ def summarize(results: Sequence[ExampleResult], skipped: int = 0) -> dict:
     for b in sorted({r.base for r in arith}):
         rs = [r for r in arith if r.base == b]
         per_base[str(b)] = {"n": len(rs), "accuracy": _mean(r.correct for r in rs)}
+    n_bk = sum(r.num_backspaces for r in results)
     finish: dict[str, int] = {}
     questions: dict[object, list[bool]] = {}  # question key -> correctness of its samples
     for j, r in enumerate(results):
@@ -139,7 +172,10 @@ def summarize(results: Sequence[ExampleResult], skipped: int = 0) -> dict:
         "bkspc_rate": sum(r.num_backspaces for r in results) / total_actions if total_actions else 0.0,
         "answers_using_bkspc": _mean(float(r.num_backspaces > 0) for r in results),
         "bkspc_fixes": sum(r.bkspc_fixes for r in results),
-        "num_backspaces": sum(r.num_backspaces for r in results),
+        "num_backspaces": n_bk,
+        "bkspc_precision": sum(r.bkspc_fixes for r in results) / n_bk if n_bk else None,
+        "write_delete_pairs": sum(r.write_delete_pairs for r in results),
+        "repeat_cycles": sum(r.repeat_cycles for r in results),
         "mean_actions": _mean(r.num_actions for r in results),
         "max_actions": max((r.num_actions for r in results), default=0),
         "mean_answer_chars": _mean(len(r.prediction) for r in results),
@@ -181,6 +217,7 @@ def evaluate(
     samples: int = 1,
     seed: int = 0,
     force_error: bool = False,
+    force_error_kind: str = "uniform",
     backspace: bool | None = None,
     limit: int | None = None,
     prompt_field: str = "prompt",
@@ -195,19 +232,25 @@ def evaluate(
     max_model_len: int | None = None,
 ) -> dict:
     """Run the evaluation; returns `summarize(...)` plus the decoding, its parameters and "examples"
-    (per-sample results as dicts, ordered by (question, sample)).
-    `decoding`: see `sm_dist.eval.decoding` (default "search"); `backspace` is its legacy alias (on =
-    search, off = greedy_no_bkspc). `force_error`: the recovery measure (module docstring).
-    Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
-    UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
-    `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (sm_dist.config.RolloutConfig);
-    `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`);
-    a prompt that leaves it no room is a UserError before the engine starts.
+        (per-sample results as dicts, ordered by (question, sample)).
+        `decoding`: see `sm_dist.eval.decoding` (default "search"); `backspace` is its legacy alias (on =
+        search, off = greedy_no_bkspc). `force_error`: the recovery measure, its wrong token drawn as
+    `force_error_kind` says ("uniform" or "plausible"; module docstring).
+        Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
+        UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
+        `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (sm_dist.config.RolloutConfig);
+        `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`);
+        a prompt that leaves it no room is a UserError before the engine starts.
     """
     from transformers import AutoTokenizer
 
     from sm_dist.data.datasets import load_examples, no_usable_examples
-    from sm_dist.eval.decoding import decoding_params, forced_error_prefixes, resolve_decoding
+    from sm_dist.eval.decoding import (
+        decoding_params,
+        forced_error_prefixes,
+        plausible_error_prefixes,
+        resolve_decoding,
+    )
 
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}", "evaluates no example.", "pass limit >= 1, or None for all")
@@ -228,7 +271,13 @@ def evaluate(
         raise no_usable_examples(f"--data {data}", data, report)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids, answer_ids = _encode(tok, examples)
-    prefixes = forced_error_prefixes(answer_ids, seed) if force_error else None
+    if force_error_kind not in ("uniform", "plausible"):
+        raise ValueError(f"force_error_kind={force_error_kind!r}; use 'uniform' or 'plausible'")
+    prefixes = None
+    if force_error and force_error_kind == "plausible":
+        prefixes = plausible_error_prefixes(examples, answer_ids, tok, seed)
+    elif force_error:
+        prefixes = forced_error_prefixes(answer_ids, seed)
     max_model_len = engine_max_len(model_dir, max_model_len)
     lens = [len(p) + (len(prefixes[i]) if prefixes else 0) for i, p in enumerate(prompt_ids)]
     check_prompt_lengths(lens, max_model_len if engine is None else engine.max_model_len, str(data))
@@ -241,6 +290,7 @@ def evaluate(
     return summarize(results, skipped=sum(report.skipped.values())) | {
         "skipped_by_reason": dict(report.skipped), "decoding": decoding, "temperature": p.temperature,
         "top_p": p.top_p, "samples": p.samples_per_prompt, "seed": seed, "forced_error": force_error,
+        "force_error_kind": force_error_kind if force_error else None,
         "bkspc_bias": bkspc_bias, "backspace": "off" if p.forbid_bkspc else "on", "model": str(model_dir),
         "max_actions_cap": p.max_actions, "max_backspaces_cap": p.max_backspaces,
         "max_model_len": engine.max_model_len,

@@ -100,3 +100,31 @@ def forced_error_prefixes(answer_ids: Sequence[Sequence[int]], seed: int) -> lis
             )
         prefixes.append([int(t) for t in ans[:i]] + [rng.choice(wrong)])
     return prefixes
+
+
+def plausible_error_prefixes(
+    examples, answer_ids: Sequence[Sequence[int]], tok, seed: int
+) -> list[list[int]]:
+    """Recovery with a plausible mistake (arithmetic): per question, `answer[:i] + [w]` with i uniform
+    over the answer positions (the eos position included) that have a plausible wrong token, w uniform
+    among them (`sm_dist.data.noise.plausible_candidates`: a digit +-1, a sign, a carry/borrow slip).
+
+    One `random.Random(seed)` draws (i, w) per question in order. A question without any plausible
+    mistake, or whose answer is not one token a character, raises naming it.
+    """
+    from sm_dist.data.noise import plausible_candidates
+
+    vocab = tok.get_vocab()
+    rng = random.Random(seed)
+    prefixes = []
+    for q, (ex, ans) in enumerate(zip(examples, answer_ids, strict=True)):
+        cands = plausible_candidates(ex.prompt, ex.answer.strip())
+        if len(cands) != len(ans) + 1:
+            raise ValueError(f"question {q}: answer {ex.answer!r} is not one token a character")
+        options = [(i, [vocab[c] for c in cs if c in vocab]) for i, cs in enumerate(cands)]
+        options = [(i, ws) for i, ws in options if ws]
+        if not options:
+            raise ValueError(f"question {q} ({ex.prompt!r}) has no plausible wrong token")
+        i, ws = rng.choice(options)
+        prefixes.append([int(t) for t in ans[:i]] + [rng.choice(ws)])
+    return prefixes

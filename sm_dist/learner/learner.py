@@ -66,6 +66,7 @@ def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gp
         objective=ObjectiveParams(
             bkspc_id=bkspc_id, divergence=o.divergence, gamma=o.gamma, chi2_weight=o.chi2_weight,
             data_mix=o.data_mix, mask_noise_actions=o.mask_noise_actions, weight_clip=o.weight_clip,
+            bkspc_discount=o.bkspc_discount, truncated_value=o.truncated_value,
         ),
         warmup_steps=o.warmup_steps,
         sm_lambda=o.sm_lambda,

@@ -45,9 +45,10 @@ def _walk(trace):
     return out
 
 
-def make_problem(data_cond, max_len: int, p_noise: float = 0.0) -> Problem:
+def make_problem(data_cond, max_len: int, p_noise: float = 0.0, noise_from: int = 0) -> Problem:
     """Enumerate the data traces of a data policy `data_cond(state) -> {action: prob}` with the paper's
-    noise augmentation (before each true token, with prob p_noise: a wrong token then <bkspc>)."""
+    noise augmentation (before each true token, with prob p_noise: a wrong token then <bkspc>), at
+    states of at least `noise_from` tokens (1: the first step's mistakes are never covered)."""
     data: dict[tuple[int, ...], float] = {}
     noise: dict[tuple[int, ...], tuple[bool, ...]] = {}
 
@@ -56,7 +57,7 @@ def make_problem(data_cond, max_len: int, p_noise: float = 0.0) -> Problem:
             if q == 0:
                 continue
             options = [((), (), 1.0 - p_noise if p_noise else 1.0)]
-            if p_noise and len(s) < max_len:
+            if p_noise and noise_from <= len(s) < max_len:
                 wrong = [n for n in (A, B) if n != a]
                 options += [((n, BK), (True, False), p_noise / len(wrong)) for n in wrong]
             for extra, fl, pe in options:
@@ -91,16 +92,31 @@ def model_traces(prob: Problem, max_actions: int) -> list[tuple[int, ...]]:
 class Solver:
     """Minimise an objective over a free logit table with exact, re-enumerated expectations."""
 
-    def __init__(self, prob: Problem, p: ObjectiveParams, max_actions: int, lr: float = 0.05, seed: int = 0):
+    def __init__(
+        self,
+        prob: Problem,
+        p: ObjectiveParams,
+        max_actions: int,
+        lr: float = 0.05,
+        seed: int = 0,
+        fixed: dict[tuple[int, ...], dict[int, float]] | None = None,
+    ):
+        """`fixed`: states whose logits are given and never trained (a model that cannot fit them: it
+        makes the same first-step error however it is trained), {state: {action: logit}}."""
         self.prob, self.p = prob, p
         self.sid = {s: i for i, s in enumerate(prob.states)}
         self.allowed = torch.full((len(prob.states), V), False)
         for s, i in self.sid.items():
             self.allowed[i, prob.allowed(s)] = True
         g = torch.Generator().manual_seed(seed)
-        self.table = (
-            0.1 * torch.randn(len(prob.states), V, generator=g, dtype=torch.float64)
-        ).requires_grad_()
+        table = 0.1 * torch.randn(len(prob.states), V, generator=g, dtype=torch.float64)
+        self.trainable = torch.ones(len(prob.states), 1, dtype=torch.float64)
+        for s, logits in (fixed or {}).items():
+            table[self.sid[s]] = 0.0
+            for a, x in logits.items():
+                table[self.sid[s], a] = x
+            self.trainable[self.sid[s]] = 0.0
+        self.table = table.requires_grad_()
         self.opt = torch.optim.Adam([self.table], lr=lr)
         d_traces = list(prob.data)
         self.m_traces = model_traces(prob, max_actions) if p.divergence != "mle" else []
@@ -143,6 +159,7 @@ class Solver:
         loss, _ = sequence_match_loss(self.logits(), self.batch, self.p)
         self.opt.zero_grad()
         loss.backward()
+        self.table.grad *= self.trainable  # fixed states never move (Adam: a zero gradient, no step)
         self.opt.step()
         return float(loss.detach())
 
@@ -156,16 +173,34 @@ class Solver:
                 occ.setdefault(s, torch.zeros(V, dtype=torch.float64))[a] += pr * self.p.gamma**k
         return {s: o / o.sum() for s, o in occ.items()}
 
-    def max_tv(self) -> float:
+    def max_tv(self, skip: set[tuple[int, ...]] = frozenset()) -> float:
         pi = self.policy()
         return max(
-            0.5 * float((pi[self.sid[s]] - d).abs().sum()) for s, d in self.data_conditionals().items()
+            0.5 * float((pi[self.sid[s]] - d).abs().sum())
+            for s, d in self.data_conditionals().items()
+            if s not in skip
         )
 
 
-def solve(prob: Problem, p: ObjectiveParams, steps: int, max_actions: int = 4, lr: float = 0.05):
+def solve(prob: Problem, p: ObjectiveParams, steps: int, max_actions: int = 4, lr: float = 0.05, fixed=None):
     """Run the iteration; return (solver, losses, tv_start)."""
-    solver = Solver(prob, p, max_actions=max_actions, lr=lr)
+    solver = Solver(prob, p, max_actions=max_actions, lr=lr, fixed=fixed)
     tv0 = solver.max_tv()
     losses = [solver.step() for _ in range(steps)]
     return solver, losses, tv0
+
+
+def expected_cycles(solver: Solver) -> tuple[float, float]:
+    """(write/delete pairs, repeat cycles) per model sequence under the current policy, exact over the
+    enumerated rollouts (`sm_dist.eval.arith_eval.count_cycles`: a repeat deletes a token already
+    written and deleted at the same state, a loop turning once more)."""
+    from sm_dist.eval.arith_eval import count_cycles
+
+    full = torch.where(solver.allowed, solver.table, torch.full_like(solver.table, NEG)).detach()
+    logp = full.log_softmax(-1)  # finite, so padded entries * 0 stay 0
+    pairs = repeats = 0.0
+    for k, t in enumerate(solver.m_traces):
+        prob = float((logp[solver.m_s[k], solver.m_a[k]] * solver.m_mask[k]).sum().exp())
+        n_pairs, n_rep = count_cycles(list(t), BK)
+        pairs, repeats = pairs + prob * n_pairs, repeats + prob * n_rep
+    return pairs, repeats

@@ -1,11 +1,13 @@
 """Tabular recovery (DESIGN §1): exact expectations on an enumerable problem, free logit table."""
 
+import math
+
 import pytest
 import torch
 
 from sm_dist.core.objective import ObjectiveParams
 
-from .tabular import BK, EOS, A, B, make_problem, solve
+from .tabular import BK, EOS, A, B, expected_cycles, make_problem, solve
 
 GAMMA = 0.998
 
@@ -134,3 +136,76 @@ def test_unmasked_noise_is_imitated(noisy_problem):
     assert _settled(losses)
     assert float(pi[solver.sid[()], B]) > 0.1  # noise B is written at the start about p/(1+p) of the time
     assert solver.max_tv() <= 0.02  # the data conditionals now include the noise actions
+
+
+# ---- the write/delete loop (issue 23) -------------------------------------------------------------------
+
+
+def _loop_problem():
+    """The expert writes A first (never B); noise covers later positions only (noise_from=1), so the
+    state (B,) after the model's own first-step error is in no data row. The start state is fixed at
+    pi(B | start) = 0.3: a model that keeps making that first-step error however it is trained."""
+
+    def data_cond(s):
+        if len(s) >= 2:
+            return {EOS: 1.0}
+        return {A: 1.0} if s == () else {A: 0.4, B: 0.4, EOS: 0.2}
+
+    return make_problem(data_cond, max_len=2, p_noise=0.3, noise_from=1)
+
+
+LOOP_FIXED = {(): {A: 0.0, B: math.log(0.3 / 0.7), EOS: -30.0}}
+
+
+def _loop_run(**kw):
+    p = ObjectiveParams(bkspc_id=BK, divergence="chi2_mixture", gamma=GAMMA, chi2_weight=1e-3, **kw)
+    solver, losses, _ = solve(_loop_problem(), p, 400, max_actions=5, fixed=LOOP_FIXED)
+    pi = solver.policy()
+    v_b = float(
+        solver.table.detach()[solver.sid[(B,)]]
+        .masked_fill(~solver.allowed[solver.sid[(B,)]], -1e4)
+        .logsumexp(0)
+    )
+    return solver, losses, pi[solver.sid[(B,)]], v_b, expected_cycles(solver)
+
+
+@pytest.fixture(scope="module")
+def loop_today():
+    return _loop_run()
+
+
+def test_todays_loss_loops_after_an_uncovered_error(loop_today):
+    """chi2_mixture at c = 1e-3 (truncated rollouts bootstrapped with V(s_T)): after the uncovered
+    error B the policy stops deleting and writes A, then deletes it, again and again; V(B) keeps
+    growing and the loss falls below zero (objective docstring, "write/delete loops")."""
+    solver, losses, pi_b, v_b, (pairs, repeats) = loop_today
+    print(
+        f"\ntoday: pi(.|B) {pi_b.numpy().round(3)}, V(B) {v_b:.1f}, pairs {pairs:.3f}, repeats {repeats:.3f}"
+    )
+    assert float(pi_b[BK]) < 0.05  # the error is no longer deleted
+    assert float(pi_b[A]) > 0.9  # ... but written over, then deleted: (B,A) -> <bkspc> -> (B,)
+    assert float(solver.policy()[solver.sid[(B, A)], BK]) > 0.9
+    assert v_b > 20 and losses[-1] < 0 and losses[-1] < losses[200]  # V unbounded, loss still falling
+    assert repeats > 0.1  # the loop turns again within the rollout cap
+
+
+def test_complete_truncated_value_does_not_loop(loop_today):
+    """objective.truncated_value=complete (each row's value term V(s_0)) removes the reward for raising
+    V where loops are cut off: V(B) stays small, B is left for EOS or <bkspc>, the loop is gone."""
+    solver, losses, pi_b, v_b, (pairs, repeats) = _loop_run(truncated_value="complete")
+    print(
+        f"\ncomplete: pi(.|B) {pi_b.numpy().round(3)}, V(B) {v_b:.1f}, pairs {pairs:.3f}, repeats {repeats:.3f}"
+    )
+    assert _settled(losses, tol=1e-3) and losses[-1] > 0
+    assert abs(v_b) < 5
+    assert float(pi_b[BK]) > 0.25 and float(pi_b[A]) < 0.5
+    assert repeats < 0.2 * loop_today[4][1]
+    assert solver.max_tv(skip={()}) <= 0.02  # the data states are still fitted
+
+
+@pytest.mark.slow
+def test_bkspc_discount_does_not_stop_the_loop():
+    """A per-<bkspc> discount (delta = 0.9) makes a write/delete cycle cost (1 - gamma^2 delta) V in the
+    chi^2 term, yet the bootstrap still pays for raising V at truncated states: it loops as before."""
+    solver, losses, pi_b, v_b, (pairs, repeats) = _loop_run(bkspc_discount=0.9)
+    assert float(pi_b[BK]) < 0.05 and v_b > 20 and repeats > 0.1
