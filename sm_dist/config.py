@@ -280,6 +280,13 @@ class LearnerConfig(_Section):
         description="Pack several traces into each row (each its own segment: positions restart, no "
         "attention across segments), rows as long as the longest trace; false: one trace a row, padded.",
     )
+    pack_length: int = Field(
+        0,
+        ge=0,
+        description="Inputs per packed row (learner.pack): 0 = twice the longest trace of the micro-batch "
+        "(measured on arithmetic traces, CPU: 1.42x the padded step's real tokens/s); never shorter than "
+        "the longest trace.",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Recompute each decoder layer's activations in backward (HF gradient checkpointing, "

@@ -284,17 +284,26 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def collate(
-    traces: Sequence[TraceInputs], pad_id: int = 0, pad_to_multiple: int = 1, pack: bool = False
+    traces: Sequence[TraceInputs],
+    pad_id: int = 0,
+    pad_to_multiple: int = 1,
+    pack: bool = False,
+    pack_length: int = 0,
 ) -> TraceBatch:
     """Lay traces out in rows, right-padded: one a row, or (`pack`) several a row, first-fit
-    decreasing into rows as long as the longest trace (so a packed row is never longer than an
-    unpacked one). Pad inputs attend only to earlier keys (of their own segment); they are never read."""
+    decreasing into rows of `pack_length` inputs (0: twice the longest trace; never shorter than the
+    longest). Pad inputs attend only to earlier keys (of their own segment); they are never read."""
     if not traces:
         raise ValueError("collate needs at least one trace")
     B = len(traces)
     lens = [int(t.input_ids.numel()) for t in traces]
-    N = -(-max(lens) // pad_to_multiple) * pad_to_multiple
-    layout = pack_rows(lens, N) if pack else [[b] for b in range(B)]
+    N = max(lens)
+    if pack:  # rows no longer than needed: the fullest row, not pack_length, sets N
+        layout = pack_rows(lens, max(N, pack_length or 2 * N))
+        N = max(sum(lens[b] for b in row) for row in layout)
+    else:
+        layout = [[b] for b in range(B)]
+    N = -(-N // pad_to_multiple) * pad_to_multiple
     R, T = len(layout), max(t.num_actions for t in traces)
     input_ids = torch.full((R, N), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, N), dtype=torch.long)

@@ -75,6 +75,7 @@ def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gp
         pad_to_multiple=8 if on_gpu else 1,
         loss_chunk_size=lc.loss_chunk_size,
         pack=lc.pack,
+        pack_length=lc.pack_length,
     )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ class StepParams:
     pad_to_multiple: int = 1
     loss_chunk_size: int = 512  # positions per LM-head chunk (sm_dist.core.head_loss); 0: full logits
     pack: bool = False  # several traces a row, each its own segment
+    pack_length: int = 0  # inputs per packed row (0: twice the longest trace; never below the longest)
 
 
 def loss_and_backward(
@@ -44,7 +45,7 @@ def loss_and_backward(
     `loss_scale` divides the loss for gradient accumulation (1 / number of micro-batches). Raises
     FloatingPointError on a non-finite loss (after backward: the caller must not step the optimizer).
     """
-    batch = collate(traces, pad_to_multiple=p.pad_to_multiple, pack=p.pack)
+    batch = collate(traces, pad_to_multiple=p.pad_to_multiple, pack=p.pack, pack_length=p.pack_length)
     dev = next(model.parameters()).device
     batch = batch.to(dev)
     autocast = torch.autocast(dev.type, dtype=p.autocast_dtype, enabled=p.autocast_dtype is not None)

@@ -142,7 +142,7 @@ def test_packed_collate_lays_each_trace_out_as_its_own_segment():
     a = build_inputs([1, 2], [3, BK, 4], BK)  # 5 inputs
     b = build_inputs([1], [5, 6], BK)  # 3 inputs
     c = build_inputs([7], [8, BK, BK, 6, 5, 4, 3], BK)  # 8 inputs: the row length
-    packed, plain = collate([a, b, c], pack=True), collate([a, b, c])
+    packed, plain = collate([a, b, c], pack=True, pack_length=8), collate([a, b, c])
     assert packed.input_ids.shape == (2, 8) and packed.row.tolist() == [1, 1, 0]
     assert packed.input_ids[1, :5].tolist() == a.input_ids.tolist()
     assert packed.input_ids[0].tolist() == c.input_ids.tolist()
