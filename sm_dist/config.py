@@ -101,6 +101,11 @@ class ModelConfig(_Section):
     make_tiny_if_missing: bool = Field(
         False, description="Build a tiny Llama + arithmetic tokenizer at `dir` when it does not exist."
     )
+    start_from: str | None = Field(
+        None,
+        description="When `dir` does not exist, copy this HF model folder there as the run's start model "
+        "(before make_tiny_if_missing), e.g. the shipped base models/tiny-arith-base (benchmarks/make_base.py).",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Tiny model settings.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",

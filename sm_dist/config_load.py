@@ -143,6 +143,8 @@ def resolve_paths(cfg: Config, config_path: Path | None) -> Config:
     out.data.train_path = raw if is_hub_id(raw, bases) else _resolve(raw, bases)
     if cfg.run.eval_path:
         out.run.eval_path = _resolve(cfg.run.eval_path, bases)
+    if cfg.model.start_from:
+        out.model.start_from = _resolve(cfg.model.start_from, bases)
     if cfg.data.watch_dir:
         out.data.watch_dir = str((Path.cwd() / os.path.expanduser(cfg.data.watch_dir)).resolve())
     return out
@@ -177,6 +179,12 @@ def check_paths(cfg: Config) -> None:
             "data.train_path",
             f"{cfg.data.train_path} does not exist and data.fallback is 'none'.",
             f"fix the path, or set data.fallback=arith_{named[1] if named else 'easy'} to generate arithmetic data",
+        )
+    if cfg.model.start_from and not (Path(cfg.model.start_from) / "config.json").is_file():
+        raise ConfigError(
+            "model.start_from",
+            f"{cfg.model.start_from} is not an HF model folder (no config.json).",
+            "point it at a model folder with <bkspc>, or set model.start_from=null",
         )
     if cfg.run.eval_path and not Path(cfg.run.eval_path).is_file():
         raise ConfigError(

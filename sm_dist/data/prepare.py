@@ -28,13 +28,17 @@ def prepare_model(cfg: Config) -> None:
 
     hf_logging.disable_progress_bar()  # "Writing model shards" of a 2 MB model: console noise
     t = cfg.model.tiny
-    log.info(f"building tiny model at {md}")
     tmp = md.with_name(f".{md.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)  # a build cut short before (a full disk): never used
     try:
-        make_tiny_model(
-            tmp, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
-        )
+        if cfg.model.start_from:  # the run's start model is a copy of a given one (the shipped base)
+            log.info(f"start model: a copy of {cfg.model.start_from} at {md}")
+            shutil.copytree(cfg.model.start_from, tmp)
+        else:
+            log.info(f"building tiny model at {md}")
+            make_tiny_model(
+                tmp, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads, seed=t.seed
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -295,3 +295,22 @@ def test_cli_eval(model_256, data_file, tmp_path):
     assert js.returncode == 0, js.stderr[-2000:]
     assert json.loads(js.stdout)["n"] == 4  # the JSON alone on stdout
     assert "sm-dist-eval-" in js.stderr  # no --out, no --log-file: a temporary log, named on stderr
+
+
+def test_the_tiny_config_starts_from_the_shipped_base_and_measures_the_heldout_split(tmp_path):
+    """configs/tiny-cpu.yaml: the run's start model is a copy of models/tiny-arith-base (what its
+    held-out 'before' measures); a start_from that is not a model folder is one ConfigError."""
+    from sm_dist.config import ConfigError
+    from sm_dist.config_load import load_config
+    from sm_dist.data.prepare import prepare_model
+
+    tiny = ROOT / "configs" / "tiny-cpu.yaml"
+    cfg = load_config(tiny, [f"run.run_dir={tmp_path / 'run'}"])
+    base = ROOT / "models" / "tiny-arith-base"
+    assert cfg.model.start_from == str(base) and cfg.run.eval_path == str(DATA)
+    prepare_model(cfg)
+    start = tmp_path / "run" / "model" / "model.safetensors"
+    assert start.read_bytes() == (base / "model.safetensors").read_bytes()
+    assert json.loads((base / "base.json").read_text())["steps"] > 0  # its recipe travels with it
+    with pytest.raises(ConfigError, match="model.start_from"):
+        load_config(tiny, [f"run.run_dir={tmp_path / 'r2'}", f"model.start_from={tmp_path}"])

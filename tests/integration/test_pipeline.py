@@ -101,10 +101,35 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
         assert any(r.get("rollout/correction_rows", 0) > 0 for r in m)
     ranks = 2 if "learner.num_learners=2" in extra else 1  # the row counts are per rank
     if "buffer.fill_with_data=false" in extra:  # expert rows per step fixed; rollouts come on top
-        assert {r["learner/data_rows"] * ranks for r in m} == {16.0}, [r["learner/data_rows"] for r in m]
+        assert {r["learner/data_rows"] * ranks for r in m} == {48.0}, [r["learner/data_rows"] for r in m]
     else:  # missing rollout rows are filled with data rows
-        assert {(r["learner/data_rows"] + r["learner/replay_rows"]) * ranks for r in m} == {32.0}
+        assert {(r["learner/data_rows"] + r["learner/replay_rows"]) * ranks for r in m} == {64.0}
     assert (run / "checkpoints" / "step-00000040" / "model" / "config.json").exists()
+    h = summary["heldout"]  # run.eval_path of the tiny config: the bundled held-out split, on the workers
+    assert h["n"] == 300 and 0.0 <= h["before"] <= 1.0 and 0.0 <= h["after"] <= 1.0, h
+    assert h["before_version"] == 0 and h["after_version"] == summary["version"], h
+    last = out.stdout.splitlines()[-1].strip()  # the end summary's last line
+    assert last.startswith(f"held-out accuracy: {h['before']:.3f} → {h['after']:.3f}"), last
+    if not extra:  # `sm-dist eval` on the run directory: its newest checkpoint, the run's caps, JSON alone
+        ev = [
+            sys.executable,
+            "-m",
+            "sm_dist",
+            "eval",
+            "--model",
+            str(run),
+            "--data",
+            h["path"],
+            "--limit",
+            "8",
+        ]
+        js = subprocess.run(
+            [*ev, "--json"], env=_env(tmp_path, ray_tmp), capture_output=True, text=True, timeout=600
+        )
+        assert js.returncode == 0, js.stderr[-2000:]
+        res = json.loads(js.stdout)
+        assert res["model"] == str(run / "checkpoints" / "step-00000040" / "model") and res["n"] == 8
+        assert (res["max_actions_cap"], res["max_backspaces_cap"]) == (24, 4)  # the run's rollout caps
     assert "run dir:" in out.stdout and str(run) in out.stdout
     assert "resolved config" in (run / "driver.log").read_text()  # DEBUG in the file, not the console
     assert "max_staleness:" not in out.stderr  # the YAML itself is not on the console
