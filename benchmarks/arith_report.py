@@ -231,3 +231,69 @@ def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) 
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith --levers   # optional, validation only",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith", "```", ""]  # fmt: skip
     (DOCS / "results.md").write_text("\n".join(lines))
+
+
+# ---- the transfer regime (benchmarks/arith_transfer.py) -----------------------------------------------
+
+TRANSFER_TABLE = [
+    ("sampled accuracy (T=1)", "sample", "accuracy"),
+    ("pass@4 (T=1)", "sample", "pass_at_k"),
+    ("accuracy (search)", "search", "accuracy"),
+    ("accuracy (no <bkspc>)", "greedy_no_bkspc", "accuracy"),
+    ("recovery (uniform)", "recovery", "accuracy"),
+    ("recovery (plausible)", "recovery_plausible", "accuracy"),
+    ("<bkspc> precision (sampled)", "sample", "bkspc_precision"),
+    ("bkspc_rate (sampled)", "sample", "bkspc_rate"),
+    ("repeat cycles (sampled)", "sample", "repeat_cycles"),
+    ("cap hits (sampled)", "sample", "bkspc_cap_hits"),
+    ("malformed (search)", "search", "malformed_rate"),
+]
+
+
+def transfer_report(fin: dict, path: Path, write_docs: bool) -> str:
+    """The transfer regime's page: result table (mean ± std over seeds), H1 and H2 as measured, the
+    gate, the sweep and the minutes; to `path`, and to docs/results.md with `write_docs`."""
+    res, g, sw, st = fin["results"], fin["gate"], fin["sweep"], fin["settings"]
+    head = "| model | seeds | " + " | ".join(t[0] for t in TRANSFER_TABLE) + " |"
+    lines = ["# SequenceMatch vs MLE, transfer regime (issue 23)", "",
+             f"_Written by `python benchmarks/arith_sm_vs_mle.py --regime transfer`; minutes (wall, this "
+             f"machine): {', '.join(f'{k} {v:.1f}' for k, v in fin['minutes'].items())}._", "",
+             f"Pretrained (MLE) on bases {st['pretrain_bases']}; finetuned and evaluated on bases "
+             f"{st['ft_bases']}: {st['ft_examples']} finetune, {st['n_val']} validation, {st['n_test']} test "
+             "questions, disjoint. Test split, mean ± std over seeds.", "",
+             head, "|---" * (len(TRANSFER_TABLE) + 2) + "|"]  # fmt: skip
+    for name, runs in res.items():
+        cells = [_fmt([r[d].get(k) for r in runs]) for _, d, k in TRANSFER_TABLE]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+
+    def mean(arm, d="sample", k="accuracy"):
+        return _ms([r[d][k] for r in res[arm]])
+
+    (m_sm, s_sm), (m_mle, s_mle), (m_bc, s_bc) = mean("sm_plausible"), mean("mle"), mean("bc_plausible")
+    lines += ["", f"- H1 (<bkspc> + plausible noise beats MLE under sampling): SequenceMatch {m_sm:.3f} ± "
+              f"{s_sm:.3f} vs MLE {m_mle:.3f} ± {s_mle:.3f}: difference {m_sm - m_mle:+.3f}.",
+              f"- H2 (SequenceMatch beats BC at matched noise): {m_sm:.3f} ± {s_sm:.3f} vs BC {m_bc:.3f} ± "
+              f"{s_bc:.3f}: difference {m_sm - m_bc:+.3f}.", "",
+              f"Gate (MLE finetune gain over the base on validation, search): "
+              f"{'passed' if g['passed'] else 'NOT passed'}; base {g['base_val']['accuracy']:.3f}; tries: "
+              + ", ".join(f"{t['ft_steps']} steps -> {t['gain_points']:+.1f} points" for t in g["tries"])
+              + f". Every arm used {g['ft_steps']} finetune steps.", "",
+              "## Sweep (validation, seed 0)", "",
+              "| arm | c | p_noise | sampled | pass@4 | search | recovery (plausible) | <bkspc> precision |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sw["rows"]:
+        v = r["val"]
+        lines.append(f"| {r['arm']} | {r['chi2_weight'] if r['chi2_weight'] is not None else '-'} | "
+                     f"{r['p_noise']} | {v['sampled']:.3f} | {v['pass_at_4']:.3f} | {v['accuracy']:.3f} | "
+                     f"{v['recovery_plausible']:.3f} | {_num(v['sampled_bkspc_precision'])} |")  # fmt: skip
+    lines += ["", f"Chosen (best sampled accuracy of sm_plausible): `{json.dumps(sw['chosen'])}`.", "",
+              "Settings: `" + json.dumps(st) + "`"]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    if write_docs:
+        (DOCS / "results.md").write_text(text)
+    return text
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -2,6 +2,7 @@
 
     python benchmarks/arith_sm_vs_mle.py --out DIR            # the final comparison, on the test split
     python benchmarks/arith_sm_vs_mle.py --out DIR --sweep    # the tuning sweep, on the validation split
+    python benchmarks/arith_sm_vs_mle.py --regime transfer --out DIR   # issue 23 (benchmarks/arith_transfer.py)
 
 1. Splits (`sm_dist.data.arith.generate`, our own generator of DeepMind's task): a validation and a
    test set of `easy` questions, disjoint from each other and from every question of the shared
@@ -59,6 +60,7 @@ DECODINGS = {
     "search": {},
     "greedy_no_bkspc": {"decoding": "greedy_no_bkspc"},
     "recovery": {"force_error": True},
+    "recovery_plausible": {"force_error": True, "force_error_kind": "plausible"},  # arithmetic prompts only
     "sample": {"decoding": "sample", "samples": 4},  # temperature 1: mean accuracy and pass@4
 }
 
@@ -382,7 +384,17 @@ def record_minutes(out: Path, mode: str, t0: float) -> dict:
 
 
 def parse_args(argv=None):
+    import arith_transfer
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--regime",
+        choices=["same", "transfer"],
+        default="same",
+        help="same: pretrain and finetune on one distribution (docs/results.md before issue 23); transfer: "
+        "pretrain on bases 2-10, finetune and evaluate on 11-16 (benchmarks/arith_transfer.py)",
+    )
+    arith_transfer.add_args(ap)
     ap.add_argument("--out", default="runs/arith_sm_vs_mle", help="working folder (reused by a rerun)")
     ap.add_argument("--sweep", action="store_true", help="tune on the validation split instead")
     ap.add_argument("--levers", action="store_true", help="after --sweep: further levers on validation")
@@ -421,7 +433,11 @@ def parse_args(argv=None):
     ap.add_argument("--eval-data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--eval-levers", action="store_true", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.regime == "transfer":  # its own defaults for the flags not given
+        ap.set_defaults(**arith_transfer.DEFAULTS)
+        a = ap.parse_args(argv)
+    return a
 
 
 def main() -> None:
@@ -429,6 +445,10 @@ def main() -> None:
     if a.eval_model:
         return _eval_in_process(a.eval_model, a.eval_data, a.eval_out, a.eval_levers)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if a.regime == "transfer":
+        import arith_transfer
+
+        return arith_transfer.run(a)
     out = (ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

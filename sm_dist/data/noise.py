@@ -32,9 +32,12 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sm_dist.data.arith import DIGITS, parse_question, to_base
-from sm_dist.data.datasets import AugmentedExample, EncodedExample
+
+if TYPE_CHECKING:  # datasets imports pyarrow, which the GPU machine lacks (benchmarks/arith_gpu.py)
+    from sm_dist.data.datasets import AugmentedExample, EncodedExample
 
 EOS_POSITION = None  # marker of the eos position in `plausible_candidates` (one past the answer)
 
@@ -132,22 +135,36 @@ def augment_with_candidates(
     """Insert `noise, <bkspc>` before target token i with probability `p_noise` where candidates[i] is
     non-empty, the noise token drawn uniformly from them (never the true token). Deterministic in
     `seed`; collapse(action_ids) == target_ids."""
+    from sm_dist.data.datasets import AugmentedExample
+
     if not 0.0 <= p_noise <= 1.0:
         raise ValueError(f"p_noise={p_noise} must be in [0, 1]")
     rng = random.Random(seed)
     out = []
     for ex, cands in zip(encoded, candidates, strict=True):
-        actions: list[int] = []
-        is_noise: list[bool] = []
-        for t, cs in zip(ex.target_ids, cands, strict=True):
-            cs = [c for c in cs if c != t and c != bkspc_id]
-            if cs and p_noise > 0 and rng.random() < p_noise:
-                actions += [int(rng.choice(cs)), bkspc_id]
-                is_noise += [True, False]
-            actions.append(int(t))
-            is_noise.append(False)
+        actions, is_noise = candidate_noise(ex.target_ids, bkspc_id, p_noise, cands, rng)
         out.append(AugmentedExample(ex.prompt_ids, ex.target_ids, actions, is_noise))
     return out
+
+
+def candidate_noise(
+    target_ids: Sequence[int],
+    bkspc_id: int,
+    p_noise: float,
+    cands: Sequence[Sequence[int]],
+    rng: random.Random,
+) -> tuple[list[int], list[bool]]:
+    """One example of `augment_with_candidates`: (action_ids, is_noise)."""
+    actions: list[int] = []
+    is_noise: list[bool] = []
+    for t, cs in zip(target_ids, cands, strict=True):
+        cs = [c for c in cs if c != t and c != bkspc_id]
+        if cs and p_noise > 0 and rng.random() < p_noise:
+            actions += [int(rng.choice(cs)), bkspc_id]
+            is_noise += [True, False]
+        actions.append(int(t))
+        is_noise.append(False)
+    return actions, is_noise
 
 
 # ---- model noise: the base model's own top-k -------------------------------------------------------
