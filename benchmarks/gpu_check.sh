@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a lent GPU machine with torch + transformers only (no Ray/vLLM):
-# the bf16/fp32 mask equivalence (SDPA, FlexAttention, split) and the 1.1B learner-step ratio.
+# Every GPU check in one command, for a lent GPU machine with torch + transformers only (no Ray, vLLM or
+# pydantic): about 6 minutes on one H100, each step under its own timeout so one hang cannot eat the rest.
+#   1. mask equivalence, fp32 and bf16, dense SDPA / FlexAttention / split, packed rows, the chunked loss
+#   2. the 1.1B learner step (FlexAttention + packing + chunked loss) over HF's MLE step (flash SDPA,
+#      chunked cross-entropy), and the same with attn=split
+#   3. peak GPU memory of the 1.1B SequenceMatch step with the chunked loss over HF's MLE step (labels
+#      passed to the model) and over the chunked MLE step, L=2048, B=4
+# Not here: the NCCL transport's learner side to a receiver on the *same* GPU (NCCL refuses two ranks on
+# one device: it needs two GPUs), and the LoRA/QLoRA step (bitsandbytes is not on the lent image).
+# Output: every figure as one `name: value` line, collected at the end under "== figures ==".
+#     bash benchmarks/gpu_check.sh            # OUT=/tmp/gpu_check by default; logs per step there
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 200 python benchmarks/learner_step.py --preset 1b --device cuda --repeats 6 --attn split 2>&1 | grep -v "Model config" | tail -4 | tee "$OUT/learner_step_1b_split.txt"
-timeout 200 python benchmarks/gpu_equivalence.py --traces 60 2>&1 | grep -v "Model config" | tail -24 | tee "$OUT/equivalence.txt"
-# FlexAttention (the current CUDA default; 1.206 on an H200 in an earlier session) on the same machine
-timeout 200 python benchmarks/learner_step.py --preset 1b --device cuda --repeats 6 --attn flex 2>&1 | grep -v "Model config" | tail -4 | tee "$OUT/learner_step_1b_flex.txt"
+
+run() {  # name timeout_s command...: the command's output to $OUT/name.txt, its last lines shown
+  local name=$1 limit=$2; shift 2
+  echo "== $name"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  grep -v "Model config" "$OUT/$name.txt" | tail -6
+  [ $rc -eq 0 ] || echo "$name: FAILED (exit $rc; see $OUT/$name.txt)"
+}
+
+run equivalence 150 python benchmarks/gpu_equivalence.py --traces 40
+run learner_step_1b_flex 110 python benchmarks/learner_step.py --preset 1b --device cuda --attn flex --repeats 4
+run learner_step_1b_split 90 python benchmarks/learner_step.py --preset 1b --device cuda --attn split --repeats 4
+run learner_memory_1b 120 python benchmarks/learner_memory.py --model 1b --device cuda --lengths 2048 --batch 4 \
+  --steps 2 --cases mle mle_chunked sm_chunked
+
+echo "== figures =="
+for f in equivalence learner_step_1b_flex learner_step_1b_split learner_memory_1b; do
+  grep -E "^[a-z0-9_]+: [-0-9.e+]+$" "$OUT/$f.txt" 2>/dev/null | sed "s/^/${f}\//"
+done | tee "$OUT/figures.txt"

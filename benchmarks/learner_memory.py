@@ -6,6 +6,7 @@ the model, runs `--steps` forward + backward steps and reports its high-water ma
 /proc/self/status, the peak resident set) and the median step time:
 
   mle          HF's own MLE step: `model(input_ids, labels=input_ids).loss.backward()` (full logits)
+  mle_chunked  the MLE step with the chunked head (`mle_loss_and_backward(chunk=...)`; not by default)
   sm_chunked   `loss_and_backward` with the chunked loss (`loss_chunk_size`, the default) and packing
   sm_full      the same with `loss_chunk_size=0`: today's path before issue 22 (full fp32 logits)
 
@@ -27,8 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-VOCAB, HIDDEN, LAYERS, HEADS, INTER = 128_256, 256, 2, 4, 1024
-CASES = ("mle", "sm_chunked", "sm_full")
+MODELS = {  # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
+    "small128k": (128_256, 256, 2, 4, 4, 1024),
+    "1b": (32_000, 2048, 22, 32, 4, 5632),  # TinyLlama-1.1B's shape (the GPU check)
+}
+CASES = ("mle", "mle_chunked", "sm_chunked", "sm_full")
+DEFAULT_CASES = ("mle", "sm_chunked", "sm_full")
 
 
 def _rss_kib(key: str) -> int:
@@ -38,8 +43,8 @@ def _rss_kib(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def child(case: str, seq_len: int, batch: int, steps: int, chunk: int) -> dict:
-    """One case in this (fresh) process: build, step, measure."""
+def child(case: str, seq_len: int, batch: int, steps: int, chunk: int, model_name: str, device: str) -> dict:
+    """One case in this (fresh) process: build, step, measure (CUDA: bf16 weights, peak allocated)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,15 +52,18 @@ def child(case: str, seq_len: int, batch: int, steps: int, chunk: int) -> dict:
     from learner_step import make_traces  # noqa: E402
 
     from sm_dist.core.objective import ObjectiveParams
-    from sm_dist.learner.step import StepParams, loss_and_backward
+    from sm_dist.learner.step import StepParams, loss_and_backward, mle_loss_and_backward
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                      num_key_value_heads=HEADS, intermediate_size=INTER, max_position_embeddings=seq_len,
+    vocab, hidden, layers, heads, kv, inter = MODELS[model_name]
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=seq_len,
                       attn_implementation="sdpa")  # fmt: skip
-    model = LlamaForCausalLM(cfg).train()
-    traces, bk = make_traces(batch, seq_len, VOCAB, 0.05, seed=0)
-    ids = torch.stack([t.input_ids for t in traces])
+    cuda = device == "cuda"
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if cuda else torch.float32).train()
+    traces, bk = make_traces(batch, seq_len, vocab, 0.05, seed=0)
+    ids = torch.stack([t.input_ids for t in traces]).to(device)
     p = StepParams(
         ObjectiveParams(bkspc_id=bk), loss_chunk_size=chunk if case == "sm_chunked" else 0, pack=True
     )
@@ -63,22 +71,27 @@ def child(case: str, seq_len: int, batch: int, steps: int, chunk: int) -> dict:
     def step():
         if case == "mle":
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        elif case == "mle_chunked":
+            mle_loss_and_backward(model, ids, chunk=chunk)
         else:
             loss_and_backward(model, traces, p, step=1)
         model.zero_grad(set_to_none=True)
 
-    base = _rss_kib("VmRSS")
+    base = torch.cuda.memory_allocated() // 1024 if cuda else _rss_kib("VmRSS")
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"peak_kib": _rss_kib("VmHWM"), "base_kib": base, "step_s": statistics.median(times)}
+    peak = torch.cuda.max_memory_allocated() // 1024 if cuda else _rss_kib("VmHWM")
+    return {"peak_kib": peak, "base_kib": base, "step_s": statistics.median(times[1:] or times)}
 
 
-def run_case(case: str, seq_len: int, batch: int, steps: int, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, "--lengths", str(seq_len), "--batch", str(batch),
-           "--steps", str(steps), "--chunk", str(chunk)]  # fmt: skip
+def run_case(case: str, seq_len: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", case, "--lengths", str(seq_len), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--chunk", str(args.chunk), "--model", args.model, "--device", args.device]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"case {case} L={seq_len} failed:\n{out.stderr[-2000:]}")
@@ -91,31 +104,41 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="steps per case (median time; peak over all)")
     ap.add_argument("--chunk", type=int, default=512, help="loss_chunk_size of the chunked case")
+    ap.add_argument("--model", choices=sorted(MODELS), default="small128k")
+    ap.add_argument("--device", default="cpu", help="cpu (peak: VmHWM) or cuda (bf16; peak allocated)")
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT_CASES))
     ap.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.lengths[0], args.batch, args.steps, args.chunk)))
+        r = child(args.child, args.lengths[0], args.batch, args.steps, args.chunk, args.model, args.device)
+        print(json.dumps(r))
         return
-    print(f"Llama hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB:,}, B={args.batch}, CPU fp32; "
-          f"{args.steps} steps per case, each case a fresh process (VmHWM)")  # fmt: skip
-    print(
-        "| L | MLE step (s) | SM step, chunked (s) | SM step, full logits (s) | MLE peak (MiB) "
-        "| SM peak, chunked (MiB) | SM peak, full logits (MiB) | SM chunked / MLE peak | SM full / MLE peak |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    ratio = full_ratio = float("nan")
+    vocab, hidden, layers, *_ = MODELS[args.model]
+    where = "CUDA bf16 (peak: max_memory_allocated)" if args.device == "cuda" else "CPU fp32 (peak: VmHWM)"
+    print(f"Llama {args.model}: hidden {hidden}, {layers} layers, vocab {vocab:,}, B={args.batch}, {where}; "
+          f"{args.steps} steps per case (time: median after the first), each case a fresh process")  # fmt: skip
+    cases = [c for c in CASES if c in args.cases]
+    ratios = [(c, "mle") for c in ("sm_chunked", "sm_full") if c in cases and "mle" in cases]
+    ratios += [("sm_chunked", "mle_chunked")] if {"sm_chunked", "mle_chunked"} <= set(cases) else []
+    print("| L | " + " | ".join(f"{c} step (s)" for c in cases) + " | " + " | ".join(f"{c} peak (MiB)" for c in cases)
+          + "".join(f" | {a} / {b} peak" for a, b in ratios) + " |")  # fmt: skip
+    print("|---" * (1 + 2 * len(cases) + len(ratios)) + "|")
+    last: dict[str, float] = {}
     for L in args.lengths:
-        r = {c: run_case(c, L, args.batch, args.steps, args.chunk) for c in CASES}
-        mib = {c: r[c]["peak_kib"] / 1024 for c in CASES}
-        ratio, full_ratio = mib["sm_chunked"] / mib["mle"], mib["sm_full"] / mib["mle"]
-        print(f"| {L} | {r['mle']['step_s']:.2f} | {r['sm_chunked']['step_s']:.2f} | {r['sm_full']['step_s']:.2f} "
-              f"| {mib['mle']:,.0f} | {mib['sm_chunked']:,.0f} | {mib['sm_full']:,.0f} | {ratio:.3f} | {full_ratio:.3f} |")  # fmt: skip
-        above = {c: (r[c]["peak_kib"] - r[c]["base_kib"]) / 1024 for c in CASES}
+        r = {c: run_case(c, L, args) for c in cases}
+        mib = {c: r[c]["peak_kib"] / 1024 for c in cases}
+        last = {f"{a}_peak_over_{b}_peak": mib[a] / mib[b] for a, b in ratios}
+        print(f"| {L} | " + " | ".join(f"{r[c]['step_s']:.2f}" for c in cases) + " | "
+              + " | ".join(f"{mib[c]:,.0f}" for c in cases) + "".join(f" | {v:.3f}" for v in last.values()) + " |")  # fmt: skip
+        above = {c: (r[c]["peak_kib"] - r[c]["base_kib"]) / 1024 for c in cases}
         print(
             f"  L={L} peak above the built model: " + ", ".join(f"{c} {v:,.0f} MiB" for c, v in above.items())
         )
-    print(f"sm_full_peak_over_mle_peak: {full_ratio:.3f}")
-    print(f"sm_peak_over_mle_peak: {ratio:.3f}")
+    for k, v in last.items():
+        if k != "sm_chunked_peak_over_mle_peak":
+            print(f"{k.replace('sm_full', 'sm_full_logits')}: {v:.3f}")
+    if "sm_chunked_peak_over_mle_peak" in last:
+        print(f"sm_peak_over_mle_peak: {last['sm_chunked_peak_over_mle_peak']:.3f}")
 
 
 if __name__ == "__main__":
