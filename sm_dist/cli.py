@@ -280,7 +280,7 @@ def _add_eval_parser(sub) -> None:
         help="an HF model folder with <bkspc>; a run directory RUN (its newest intact checkpoint's "
         "weights); or a checkpoint RUN/checkpoints/step-N (its weights, step-N/model). With a run or a "
         "checkpoint, --max-actions and --max-backspaces default to the run's config.yaml. RUN/model is "
-        "the run's start model (untrained), not the trained one",
+        "the run's start model (before training), not the trained one",
     )
     ev.add_argument("--data", required=True, help="jsonl or parquet with prompt/answer fields")
     ev.add_argument("--out", help="write the results (metrics + per-example) as JSON here")

@@ -2,7 +2,7 @@
 
 PATH may be
 * a model folder (`config.json` in it): evaluated as is. `RUN/model` of a run is its *start* model
-  (untrained: what `sm-dist train` began from), not the trained one; a note says so.
+  (what `sm-dist train` began from, before any of its steps), not the trained one; a note says so.
 * a checkpoint folder (`RUN/checkpoints/step-N`): its trained weights, `step-N/model`;
 * a run directory (`config.yaml` and `checkpoints/`): the newest intact checkpoint's weights
   (`sm_dist.learner.checkpoint.verify`; a damaged newer one is skipped with a note).
@@ -44,7 +44,7 @@ def resolve_target(path: str | Path, what: str = "--model") -> EvalTarget:
         t = EvalTarget(p, "model")
         if p.name == "model" and (p.parent / "config.yaml").is_file():
             t.notes.append(
-                f"{p} is the run's start model (untrained); pass {p.parent} for its newest checkpoint"
+                f"{p} is the run's start model (before training); pass {p.parent} for its newest checkpoint"
             )
         return t
     if (p / "model" / "config.json").is_file() and (

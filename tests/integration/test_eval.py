@@ -243,7 +243,7 @@ def test_model_argument_resolves_runs_and_checkpoints(tiny_model_dir, tmp_path):
 
     shutil.copytree(tiny_model_dir, run / "model")
     t = resolve_target(run / "model")
-    assert t.kind == "model" and t.defaults == {} and "start model (untrained)" in t.notes[0]
+    assert t.kind == "model" and t.defaults == {} and "start model (before training)" in t.notes[0]
     with pytest.raises(ModelError, match="does not exist"):
         resolve_target(tmp_path / "nope")
     shutil.rmtree(run / "checkpoints")
