@@ -50,10 +50,13 @@ def base_dir(model_dir: str | Path) -> str:
 
 
 def _module_names(model) -> tuple[str, str, bool]:
-    """(embedding module name, LM-head module name, whether they share one weight)."""
+    """(embedding module name, LM-head module name, whether they share one weight). Tying is read from
+    the config, not by touching `.weight`: on a PEFT-wrapped FSDP2 model that property merges DTensors,
+    a collective that only rank 0 would enter."""
     names = {id(m): n for n, m in model.named_modules()}
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    return names[id(emb)], names[id(head)], emb.weight is head.weight
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    return names[id(emb)], names[id(head)], tied
 
 
 def peft_config(lora, model, bkspc_id: int):
@@ -77,6 +80,12 @@ def apply_lora(model, lora, bkspc_id: int):
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config(lora, model, bkspc_id))
+
+
+def hf_model(module):
+    """The HF model inside `module` (a PeftModel's base model, else `module` itself): where its decoder
+    layers are, for FSDP2's per-layer wrapping (`Learner._wrap`)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 def param_counts(model) -> tuple[int, int]:
