@@ -81,4 +81,5 @@ def test_chunked_path_gets_the_same_remedy(kw):
     base, _ = sequence_match_loss(
         masked_logits(model, batch, "sdpa"), batch, ObjectiveParams(BK, chi2_weight=0.05)
     )
-    assert abs(float(base.detach()) - float(l_ref.detach())) > 1e-6  # the remedy changes the loss on this batch
+    # the remedy changes the loss on this batch
+    assert abs(float(base.detach()) - float(l_ref.detach())) > 1e-6
