@@ -16,9 +16,10 @@ grad_W += grad_logits^T @ h. Peak extra memory: a few [chunk, V] fp32 buffers.
 The head runs inside the model's forward (a pre-hook on the output embedding captures its input and
 a forward hook replaces its output by the scores), so FSDP2 and DDP see the scores as the model's
 output: parameters are unsharded, and gradients reduced, exactly as for the logits path.
-Supported heads: a plain `nn.Linear`-like module (weight [V, H], optional bias), used as-is by the
-model (Llama, Qwen2, GPT-2 ...). A model that post-processes its logits (softcapping, logit scale) is
-refused with the fix (`learner.loss_chunk_size=0`).
+Supported heads: a plain `nn.Linear` (weight [V, H], optional bias), used as-is by the model (Llama,
+Qwen2, GPT-2 ...). `masked_scores` refuses any other head, or a model that post-processes its logits
+(softcapping, logit scale), naming the fix (`learner.loss_chunk_size=0`); the learner's step falls back to
+full logits for them by itself (a PEFT-wrapped head under LoRA: its delta rows live in the wrapper).
 """
 
 from __future__ import annotations
@@ -137,8 +138,10 @@ def chunked_head_scores(
     )
 
 
-def check_plain_head(model) -> torch.nn.Module:
-    """The model's output embedding, if the chunked path can stand in for it (else ValueError)."""
+def plain_head(model) -> torch.nn.Module | None:
+    """The model's output embedding if the chunked path computes exactly what the model would: a plain
+    `nn.Linear` (not wrapped: PEFT's LoRA / trainable-token / modules-to-save wrappers add to the weight in
+    their own forward) and no post-processing of the logits; else None."""
     head = model.get_output_embeddings()
     cfg = model.config
     post = [
@@ -146,10 +149,22 @@ def check_plain_head(model) -> torch.nn.Module:
         for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
         if getattr(cfg, k, None)
     ]
-    if head is None or getattr(head, "weight", None) is None or head.weight.dim() != 2 or post:
+    if not isinstance(head, torch.nn.Linear) or post:
+        return None
+    if any(c.__module__.split(".")[0] == "peft" for c in type(head).__mro__):
+        return None
+    return head
+
+
+def check_plain_head(model) -> torch.nn.Module:
+    """`plain_head(model)`, or ValueError naming why the chunked path cannot stand in for the head."""
+    head = plain_head(model)
+    if head is None:
+        out = model.get_output_embeddings()
         raise ValueError(
-            f"the chunked loss needs a plain linear LM head whose output the model returns unchanged; "
-            f"{type(model).__name__} has head {type(head).__name__} and post-processing {post or 'none'}. "
+            f"the chunked loss needs a plain nn.Linear LM head whose output the model returns unchanged; "
+            f"{type(model).__name__} has head {type(out).__name__} (softcapping/logit scale: "
+            f"{getattr(model.config, 'final_logit_softcapping', None)}/{getattr(model.config, 'logit_scale', None)}). "
             "Fix: set learner.loss_chunk_size=0 (full logits)"
         )
     return head

@@ -17,7 +17,7 @@ from sm_dist.core.forward import (
     masked_logits,
     masked_scores,
 )
-from sm_dist.core.head_loss import HeadTargets, forward_head_scores
+from sm_dist.core.head_loss import HeadTargets, forward_head_scores, plain_head
 from sm_dist.core.objective import ObjectiveParams, raise_if_not_finite, training_loss
 from sm_dist.core.traces import TraceInputs, collate
 
@@ -52,7 +52,8 @@ def loss_and_backward(
     # the attention implementation stays set through backward (activation checkpointing reruns layers)
     with attn_implementation(model, attention_impl(batch, p.attn)):
         with autocast:
-            if p.loss_chunk_size > 0:  # the LM head chunk by chunk on the states only
+            if p.loss_chunk_size > 0 and plain_head(model) is not None:  # the head chunk by chunk, on
+                # the states only; a wrapped head (PEFT under LoRA) or post-processed logits: full logits
                 logits = masked_scores(model, batch, p.objective.bkspc_id, p.attn, p.loss_chunk_size)
             else:
                 logits = masked_logits(model, batch, attn=p.attn)

@@ -124,3 +124,23 @@ def test_post_processed_logits_are_refused_with_the_fix(models):
             masked_scores(model, collate([build_inputs([1, 2], [3, BK, EOS], BK, eos_id=EOS)]), BK)
     finally:
         model.config.final_logit_softcapping = None
+
+
+def test_a_peft_wrapped_head_falls_back_to_full_logits():
+    """Under LoRA the <bkspc> head row trains as a PEFT trainable-token delta inside the head's wrapper:
+    the chunked path (which reads head.weight) would miss it, so the step takes the full logits, and the
+    delta gets its gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from sm_dist.core.head_loss import plain_head
+
+    model = tiny_models(V, hidden=32)["llama"]
+    assert plain_head(model) is model.lm_head
+    peft = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"lm_head": [BK]})
+    )
+    assert plain_head(peft) is None
+    m = loss_and_backward(peft, _traces(seed=2, n=6), StepParams(ObjectiveParams(bkspc_id=BK)), step=0)
+    assert m["loss/total"] == m["loss/total"]  # finite, no error
+    deltas = [p for n, p in peft.named_parameters() if "lm_head" in n and "trainable_tokens_delta" in n]
+    assert deltas and all(d.grad is not None and d.grad.abs().sum() > 0 for d in deltas)
