@@ -67,6 +67,7 @@ COLLECTIVE_FSDP2 = [
     "learner.cpus_per_learner=0.5",
     "buffer.fill_with_data=false",
     "rollout.correction_rows=true",
+    "model.start_from=null",  # from scratch: the correction rows of a capable base raise its BC loss
 ]
 
 
