@@ -193,6 +193,8 @@ def _run_tokenizer(cfg: Config):
     `make_tiny_model` trains, so the data is checked against it before anything is built."""
     if Path(cfg.model.dir).exists():
         return check_model_dir(cfg.model.dir)
+    if cfg.model.start_from:  # the run's model will be a copy of it
+        return check_model_dir(cfg.model.start_from, "model.start_from")
     if cfg.model.make_tiny_if_missing:
         from sm_dist.core.tiny import ARITH_ALPHABET, train_tokenizer
 
@@ -206,6 +208,8 @@ def check_engine_limits(cfg: Config) -> None:
     from sm_dist.eval.target import model_positions
 
     md = Path(cfg.model.dir)
+    if not md.exists() and cfg.model.start_from:
+        md = Path(cfg.model.start_from)  # the run's model will be a copy of it
     positions = model_positions(md) if md.exists() else TINY_POSITIONS
     e = cfg.rollout.engine
     if positions is not None and e.max_model_len > positions:
