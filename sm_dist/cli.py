@@ -236,6 +236,10 @@ BENCHMARKS = {
     "gpu-equivalence": "gpu_equivalence.py",
     "arith": "arith_sm_vs_mle.py",
     "scaling": "scaling.py",
+    "learner-memory": "learner_memory.py",
+    "buffer-throughput": "buffer_throughput.py",
+    "lora-rows": "lora_rows.py",
+    "checkpoint-io": "checkpoint_io.py",
 }
 
 
