@@ -450,6 +450,11 @@ class RunConfig(_Section):
     """The run: where it writes, how long, checkpoints, seed, cluster."""
 
     run_dir: str = Field("runs/tiny-cpu", description="Output folder: checkpoints, metrics, buffer, config.")
+    overwrite: bool = Field(
+        False,
+        description="A fresh run on a run_dir that already holds one (checkpoints or metrics) is refused; "
+        "true moves the old run aside to <run_dir>.old-<time> (never deleted) and starts anew.",
+    )
     total_steps: int | None = Field(
         100,
         ge=1,
@@ -473,7 +478,9 @@ class RunConfig(_Section):
         "rollout workers' engines) is measured before the first step and after the last, shown in the end "
         "summary as before -> after and written to summary.json; null: not measured.",
     )
-    eval_limit: int | None = Field(None, ge=1, description="Only the first N rows of run.eval_path (null: all).")
+    eval_limit: int | None = Field(
+        None, ge=1, description="Only the first N rows of run.eval_path (null: all)."
+    )
     wandb_project: str | None = Field(
         None,
         description="Also log metrics to Weights & Biases under this project (needs `pip install wandb`).",
@@ -574,6 +581,7 @@ class Config(_Section):
                 f"{self.learner.schedule} decay to reach. Fix: set learner.schedule=constant, or give "
                 "run.total_steps a number"
             )
+        self._check_lora()
         if self.model.dir is None and not self.model.make_tiny_if_missing:
             raise ValueError(
                 "model.dir: null (= <run_dir>/model) needs model.make_tiny_if_missing=true. "
@@ -581,11 +589,6 @@ class Config(_Section):
             )
         return self
 
-    def split_batch(self) -> tuple[int, int]:
-        """(replay rows, data rows) of one full step, all ranks together."""
-        n_rep = round(self.learner.batch_size * self.buffer.replay_fraction)
-        return n_rep, self.learner.batch_size - n_rep
-        self._check_lora()
     def _check_lora(self) -> None:
         m = self.model
         if m.load_in_4bit and m.lora.r == 0:
@@ -604,3 +607,7 @@ class Config(_Section):
                 "base weights. Fix: sync.transport=object_store (merged weights), or model.lora.r=0"
             )
 
+    def split_batch(self) -> tuple[int, int]:
+        """(replay rows, data rows) of one full step, all ranks together."""
+        n_rep = round(self.learner.batch_size * self.buffer.replay_fraction)
+        return n_rep, self.learner.batch_size - n_rep
