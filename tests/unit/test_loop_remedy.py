@@ -83,3 +83,14 @@ def test_chunked_path_gets_the_same_remedy(kw):
     )
     # the remedy changes the loss on this batch
     assert abs(float(base.detach()) - float(l_ref.detach())) > 1e-6
+
+
+def test_the_config_knobs_reach_the_step():
+    from sm_dist.config import LearnerConfig, ObjectiveConfig
+    from sm_dist.learner.learner import objective_params
+
+    o = ObjectiveConfig(truncated_value="complete", bkspc_discount=0.9)
+    p = objective_params(o, LearnerConfig(), bkspc_id=BK, on_gpu=False).objective
+    assert (p.truncated_value, p.bkspc_discount) == ("complete", 0.9)
+    with pytest.raises(ValueError):
+        ObjectiveConfig(truncated_value="drop")
