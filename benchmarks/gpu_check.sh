@@ -35,3 +35,5 @@ echo "== figures =="
 for f in equivalence learner_step_1b_flex learner_step_1b_split learner_memory_1b; do
   grep -E "^[a-z0-9_]+: [-0-9.e+]+$" "$OUT/$f.txt" 2>/dev/null | sed "s/^/${f}\//"
 done | tee "$OUT/figures.txt"
+# issue 23's transfer regime, ~25M Llama (benchmarks/arith_gpu.py, < 10 min more): opt in with ARITH_GPU=1
+[ -n "${ARITH_GPU:-}" ] && run arith_gpu 600 python benchmarks/arith_gpu.py --out "$OUT/arith_gpu" --budget-minutes 9
