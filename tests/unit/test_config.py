@@ -38,7 +38,10 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("learner.lr=fast", "learner.lr"),
         ("objective.divergence=tv", "objective.divergence"),
         ("rollout.num_workers=0", "rollout.num_workers"),
-        ("learner.batch_size=12", "learner.batch_size"),  # num_learners=2, replay 0.25: 3 + 9 rows do not split
+        (
+            "learner.batch_size=12",
+            "learner.batch_size",
+        ),  # num_learners=2, replay 0.25: 3 + 9 rows do not split
         ("model.tiny.hidden_size=48", "model.tiny"),
         ("rollout.engine.max_model_len=16", "rollout.engine.max_model_len"),
         ("learner.strategy=zero3", "learner.strategy"),
