@@ -47,14 +47,21 @@ def test_ray_job_submit_runs_tiny_config(tmp_path):
             if ok.returncode == 0:
                 break
             time.sleep(2)
-        # through deploy/submit.sh, as the README's plain-cluster walk-through does: no kubectl here, no
+        # through deploy/submit.sh, as the README's plain-cluster walk-through does: kubectl never called, no
         # RAY_AUTH_TOKEN; the token is the one `ray start --head` wrote to ~/.ray/auth_token
-        assert shutil.which("kubectl") is None and "RAY_AUTH_TOKEN" not in env
+        assert "RAY_AUTH_TOKEN" not in env
+        shim = tmp_path / "bin"  # a kubectl that records any call: the plain-cluster path must make none
+        shim.mkdir()
+        (shim / "kubectl").write_text(f"#!/bin/sh\necho called >> {tmp_path / 'kubectl-calls'}\nexit 1\n")
+        (shim / "kubectl").chmod(0o755)
+        path = f"{shim}{os.pathsep}{env.get('PATH', '')}"
         out = subprocess.run(
             ["bash", "deploy/submit.sh", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
              "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
-            env={**env, "RAY_DASHBOARD": addr}, cwd=ROOT, capture_output=True, text=True, timeout=400,
+            env={**env, "RAY_DASHBOARD": addr, "PATH": path}, cwd=ROOT, capture_output=True, text=True,
+            timeout=400,
         )  # fmt: skip
+        assert not (tmp_path / "kubectl-calls").exists()
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
         assert "succeeded" in out.stdout
         summary = json.loads((run / "summary.json").read_text())
