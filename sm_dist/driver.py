@@ -59,7 +59,7 @@ from sm_dist.recovery import (
 from sm_dist.sampler import BatchSampler
 from sm_dist.scaling import WorkerPool, autoscaler
 from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
-from sm_dist.status import RunDirBusy, claim_run_dir, note_children, release_run_dir
+from sm_dist.status import RunDirBusy, check_free, claim_run_dir, note_children, release_run_dir
 from sm_dist.storage import (
     check_shared_run_dir,
     claim_fresh_run_dir,
@@ -218,6 +218,10 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     """Run (or resume) a training job; returns the process exit code. The run directory is claimed
     for the duration (`sm_dist.status`): a second driver on it is refused."""
     run_dir = Path(cfg.run.run_dir)
+    try:  # a live driver on it first: "in use" says more than "holds a run"
+        check_free(run_dir)
+    except RunDirBusy as e:
+        raise ConfigError("run.run_dir", str(e)) from None
     if not resume and not cfg.run.overwrite:
         claim_fresh_run_dir(run_dir, overwrite=False)  # a run already there: refused, nothing touched
     last = preflight(cfg, resume)  # model, data, checkpoint: before anything is written or started

@@ -50,7 +50,7 @@ def filesystem_error(err: BaseException, run_dir: str | None = None) -> UserErro
     e: BaseException | None = err
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        code = e.errno if isinstance(e, OSError) else _rust_os_error(e)  # safetensors' writer: Rust's
+        code = e.errno if isinstance(e, OSError) and e.errno else _errno_in_text(e)
         if code in _FS_ERRNOS:
             where = (e.filename if isinstance(e, OSError) else None) or run_dir or "the filesystem"
             full = code in (errno.ENOSPC, errno.EDQUOT)
@@ -71,9 +71,10 @@ def filesystem_error(err: BaseException, run_dir: str | None = None) -> UserErro
 _FS_ERRNOS = {28, 122, 30, 13, 1}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM
 
 
-def _rust_os_error(e: BaseException) -> int | None:
-    """The errno in a Rust I/O error's text ("... (os error 28)"), as safetensors raises it."""
+def _errno_in_text(e: BaseException) -> int | None:
+    """The errno in an error's text: a Rust I/O error ("... (os error 28)", safetensors' writer) or the
+    errors `shutil.copytree` collects ("[Errno 28] No space left on device")."""
     import re
 
-    m = re.search(r"\(os error (\d+)\)", str(e))
-    return int(m[1]) if m else None
+    m = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(e))
+    return int(m[1] or m[2]) if m else None

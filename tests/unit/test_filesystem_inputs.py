@@ -20,7 +20,7 @@ from tests.unit.test_bad_inputs import ROOT, TINY, assert_one_clear_line
 
 def _train_on_tmpfs(tmp_path, mount_opts: str, fill_kib: int = 0, *over: str):
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
+    mnt.mkdir(parents=True)
     run = mnt / "run"
     argv = [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", "run.progress=false", *over]
     fill = f"head -c {fill_kib * 1024} /dev/zero > {mnt}/filler 2>/dev/null; " if fill_kib else ""
@@ -54,9 +54,11 @@ def test_a_disk_that_fills_while_the_run_starts_ends_in_one_line(tmp_path):
     """Room for the checks, not for the tiny model the run builds: the write fails past the checks, and
     the boundary turns it into one line naming the file; no half-written model folder is left to pass
     for the run's model next time."""
-    out, _ = _train_on_tmpfs(tmp_path, "size=768k", 0, "model.dir=null", "model.make_tiny_if_missing=true")
-    line = assert_one_clear_line(out, "train", ("No space left on device", "free space"))
-    assert "mnt/run" in line, line
+    for start in ("model.start_from=null", None):  # the tiny model built at start; the shipped base copied
+        over = ["model.dir=null", "model.make_tiny_if_missing=true", *([start] if start else [])]
+        out, mnt = _train_on_tmpfs(tmp_path / (start or "copy"), "size=768k", 0, *over)
+        line = assert_one_clear_line(out, "train", ("No space left on device", "free space"))
+        assert "mnt/run" in line, line
 
 
 def test_filesystem_errors_are_found_behind_wrappers():
