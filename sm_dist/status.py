@@ -58,7 +58,7 @@ def read_driver(run_dir: str | Path) -> dict | None:
     p = Path(run_dir) / DRIVER_FILE
     try:
         return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # no driver there
         return None
 
 
