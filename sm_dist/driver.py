@@ -328,22 +328,29 @@ def _begin(t: Trainer, last: Path | None, data_rows: list) -> None:
         t.s.expert_rows = len(data_rows)
 
 
+def _record_start(run_dir: Path, text: str, last: Path | None) -> dict:
+    """Logs to the run dir and its config.yaml written; on a resume from `last`, the previous config kept
+    and the metric rows past its step set aside. Returns the checkpoint's run state ({} when fresh)."""
+    log_to_run_dir(run_dir)
+    log.debug(f"resolved config:\n{text}")
+    log.info(f"run dir {run_dir}: resolved config in config.yaml, logs in driver.log and workers.log")
+    saved = ckpt.read_run_state(last) if last else {}
+    step = saved.get("step", 0)
+    if last and (prev := keep_config_history(run_dir, text, step)):
+        log.info(f"--resume: the run's previous config is kept as {prev.name}")
+    (run_dir / "config.yaml").write_text(text)
+    if last and (n := set_aside_history(run_dir, step)):
+        log.info(f"--resume: {n} metric rows past step {step} (redone now) moved to metrics.abandoned.jsonl")
+    return saved
+
+
 def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
     from transformers import AutoTokenizer
 
     from sm_dist.metrics import MetricsLogger
 
     text = dump_config(cfg)
-    log_to_run_dir(run_dir)
-    log.debug(f"resolved config:\n{text}")
-    log.info(f"run dir {run_dir}: resolved config in config.yaml, logs in driver.log and workers.log")
-    saved = ckpt.read_run_state(last) if last else {}
-    if last and (prev := keep_config_history(run_dir, text, saved.get("step", 0))):
-        log.info(f"--resume: the run's previous config is kept as {prev.name}")
-    (run_dir / "config.yaml").write_text(text)
-    if last and (n := set_aside_history(run_dir, saved.get("step", 0))):
-        log.info(f"--resume: {n} metric rows past step {saved.get('step', 0)} (redone now) moved to "
-                 "metrics.abandoned.jsonl")  # fmt: skip
+    saved = _record_start(run_dir, text, last)
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
     data_rows, prompts, targets = build_data(cfg, tok)
