@@ -531,22 +531,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self):
-        n_rep, n_dat = self.split_batch()
-        m = self.learner.num_learners
-        if n_rep % m or n_dat % m:
-            raise ValueError(
-                f"learner.batch_size: {self.learner.batch_size} sequences split into {n_dat} data + {n_rep} "
-                f"replay (buffer.replay_fraction={self.buffer.replay_fraction}); each part must divide evenly "
-                f"over learner.num_learners={m} so every rank normalises the same mixture. "
-                f"Fix: make learner.batch_size a multiple of {2 * m}"
-            )
-        per_rank = (n_dat // m, n_rep // m)
-        g = self.learner.grad_accum
-        if per_rank[0] % g or per_rank[1] % g:
-            raise ValueError(
-                f"learner.grad_accum: {g} micro-batches do not split {per_rank[0]} data + {per_rank[1]} replay "
-                "rows per rank evenly. Fix: make learner.batch_size a multiple of 2 * num_learners * grad_accum"
-            )
+        self._check_batch()
         need = self.data.max_prompt_len + max(self.rollout.max_actions, self.data.max_answer_len * 2)
         if self.rollout.engine.max_model_len < need:
             raise ValueError(
@@ -555,21 +540,7 @@ class Config(_Section):
                 f"Fix: set rollout.engine.max_model_len={need} or lower the lengths"
             )
         self.sync.transport.check(self)
-        r = self.rollout
-        if r.max_workers is not None and not r.min_workers <= r.num_workers <= r.max_workers:
-            raise ValueError(
-                f"rollout.max_workers: autoscaling needs min_workers ({r.min_workers}) <= num_workers "
-                f"({r.num_workers}) <= max_workers ({r.max_workers}). Fix: adjust them"
-            )
-        if r.max_workers is not None and self.sync.transport.collective:
-            raise ValueError(
-                f"rollout.max_workers: autoscaling adds and removes workers, which sync.transport="
-                f"{self.sync.transport.kind} cannot take mid-run. Fix: sync.transport=object_store, or max_workers=null"
-            )
-        if r.max_workers is not None and r.autoscale_down_wait >= r.autoscale_up_wait:
-            raise ValueError(
-                "rollout.autoscale_down_wait must be below rollout.autoscale_up_wait (hysteresis). Fix: e.g. 0.02 and 0.2"
-            )
+        self._check_autoscaling()
         if self.learner.attn == "flex" and self.learner.gpus_per_learner == 0:
             raise ValueError(
                 "learner.attn: flex has no backward pass on the CPU (learner.gpus_per_learner=0). "
@@ -588,6 +559,41 @@ class Config(_Section):
                 "Fix: set model.dir to an HF model folder with <bkspc>"
             )
         return self
+
+    def _check_batch(self) -> None:
+        n_rep, n_dat = self.split_batch()
+        m = self.learner.num_learners
+        if n_rep % m or n_dat % m:
+            raise ValueError(
+                f"learner.batch_size: {self.learner.batch_size} sequences split into {n_dat} data + {n_rep} "
+                f"replay (buffer.replay_fraction={self.buffer.replay_fraction}); each part must divide evenly "
+                f"over learner.num_learners={m} so every rank normalises the same mixture. "
+                f"Fix: make learner.batch_size a multiple of {2 * m}"
+            )
+        per_rank = (n_dat // m, n_rep // m)
+        g = self.learner.grad_accum
+        if per_rank[0] % g or per_rank[1] % g:
+            raise ValueError(
+                f"learner.grad_accum: {g} micro-batches do not split {per_rank[0]} data + {per_rank[1]} replay "
+                "rows per rank evenly. Fix: make learner.batch_size a multiple of 2 * num_learners * grad_accum"
+            )
+
+    def _check_autoscaling(self) -> None:
+        r = self.rollout
+        if r.max_workers is not None and not r.min_workers <= r.num_workers <= r.max_workers:
+            raise ValueError(
+                f"rollout.max_workers: autoscaling needs min_workers ({r.min_workers}) <= num_workers "
+                f"({r.num_workers}) <= max_workers ({r.max_workers}). Fix: adjust them"
+            )
+        if r.max_workers is not None and self.sync.transport.collective:
+            raise ValueError(
+                f"rollout.max_workers: autoscaling adds and removes workers, which sync.transport="
+                f"{self.sync.transport.kind} cannot take mid-run. Fix: sync.transport=object_store, or max_workers=null"
+            )
+        if r.max_workers is not None and r.autoscale_down_wait >= r.autoscale_up_wait:
+            raise ValueError(
+                "rollout.autoscale_down_wait must be below rollout.autoscale_up_wait (hysteresis). Fix: e.g. 0.02 and 0.2"
+            )
 
     def _check_lora(self) -> None:
         m = self.model
