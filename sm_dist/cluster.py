@@ -53,7 +53,7 @@ def node_ip_address() -> str:
 # address with the machine's routable one (`services.resolve_ip_for_localhost`), so the GCS, the raylet,
 # the object manager, every worker's gRPC server and the dashboard/runtime-env agents listen on `::`,
 # `0.0.0.0` or the external address. With it off, Ray keeps 127.0.0.1 and every one of them binds to
-# loopback (checked by tests/integration/test_loopback.py on ray 2.60).
+# loopback (checked by tests/integration/test_pipeline.py::test_resume_after_sigterm_continues on ray 2.60).
 LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
