@@ -266,14 +266,8 @@ def transfer_report(fin: dict, path: Path, write_docs: bool) -> str:
         cells = [_fmt([r[d].get(k) for r in runs]) for _, d, k in TRANSFER_TABLE]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
 
-    def mean(arm, d="sample", k="accuracy"):
-        return _ms([r[d][k] for r in res[arm]])
-
-    (m_sm, s_sm), (m_mle, s_mle), (m_bc, s_bc) = mean("sm_plausible"), mean("mle"), mean("bc_plausible")
-    lines += ["", f"- H1 (<bkspc> + plausible noise beats MLE under sampling): SequenceMatch {m_sm:.3f} ± "
-              f"{s_sm:.3f} vs MLE {m_mle:.3f} ± {s_mle:.3f}: difference {m_sm - m_mle:+.3f}.",
-              f"- H2 (SequenceMatch beats BC at matched noise): {m_sm:.3f} ± {s_sm:.3f} vs BC {m_bc:.3f} ± "
-              f"{s_bc:.3f}: difference {m_sm - m_bc:+.3f}.", "",
+    lines += ["", *_answers(res), ""]
+    lines += [
               f"Gate (MLE finetune gain over the base on validation, search): "
               f"{'passed' if g['passed'] else 'NOT passed'}; base {g['base_val']['accuracy']:.3f}; tries: "
               + ", ".join(f"{t['ft_steps']} steps -> {t['gain_points']:+.1f} points" for t in g["tries"])
@@ -288,11 +282,40 @@ def transfer_report(fin: dict, path: Path, write_docs: bool) -> str:
                      f"{v['recovery_plausible']:.3f} | {_num(v['sampled_bkspc_precision'])} |")  # fmt: skip
     lines += ["", f"Chosen (best sampled accuracy of sm_plausible): `{json.dumps(sw['chosen'])}`.", "",
               "Settings: `" + json.dumps(st) + "`"]  # fmt: skip
+    reading = DOCS / "arith_transfer_reading.md"  # the hand-written reading of these figures, kept on reruns
+    if reading.exists():
+        lines += ["", reading.read_text().rstrip()]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     if write_docs:
         (DOCS / "results.md").write_text(text)
     return text
+
+
+def _verdict(a: list[float], b: list[float]) -> str:
+    """'higher than' / 'lower than' when the means differ by more than the two spreads together (std
+    over seeds), else 'within the seeds' spread of'; one-seed arms have no spread, so never more than that."""
+    (ma, sa), (mb, sb) = _ms(a), _ms(b)
+    if len(a) < 2 or len(b) < 2 or abs(ma - mb) <= sa + sb:
+        return "within the seeds' spread of"
+    return "higher than" if ma > mb else "lower than"
+
+
+def _answers(res: dict) -> list[str]:
+    """H1 and H2, each a plain sentence per decoding (sampled, then search), from the test split."""
+    out = []
+    for h, other, claim in (("H1", "mle", "<bkspc> + plausible noise beats MLE"),
+                            ("H2", "bc_plausible", "SequenceMatch beats BC at matched noise")):  # fmt: skip
+        for d, name in (("sample", "sampled (T=1)"), ("search", "search")):
+            a = [r[d]["accuracy"] for r in res["sm_plausible"]]
+            b = [r[d]["accuracy"] for r in res[other]]
+            (ma, sa), (mb, sb) = _ms(a), _ms(b)
+            v = _verdict(a, b)
+            yes = "yes" if v == "higher than" else "no"
+            out.append(f"- {h} ({claim}), {name} accuracy: **{yes}**: sm_plausible {ma:.3f} ± {sa:.3f} is {v} "
+                       f"{other} {mb:.3f} ± {sb:.3f} (difference {ma - mb:+.3f}, {len(a)} and {len(b)} "
+                       "seeds).")  # fmt: skip
+    return out
 
 
 def _num(x) -> str:
