@@ -61,16 +61,16 @@ def build_actors(
     ray, cfg: Config, prompts: list[list[int]], model_dir: str, targets: list[list[int]] | None = None,
     pg=None,
 ):  # fmt: skip
-    """The buffers, the rollout workers (each with its prompt shard) and the learner ranks (in `pg`, a
-    learner placement group, made when None); the last item returned holds the shards' refs, which the
-    caller keeps for the whole run."""
+    """The buffers (the replay buffer's `buffer.shards` actors as one `ReplayShards`), the rollout
+    workers (each with its prompt shard) and the learner ranks (in `pg`, a learner placement group, made
+    when None); the last item returned holds the prompt shards' refs, which the caller keeps for the whole
+    run."""
     from sm_dist.buffer.replay import ReplayBuffer
 
-    b, r = cfg.buffer, cfg.rollout
-    run_dir = cfg.run.run_dir
+    r = cfg.rollout
+    replay = build_replay(ray, cfg)
     Buf = ray.remote(num_cpus=0)(ReplayBuffer)
-    replay = Buf.remote(run_dir, b.capacity_rows, b.capacity_bytes, cfg.run.seed)
-    expert = Buf.remote(str(Path(run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
+    expert = Buf.remote(str(Path(cfg.run.run_dir) / "expert"), 10**9, 1 << 40, cfg.run.seed + 1)
     W = worker_class(ray, cfg)
     names = [f"w{i}" for i in range(r.num_workers)]
     shards = [shard(ray, cfg, prompts, targets, i, r.num_workers) for i in range(r.num_workers)]
@@ -80,6 +80,23 @@ def build_actors(
     ]
     refs = ([s.ref for s in shards], [s.targets_ref for s in shards])
     return replay, expert, workers, names, build_learners(ray, cfg, model_dir, pg), refs
+
+
+def build_replay(ray, cfg: Config):
+    """The replay buffer: `buffer.shards` `ReplayBuffer` actors, each with its share of the capacity and
+    its own folder (sm_dist/buffer/shards.py); each restores what its folder holds. Created before the
+    expert buffer, so with one shard the replay buffer stays the first ReplayBuffer actor of a run."""
+    from sm_dist.buffer.replay import ReplayBuffer
+    from sm_dist.buffer.shards import ReplayShards, shard_dirs
+
+    b, run_dir, s = cfg.buffer, cfg.run.run_dir, cfg.buffer.shards
+    Buf = ray.remote(num_cpus=0)(ReplayBuffer)
+    rows, nbytes = b.capacity_rows // s, b.capacity_bytes // s
+    handles = [
+        Buf.remote(run_dir, rows, nbytes, cfg.run.seed + 1000 * k, shard=None if s == 1 else k)
+        for k in range(s)
+    ]
+    return ReplayShards(ray, handles, shard_dirs(run_dir, s), seed=cfg.run.seed)
 
 
 def worker_class(ray, cfg: Config):
@@ -109,7 +126,8 @@ def shard(ray, cfg: Config, prompts: list, targets: list | None, i: int, n: int)
 
 
 def make_worker(W, cfg: Config, name: str, model_dir: str, prompt_shard, replay, expert, seed: int):
-    """One rollout worker actor (its constructor runs in the background: wait on `version`)."""
+    """One rollout worker actor (its constructor runs in the background: wait on `version`), writing to
+    the replay shard its name hashes to (`replay`: the `ReplayShards`)."""
     from sm_dist.rollout.engine import RolloutParams
 
     r = cfg.rollout
@@ -119,7 +137,7 @@ def make_worker(W, cfg: Config, name: str, model_dir: str, prompt_shard, replay,
     )  # fmt: skip
     corr = prompt_shard.targets_ref is not None
     return W.remote(
-        name, model_dir, prompt_shard, params, r.batch_size, sink=replay,
+        name, model_dir, prompt_shard, params, r.batch_size, sink=replay.for_worker(name),
         data_sink=expert if corr else None, engine=r.engine, transport=cfg.sync.transport,
         seed=seed, dtype=cfg.model.dtype, sync_timeout_s=cfg.sync.timeout_s,
     )  # fmt: skip

@@ -406,10 +406,21 @@ class RolloutConfig(_Section):
 
 
 class BufferConfig(_Section):
-    """Replay buffer actor (Arrow, FIFO, persisted under `<run_dir>/buffer`)."""
+    """Replay buffer actors (Arrow, FIFO, persisted under `<run_dir>/buffer`; sm_dist/buffer/shards.py)."""
 
-    capacity_rows: int = Field(50_000, ge=1, description="FIFO capacity in rows (data + model).")
-    capacity_bytes: int = Field(1 << 30, ge=1, description="FIFO capacity in bytes.")
+    capacity_rows: int = Field(
+        50_000, ge=1, description="FIFO capacity in rows (data + model), all shards together."
+    )
+    capacity_bytes: int = Field(1 << 30, ge=1, description="FIFO capacity in bytes, all shards together.")
+    shards: int = Field(
+        1,
+        ge=1,
+        description="Replay-buffer actors. 1: one, in <run_dir>/buffer. S > 1: shard k in "
+        "<run_dir>/buffer/shard-<k>, each holding capacity_rows // S rows and capacity_bytes // S bytes "
+        "(its own FIFO and manifest); a rollout worker writes to the shard a hash of its id picks; with S a "
+        "multiple of learner.num_learners, rank r samples shards r, r + num_learners, ... first, else every "
+        "rank samples all. A run keeps its S: a resume with another is refused.",
+    )
     max_staleness: int = Field(
         4, ge=0, description="Sample model rows with policy_version >= current - max_staleness."
     )
@@ -532,6 +543,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross(self):
         self._check_batch()
+        self._check_buffer()
         need = self.data.max_prompt_len + max(self.rollout.max_actions, self.data.max_answer_len * 2)
         if self.rollout.engine.max_model_len < need:
             raise ValueError(
@@ -559,6 +571,16 @@ class Config(_Section):
                 "Fix: set model.dir to an HF model folder with <bkspc>"
             )
         return self
+
+    def _check_buffer(self) -> None:
+        b = self.buffer
+        if b.capacity_rows < b.shards or b.capacity_bytes < b.shards:
+            raise ValueError(
+                f"buffer.shards: {b.shards} shards would each hold capacity_rows // shards = "
+                f"{b.capacity_rows // b.shards} rows and capacity_bytes // shards = "
+                f"{b.capacity_bytes // b.shards} bytes; each needs at least 1. "
+                "Fix: raise buffer.capacity_rows / buffer.capacity_bytes, or lower buffer.shards"
+            )
 
     def _check_batch(self) -> None:
         n_rep, n_dat = self.split_batch()

@@ -129,7 +129,7 @@ class Controller:
         if time.monotonic() - when > self.buffer_refresh_s:  # an actor call: not every step
             try:
                 bufs = {
-                    "replay": t.ray.get(t.replay.stats.remote(), timeout=10),
+                    "replay": t.replay.stats(timeout=10),
                     "expert": t.ray.get(t.expert.stats.remote(), timeout=10),
                 }
                 self._buffers = (time.monotonic(), bufs)

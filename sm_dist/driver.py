@@ -22,7 +22,8 @@ steps, check the sync deadline, checkpoint, log. Its parts:
   worker has the version, the scheduler handling batch completions meanwhile.
 
 Deliberate choices: expert rows live in their own `ReplayBuffer` actor (`<run_dir>/expert/buffer`) and
-rollouts in the replay buffer (`<run_dir>/buffer`), so "½ data ½ replay" is two samples, not a filter.
+rollouts in the replay buffer (`<run_dir>/buffer`: `buffer.shards` actors, sm_dist/buffer/shards.py), so
+"½ data ½ replay" is two samples, not a filter.
 Until the replay buffer has enough fresh rows, the batch is filled with data rows (an even number per
 learner rank, so the DDP equivalence of learner.py holds).
 """
@@ -297,7 +298,7 @@ def _finish(t: Trainer, run_dir: Path, final: Path, logger, acc: dict | None = N
         "checkpoints": [str(p) for p in ckpt.list_checkpoints(run_dir)],
         "metrics": str(logger.path),
         "tensorboard": str(logger.tb_dir),
-        "buffer": t.ray.get(t.replay.stats.remote()),
+        "buffer": t.replay.stats(),  # all shards together (and each under "shards" when several)
         "stopped_early": t.s.step < step_limit(t.cfg),
         "heldout": acc,  # {"path", "n", "before", "after", ...} or None (run.eval_path: null)
     }

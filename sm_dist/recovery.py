@@ -50,18 +50,30 @@ def save_checkpoint(t, timeout_s: float | None = None) -> Path:
     else:  # after a failure: touch no worker future, bound the wait
         t.ray.get(futs, timeout=timeout_s)
     try:  # informational: the buffer restores itself from its own manifest on resume
-        stats = t.ray.get(t.replay.stats.remote(), timeout=t.cfg.sync.timeout_s)
+        stats = t.replay.stats(timeout=t.cfg.sync.timeout_s)
     except (t.ray.exceptions.RayActorError, t.ray.exceptions.GetTimeoutError):
         stats = {"rows": None, "added_rows": None}
-    state = {**t.state().__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"]}
+    state = {
+        **t.state().__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"],
+        "buffer_shards": len(t.replay),
+    }  # fmt: skip
     return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
+
+
+def _failure(t, err: BaseException) -> str:
+    """`describe_error`, with a dead replay-buffer shard named (which shard, and its folder) when the
+    buffer has several: "ReplayBuffer" alone would not say which of them died."""
+    text = describe_error(err)
+    dead = "[dead actor: ReplayBuffer]"
+    shard = t.replay.dead_shard(err) if len(t.replay) > 1 and text.endswith(dead) else None
+    return text[: -len(dead)] + f"[dead actor: {shard}]" if shard else text
 
 
 def rescue_checkpoint(t, err: BaseException) -> None:
     """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
     last checkpoint is lost, and say how to resume."""
     run_dir = t.cfg.run.run_dir
-    log.error(f"the run failed at step {t.s.step}: {describe_error(err)}")
+    log.error(f"the run failed at step {t.s.step}: {_failure(t, err)}")
     last = ckpt.latest_checkpoint(run_dir)
     if last is not None and last.name == f"step-{t.s.step:08d}":
         log.info(f"checkpoint {last} already holds step {t.s.step}")

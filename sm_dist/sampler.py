@@ -1,13 +1,14 @@
 """The learner's batch: expert rows from the expert buffer and fresh rollouts from the replay buffer,
 each split evenly over the learner ranks (DESIGN §3).
 
-    sampler = BatchSampler(ray, cfg, replay, expert)
+    sampler = BatchSampler(ray, cfg, replay, expert)   # replay: the ReplayShards (sm_dist/buffer/shards.py)
     data, replay = sampler.sample(ranks, step, version, wait=sched.wait_one, stopping=lambda: False)
 
 Rollout rows older than `buffer.max_staleness` versions are never sampled. After the BC warmup, with
 `buffer.wait_for_replay`, the learner waits (through `wait`, which handles one worker answer) until
 enough fresh rows exist; else a short replay half is filled with data rows (`buffer.fill_with_data`).
 Each rank gets the same number of rows of each source, so the DDP normalisation holds (learner.py).
+Which replay shards a rank's rows come from (`buffer.shards`) is `ReplayShards.draw`'s rule.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Any
+
+from sm_dist.buffer.shards import deal
 
 
 class BatchSampler:
@@ -36,12 +39,11 @@ class BatchSampler:
         n_rep, n_dat = self.cfg.split_batch()
         need = b.wait_for_replay and step >= self.cfg.objective.warmup_steps
         while True:
-            rep = self.ray.get(
-                self.replay.sample.remote(
-                    n_rep, min_version=version - b.max_staleness, newest_first=b.newest_first
-                )
+            rep = self.replay.draw(
+                ranks, n_rep, min_version=version - b.max_staleness, newest_first=b.newest_first
             )
-            if rep.num_rows >= n_rep or not need or stopping():
+            got = min(r.num_rows for r in rep)  # rows each rank can have (the same for all)
+            if got * ranks >= n_rep or not need or stopping():
                 break
             t0 = time.perf_counter()  # bounded staleness: the learner waits for fresh rollouts
             wait(
@@ -49,19 +51,18 @@ class BatchSampler:
                 "the learner waited for fresh rows (buffer.wait_for_replay, sync.timeout_s)",
             )
             self.wait_s += time.perf_counter() - t0
-        rep = rep.slice(0, (rep.num_rows // ranks) * ranks)
-        if rep.num_rows and "policy_version" in rep.schema.names:  # versions behind, of the rows used
-            import pyarrow.compute as pc
-
-            self.staleness = version - pc.mean(rep.column("policy_version")).as_py()
-        fill = n_rep - rep.num_rows if b.fill_with_data else 0
+        rep = [r.slice(0, got) for r in rep]
+        self._note_staleness(rep, version)
+        fill = n_rep - got * ranks if b.fill_with_data else 0
         dat = self.ray.get(self.expert.sample.remote(n_dat + fill))
         dat = dat.slice(0, (dat.num_rows // ranks) * ranks)
-        return [shard(dat, r, ranks) for r in range(ranks)], [shard(rep, r, ranks) for r in range(ranks)]
+        return [deal(dat, r, ranks) for r in range(ranks)], rep
 
+    def _note_staleness(self, rep: list, version: int) -> None:
+        """Mean versions behind `version` of the replay rows used this step (kept when none are)."""
+        import pyarrow.compute as pc
 
-def shard(batch, r: int, ranks: int):
-    """Rows r, r + ranks, r + 2·ranks, ... of an Arrow batch."""
-    import pyarrow as pa
-
-    return batch.take(pa.array(list(range(r, batch.num_rows, ranks)), type=pa.int64()))
+        pv = [r.column("policy_version") for r in rep if r.num_rows and "policy_version" in r.schema.names]
+        if pv:
+            total = sum(pc.sum(c).as_py() for c in pv)
+            self.staleness = version - total / sum(len(c) for c in pv)

@@ -3,7 +3,7 @@
 A running `sm-dist train` holds `<run_dir>/driver.json` (pid, host, start time): a second driver on
 the same run directory is refused while the first is alive (two would interleave checkpoints, buffer
 segments and metrics), and a file left by a killed driver is recognised as stale and taken over.
-`run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, buffer/manifest.json,
+`run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, the buffer's manifests,
 summary.json and api.json (the control API's address, sm_dist/api.py); it imports no torch or Ray,
 so it works on a login node while the job runs elsewhere.
 """
@@ -186,7 +186,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
         rate = (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
     version = next((r["sync/version"] for r in reversed(rows) if r.get("sync/version") is not None), None)
-    buf = _read_json(d / "buffer" / "manifest.json") or {}
+    buf = _buffer_counts(d)
     ckpts = list_checkpoints(d)
     return {
         "run_dir": str(d),
@@ -204,9 +204,21 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "last_checkpoint": str(ckpts[-1]) if ckpts else None,
         "buffer_added_rows": buf.get("added_rows"),
         "buffer_evicted_rows": buf.get("evicted_rows"),
+        "buffer_shards": buf.get("shards"),
         "summary": summary,
         "api": _read_json(d / "api.json") if state.startswith("running") else None,  # sm_dist/api.py
     }
+
+
+def _buffer_counts(d: Path) -> dict:
+    """Rows added and evicted, over every replay-buffer shard's manifest ({} when there is none yet)."""
+    from sm_dist.buffer.shards import manifest_paths
+
+    docs = [doc for p in manifest_paths(d).values() if (doc := _read_json(p)) is not None]
+    if not docs:
+        return {}
+    out = {k: sum(doc.get(k, 0) for doc in docs) for k in ("added_rows", "evicted_rows")}
+    return {**out, "shards": len(manifest_paths(d))}
 
 
 def _driver_note(drv: dict, state: str) -> str:
@@ -231,7 +243,8 @@ def format_status(st: dict) -> str:
         + (f", learner restarts {st['learner_restarts']:.0f}" if st["learner_restarts"] else ""),
         f"checkpoint:  {st['last_checkpoint'] or '-'}"
         + (f"  ({len(st['checkpoints'])} kept)" if st["checkpoints"] else ""),
-        f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted",
+        f"buffer:      {num(st['buffer_added_rows'], '{}')} rows added, {num(st['buffer_evicted_rows'], '{}')} evicted"
+        + (f" ({st['buffer_shards']} shards)" if (st.get("buffer_shards") or 1) > 1 else ""),
     ]
     if st.get("api"):
         lines.append(

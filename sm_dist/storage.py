@@ -6,6 +6,9 @@ filesystem on the driver's node and on every learner's node (NFS, a ReadWriteMan
 disk at the same path would scatter the shards over the nodes and leave the driver renaming an
 incomplete folder. So each learner rank writes a fresh token under `run.run_dir`, and the driver reads
 every one back; a token it cannot read names the rank, its node and the fix.
+
+Also what a run directory already holds: a run a fresh start must not overwrite, the config history and
+metric rows a resume sets aside, and the replay buffer's shard count a resume must keep.
 """
 
 from __future__ import annotations
@@ -77,6 +80,22 @@ def _holds_run(run_dir: Path) -> str:
     if (run_dir / "buffer").is_dir() and any((run_dir / "buffer").iterdir()):
         held.append("a replay buffer")
     return ", ".join(held)
+
+
+def check_buffer_shards(run_dir: Path, shards: int) -> None:
+    """On a resume: the replay buffer must be read with the shard count it was written with. Each
+    worker's rows sit in the shard its id hashed to under that count (sm_dist/buffer/shards.py), and
+    re-hashing them would break each worker's FIFO, so another `buffer.shards` is refused."""
+    from sm_dist.buffer.shards import buffer_dir, saved_shards
+
+    saved = saved_shards(run_dir)
+    if saved is not None and saved != shards:
+        raise ConfigError(
+            "buffer.shards",
+            f"the run's replay buffer ({buffer_dir(run_dir)}) was written with buffer.shards={saved}; this "
+            f"resume asks for buffer.shards={shards}, and its rows cannot move between shards.",
+            f"resume with buffer.shards={saved} (or drop the override), or start a new run (another run.run_dir)",
+        )
 
 
 def claim_fresh_run_dir(run_dir: Path, overwrite: bool) -> Path | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sm_dist.config import Config, ConfigError
 from sm_dist.errors import CheckpointError, ModelError
+from sm_dist.storage import check_buffer_shards
 
 log = logging.getLogger("sm_dist.validate")
 
@@ -294,6 +295,7 @@ def preflight(cfg: Config, resume: str | None) -> Path | None:
     if not resume:
         return None
     check_resume_config(cfg, Path(cfg.run.run_dir))
+    check_buffer_shards(Path(cfg.run.run_dir), cfg.buffer.shards)
     return resume_checkpoint(Path(cfg.run.run_dir), resume)
 
 

@@ -1,4 +1,5 @@
-"""Replay buffer (DESIGN §3): the Arrow rollout schema and the FIFO, persisted `ReplayBuffer`."""
+"""Replay buffer (DESIGN §3): the Arrow rollout schema, the FIFO, persisted `ReplayBuffer`, and its split
+over `buffer.shards` actors (`ReplayShards`, sm_dist/buffer/shards.py)."""
 
 from sm_dist.buffer.replay import ReplayBuffer, read_run_buffer
 from sm_dist.buffer.schema import (
@@ -9,11 +10,13 @@ from sm_dist.buffer.schema import (
     rows_to_batch,
     validate_batch,
 )
+from sm_dist.buffer.shards import ReplayShards
 
 __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "ReplayBuffer",
+    "ReplayShards",
     "batch_to_rows",
     "empty_batch",
     "read_run_buffer",

@@ -15,6 +15,10 @@ crash is restored, unless eviction removed it.
 
 Staleness: `sample(min_version=v)` keeps model rows with `policy_version >= v` and *always* keeps data
 rows (version -1): expert data never goes stale, so the filter applies to model rows only.
+
+One `ReplayBuffer` is one shard of a run's replay buffer (`buffer.shards`, sm_dist/buffer/shards.py):
+`shard=None` lives in `run_dir/buffer/`, `shard=k` in `run_dir/buffer/shard-<k>/`; everything above
+holds per shard (its own manifest, its own FIFO).
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from sm_dist.buffer.schema import (
     upgrade_batch,
     validate_batch,
 )
+from sm_dist.buffer.shards import MANIFEST, buffer_dir, saved_shards, shard_dirs
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 _SEG_PREFIX, _SEG_SUFFIX, _TMP_SUFFIX = "seg-", ".arrow", ".tmp"
 
 
@@ -98,6 +102,15 @@ def plan_eviction(
     return kept, dropped, evicted_rows
 
 
+def _eligible(table: pa.Table, min_version: int | None) -> np.ndarray:
+    """Indices of the rows `sample` may draw: every data row, and model rows of `min_version` or newer."""
+    if min_version is None:
+        return np.arange(table.num_rows)
+    pv = table.column("policy_version")
+    keep = pc.or_(pc.equal(pv, DATA_POLICY_VERSION), pc.greater_equal(pv, min_version))
+    return np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -147,12 +160,17 @@ def _read_segment_table(path: Path) -> pa.Table:
 
 
 class ReplayBuffer:
-    """FIFO replay buffer of `SCHEMA` rows, capped by rows and bytes, persisted under `run_dir/buffer/`.
+    """FIFO replay buffer of `SCHEMA` rows, capped by rows and bytes, persisted under `run_dir/buffer/`
+    (shard k of a sharded buffer: `run_dir/buffer/shard-<k>/`).
 
-    Public methods: `add`, `sample`, `stats`, `read_all`. With `run_dir=None` it lives in memory only.
+    Public methods: `add`, `sample`, `count`, `stats`, `read_all`. With `run_dir=None` it lives in
+    memory only.
     """
 
-    def __init__(self, run_dir: str | None, capacity_rows: int, capacity_bytes: int, seed: int = 0):
+    def __init__(
+        self, run_dir: str | None, capacity_rows: int, capacity_bytes: int, seed: int = 0,
+        shard: int | None = None,
+    ):  # fmt: skip
         if capacity_rows < 1 or capacity_bytes < 1:
             raise ValueError(
                 f"capacity_rows={capacity_rows}, capacity_bytes={capacity_bytes}: both must be >= 1 "
@@ -165,7 +183,7 @@ class ReplayBuffer:
         self._next_seq = 0
         self._added_rows = self._evicted_rows = 0
         self._lost_segments = self._lost_rows = 0
-        self._dir = Path(run_dir) / "buffer" if run_dir is not None else None
+        self._dir = buffer_dir(run_dir, shard) if run_dir is not None else None
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._restore()
@@ -212,12 +230,7 @@ class ReplayBuffer:
             if not self._segments or n == 0:
                 return empty_batch()
             table = pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
-        pv = table.column("policy_version")
-        if min_version is None:
-            eligible = np.arange(table.num_rows)
-        else:
-            keep = pc.or_(pc.equal(pv, DATA_POLICY_VERSION), pc.greater_equal(pv, min_version))
-            eligible = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+        eligible = _eligible(table, min_version)
         k = min(n, len(eligible))
         if newest_first:
             idx = eligible[::-1][:k]
@@ -226,6 +239,13 @@ class ReplayBuffer:
         if k == 0:
             return empty_batch()
         return table.take(pa.array(idx, type=pa.int64())).combine_chunks().to_batches()[0]
+
+    def count(self, min_version: int | None = None) -> int:
+        """How many rows `sample(n, min_version)` can draw from (a sharded buffer splits a rank's draw
+        over its shards by these counts, sm_dist/buffer/shards.py)."""
+        with self._lock:
+            table = pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
+        return len(_eligible(table, min_version))
 
     def stats(self) -> dict:
         """Counters for logs and the driver: live rows/bytes/segments, totals, per-source rows, newest version."""
@@ -344,18 +364,27 @@ def _load_manifest(path: Path) -> dict:
     return doc
 
 
-def read_run_buffer(run_dir: str | os.PathLike, retries: int = 3) -> pa.Table:
-    """Read a run's live buffer rows with plain pyarrow (no Ray, no actor), oldest first.
+def read_run_buffer(run_dir: str | os.PathLike, retries: int = 3, shard: int | None = None) -> pa.Table:
+    """Read a run's live buffer rows with plain pyarrow (no Ray, no actor): every shard's, shard by
+    shard, each oldest first (`shard=k`: shard k's alone). Follows each manifest, so evicted head rows
+    of a partly evicted segment are skipped. FileNotFoundError, naming the path, when there is none."""
+    dirs = shard_dirs(run_dir, saved_shards(run_dir) or 1)
+    if shard is not None:
+        if not 0 <= shard < len(dirs):
+            raise ValueError(f"{run_dir}: its replay buffer has {len(dirs)} shard(s), so no shard {shard}")
+        dirs = [dirs[shard]]
+    found = [d for d in dirs if (d / MANIFEST).exists()]  # a shard no row reached has no manifest yet
+    if not found:
+        raise FileNotFoundError(
+            f"no replay-buffer manifest at {dirs[0] / MANIFEST}; is {run_dir} a run dir with a buffer?"
+        )
+    return pa.concat_tables([_read_dir(d, retries) for d in found])
 
-    Follows the manifest, so evicted head rows of a partly evicted segment are skipped. On a live run a
-    listed segment can be evicted (deleted) between reading the manifest and the file: then the manifest
-    is read again, up to `retries` times. Raises FileNotFoundError naming the path when there is no
-    `run_dir/buffer/manifest.json`.
-    """
-    bdir = Path(run_dir) / "buffer"
+
+def _read_dir(bdir: Path, retries: int) -> pa.Table:
+    """One buffer folder's live rows. On a live run a listed segment can be evicted (deleted) between
+    reading the manifest and the file: then the manifest is read again, up to `retries` times."""
     path = bdir / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no replay-buffer manifest at {path}; is {run_dir} a run dir with a buffer?")
     for attempt in range(retries + 1):
         doc = _load_manifest(path)
         try:

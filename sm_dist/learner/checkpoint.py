@@ -8,7 +8,8 @@ Layout of one checkpoint (what `sm-dist train --resume RUN_DIR` reads):
                             (sm_dist.learner.sharded); loads onto any strategy and number of ranks
     learner_state.json      learner counters (step, skipped steps, sequences) and the LR schedule
     run_state.json          driver state: step, weights version, syncs applied per worker, expert rows
-    buffer_manifest.json    copy of the replay buffer's manifest at checkpoint time (rows it held)
+    buffer_manifest.json    copy of the replay buffer's manifest at checkpoint time (rows it held); with
+                            buffer.shards > 1, `buffer_manifest.shard-<k>.json`, one per shard
     manifest.json           size and sha256 of every other file; written last, just before the rename
 
 Checkpoints written before `state/` hold `optimizer.pt` (AdamW + scheduler, full state) instead;
@@ -71,12 +72,14 @@ def begin(run_dir: str | Path, step: int) -> Path:
 
 
 def commit(tmp: Path, run_state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write run_state.json, the buffer manifest copy and (last) manifest.json, rename tmp -> final,
-    prune to `keep_last`."""
+    """Write run_state.json, the buffer manifest copies (one per replay shard) and (last) manifest.json,
+    rename tmp -> final, prune to `keep_last`."""
+    from sm_dist.buffer.shards import manifest_paths
+
     (tmp / "run_state.json").write_text(json.dumps(run_state, indent=1))
-    manifest = Path(run_dir) / "buffer" / "manifest.json"
-    if manifest.exists():
-        shutil.copy2(manifest, tmp / "buffer_manifest.json")
+    for name, manifest in manifest_paths(run_dir).items():
+        if manifest.exists():  # a shard no row has reached yet has none
+            shutil.copy2(manifest, tmp / name)
     write_manifest(tmp)
     final = tmp.with_name(tmp.name[: -len(_TMP)])
     if final.exists():  # the same step checkpointed twice (e.g. a final checkpoint after a periodic one)

@@ -1,4 +1,5 @@
-"""ReplayBuffer as a Ray actor: FIFO eviction, staleness, concurrent writers, kill -9 restore, full disk."""
+"""ReplayBuffer as a Ray actor: FIFO eviction, staleness, concurrent writers, kill -9 restore, full disk,
+and two shards (buffer.shards=2) as the driver builds them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -16,6 +18,7 @@ from sm_dist.buffer import ReplayBuffer, read_run_buffer, rows_to_batch
 from sm_dist.buffer.replay import MANIFEST
 
 BIG = 10**12  # "no eviction" capacity
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_batch(prefix: str, start: int, n: int, version: int = 0, source: str = "model") -> pa.RecordBatch:
@@ -245,3 +248,43 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
         read_run_buffer(tmp_path)
     with pytest.raises(FileNotFoundError, match="no replay-buffer manifest"):
         read_run_buffer(tmp_path / "elsewhere")
+
+
+def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cluster, tmp_path):
+    """`buffer.shards=2` as the driver builds it (sm_dist.actors.build_replay): each worker's rows in the
+    shard its id hashes to, each of 2 ranks sampling its own shard (staleness filter per shard), merged
+    stats, a dead shard named with its folder, and a rebuild that restores both shards."""
+    from sm_dist.actors import build_replay
+    from sm_dist.buffer.shards import shard_of
+    from sm_dist.config_load import load_config
+
+    ray = ray_cluster
+    over = [f"run.run_dir={tmp_path}", "buffer.shards=2", "learner.num_learners=2", "learner.batch_size=8"]
+    cfg = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
+    replay = build_replay(ray, cfg)
+    workers = [f"w{i}" for i in range(6)]
+    for v in range(3):
+        ray.get([replay.for_worker(w).add.remote(make_batch(w, 10 * v, 10, version=v)) for w in workers])
+    home = {k: {w for w in workers if shard_of(w, 2) == k} for k in (0, 1)}
+    assert home[0] and home[1], home
+    for k in (0, 1):  # every row in its worker's shard, each worker's rows in order (FIFO per worker)
+        rows = read_run_buffer(tmp_path, shard=k).to_pylist()
+        assert {r["worker_id"] for r in rows} == home[k]
+        for w in home[k]:
+            assert [r["sample_id"] for r in rows if r["worker_id"] == w] == [f"{w}-{i}" for i in range(30)]
+    per_rank = replay.draw(2, 16, min_version=1, newest_first=False)
+    assert [b.num_rows for b in per_rank] == [8, 8]
+    for r, b in enumerate(per_rank):  # rank r's own shard holds plenty: nothing borrowed
+        assert set(b.column("worker_id").to_pylist()) <= home[r]
+        assert min(b.column("policy_version").to_pylist()) >= 1
+    assert not set(ids(per_rank[0])) & set(ids(per_rank[1]))
+    stats = replay.stats()
+    assert stats["added_rows"] == stats["rows"] == 180 and len(stats["shards"]) == 2
+    assert stats["shards"][0]["rows"] == 30 * len(home[0])
+    assert stats["shards"][0]["pid"] != stats["shards"][1]["pid"]  # two actor processes
+    ray.kill(replay.handles[1], no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        replay.draw(2, 16, min_version=1, newest_first=False)
+    assert replay.dead_shard(died.value) == f"ReplayBuffer shard 1 of 2 ({tmp_path / 'buffer' / 'shard-1'})"
+    again = build_replay(ray, cfg)  # a resume: every shard restores its own folder
+    assert [s["rows"] for s in again.stats()["shards"]] == [30 * len(home[0]), 30 * len(home[1])]

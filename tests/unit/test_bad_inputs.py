@@ -200,6 +200,20 @@ def resume_changing_the_model_shape(tmp, model):
     return [*argv, "model.tiny.hidden_size=256", "model.tiny.num_layers=4"]  # overrides after --resume
 
 
+def resume_with_other_buffer_shards(tmp, model):
+    """A run written with buffer.shards=2 (two shard folders, each with a manifest), resumed with 1."""
+    from sm_dist.buffer import ReplayBuffer, rows_to_batch
+
+    argv, _ = _run_with_checkpoint(tmp, model, "buffer.shards=2")
+    row = {"sample_id": "w0-0", "prompt_ids": [1], "action_ids": [2], "final_ids": [2], "source": "model",
+           "policy_version": 0, "logprobs": [-1.0], "finish_reason": "eos", "worker_id": "w0"}  # fmt: skip
+    for k in (0, 1):
+        ReplayBuffer(str(tmp / "run"), 100, 1 << 20, shard=k).add(
+            rows_to_batch([{**row, "sample_id": f"w0-{k}"}])
+        )
+    return [*argv, "buffer.shards=1"]
+
+
 def fresh_run_on_a_used_run_dir(tmp, model):
     argv, _ = _run_with_checkpoint(tmp, model)
     (tmp / "run" / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
@@ -374,6 +388,16 @@ CASES = [
         "resume_changes_model_shape",
         resume_changing_the_model_shape,
         ("model.tiny.hidden_size", "--resume cannot change"),
+    ),
+    Case(
+        "resume_with_other_buffer_shards",
+        resume_with_other_buffer_shards,
+        (
+            "buffer.shards",
+            "written with buffer.shards=2",
+            "asks for buffer.shards=1",
+            "resume with buffer.shards=2",
+        ),
     ),
     Case(
         "fresh_run_on_a_used_run_dir",

@@ -265,6 +265,7 @@ def _sampler(replay_answers, fill=True, warmup=0):
 
     import pyarrow as pa
 
+    from sm_dist.buffer.shards import ReplayShards, shard_dirs
     from sm_dist.sampler import BatchSampler
 
     def rows(n, tag):
@@ -280,7 +281,8 @@ def _sampler(replay_answers, fill=True, warmup=0):
         sync=SimpleNamespace(timeout_s=30.0),
         split_batch=lambda: (6, 6),
     )
-    return BatchSampler(FakeRay(), c, replay, expert), replay, expert
+    shards = ReplayShards(FakeRay(), [replay], shard_dirs("run", 1))  # one shard: one sample call a try
+    return BatchSampler(FakeRay(), c, shards, expert), replay, expert
 
 
 def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
