@@ -273,13 +273,21 @@ def transfer_report(fin: dict, path: Path, write_docs: bool) -> str:
               + ", ".join(f"{t['ft_steps']} steps -> {t['gain_points']:+.1f} points" for t in g["tries"])
               + f". Every arm used {g['ft_steps']} finetune steps.", "",
               "## Sweep (validation, seed 0)", "",
-              "| arm | c | p_noise | sampled | pass@4 | search | recovery (plausible) | <bkspc> precision |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| arm | c | p_noise | sampled | pass@4 | search | recovery (plausible) | <bkspc> precision | "
+              "write/delete cycles (sampled) |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sw["rows"]:
         v = r["val"]
         lines.append(f"| {r['arm']} | {r['chi2_weight'] if r['chi2_weight'] is not None else '-'} | "
                      f"{r['p_noise']} | {v['sampled']:.3f} | {v['pass_at_4']:.3f} | {v['accuracy']:.3f} | "
-                     f"{v['recovery_plausible']:.3f} | {_num(v['sampled_bkspc_precision'])} |")  # fmt: skip
+                     f"{v['recovery_plausible']:.3f} | {_num(v['sampled_bkspc_precision'])} | "
+                     f"{v.get('sampled_repeat_cycles')} |")  # fmt: skip
+    for r in sw.get("remedy", []):  # the loop remedy (truncated_value=complete) at the same settings
+        v = r["val"]
+        lines.append(f"| sm_plausible, truncated_value=complete | {r['chi2_weight']} | {r['p_noise']} | "
+                     f"{v['sampled']:.3f} | {v['pass_at_4']:.3f} | {v['accuracy']:.3f} | "
+                     f"{v['recovery_plausible']:.3f} | {_num(v['sampled_bkspc_precision'])} | "
+                     f"{v.get('sampled_repeat_cycles')} |")  # fmt: skip
     lines += ["", f"Chosen (best sampled accuracy of sm_plausible): `{json.dumps(sw['chosen'])}`.", "",
               "Settings: `" + json.dumps(st) + "`"]  # fmt: skip
     reading = DOCS / "arith_transfer_reading.md"  # the hand-written reading of these figures, kept on reruns

@@ -12,6 +12,8 @@
 4. The sweep on validation (one seed): SequenceMatch with plausible noise over c in --sweep-c x p_noise
    in --sweep-p, and BC with plausible noise at each p_noise; SequenceMatch's (c, p) is chosen by
    sampled accuracy (T=1, 4 samples), BC takes the same p (matched noise, as in the paper).
+   The loop remedy (`objective.truncated_value=complete`) then runs at the chosen (c, p_noise) and at the
+   sweep's largest c, on validation, beside the same settings' rows of the sweep.
 5. The final comparison on test: `mle`, `bc_plausible`, `sm_plausible` for --seeds seeds (3), and one
    seed of `bc_uniform`, `sm_uniform` (uniform task-alphabet noise) and `sm_model_noise` (the base's own
    top-k, `python -m sm_dist.data.noise` run once on the finetune data). Every arm takes the same
@@ -163,6 +165,20 @@ def sweep(out: Path, model: Path, splits, a) -> dict:
     return {"rows": rows, "chosen": {"p_noise": best["p_noise"], "chi2_weight": best["chi2_weight"]}}
 
 
+def remedy(out: Path, model: Path, splits, chosen: dict, a) -> list[dict]:
+    """The loop remedy on validation (seed 0): sm_plausible at the chosen (c, p_noise) and at the sweep's
+    largest c, with objective.truncated_value=complete (sm_dist.core.objective docstring), beside the
+    same settings' bootstrap rows of the sweep."""
+    rows, ra = [], argparse.Namespace(**{**vars(a), "truncated_value": "complete"})
+    for c in sorted({chosen["chi2_weight"], max(a.sweep_c)}):
+        s = {"p_noise": chosen["p_noise"], "chi2_weight": c}
+        ev = run_arm(
+            out, model, splits, "sm_plausible", s, [0], "val", ra, tag=f"remedy/c{c}-p{s['p_noise']}-"
+        )[0]
+        rows.append({"arm": "sm_plausible", **s, "truncated_value": "complete", "val": _brief(ev)})
+    return rows
+
+
 def run(a) -> None:
     out = (base_bench.ROOT / a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +199,9 @@ def run(a) -> None:
     t = time.perf_counter()
     sw = sweep(out, model, splits, a)
     minutes["sweep"] = (time.perf_counter() - t) / 60
+    t = time.perf_counter()
+    sw["remedy"] = remedy(out, model, splits, sw["chosen"], a)
+    minutes["remedy"] = (time.perf_counter() - t) / 60
     t = time.perf_counter()
     res = {"pretrained": [base_bench.evaluate(model, splits["test"], out / "pretrained" / "eval-test.json")]}
     for arm in ARMS:
