@@ -163,7 +163,7 @@ class ReplayBuffer:
     """FIFO replay buffer of `SCHEMA` rows, capped by rows and bytes, persisted under `run_dir/buffer/`
     (shard k of a sharded buffer: `run_dir/buffer/shard-<k>/`).
 
-    Public methods: `add`, `sample`, `count`, `stats`, `read_all`. With `run_dir=None` it lives in
+    Public methods: `add`, `sample` (`sample_and_count`), `stats`, `read_all`. With `run_dir=None` it lives in
     memory only.
     """
 
@@ -224,28 +224,23 @@ class ReplayBuffer:
         `min_version` drops model rows with `policy_version < min_version`; data rows (version -1) are
         always eligible (module docstring). Fewer than `n` rows come back when fewer are eligible.
         """
+        return self.sample_and_count(n, min_version, newest_first)[0]
+
+    def sample_and_count(
+        self, n: int, min_version: int | None = None, newest_first: bool = False
+    ) -> tuple[pa.RecordBatch, int]:
+        """`sample`, and how many rows were eligible: one call gives a sharded buffer both the rows and
+        the counts it splits a rank's draw by (sm_dist/buffer/shards.py)."""
         if n < 0:
             raise ValueError(f"sample(n={n}): n must be >= 0")
         with self._lock:
-            if not self._segments or n == 0:
-                return empty_batch()
             table = pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
         eligible = _eligible(table, min_version)
         k = min(n, len(eligible))
-        if newest_first:
-            idx = eligible[::-1][:k]
-        else:
-            idx = self._rng.choice(eligible, size=k, replace=False) if k else eligible[:0]
         if k == 0:
-            return empty_batch()
-        return table.take(pa.array(idx, type=pa.int64())).combine_chunks().to_batches()[0]
-
-    def count(self, min_version: int | None = None) -> int:
-        """How many rows `sample(n, min_version)` can draw from (a sharded buffer splits a rank's draw
-        over its shards by these counts, sm_dist/buffer/shards.py)."""
-        with self._lock:
-            table = pa.Table.from_batches([s.batch for s in self._segments], schema=SCHEMA)
-        return len(_eligible(table, min_version))
+            return empty_batch(), len(eligible)
+        idx = eligible[::-1][:k] if newest_first else self._rng.choice(eligible, size=k, replace=False)
+        return table.take(pa.array(idx, type=pa.int64())).combine_chunks().to_batches()[0], len(eligible)
 
     def stats(self) -> dict:
         """Counters for logs and the driver: live rows/bytes/segments, totals, per-source rows, newest version."""

@@ -160,26 +160,29 @@ class ReplayShards:
 
     def draw(self, ranks: int, n: int, min_version: int | None, newest_first: bool) -> list:
         """Up to `n // ranks` eligible rows for each rank (Arrow batches, rank order), by the rule of the
-        module docstring; with one shard, one `sample` call dealt out row by row (r, r + R, ...)."""
+        module docstring; with one shard, one `sample` call dealt out row by row (r, r + R, ...).
+
+        Several shards: one round of `sample_and_count` asks each shard for as many rows as it could
+        have to give without borrowing (a rank's share `q` from an own shard; `q` x ranks when every rank
+        samples every shard), and gets its eligible count with them; the plan then keeps the head of
+        each shard's answer (a uniform random subset, or its newest rows). Only a shard that must lend
+        more than it was asked for is asked again."""
+        opts = {"min_version": min_version, "newest_first": newest_first}
         if len(self.handles) == 1:
-            one = self.handles[0].sample.remote(n, min_version=min_version, newest_first=newest_first)
-            rows = self.ray.get(one)
+            rows = self.ray.get(self.handles[0].sample.remote(n, **opts))
             rows = rows.slice(0, (rows.num_rows // ranks) * ranks)
             return [deal(rows, r, ranks) for r in range(ranks)]
-        eligible = self.ray.get([h.count.remote(min_version) for h in self.handles])
-        take = plan_draws(eligible, ranks, n // ranks, self._rng, newest_first)
-        per_shard = [sum(t[k] for t in take) for k in range(len(self.handles))]
-        futs = [h.sample.remote(m, min_version=min_version, newest_first=newest_first) if m else None
-                for h, m in zip(self.handles, per_shard, strict=True)]  # fmt: skip
-        got = [self.ray.get(f) if f is not None else None for f in futs]
-        parts: list[list] = [[] for _ in range(ranks)]
-        for k, rows in enumerate(got):
-            at = 0  # a shard's rows dealt to the ranks in order; fewer may come back (evicted meanwhile)
-            for r in range(ranks):
-                if rows is not None and take[r][k]:
-                    parts[r].append(rows.slice(at, take[r][k]))
-                    at += take[r][k]
-        return [concat(p) for p in parts]
+        q, shards = n // ranks, len(self.handles)
+        ask = q if shards % ranks == 0 else q * ranks
+        answers = self.ray.get([h.sample_and_count.remote(ask, **opts) for h in self.handles])
+        rows, eligible = [a[0] for a in answers], [a[1] for a in answers]
+        take = plan_draws(eligible, ranks, q, self._rng, newest_first)
+        per_shard = [sum(t[k] for t in take) for k in range(shards)]
+        short = [k for k in range(shards) if per_shard[k] > rows[k].num_rows]  # lending beyond its answer
+        again = self.ray.get([self.handles[k].sample.remote(per_shard[k], **opts) for k in short])
+        for k, batch in zip(short, again, strict=True):
+            rows[k] = batch
+        return [concat(p) for p in _deal_plan(rows, take)]
 
     def stats(self, timeout: float | None = None) -> dict:
         """One shard's `ReplayBuffer.stats`, or, for several, their sums (newest version: the max) with
@@ -199,6 +202,19 @@ class ReplayShards:
             if aid and aid in text:
                 return self.label(k)
         return None
+
+
+def _deal_plan(rows: list, take: list[list[int]]) -> list[list]:
+    """Each rank's slices of the shards' answers, `take[r][k]` rows of shard k's, in rank order (fewer
+    when a shard asked again answered with fewer: rows evicted in between)."""
+    parts: list[list] = [[] for _ in take]
+    for k, batch in enumerate(rows):
+        at = 0
+        for r, t in enumerate(take):
+            if t[k]:
+                parts[r].append(batch.slice(at, t[k]))
+                at += t[k]
+    return parts
 
 
 def merge_stats(per: list[dict]) -> dict:

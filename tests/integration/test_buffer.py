@@ -278,6 +278,15 @@ def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cl
         assert set(b.column("worker_id").to_pylist()) <= home[r]
         assert min(b.column("policy_version").to_pylist()) >= 1
     assert not set(ids(per_rank[0])) & set(ids(per_rank[1]))
+    # only version-2 rows eligible: 10 per worker, so the shard with fewer workers' rank borrows the rest
+    small = min((0, 1), key=lambda k: len(home[k]))
+    need = 10 * len(workers) // 2
+    per_rank = replay.draw(2, 2 * need, min_version=2, newest_first=False)
+    assert [b.num_rows for b in per_rank] == [need, need]
+    mine = per_rank[small].column("worker_id").to_pylist()
+    assert sum(w in home[small] for w in mine) == 10 * len(home[small])  # all its own eligible rows first
+    assert len(set(ids(per_rank[0])) | set(ids(per_rank[1]))) == 2 * need  # no row twice
+    assert {v for b in per_rank for v in b.column("policy_version").to_pylist()} == {2}
     stats = replay.stats()
     assert stats["added_rows"] == stats["rows"] == 180 and len(stats["shards"]) == 2
     assert stats["shards"][0]["rows"] == 30 * len(home[0])
