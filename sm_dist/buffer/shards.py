@@ -25,8 +25,8 @@ Readers: the rule for which shard a learner rank samples (`plan_draws`). Each ra
   eligible rows takes the rest from the other shards' rows left over, so no rank waits while rows sit
   elsewhere.
 * Otherwise (S not a multiple of R, S = 1 included) every rank samples all shards, in the same way.
-A shard serving several ranks answers one `sample` call and its rows are dealt out, so no row reaches
-two ranks in one step. `buffer.newest_first` takes each shard's newest rows, in proportion to its eligible
+Each shard answers one call a step (`ReplayBuffer.sample_and_count`: its rows and its eligible count;
+`ReplayShards.draw`) and its rows are dealt out to the ranks, so no row reaches two ranks in one step. `buffer.newest_first` takes each shard's newest rows, in proportion to its eligible
 rows (the newest overall would need a cross-shard merge by time). The staleness filter is the shard's own
 (`ReplayBuffer.sample(min_version=...)`): unchanged.
 """

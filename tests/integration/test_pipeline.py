@@ -68,6 +68,7 @@ COLLECTIVE_FSDP2 = [
     "buffer.fill_with_data=false",
     "rollout.correction_rows=true",
     "model.start_from=null",  # from scratch: the correction rows of a capable base raise its BC loss
+    "buffer.shards=2",  # one replay shard per learner rank: each rank samples its own (w0, w1 hash apart)
 ]
 
 
@@ -75,8 +76,9 @@ COLLECTIVE_FSDP2 = [
 def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     """The default run, and the collective path: 2 FSDP2 learner ranks gather the weights and rank 0
     broadcasts them over gloo to threaded workers (the CPU stand-in for the NCCL transport); the
-    second also holds the expert rows per step fixed (buffer.fill_with_data=false) and turns the
-    workers' own mistakes into expert rows (rollout.correction_rows)."""
+    second also holds the expert rows per step fixed (buffer.fill_with_data=false), turns the
+    workers' own mistakes into expert rows (rollout.correction_rows) and splits the replay buffer into
+    2 shards, one per rank (buffer.shards=2)."""
     run = tmp_path / "run"
     args = [
         *train_cmd(run, "run.total_steps=40"),
@@ -100,6 +102,11 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
         corr = [r for r in read_run_buffer(run / "expert").to_pylist() if "-corr-" in r["sample_id"]]
         assert corr and all(r["source"] == "data" and sum(r["is_noise"]) == 1 for r in corr)
         assert any(r.get("rollout/correction_rows", 0) > 0 for r in m)
+    if "buffer.shards=2" in extra:  # both workers' shards got rows, and the summary counts both
+        from sm_dist.buffer import read_run_buffer
+
+        assert all(read_run_buffer(run, shard=k).num_rows > 0 for k in (0, 1))
+        assert [s["added_rows"] > 0 for s in summary["buffer"]["shards"]] == [True, True], summary["buffer"]
     ranks = 2 if "learner.num_learners=2" in extra else 1  # the row counts are per rank
     if "buffer.fill_with_data=false" in extra:  # expert rows per step fixed; rollouts come on top
         assert {r["learner/data_rows"] * ranks for r in m} == {48.0}, [r["learner/data_rows"] for r in m]
