@@ -230,7 +230,7 @@ def write_report(fin: dict, sw: dict | None, a, minutes: dict, base_info: dict) 
     lines += ["## Reproduce", "", "```bash", "python benchmarks/arith_sm_vs_mle.py --out runs/arith --sweep",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith --levers   # optional, validation only",
               "python benchmarks/arith_sm_vs_mle.py --out runs/arith", "```", ""]  # fmt: skip
-    (DOCS / "results.md").write_text("\n".join(lines))
+    (DOCS / "results_same_regime.md").write_text("\n".join(lines))
 
 
 # ---- the transfer regime (benchmarks/arith_transfer.py) -----------------------------------------------

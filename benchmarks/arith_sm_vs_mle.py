@@ -22,7 +22,7 @@
 5. `--sweep` tunes on validation only (one seed, one factor at a time, in the issue's ranges) and
    writes docs/arith_sweep.json; the final run reads its choice from there (or the CHOSEN defaults),
    runs 3 seeds of each variant plus accuracy against p_noise, evaluates on test once, and writes
-   docs/results.md with plots. Finished runs and evals in DIR are reused by a rerun.
+   docs/results_same_regime.md with plots. Finished runs and evals in DIR are reused by a rerun.
 
 Last line: `sm_minus_mle_accuracy: X` (test accuracy, search decoding, mean over seeds); with
 `--sweep`: `sweep_best_sm_minus_mle_val: X`.
@@ -391,7 +391,7 @@ def parse_args(argv=None):
         "--regime",
         choices=["same", "transfer"],
         default="same",
-        help="same: pretrain and finetune on one distribution (docs/results.md before issue 23); transfer: "
+        help="same: pretrain and finetune on one distribution (docs/results_same_regime.md); transfer: "
         "pretrain on bases 2-10, finetune and evaluate on 11-16 (benchmarks/arith_transfer.py)",
     )
     arith_transfer.add_args(ap)

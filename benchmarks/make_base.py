@@ -17,7 +17,7 @@ where the finetune's decaying LR and data still help). `base.json` in the output
    2 layers, 2 heads of 64, char-level tokenizer with `<bkspc>`), MLE-pretrained with the project's
    Learner on `--questions` fresh generator questions that exclude the held-out split, `--steps` steps of
    `--batch` rows at a *constant* LR (`--lr`, linear warmup 100 steps). Deliberately partway: a base
-   pretrained to convergence with an annealed LR gains nothing from a finetune (docs/results.md), while
+   pretrained to convergence with an annealed LR gains nothing from a finetune (docs/results_same_regime.md), while
    this one is stopped on its constant-LR plateau, so the finetune of the main job (a decaying LR, the
    bundled DeepMind training file, SequenceMatch) measurably improves it.
    Only the HF folder is kept (safetensors weights + tokenizer, loadable by transformers and vLLM), with

@@ -219,7 +219,7 @@ class ObjectiveConfig(_Section):
         ge=0.0,
         description="c, the chi^2 term's weight in logit units. The paper's alpha = 0.01 read as IQ-Learn's "
         "soft-Q temperature (the likely reading) gives c = alpha / (4 alpha_chi) ~ 0.0025-0.005; read as "
-        "c = 1/(4 alpha) (unlikely) it is 25, which destroys the policy (docs/results.md).",
+        "c = 1/(4 alpha) (unlikely) it is 25, which destroys the policy (docs/results_same_regime.md).",
     )
     data_mix: float = Field(0.5, ge=0.0, le=1.0, description="Weight of data occupancy in the mixture E_mix.")
     mask_noise_actions: bool = Field(True, description="Do not imitate injected noise actions (state kept).")
