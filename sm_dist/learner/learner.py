@@ -29,6 +29,7 @@ the optimiser step together (gradients discarded); `nan_tolerance` bad steps in 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -45,6 +46,8 @@ from sm_dist.core.objective import ObjectiveParams
 from sm_dist.core.traces import TraceInputs, build_inputs
 from sm_dist.learner import lora
 from sm_dist.learner.step import StepParams, loss_and_backward
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, p: LearnerConfig, total_steps: int | None) -> float:
@@ -260,13 +263,20 @@ class Learner:
 
     def _wrap(self) -> None:
         if self.opt_p.strategy == "fsdp2":
-            from sm_dist.learner.sharded import fsdp_kwargs, fully_shard_model
+            from sm_dist.learner.sharded import decoder_layers, fsdp_kwargs, fully_shard_model
 
             bf16 = self.model_cfg.dtype == "bfloat16" and self.device.type == "cuda"
             kw = fsdp_kwargs(
                 self.opt_p.cpu_offload, torch.bfloat16 if bf16 else None, self.device.type == "cuda"
             )
-            fully_shard_model(self.module, lora.hf_model(self.module).model.layers, **kw)
+            layers = decoder_layers(lora.hf_model(self.module))  # the model's own block class
+            if not layers:
+                log.warning(
+                    "FSDP2: %s names no decoder-layer class (_no_split_modules); only the root is "
+                    "sharded, so every forward gathers the whole model at once",
+                    type(lora.hf_model(self.module)).__name__,
+                )
+            fully_shard_model(self.module, layers, **kw)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -196,8 +196,22 @@ def fsdp_kwargs(cpu_offload: bool, param_dtype, on_cuda: bool) -> dict:
     return out
 
 
+def decoder_layers(model) -> list:
+    """The decoder blocks FSDP2 wraps one by one: the modules of `model` (an HF model; a PeftModel's base
+    model) whose class the model names in `_no_split_modules`, as accelerate and torchtitan pick them
+    (LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block, ...), outermost only. Empty when the model names
+    none: then only the root is sharded (correct, but the whole model is gathered at once)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: list[tuple[str, object]] = []
+    for path, module in model.named_modules():
+        if type(module).__name__ in names and not any(path.startswith(f"{p}.") for p, _ in found):
+            found.append((path, module))
+    return [m for _, m in found]
+
+
 def fully_shard_model(model, layers, **kwargs) -> None:
-    """FSDP2 over each decoder block, then the root (whose group holds embeddings, final norm, head)."""
+    """FSDP2 over each decoder block (`decoder_layers`), then the root (whose group holds what is left:
+    embeddings, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in layers:

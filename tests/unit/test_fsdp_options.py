@@ -1,5 +1,6 @@
 """learner.activation_checkpointing, learner.cpu_offload and FSDP2's MixedPrecisionPolicy on two gloo
-ranks (plain torch.multiprocessing, no Ray): the sharded step's gradients equal one unsharded process's."""
+ranks (plain torch.multiprocessing, no Ray): the sharded step's gradients equal one unsharded process's.
+FSDP2 wraps each model's own decoder-layer class (Llama, Qwen2, GPT-2; also under PEFT)."""
 
 import os
 
@@ -9,10 +10,15 @@ import torch.multiprocessing as mp
 
 from sm_dist.core.objective import ObjectiveParams
 from sm_dist.core.traces import build_inputs
-from sm_dist.learner.sharded import enable_activation_checkpointing, fsdp_kwargs, fully_shard_model
+from sm_dist.learner.sharded import (
+    decoder_layers,
+    enable_activation_checkpointing,
+    fsdp_kwargs,
+    fully_shard_model,
+)
 from sm_dist.learner.step import StepParams, loss_and_backward
 
-from .equivalence import random_traces
+from .equivalence import random_traces, tiny_models
 
 V, BK = 32, 31
 
@@ -46,7 +52,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         enable_activation_checkpointing(model)
         model.train()
         kw = fsdp_kwargs(offload, torch.bfloat16 if bf16 else None, on_cuda=False)
-        fully_shard_model(model, model.model.layers, **kw)
+        fully_shard_model(model, decoder_layers(model), **kw)
         loss = _step(model)  # every rank the same traces: the averaged gradient is the one-process one
         results.append(
             {"loss": loss, "grads": {n: p.grad.full_tensor().float() for n, p in model.named_parameters()}}
@@ -64,6 +70,23 @@ def test_policies_are_built_from_plain_values():
     kw = fsdp_kwargs(True, torch.bfloat16, on_cuda=True)
     assert kw["mp_policy"] == MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     assert isinstance(kw["offload_policy"], CPUOffloadPolicy) and kw["offload_policy"].pin_memory
+
+
+def test_decoder_layers_are_the_models_own_block_class():
+    """What FSDP2 wraps one by one: the class each model names in `_no_split_modules`, wherever its
+    layers live (`model.layers`, GPT-2's `transformer.h`), also inside a PeftModel; none for a model that
+    names no block class (then only the root is sharded)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sm_dist.learner.lora import hf_model
+
+    want = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "gpt2": "GPT2Block"}
+    for arch, model in tiny_models(vocab=V, hidden=32).items():
+        layers = decoder_layers(model)
+        assert [type(m).__name__ for m in layers] == [want[arch]] * 2, arch
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        assert decoder_layers(hf_model(peft)) == layers, arch  # the same blocks, now holding adapters
+    assert decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
 
 
 def _worst(a: dict, b: dict) -> float:
