@@ -239,6 +239,7 @@ BENCHMARKS = {
     "learner-memory": "learner_memory.py",
     "buffer-throughput": "buffer_throughput.py",
     "lora-rows": "lora_rows.py",
+    "lora-sync": "lora_sync.py",
     "checkpoint-io": "checkpoint_io.py",
 }
 
