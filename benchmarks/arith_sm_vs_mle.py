@@ -249,7 +249,7 @@ def run_variant(out, base, splits, variant, s, seeds, split, a, tag="") -> list[
 
 def _tail_metrics(run: Path, last: int = 20) -> dict:
     """Mean of each loss term over the last `last` logged steps (what each term contributes)."""
-    from sm_dist.metrics import read_metrics
+    from sm_dist.service.metrics import read_metrics
 
     rows = read_metrics(run)[-last:]
     vals: dict[str, list[float]] = {}

@@ -1,13 +1,13 @@
 """Rows per second that the replay buffer (1 or more shards) and the driver's sampling loop sustain, and
 how many rollout workers that feeds.
 
-Real paths only: the buffer is `sm_dist.actors.build_replay` (`buffer.shards` actors of
+Real paths only: the buffer is `sm_dist.orchestrator.actors.build_replay` (`buffer.shards` actors of
 `ray.remote(num_cpus=0)(ReplayBuffer)`) on a run directory (every `add` writes an Arrow IPC segment, fsyncs,
 renames and rewrites its shard's manifest before it acknowledges); `--writers` Ray actor processes, named
 w0, w1, ... like rollout workers, each call `add` on the shard their name hashes to
 (`ReplayShards.for_worker`) with `--rows-per-add` rollout rows (the rollout worker's
 `ray.get(buffer.add.remote(batch))`), as fast as acknowledgements come back; meanwhile the driver runs
-`sm_dist.sampler.BatchSampler.sample` (replay shards + expert buffer, staleness filter, each of `--ranks`
+`sm_dist.orchestrator.sampler.BatchSampler.sample` (replay shards + expert buffer, staleness filter, each of `--ranks`
 ranks drawing from its own shards) in a loop, as the learner loop does between steps. Rows are
 arithmetic-sized (prompt 30, 14 actions) unless `--actions` says otherwise; what a row costs the buffer
 grows with its length.
@@ -86,10 +86,10 @@ def driver_loop(sampler, ranks: int, stop: threading.Event, out: list) -> None:
 def run_case(ray, args, shards: int, run_dir: str) -> dict:
     """One timed run: `shards` replay shards and an expert buffer on a fresh `run_dir`, the writers
     adding for `args.seconds` while the driver samples. Returns the figures; the actors are killed."""
-    from sm_dist.actors import build_replay
     from sm_dist.buffer.replay import ReplayBuffer
     from sm_dist.buffer.schema import rows_to_batch
-    from sm_dist.sampler import BatchSampler
+    from sm_dist.orchestrator.actors import build_replay
+    from sm_dist.orchestrator.sampler import BatchSampler
 
     cfg = SimpleNamespace(
         buffer=SimpleNamespace(

@@ -102,8 +102,8 @@ def main() -> None:
     a = ap.parse_args()
     from safetensors.torch import load_file
 
-    from sm_dist.cluster import free_port
     from sm_dist.core.tiny import make_tiny_model
+    from sm_dist.orchestrator.cluster import free_port
 
     with tempfile.TemporaryDirectory(prefix="ckio-") as tmp:
         md = make_tiny_model(

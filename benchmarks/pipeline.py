@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sm_dist.metrics import read_metrics
+from sm_dist.service.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from sm_dist.cluster import init_local_ray, set_process_env
+from sm_dist.orchestrator.cluster import init_local_ray, set_process_env
 
 set_process_env()  # before any vllm import
 

@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    from sm_dist.ctl import call
+    from sm_dist.service.ctl import call
 
     tmp = Path(tempfile.mkdtemp(prefix="sm-scale-"))
     run = tmp / "run"

@@ -83,7 +83,7 @@ def _train(args) -> int:
         )  # fmt: skip
     else:
         cfg = load_config(config, overrides)
-    from sm_dist.driver import train
+    from sm_dist.orchestrator.driver import train
 
     args.run_dir_used = cfg.run.run_dir
 
@@ -103,7 +103,7 @@ def _config(args) -> int:
 def _status(args) -> int:
     import json
 
-    from sm_dist.status import format_status, run_status
+    from sm_dist.service.status import format_status, run_status
 
     st = run_status(args.run_dir)
     print(json.dumps(st, indent=1, default=str) if args.json else format_status(st))
@@ -113,8 +113,8 @@ def _status(args) -> int:
 def _ctl(args) -> int:
     import json
 
-    from sm_dist.ctl import call
-    from sm_dist.status import format_status
+    from sm_dist.service.ctl import call
+    from sm_dist.service.status import format_status
 
     if args.command_name == "scale" and (args.n is None or args.n < 1):
         raise UserError(
@@ -139,7 +139,7 @@ def _eval(args) -> int:
     from sm_dist.eval.decoding import decoding_params, resolve_decoding
     from sm_dist.eval.quiet import log_path, to_log_file
     from sm_dist.eval.target import engine_max_len, resolve_target
-    from sm_dist.validate import check_model_dir
+    from sm_dist.orchestrator.validate import check_model_dir
 
     if args.limit is not None and args.limit < 1:
         raise UserError(
@@ -166,7 +166,7 @@ def _eval(args) -> int:
     for note in target.notes:
         print(f"sm-dist eval: {note}", file=sys.stderr)
     print(f"sm-dist eval: vLLM's output goes to {log}", file=sys.stderr)
-    from sm_dist.cluster import set_process_env
+    from sm_dist.orchestrator.cluster import set_process_env
 
     set_process_env()  # vLLM's CPU defaults, before vLLM is imported
     with to_log_file(log):  # file descriptors 1 and 2: vLLM prints from C++ and subprocesses too
@@ -350,7 +350,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _export(args) -> int:
-    from sm_dist.export import export
+    from sm_dist.learner.export import export
 
     ckpt = export(args.run_dir, args.out, args.dtype)
     print(f"{ckpt} exported to {args.out} (a plain HF folder, adapters merged)")
@@ -509,7 +509,7 @@ def _run_dir_of(args) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     debug = args.debug or os.environ.get("SM_DIST_DEBUG", "") not in ("", "0", "false")
-    from sm_dist.logs import setup_logging
+    from sm_dist.service.logs import setup_logging
 
     try:
         setup_logging(args.log_level, args.log_json or None)

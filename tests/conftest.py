@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sm_dist.cluster import init_local_ray, set_process_env, vllm_env
+from sm_dist.orchestrator.cluster import init_local_ray, set_process_env, vllm_env
 
 set_process_env()  # vLLM's CPU build: before any vllm import (PLATFORM.md)
 

@@ -198,7 +198,7 @@ class ReplayShards:
         text, which a rollout worker's failed `add` carries), or None."""
         text = f"{getattr(err, 'actor_id', '')} {err}"
         for k, h in enumerate(self.handles):
-            aid = h._actor_id.hex()  # as sm_dist.learner_group matches a dead rank
+            aid = h._actor_id.hex()  # as sm_dist.orchestrator.learners matches a dead rank
             if aid and aid in text:
                 return self.label(k)
         return None

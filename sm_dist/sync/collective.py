@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sm_dist.cluster import free_port
+from sm_dist.orchestrator.cluster import free_port
 from sm_dist.sync.base import (
     Delivery,
     WeightReceiver,

@@ -123,7 +123,7 @@ class NcclSender(WeightSender):
             NCCLTrainerWeightTransferEngine,
         )
 
-        from sm_dist.cluster import free_port
+        from sm_dist.orchestrator.cluster import free_port
 
         _require_cuda()
         super().connect(workers, names, module, dtype)

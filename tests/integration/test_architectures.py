@@ -178,7 +178,7 @@ def test_qwen2_lora_changes_only_adapters_and_the_bkspc_row(qwen2_lora_run, buil
     from transformers import AutoTokenizer
 
     from sm_dist.core.vocab import get_bkspc_id
-    from sm_dist.export import export
+    from sm_dist.learner.export import export
 
     ck = qwen2_lora_run["run"] / "checkpoints" / f"step-{STEPS:08d}" / "model"
     adapter = load_file(str(ck / "adapter_model.safetensors"))

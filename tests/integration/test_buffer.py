@@ -251,12 +251,12 @@ def test_unreadable_manifest_is_a_clear_error(tmp_path):
 
 
 def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cluster, tmp_path):
-    """`buffer.shards=2` as the driver builds it (sm_dist.actors.build_replay): each worker's rows in the
+    """`buffer.shards=2` as the driver builds it (sm_dist.orchestrator.actors.build_replay): each worker's rows in the
     shard its id hashes to, each of 2 ranks sampling its own shard (staleness filter per shard), merged
     stats, a dead shard named with its folder, and a rebuild that restores both shards."""
-    from sm_dist.actors import build_replay
     from sm_dist.buffer.shards import shard_of
     from sm_dist.config_load import load_config
+    from sm_dist.orchestrator.actors import build_replay
 
     ray = ray_cluster
     over = [f"run.run_dir={tmp_path}", "buffer.shards=2", "learner.num_learners=2", "learner.batch_size=8"]

@@ -119,7 +119,7 @@ def test_checkpoint_holds_adapter_only_and_resumes(trained, tiny_model_dir, rows
 def test_export_writes_merged_hf_folder(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sm_dist.export import export
+    from sm_dist.learner.export import export
 
     _, ck, merged = trained
     export(ck, tmp_path / "out", dtype="float32")

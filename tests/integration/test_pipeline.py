@@ -144,7 +144,7 @@ def test_tiny_run_loss_falls_and_every_worker_syncs(tmp_path, ray_tmp, extra):
     assert (run / "workers.log").stat().st_size > 0  # the actors' vLLM/Ray output, off the console
     console = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert len(console) <= 20, "\n".join(console)
-    from sm_dist.status import run_status
+    from sm_dist.service.status import run_status
 
     st = run_status(run)  # the driver released the run dir on its way out
     assert st["state"] == "finished" and st["step"] == 40 and st["driver"] is None

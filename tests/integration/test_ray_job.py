@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sm_dist.cluster import free_port
+from sm_dist.orchestrator.cluster import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # noqa: F811
     from sm_dist.buffer import read_run_buffer
-    from sm_dist.ctl import call
+    from sm_dist.service.ctl import call
 
     # the run's own inductor cache: the session's shared one under /tmp once vanished under a running
     # learner (InductorError: FileNotFoundError), on a machine shared with other test sessions

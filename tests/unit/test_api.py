@@ -1,7 +1,7 @@
-"""The control API (sm_dist/api.py) against a fake controller, and its client (`sm-dist ctl`): every
+"""The control API (sm_dist/service/api.py) against a fake controller, and its client (`sm-dist ctl`): every
 endpoint, 401 without the token and 403 with a wrong one, the token file's mode, nothing listening on
 a non-loopback address, /metrics parsed by prometheus_client's own parser with every series; and the
-loop side (sm_dist/control.py): calls applied between steps, pause and resume."""
+loop side (sm_dist/orchestrator/control.py): calls applied between steps, pause and resume."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from sm_dist.api import ApiServer
-from sm_dist.control import Controller
+from sm_dist.orchestrator.control import Controller
+from sm_dist.service.api import ApiServer
 
 SNAP = {
     "step": 12, "total_steps": 100, "version": 3, "paused": False, "steps_per_s": 2.5, "workers": ["w0", "w1"],
@@ -47,7 +47,7 @@ class FakeController:
         return {"state": "running", "step": 12, "live": self.snapshot}
 
     def metrics_text(self):
-        from sm_dist.prom import render
+        from sm_dist.service.prom import render
 
         return render(self.snapshot)
 
@@ -132,8 +132,8 @@ def test_metrics_parse_and_have_the_series(server):
 
 
 def test_ctl_client_finds_the_address_and_token(server, capsys):
-    from sm_dist.ctl import call
     from sm_dist.errors import UserError
+    from sm_dist.service.ctl import call
 
     assert call(server.run_dir, "scale", 2) == {"done": "scale", "arg": 2}
     assert call(server.run_dir, "health")["ok"] is True
@@ -179,7 +179,8 @@ def test_the_loop_applies_calls_between_steps_and_pause_blocks_until_resume(tmp_
 def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     from sm_dist.cli import main
 
-    monkeypatch.setattr("sm_dist.logs.setup_logging", lambda *a, **k: None)  # leave the loggers to pytest
+    # leave the loggers to pytest
+    monkeypatch.setattr("sm_dist.service.logs.setup_logging", lambda *a, **k: None)
 
     (tmp_path / "api.json").write_text(json.dumps({"url": "http://127.0.0.1:9"}))  # nothing listens there
     for argv, msg in ((["ctl", str(tmp_path / "nope"), "status"], "does not exist"),
@@ -196,7 +197,7 @@ def test_sync_seconds_keep_the_last_publish_between_publishing_steps(tmp_path):
     snapshot keeps the last publish's, and /metrics always has sm_dist_sync_seconds samples."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from sm_dist.prom import render
+    from sm_dist.service.prom import render
 
     sched = SimpleNamespace(paused=False, names=["w0"], pending_joins=lambda: 0)
     t = SimpleNamespace(stop_requested=False, sched=sched, s=SimpleNamespace(step=5, version=1),

@@ -525,7 +525,7 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(cli, "_plot", bug)
     monkeypatch.setattr(
-        "sm_dist.logs.setup_logging", lambda *a, **k: None
+        "sm_dist.service.logs.setup_logging", lambda *a, **k: None
     )  # leave the session's logging as is
     with pytest.raises(KeyError, match="a bug of ours"):
         cli.main(["plot", "anything"])

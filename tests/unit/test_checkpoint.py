@@ -112,7 +112,7 @@ def test_a_checkpoint_without_manifest_gets_the_structural_checks(tmp_path):
 def test_resume_falls_back_to_the_newest_intact_checkpoint_and_keeps_the_corrupt_one(tmp_path):
     import logging
 
-    from sm_dist.validate import resume_checkpoint
+    from sm_dist.orchestrator.validate import resume_checkpoint
 
     for step in (10, 20, 30):
         _real_checkpoint(tmp_path, step)
@@ -142,7 +142,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path):
     import pytest
 
     from sm_dist.errors import CheckpointError
-    from sm_dist.validate import resume_checkpoint
+    from sm_dist.orchestrator.validate import resume_checkpoint
 
     c = _real_checkpoint(tmp_path, 10)
     (c / "optimizer.pt").write_bytes(b"junk")

@@ -102,7 +102,7 @@ def test_cli_exits_nonzero_naming_the_key(args, key):
 
 
 def test_too_many_resources_names_rollout_keys():
-    from sm_dist.actors import check_resources
+    from sm_dist.orchestrator.actors import check_resources
 
     class FakeRay:
         @staticmethod
@@ -120,7 +120,7 @@ def test_too_many_resources_names_rollout_keys():
 
 
 def test_learner_bundles_carry_the_custom_resources_the_cluster_must_have():
-    from sm_dist.actors import check_resources, learner_bundle
+    from sm_dist.orchestrator.actors import check_resources, learner_bundle
 
     cfg = load_config(TINY, ["learner.num_learners=2", "learner.resources={learner_node: 1}"])
     assert learner_bundle(cfg) == {"CPU": 1.0, "learner_node": 1.0}  # no GPU entry on a CPU run

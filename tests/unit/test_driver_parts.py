@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from sm_dist.learner_group import LearnerDied, LearnerGroup
-from sm_dist.scheduler import BatchCall, RolloutPolicy, RolloutScheduler, SyncCall
+from sm_dist.orchestrator.learners import LearnerDied, LearnerGroup
+from sm_dist.orchestrator.scheduler import BatchCall, RolloutPolicy, RolloutScheduler, SyncCall
 from sm_dist.sync.base import Delivery, WeightSyncError
 from tests.unit.fakes import (
     ActorUnavailableError,
@@ -90,7 +90,7 @@ def test_a_worker_that_dies_too_often_stops_the_run_naming_it():
 def test_a_call_unavailable_after_a_restart_is_sent_again_not_counted_as_a_death(monkeypatch):
     """After a restart, a caller whose view of the actor lags (the learner re-sending the weights) gets
     "the actor is restarting" while the new process answers: sent again, not a second death."""
-    monkeypatch.setattr("sm_dist.scheduler.time.sleep", lambda s: None)
+    monkeypatch.setattr("sm_dist.orchestrator.scheduler.time.sleep", lambda s: None)
     unavailable = Fut(error=ActorUnavailableError("The actor is restarting"))
     w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
     sent = []
@@ -111,7 +111,7 @@ def test_a_call_unavailable_after_a_restart_is_sent_again_not_counted_as_a_death
 
 
 def test_an_unavailable_call_from_a_new_process_is_a_death_and_endless_ones_stop_the_run(monkeypatch):
-    monkeypatch.setattr("sm_dist.scheduler.time.sleep", lambda s: None)
+    monkeypatch.setattr("sm_dist.orchestrator.scheduler.time.sleep", lambda s: None)
     gone = Fut(error=ActorUnavailableError("The actor is restarting"))
     w = worker(Fut(error=RayActorError("killed")), gone, processes=("host:2", "host:3"))
     s = sched_with([w], resend=lambda i: Delivery(0))
@@ -266,7 +266,7 @@ def _sampler(replay_answers, fill=True, warmup=0):
     import pyarrow as pa
 
     from sm_dist.buffer.shards import ReplayShards, shard_dirs
-    from sm_dist.sampler import BatchSampler
+    from sm_dist.orchestrator.sampler import BatchSampler
 
     def rows(n, tag):
         return pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})

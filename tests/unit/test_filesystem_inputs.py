@@ -83,7 +83,7 @@ def test_filesystem_errors_are_found_behind_wrappers():
     ],
 )
 def test_an_actor_start_error_is_described_by_its_own_last_error_line(message):
-    from sm_dist.actors import describe_error
+    from sm_dist.orchestrator.actors import describe_error
 
     assert describe_error(RuntimeError(message)).startswith(
         "ValueError: Model architectures ['LlamaForCausalLMX']"

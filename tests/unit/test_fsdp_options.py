@@ -109,7 +109,7 @@ def test_fsdp2_offload_and_mixed_precision_steps_match_one_process(tmp_path):
     """Two gloo ranks, activation checkpointing on: with CPUOffloadPolicy the gradients equal one
     unsharded process's (fp32 <= 1e-5); with MixedPrecisionPolicy (bf16 parameters, fp32 reduction)
     they agree to bf16 precision."""
-    from sm_dist.cluster import free_port
+    from sm_dist.orchestrator.cluster import free_port
 
     model = _model()
     ref_loss = _step(model)

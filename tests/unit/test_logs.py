@@ -1,4 +1,4 @@
-"""sm_dist.logs: console level and JSON lines, the run directory's DEBUG file, worker output routing."""
+"""sm_dist.service.logs: console level and JSON lines, the run directory's DEBUG file, worker output routing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from sm_dist.logs import console_level, log_to_run_dir, route_worker_logs, setup_logging
+from sm_dist.service.logs import console_level, log_to_run_dir, route_worker_logs, setup_logging
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sm_dist.metrics import MetricsLogger, read_metrics
+from sm_dist.service.metrics import MetricsLogger, read_metrics
 
 
 def test_jsonl_and_non_finite_values(tmp_path):

@@ -12,8 +12,8 @@ import yaml
 
 from sm_dist.config import ConfigError
 from sm_dist.config_load import dump_config, load_config, load_resume_config
-from sm_dist.metrics import MetricsLogger, read_metrics
-from sm_dist.storage import claim_fresh_run_dir, keep_config_history, set_aside_history
+from sm_dist.orchestrator.storage import claim_fresh_run_dir, keep_config_history, set_aside_history
+from sm_dist.service.metrics import MetricsLogger, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")

@@ -9,8 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from sm_dist import scaling
-from sm_dist.scheduler import BatchCall, JoinCall, RetireCall, RolloutPolicy, RolloutScheduler, SyncCall
+from sm_dist.orchestrator import scaling
+from sm_dist.orchestrator.scheduler import (
+    BatchCall,
+    JoinCall,
+    RetireCall,
+    RolloutPolicy,
+    RolloutScheduler,
+    SyncCall,
+)
 from sm_dist.sync.base import Delivery
 from tests.unit.fakes import FakeActor, FakeRay, Fut, Method, RayActorError
 

@@ -13,7 +13,14 @@ import pytest
 import yaml
 
 from sm_dist.learner import checkpoint as ckpt
-from sm_dist.status import DRIVER_FILE, RunDirBusy, claim_run_dir, format_status, release_run_dir, run_status
+from sm_dist.service.status import (
+    DRIVER_FILE,
+    RunDirBusy,
+    claim_run_dir,
+    format_status,
+    release_run_dir,
+    run_status,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -125,7 +132,7 @@ def test_a_dead_drivers_leftover_processes_are_stopped_by_the_next_claim(tmp_pat
 
     import psutil
 
-    from sm_dist.status import DRIVER_FILE, claim_run_dir, release_run_dir
+    from sm_dist.service.status import DRIVER_FILE, claim_run_dir, release_run_dir
 
     left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])

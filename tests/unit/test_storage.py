@@ -10,7 +10,7 @@ import pytest
 
 from sm_dist.config import ConfigError
 from sm_dist.config_load import resolve_run_dir
-from sm_dist.storage import check_shared_run_dir
+from sm_dist.orchestrator.storage import check_shared_run_dir
 
 
 class _Call:

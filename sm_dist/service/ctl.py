@@ -1,5 +1,5 @@
 """`sm-dist ctl RUN_DIR status|health|metrics|scale N|pause|resume|checkpoint|stop`: the control API's
-client (sm_dist/api.py). It finds the address in `<run_dir>/api.json` and the bearer token in
+client (sm_dist/service/api.py). It finds the address in `<run_dir>/api.json` and the bearer token in
 `<run_dir>/api_token`; a run that is not live is a one-line `UserError`. Standard library only.
 """
 

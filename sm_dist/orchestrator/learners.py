@@ -30,7 +30,7 @@ class LearnerDied(RuntimeError):
 class LearnerGroup:
     def __init__(self, ray: Any, cfg: Any, learners: list, wait_for: Callable, build: Callable[[str], list]):
         """`build(model_dir)` makes a fresh set of ranks, process group joined
-        (`sm_dist.actors.build_learners`, in the run's placement group)."""
+        (`sm_dist.orchestrator.actors.build_learners`, in the run's placement group)."""
         self.ray, self.cfg, self.learners = ray, cfg, list(learners)
         self.rendezvous: str | None = getattr(learners, "rendezvous", None)  # where the ranks met
         self.wait_for, self.build = wait_for, build
@@ -89,7 +89,7 @@ class LearnerGroup:
         workers, and return the step to go on from. Rollout workers, both buffers and their rows are
         untouched; replay rows written since the checkpoint came from weights the new learners never
         had, and age out through buffer.max_staleness like any stale rows."""
-        from sm_dist.actors import describe_error
+        from sm_dist.orchestrator.actors import describe_error
 
         cfg = self.cfg
         self.restarts += 1

@@ -1,4 +1,4 @@
-"""`GET /metrics`: the control snapshot (sm_dist/control.py) in Prometheus' text format, written by
+"""`GET /metrics`: the control snapshot (sm_dist/orchestrator/control.py) in Prometheus' text format, written by
 `prometheus_client` (a custom collector over one snapshot; no global registry, no process metrics).
 
 Series (all gauges, prefixed `sm_dist_`): step, total_steps, steps_per_second, loss{term}, rollout

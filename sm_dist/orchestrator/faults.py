@@ -10,9 +10,9 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sm_dist.actors import describe_error
 from sm_dist.learner import checkpoint as ckpt
-from sm_dist.learner_group import LearnerDied
+from sm_dist.orchestrator.actors import describe_error
+from sm_dist.orchestrator.learners import LearnerDied
 
 log = logging.getLogger("sm_dist.driver")
 

@@ -6,7 +6,7 @@ and what to do when a worker dies or a weight sync is late.
     sched.track(delivery)                 # a weight version on its way (sm_dist.sync.base.Delivery)
     sched.wait_for(learner_futures)       # wait for the learners; handle worker answers meanwhile
     sched.check_sync_deadline()           # a version not applied within sync.timeout_s raises
-    sched.add_workers(handles, names)     # scaling (sm_dist/scaling.py): started, joining later
+    sched.add_workers(handles, names)     # scaling (sm_dist/orchestrator/scaling.py): started, joining later
     sched.admit_joined()                  # between steps: the ready ones join (weights, then batches)
     sched.remove_worker(i)                # its in-flight batch lands (a `RetireCall`), then it is killed
 
@@ -264,7 +264,7 @@ class RolloutScheduler:
     def worker_died(self, call: BatchCall | SyncCall, err: Exception) -> None:
         """Worker `call.worker` died during `call`: wait for Ray to restart it, give it the latest
         weights, and resubmit its batch."""
-        from sm_dist.actors import describe_error
+        from sm_dist.orchestrator.actors import describe_error
 
         i = call.worker
         name = self.names[i]
@@ -338,7 +338,7 @@ class RolloutScheduler:
                     ) from e
                 time.sleep(0.5)
 
-    # ---- scaling: called between learner steps (sm_dist/scaling.py decides who and when)
+    # ---- scaling: called between learner steps (sm_dist/orchestrator/scaling.py decides who and when)
     def add_workers(self, handles: list, names: list[str]) -> None:
         """Workers being added: each is admitted (`admit_joined`) once its constructor has answered."""
         for h, n in zip(handles, names, strict=True):
@@ -364,7 +364,7 @@ class RolloutScheduler:
         try:
             out = self.ray.get(fut)
         except self.ray.exceptions.RayError as e:
-            from sm_dist.actors import describe_error
+            from sm_dist.orchestrator.actors import describe_error
 
             what = "failed to start" if isinstance(call, JoinCall) else "failed during its last batch"
             log.warning(f"rollout worker {call.name} {what} ({describe_error(e)}); dropped")

@@ -4,7 +4,7 @@ A running `sm-dist train` holds `<run_dir>/driver.json` (pid, host, start time):
 the same run directory is refused while the first is alive (two would interleave checkpoints, buffer
 segments and metrics), and a file left by a killed driver is recognised as stale and taken over.
 `run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, the buffer's manifests,
-summary.json and api.json (the control API's address, sm_dist/api.py); it imports no torch or Ray,
+summary.json and api.json (the control API's address, sm_dist/service/api.py); it imports no torch or Ray,
 so it works on a login node while the job runs elsewhere.
 """
 
@@ -155,7 +155,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
     """Where the run in `run_dir` stands (see the module docstring for the files read)."""
 
     from sm_dist.learner.checkpoint import list_checkpoints
-    from sm_dist.metrics import read_metrics
+    from sm_dist.service.metrics import read_metrics
 
     d = Path(run_dir)
     cfg = _read_run_config(d)
@@ -206,7 +206,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "buffer_evicted_rows": buf.get("evicted_rows"),
         "buffer_shards": buf.get("shards"),
         "summary": summary,
-        "api": _read_json(d / "api.json") if state.startswith("running") else None,  # sm_dist/api.py
+        "api": _read_json(d / "api.json") if state.startswith("running") else None,  # sm_dist/service/api.py
     }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sm_dist.config import Config, ConfigError
 from sm_dist.errors import CheckpointError, ModelError
-from sm_dist.storage import check_buffer_shards
+from sm_dist.orchestrator.storage import check_buffer_shards
 
 log = logging.getLogger("sm_dist.validate")
 
@@ -386,7 +386,7 @@ def resume_checkpoint(run_dir: Path, resume: str) -> Path:
         log.warning(f"checkpoint {c.name} has no {ckpt.MANIFEST} (written before manifests): "
                     "checked its structure only (files present, JSON, safetensors headers, optimizer CRCs)")  # fmt: skip
     if rejected:
-        from sm_dist.status import RunDirBusy, check_free
+        from sm_dist.service.status import RunDirBusy, check_free
 
         try:  # renaming checkpoints under a live driver would pull them from under it
             check_free(run_dir)

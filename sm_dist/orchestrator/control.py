@@ -1,4 +1,4 @@
-"""The driver loop's side of the control API (sm_dist/api.py): calls queued from the server's thread,
+"""The driver loop's side of the control API (sm_dist/service/api.py): calls queued from the server's thread,
 applied by the loop's thread between two learner steps, and a snapshot of the run for the read-only
 endpoints.
 
@@ -45,14 +45,14 @@ class Controller:
 
     def status(self) -> dict:
         """What `sm-dist status` shows (from the run directory's files), with the live snapshot."""
-        from sm_dist.status import run_status
+        from sm_dist.service.status import run_status
 
         st = run_status(self.run_dir)
         st["live"] = dict(self.snapshot)
         return st
 
     def metrics_text(self) -> str:
-        from sm_dist.prom import render
+        from sm_dist.service.prom import render
 
         return render(self.snapshot)
 
@@ -108,7 +108,7 @@ class Controller:
             self.paused = t.sched.paused = False
             t.sched.resume_batches()
         elif command == "checkpoint":
-            from sm_dist.recovery import save_checkpoint
+            from sm_dist.orchestrator.faults import save_checkpoint
 
             return {"checkpoint": str(save_checkpoint(t)), "step": t.s.step}
         elif command == "stop":

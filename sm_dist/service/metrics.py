@@ -28,7 +28,7 @@ class MetricsLogger:
         """`wandb`: {"project", "entity", "mode"} to also log to W&B (None: off); `config` is the run's
         resolved config, recorded with the W&B run. `resume_step`: a run resumed from that step's
         checkpoint; TensorBoard drops the events past it (`purge_step`), which the steps redone now replace
-        (the jsonl rows past it are set aside by `sm_dist.storage.set_aside_history`)."""
+        (the jsonl rows past it are set aside by `sm_dist.orchestrator.storage.set_aside_history`)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = self.path.open("a", encoding="utf-8")

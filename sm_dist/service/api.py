@@ -2,7 +2,7 @@
 
     GET  /health      {"ok": true, "step": ..., "paused": ...}        open
     GET  /status      what `sm-dist status` shows, plus "live"       open
-    GET  /metrics     Prometheus text format (sm_dist/prom.py)        open
+    GET  /metrics     Prometheus text format (sm_dist/service/prom.py)        open
     POST /scale       {"workers": N}                                  bearer token
     POST /pause, /resume, /checkpoint, /stop                          bearer token
 
@@ -11,7 +11,7 @@ to `<run_dir>/api.json`; the bearer token, generated at start, is in `<run_dir>/
 A mutating call without `Authorization: Bearer <token>` gets 401, with a wrong token 403. Mutating
 calls are queued to the driver loop (`Controller.submit`) and answered once the loop has applied them
 (between two learner steps); one that waits longer than `answer_timeout_s` gets 202 (still queued).
-`controller` is the driver's `sm_dist.control.Controller`, or any object with its `submit`, `status`,
+`controller` is the driver's `sm_dist.orchestrator.control.Controller`, or any object with its `submit`, `status`,
 `metrics_text` and `snapshot` (the unit tests pass a fake).
 """
 

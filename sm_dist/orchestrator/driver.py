@@ -7,16 +7,16 @@
 
 Set-up, then one loop that reads top to bottom (`run_step`): sample, step, publish every `sync.every`
 steps, check the sync deadline, checkpoint, log. Its parts:
-- `RolloutScheduler` (sm_dist/scheduler.py): every worker always has one `run_batch` in flight; while
+- `RolloutScheduler` (sm_dist/orchestrator/scheduler.py): every worker always has one `run_batch` in flight; while
   the learners step, it `ray.wait`s on learner and worker futures together, resubmitting each worker's
   next batch as soon as its last one lands; typed records of the batches and weight confirmations in
   flight; worker deaths and late syncs.
-- `LearnerGroup` (sm_dist/learner_group.py): the ranks' step, publish, checkpoint, and their rebuild
+- `LearnerGroup` (sm_dist/orchestrator/learners.py): the ranks' step, publish, checkpoint, and their rebuild
   from the latest checkpoint when one dies.
-- `BatchSampler` (sm_dist/sampler.py): the data and replay halves of each step, bounded staleness.
-- between two steps (`Controller.apply`, sm_dist/control.py): the control API's queued calls (scale,
-  pause, resume, checkpoint, stop; the server is sm_dist/api.py), rollout workers joining
-  (`WorkerPool`, sm_dist/scaling.py), the autoscaler, and new data.watch_dir files (sm_dist/data/watch.py).
+- `BatchSampler` (sm_dist/orchestrator/sampler.py): the data and replay halves of each step, bounded staleness.
+- between two steps (`Controller.apply`, sm_dist/orchestrator/control.py): the control API's queued calls (scale,
+  pause, resume, checkpoint, stop; the server is sm_dist/service/api.py), rollout workers joining
+  (`WorkerPool`, sm_dist/orchestrator/scaling.py), the autoscaler, and new data.watch_dir files (sm_dist/data/watch.py).
 - the weight transport (sm_dist/sync): learner rank 0 sends; an object-store send returns at once and
   the scheduler tracks each worker's confirmation; a collective send (gloo, nccl) returns once every
   worker has the version, the scheduler handling batch completions meanwhile.
@@ -35,7 +35,12 @@ import logging
 import time
 from pathlib import Path
 
-from sm_dist.actors import (
+from sm_dist.config import Config, ConfigError
+from sm_dist.config_load import dump_config
+from sm_dist.data.prepare import build_data, prepare_model
+from sm_dist.eval import heldout
+from sm_dist.learner import checkpoint as ckpt
+from sm_dist.orchestrator.actors import (
     build_actors,
     build_learners,
     check_resources,
@@ -43,43 +48,38 @@ from sm_dist.actors import (
     start_ray,
     wait_ready,
 )
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import dump_config
-from sm_dist.control import Controller
-from sm_dist.data.prepare import build_data, prepare_model
-from sm_dist.eval import heldout
-from sm_dist.learner import checkpoint as ckpt
-from sm_dist.learner_group import LearnerGroup
-from sm_dist.logs import log_to_run_dir, route_worker_logs
-from sm_dist.recovery import (
+from sm_dist.orchestrator.control import Controller
+from sm_dist.orchestrator.faults import (
     RunState,
     install_signal_handlers,
     rescue_checkpoint,
     save_checkpoint,
 )
-from sm_dist.sampler import BatchSampler
-from sm_dist.scaling import WorkerPool, autoscaler
-from sm_dist.scheduler import RolloutPolicy, RolloutScheduler
-from sm_dist.status import RunDirBusy, check_free, claim_run_dir, note_children, release_run_dir
-from sm_dist.storage import (
+from sm_dist.orchestrator.learners import LearnerGroup
+from sm_dist.orchestrator.sampler import BatchSampler
+from sm_dist.orchestrator.scaling import WorkerPool, autoscaler
+from sm_dist.orchestrator.scheduler import RolloutPolicy, RolloutScheduler
+from sm_dist.orchestrator.storage import (
     check_shared_run_dir,
     claim_fresh_run_dir,
     keep_config_history,
     set_aside_history,
 )
-from sm_dist.validate import preflight
+from sm_dist.orchestrator.validate import preflight
+from sm_dist.service.logs import log_to_run_dir, route_worker_logs
+from sm_dist.service.status import RunDirBusy, check_free, claim_run_dir, note_children, release_run_dir
 
 log = logging.getLogger("sm_dist.driver")
 
 
 class Trainer:
     """One run's parts: the rollout scheduler, the learner group, the batch sampler and the run state.
-    `run_loop` drives it, one `run_step` at a time; `recovery` checkpoints it."""
+    `run_loop` drives it, one `run_step` at a time; `faults` checkpoints it."""
 
     def __init__(
         self, ray, cfg: Config, replay, expert, workers, names, learners, state: RunState, logger, pg=None
     ):
-        """`pg`: the learners' placement group (`sm_dist.actors.learner_placement`); restarts reuse it."""
+        """`pg`: the learners' placement group (`sm_dist.orchestrator.actors.learner_placement`); restarts reuse it."""
         self.ray, self.cfg, self.s, self.log = ray, cfg, state, logger
         self.replay, self.expert, self.names = replay, expert, names
         policy = RolloutPolicy(
@@ -93,9 +93,9 @@ class Trainer:
             ray, cfg, learners, self.sched.wait_for, lambda d: build_learners(ray, cfg, d, pg)
         )
         self.sched.reconnect = self.group.connect  # scaling: the sender follows the live workers
-        self.pool = None  # the WorkerPool (sm_dist/scaling.py), set by _train
+        self.pool = None  # the WorkerPool (sm_dist/orchestrator/scaling.py), set by _train
         self.control = Controller(cfg.run.run_dir)  # calls from the control API, applied between steps
-        self.autoscaler = None  # rollout.max_workers (sm_dist/scaling.py), set by _train
+        self.autoscaler = None  # rollout.max_workers (sm_dist/orchestrator/scaling.py), set by _train
         self.watcher = None  # data.watch_dir (sm_dist/data/watch.py), set by _train
         self.sampler = BatchSampler(ray, cfg, replay, expert)
         self.t_start = time.perf_counter()
@@ -196,7 +196,7 @@ def run_loop(t: Trainer) -> None:
     if cfg.run.asynchronous:
         t.sched.submit_all()
     while t.s.step < step_limit(cfg) and not t.stop_requested:
-        t.control.apply(t)  # control API calls, workers joining; blocks while paused (sm_dist/control.py)
+        t.control.apply(t)  # control API calls, workers joining; blocks while paused (control.py)
         if t.stop_requested:
             break
         try:
@@ -217,7 +217,7 @@ def run_loop(t: Trainer) -> None:
 
 def train(cfg: Config, resume: str | None = None, address: str | None = None) -> int:
     """Run (or resume) a training job; returns the process exit code. The run directory is claimed
-    for the duration (`sm_dist.status`): a second driver on it is refused."""
+    for the duration (`sm_dist.service.status`): a second driver on it is refused."""
     run_dir = Path(cfg.run.run_dir)
     try:  # a live driver on it first: "in use" says more than "holds a run"
         check_free(run_dir)
@@ -264,10 +264,10 @@ def run_served(t: Trainer, run_dir: Path) -> None:
 
 
 def start_api(t: Trainer, run_dir: Path):
-    """The control API (sm_dist/api.py) on run.api_host:run.api_port, or None with run.api_port: null."""
+    """The control API (sm_dist/service/api.py) on run.api_host:run.api_port, or None with run.api_port: null."""
     if t.cfg.run.api_port is None:
         return None
-    from sm_dist.api import ApiServer
+    from sm_dist.service.api import ApiServer
 
     t.control.update(t)
     r = t.cfg.run
@@ -348,7 +348,7 @@ def _record_start(run_dir: Path, text: str, last: Path | None) -> dict:
 def _train(cfg: Config, run_dir: Path, last: Path | None, resume: str | None, address: str | None) -> int:
     from transformers import AutoTokenizer
 
-    from sm_dist.metrics import MetricsLogger
+    from sm_dist.service.metrics import MetricsLogger
 
     text = dump_config(cfg)
     saved = _record_start(run_dir, text, last)

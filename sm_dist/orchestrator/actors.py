@@ -11,9 +11,9 @@ import os
 import time
 from pathlib import Path
 
-from sm_dist.cluster import init_local_ray, ray_logging_level, set_process_env, vllm_env
 from sm_dist.config import Config, ConfigError
 from sm_dist.errors import ActorStartError
+from sm_dist.orchestrator.cluster import init_local_ray, ray_logging_level, set_process_env, vllm_env
 
 log = logging.getLogger("sm_dist.driver")
 

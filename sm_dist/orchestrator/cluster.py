@@ -104,6 +104,6 @@ def ray_logging_level() -> str:
     at every start, e.g. about token authentication, which is not the user's concern here)."""
     import logging
 
-    from sm_dist.logs import console_level
+    from sm_dist.service.logs import console_level
 
     return "DEBUG" if console_level() <= logging.DEBUG else "ERROR"

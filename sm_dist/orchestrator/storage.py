@@ -112,7 +112,7 @@ def claim_fresh_run_dir(run_dir: Path, overwrite: bool) -> Path | None:
             f"continue it with `sm-dist train --resume {run_dir}`, start a new run with another "
             f"run.run_dir, or add run.overwrite=true to move the old run aside to {run_dir}.old-<time>",
         )
-    from sm_dist.status import RunDirBusy, check_free
+    from sm_dist.service.status import RunDirBusy, check_free
 
     try:
         check_free(run_dir)

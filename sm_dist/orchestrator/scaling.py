@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sm_dist.actors import make_worker, shard, worker_class
+from sm_dist.orchestrator.actors import make_worker, shard, worker_class
 
 log = logging.getLogger("sm_dist.driver")
 
