@@ -1,8 +1,11 @@
 """Who owns a run directory, and where a run stands (`sm-dist status RUN_DIR`), from its files alone.
 
-A running `sm-dist train` holds `<run_dir>/driver.json` (pid, host, start time): a second driver on
-the same run directory is refused while the first is alive (two would interleave checkpoints, buffer
-segments and metrics), and a file left by a killed driver is recognised as stale and taken over.
+A running `sm-dist train` holds an exclusive `flock` on `<run_dir>/driver.lock` for its lifetime and
+records itself in `<run_dir>/driver.json` (pid, host, start time): of two drivers started on one run
+directory at once, exactly one gets the lock (two would interleave checkpoints, buffer segments and
+metrics); the other is refused with the holder's pid. The kernel drops the lock when its process dies
+(kill -9 included), so a driver.json left by a killed driver is stale and taken over. driver.json is
+checked too, for a driver on another host where the filesystem does not share locks between nodes.
 `run_status` reads driver.json, config.yaml, metrics.jsonl, checkpoints/, the buffer's manifests,
 summary.json and api.json (the control API's address, sm_dist/service/api.py); it imports no torch or Ray,
 so it works on a login node while the job runs elsewhere.
@@ -11,16 +14,21 @@ so it works on a login node while the job runs elsewhere.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 from sm_dist.errors import UserError
 
 log = logging.getLogger("sm_dist.driver")
 DRIVER_FILE = "driver.json"
+LOCK_FILE = "driver.lock"  # flock'd by the live driver; never deleted (a waiter may hold its inode)
+_held: dict[str, int] = {}  # run dir (resolved) -> the fd whose flock this process holds
 _FIX_CONFIG = (
     "it is the resolved config the run wrote at its start: restore it (sm-dist config CONFIG [overrides] "
     "> {d}/config.yaml prints one), or copy the newest config.before-step-*.yaml over it"
@@ -63,15 +71,65 @@ def read_driver(run_dir: str | Path) -> dict | None:
 
 
 def claim_run_dir(run_dir: str | Path) -> None:
-    """Record this process as the run directory's driver; raise RunDirBusy if a live one holds it. A
-    driver found dead (kill -9) on this host may have left its local Ray behind: those processes are
-    stopped first (`reap_leftovers`)."""
-    check_free(run_dir)
-    info = read_driver(run_dir)
+    """Take the run directory's lock and record this process as its driver; raise RunDirBusy if a live
+    driver holds it. A driver found dead (kill -9) on this host may have left its local Ray behind:
+    those processes are stopped (`reap_leftovers`)."""
+    key = str(Path(run_dir).resolve())
+    fresh = key not in _held  # a second claim by the same driver (a retry) keeps its lock
+    if fresh:
+        fd = _lock(Path(run_dir) / LOCK_FILE, create=True)
+        if fd is None:
+            raise RunDirBusy(_busy(run_dir, _holder(run_dir), locked=True))
+        _held[key] = fd
+    try:
+        check_free(run_dir)  # a driver on another host, where the lock may not reach
+        info = read_driver(run_dir)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": dt.datetime.now(dt.UTC).isoformat(),
+        }
+        _write_driver(run_dir, me)
+    except BaseException:
+        if fresh:
+            _unlock(key)
+        raise
     if info is not None and info.get("pid") != os.getpid():
         reap_leftovers(info)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": dt.datetime.now(dt.UTC).isoformat()}
-    _write_driver(run_dir, me)
+
+
+def _lock(path: Path, create: bool) -> int | None:
+    """An fd holding an exclusive flock on `path`; None when another process holds it. A filesystem
+    without locks (ENOLCK, EOPNOTSUPP) leaves driver.json as the only guard, with a warning."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            log.warning(f"{path}: this filesystem takes no lock ({e.strerror}); driver.json alone guards it")
+            return fd
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(key: str) -> None:
+    fd = _held.pop(key, None)
+    if fd is not None:
+        os.close(fd)  # closing the last fd of the open file drops its flock
+
+
+def _holder(run_dir: str | Path, wait_s: float = 2.0) -> dict:
+    """The driver.json of the lock's holder: it writes the file just after taking the lock, so a
+    missing or stale one is read again for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = read_driver(run_dir)
+        if info is not None and info.get("pid") != os.getpid() and _alive(info) is not False:
+            return info
+        if time.monotonic() > deadline:
+            return {"pid": "unknown (no driver.json yet)", "host": socket.gethostname(), "started": "-"}
+        time.sleep(0.02)
 
 
 def _write_driver(run_dir: str | Path, info: dict) -> None:
@@ -116,20 +174,35 @@ def reap_leftovers(info: dict) -> list[int]:
 
 
 def check_free(run_dir: str | Path) -> None:
-    """Raise RunDirBusy if another live driver holds `run_dir` (a stale driver.json does not count)."""
+    """Raise RunDirBusy if another live driver holds `run_dir`'s lock, or a live driver on another host
+    is recorded in its driver.json (a stale driver.json does not count). Takes nothing."""
+    key = str(Path(run_dir).resolve())
+    lock = Path(run_dir) / LOCK_FILE
+    if key not in _held and lock.is_file():  # never opened twice here: on NFS a close drops the lock
+        fd = _lock(lock, create=False)
+        if fd is None:
+            raise RunDirBusy(_busy(run_dir, _holder(run_dir), locked=True))
+        os.close(fd)
     info = read_driver(run_dir)
     if info is not None and info.get("pid") != os.getpid() and _alive(info) is not False:
-        where = f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
-        raise RunDirBusy(
-            f"{run_dir} is in use by another sm-dist train ({where}). Stop it first (SIGTERM ends it with a "
-            f"checkpoint), or use another run.run_dir. If that driver is gone, delete {Path(run_dir) / DRIVER_FILE}."
-        )
+        raise RunDirBusy(_busy(run_dir, info, locked=False))
+
+
+def _busy(run_dir: str | Path, info: dict, locked: bool) -> str:
+    where = f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
+    gone = "" if locked else f" If that driver is gone, delete {Path(run_dir) / DRIVER_FILE}."
+    return (
+        f"{run_dir} is in use by another sm-dist train ({where}). Stop it first (SIGTERM ends it with a "
+        f"checkpoint), or use another run.run_dir.{gone}"
+    )
 
 
 def release_run_dir(run_dir: str | Path) -> None:
+    """Remove this driver's driver.json and drop its lock (the lock file stays)."""
     info = read_driver(run_dir)
     if info is not None and info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
         (Path(run_dir) / DRIVER_FILE).unlink(missing_ok=True)
+    _unlock(str(Path(run_dir).resolve()))
 
 
 def _read_run_config(d: Path) -> dict:

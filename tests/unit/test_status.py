@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,85 @@ def test_a_live_driver_keeps_the_run_dir_and_a_dead_one_is_taken_over(tmp_path, 
     claim_run_dir(tmp_path)  # the same driver again (e.g. a retry) is fine
     release_run_dir(tmp_path)
     assert not (tmp_path / DRIVER_FILE).exists()
+
+
+_CLAIMER = """
+import json, os, sys, time
+from pathlib import Path
+from sm_dist.service import status
+from sm_dist.service.status import RunDirBusy, claim_run_dir, release_run_dir
+run, me = Path(sys.argv[1]), sys.argv[2]
+write = status._write_driver
+status._write_driver = lambda *a: (time.sleep(0.3), write(*a))  # a slow shared filesystem
+(run / f"ready-{me}").touch()
+while not (run / "go").exists():
+    time.sleep(0.001)
+try:
+    claim_run_dir(run)
+except RunDirBusy as e:
+    print(json.dumps({"busy": str(e)}), flush=True)
+    sys.exit(0)
+print(json.dumps({"won": os.getpid()}), flush=True)
+while not (run / "done").exists():
+    time.sleep(0.01)
+release_run_dir(run)
+"""
+
+
+def test_drivers_racing_for_one_run_dir_let_exactly_one_in(tmp_path):
+    """Four drivers claim one run dir at the same instant, each writing driver.json slowly (a check
+    then a write would let several in): the lock lets one in; each of the others gets one line naming
+    the run dir and the winner's pid. Once it releases, the dir is free again."""
+    n = 4
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, str(tmp_path), str(i)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for i in range(n)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("ready-*"))) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        busy = [json.loads(p.stdout.readline()) for p in procs]
+        winners = [b["won"] for b in busy if "won" in b]
+        assert len(winners) == 1, busy
+        for b in busy:
+            if "busy" in b:
+                assert "\n" not in b["busy"] and str(tmp_path) in b["busy"]
+                assert f"in use by another sm-dist train (pid {winners[0]} on" in b["busy"]
+        assert json.loads((tmp_path / DRIVER_FILE).read_text())["pid"] == winners[0]
+        (tmp_path / "done").touch()
+        assert all(p.wait(timeout=30) == 0 for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert not (tmp_path / DRIVER_FILE).exists()
+    claim_run_dir(tmp_path)  # the winner's lock went with it
+    release_run_dir(tmp_path)
+
+
+def test_a_held_lock_refuses_even_without_driver_json(tmp_path):
+    """The lock alone keeps a run dir: a holder that has not written driver.json yet still wins."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(tmp_path / "driver.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirBusy, match="in use by another sm-dist train"):
+            claim_run_dir(tmp_path)
+        assert not (tmp_path / DRIVER_FILE).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    claim_run_dir(tmp_path)  # a killed holder's lock is gone with it
+    release_run_dir(tmp_path)
 
 
 def _run_dir(tmp_path: Path, steps: int) -> Path:
