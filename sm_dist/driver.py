@@ -43,8 +43,7 @@ from sm_dist.actors import (
     start_ray,
     wait_ready,
 )
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import dump_config
+from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.control import Controller
 from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.eval import heldout

@@ -106,7 +106,7 @@ def no_usable_examples(what: str, path: str | Path, *reports: Report) -> DataErr
         for reason, n in r.skipped.most_common()
     )
     skipped = {reason for r in reports for reason in r.skipped}
-    fix = "fix those rows, or check data.prompt_field / data.answer_field / data.text_field"
+    fix = "fix those rows, or check data.format.prompt_field / answer_field / text_field"
     if skipped <= {"overlong_prompt", "overlong_answer"}:
         fix = "raise data.max_prompt_len / data.max_answer_len (tokens), or use shorter rows"
     return DataError(

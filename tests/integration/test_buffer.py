@@ -256,7 +256,7 @@ def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cl
     stats, a dead shard named with its folder, and a rebuild that restores both shards."""
     from sm_dist.actors import build_replay
     from sm_dist.buffer.shards import shard_of
-    from sm_dist.config_load import load_config
+    from sm_dist.config import load_config
 
     ray = ray_cluster
     over = [f"run.run_dir={tmp_path}", "buffer.shards=2", "learner.num_learners=2", "learner.batch_size=8"]

@@ -10,15 +10,14 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import load_config
+from sm_dist.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 
 def test_import_needs_no_ml_stack():
-    code = "import sys, sm_dist.config, sm_dist.config_load; print([m for m in ('torch', 'ray', 'vllm') if m in sys.modules])"
+    code = "import sys, sm_dist.config; print([m for m in ('torch', 'ray', 'vllm') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -143,7 +142,7 @@ def test_example_configs_validate(name):
 
 
 def test_reference_lists_every_key_with_a_description_and_docs_are_current():
-    from sm_dist.config_load import reference
+    from sm_dist.config import reference
 
     text = reference()
 
