@@ -16,7 +16,13 @@ from sm_dist.config.base import Section, Variant, by_kind
 _DATA_MIX = "Weight of data occupancy in the mixture E_mix (its chi^2 and value terms)."
 
 
-class Chi2Divergence(Variant):
+class _Divergence(Variant):
+    def params(self) -> dict[str, Any]:
+        """Its kind and fields as `sm_dist.core.objective.ObjectiveParams` arguments."""
+        return {"divergence": self.kind, **self.model_dump(exclude={"kind"})}
+
+
+class Chi2Divergence(_Divergence):
     """chi^2: chi2_mixture is SequenceMatch (the chi^2 term on the mixture of data and model
     occupancies); chi2 puts the chi^2 term on the data alone."""
 
@@ -30,29 +36,19 @@ class Chi2Divergence(Variant):
     )
     data_mix: float = Field(0.5, ge=0.0, le=1.0, description=_DATA_MIX)
 
-    def params(self) -> dict[str, Any]:
-        """Its fields as `sm_dist.core.objective.ObjectiveParams` arguments."""
-        return {"divergence": self.kind, **self.model_dump(exclude={"kind"})}
 
-
-class PhiDivergence(Variant):
+class PhiDivergence(_Divergence):
     """IQ-Learn's f-divergences without a chi^2 term: the data term weighted by phi'(r), capped."""
 
     kind: Literal["kl", "js", "hellinger"] = Field(description="The divergence.")
     data_mix: float = Field(0.5, ge=0.0, le=1.0, description=_DATA_MIX)
     weight_clip: float = Field(10.0, gt=0.0, description="Cap on the phi'(r) weights.")
 
-    def params(self) -> dict[str, Any]:
-        return {"divergence": self.kind, **self.model_dump(exclude={"kind"})}
 
-
-class MleDivergence(Variant):
+class MleDivergence(_Divergence):
     """Maximum likelihood (behaviour cloning): the gamma^t-weighted cross-entropy of the data."""
 
     kind: Literal["mle"] = Field("mle", description="The divergence.")
-
-    def params(self) -> dict[str, Any]:
-        return {"divergence": self.kind}
 
 
 DivergenceConfig = Annotated[Chi2Divergence | PhiDivergence | MleDivergence, Field(discriminator="kind")]

@@ -47,7 +47,11 @@ def _default(field) -> str:
     default = field.get_default(call_default_factory=True)
     if isinstance(default, BaseModel):
         default = default.model_dump(mode="json")
-    shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True, sort_keys=False).strip()
+    shown = (
+        "null"
+        if default is None
+        else yaml.safe_dump(default, default_flow_style=True, sort_keys=False).strip()
+    )
     return "`" + shown.removesuffix("\n...").strip() + "`"
 
 
