@@ -32,7 +32,7 @@ from sm_dist.buffer.schema import DATA_POLICY_VERSION
 from sm_dist.core.traces import augment_noise, collapse
 from sm_dist.core.vocab import BKSPC_TOKEN
 from sm_dist.data.chat import MESSAGES, chat_prompt_ids, split_messages
-from sm_dist.data.sources import FORMATS as FORMATS  # the registry data.format names (config.py)
+from sm_dist.data.sources import FORMATS as FORMATS  # data.format kinds (config/data.py)
 from sm_dist.data.sources import BadRow, records
 from sm_dist.errors import DataError
 

@@ -87,6 +87,7 @@ def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "d
     times; row ids f"{id_prefix}{copy}-{i}". Shared by data.train_path and data.watch_dir."""
     from sm_dist.core.vocab import get_bkspc_id
     from sm_dist.data.datasets import augment, encode_examples, make_data_rows
+    from sm_dist.data.noise import CANDIDATE_KINDS, noise_candidates
 
     d = cfg.data
     enc, encoded = encode_examples(
@@ -101,9 +102,7 @@ def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "d
     else:
         noise_ids = [i for i in range(len(tok)) if i not in specials]
     cands = None
-    if d.noise.kind != "task" and d.noise.kind != "vocab":  # per-position candidates (sm_dist.data.noise)
-        from sm_dist.data.noise import noise_candidates
-
+    if d.noise.kind in CANDIDATE_KINDS:  # per-position candidates (sm_dist.data.noise)
         cands = noise_candidates(d.noise, enc, tok)
     rows: list[dict] = []
     for c in range(d.augment_copies):
