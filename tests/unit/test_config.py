@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel
 
 from sm_dist.config import Config, ConfigError, load_config
+from sm_dist.config.base import variants
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
@@ -192,7 +193,10 @@ def test_reference_lists_every_key_with_a_description_and_docs_are_current():
                 yield from keys(ann, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}", f
+                for v in variants(ann):  # each kind of a union: its own parameters
+                    yield from keys(v, f"{prefix}{name}.")
 
+    assert "| `objective.divergence.chi2_weight` |" in text and "| `data.noise.path` |" in text
     for key, f in keys(Config):
         assert f.description, f"{key} has no description"
         assert f"| `{key}` |" in text, key
