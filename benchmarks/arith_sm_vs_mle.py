@@ -167,7 +167,7 @@ def overrides(variant: str, s: dict, a) -> list[str]:
         k = s["rollouts_per_row"]
         return [
             "objective.divergence=chi2_mixture", f"data.p_noise={s['p_noise']}",
-            f"objective.chi2_weight={s['chi2_weight']}", f"objective.sm_lambda={s['sm_lambda']}",
+            f"objective.divergence.chi2_weight={s['chi2_weight']}", f"objective.sm_lambda={s['sm_lambda']}",
             f"objective.warmup_steps={a.warmup}", f"learner.batch_size={n * (1 + k)}",
             f"buffer.replay_fraction={k / (1 + k)}", "buffer.fill_with_data=false",
             f"rollout.batch_size={max(16, n * k // 2)}",

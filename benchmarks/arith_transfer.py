@@ -74,7 +74,7 @@ def arm_overrides(arm: str, s: dict, a, noise_path: Path | None) -> list[str]:
     if noise is not None:
         out.append(f"data.noise={noise}")
     if noise == "model":
-        out.append(f"data.noise_path={noise_path}")
+        out.append(f"data.noise.path={noise_path}")
     if kind == "sm":
         out.append(f"objective.truncated_value={a.truncated_value}")
     return out

@@ -24,13 +24,12 @@ if [[ "$config" == --resume ]]; then
 else
 # schema and cross-field checks here; the paths are checked on the cluster
 python - "$config" "$@" <<'PY'
-import sys, yaml
-from sm_dist.config import Config
-from sm_dist.config_load import _set_dotted, parse_overrides
-raw = yaml.safe_load(open(sys.argv[1]))
-for k, v in parse_overrides(sys.argv[2:]):
-    _set_dotted(raw, k, v)
-Config.model_validate(raw)
+import sys
+from sm_dist.config import ConfigError, load_config
+try:
+    load_config(sys.argv[1], sys.argv[2:], paths=False)
+except ConfigError as e:
+    sys.exit(f"deploy/submit.sh: {e}")
 PY
 fi
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}

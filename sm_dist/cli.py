@@ -69,7 +69,7 @@ def _add_bkspc(args) -> int:
 
 
 def _train(args) -> int:
-    from sm_dist.config_load import load_config, load_resume_config
+    from sm_dist.config import load_config, load_resume_config
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).is_file():
@@ -91,7 +91,7 @@ def _train(args) -> int:
 
 
 def _config(args) -> int:
-    from sm_dist.config_load import dump_config, load_config, reference
+    from sm_dist.config import dump_config, load_config, reference
 
     if args.reference:
         print(reference(), end="")

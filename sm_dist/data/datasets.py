@@ -32,7 +32,7 @@ from sm_dist.buffer.schema import DATA_POLICY_VERSION
 from sm_dist.core.traces import augment_noise, collapse
 from sm_dist.core.vocab import BKSPC_TOKEN
 from sm_dist.data.chat import MESSAGES, chat_prompt_ids, split_messages
-from sm_dist.data.sources import FORMATS as FORMATS  # the registry data.format names (config.py)
+from sm_dist.data.sources import FORMATS as FORMATS  # data.format kinds (config/data.py)
 from sm_dist.data.sources import BadRow, records
 from sm_dist.errors import DataError
 
@@ -106,7 +106,7 @@ def no_usable_examples(what: str, path: str | Path, *reports: Report) -> DataErr
         for reason, n in r.skipped.most_common()
     )
     skipped = {reason for r in reports for reason in r.skipped}
-    fix = "fix those rows, or check data.prompt_field / data.answer_field / data.text_field"
+    fix = "fix those rows, or check data.format.prompt_field / answer_field / text_field"
     if skipped <= {"overlong_prompt", "overlong_answer"}:
         fix = "raise data.max_prompt_len / data.max_answer_len (tokens), or use shorter rows"
     return DataError(

@@ -5,7 +5,7 @@
                  prefix of the answer (below)
     model        any data: the base model's own top-k tokens at that state, the expert token excluded,
                  from one vLLM prompt-log-prob pass over the expert sequences (`write_model_noise`,
-                 `python -m sm_dist.data.noise`), read back from `data.noise_path`
+                 `python -m sm_dist.data.noise`), read back from `data.noise.path`
 
 Both new kinds give each answer position i (the eos position included) a list of *candidates*; with
 probability p_noise a uniform draw among them is inserted before the true token, then `<bkspc>`
@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING
 from sm_dist.data.arith import DIGITS, parse_question, to_base
 
 if TYPE_CHECKING:  # datasets imports pyarrow, which the GPU machine lacks (benchmarks/arith_gpu.py)
+    from sm_dist.config import ModelNoise, PlausibleNoise
     from sm_dist.data.datasets import AugmentedExample, EncodedExample
+
+# The `data.noise.kind` values (sm_dist/config/data.py mirrors them; tests/unit/test_config_registries.py
+# compares): uniform draws over a token set (`datasets.augment`), or per-position candidates.
+UNIFORM_KINDS = ("task", "vocab")
+CANDIDATE_KINDS = ("plausible", "model")
+KINDS = UNIFORM_KINDS + CANDIDATE_KINDS
 
 EOS_POSITION = None  # marker of the eos position in `plausible_candidates` (one past the answer)
 
@@ -113,13 +120,13 @@ def plausible_candidate_ids(enc: Sequence[EncodedExample], tok) -> list[list[lis
             cands = plausible_candidates(prompt, answer)
         except ValueError as err:
             raise ValueError(
-                f"data.noise=plausible is for add_or_sub_in_base questions; {err}. Use data.noise=model "
-                "(any data) or task"
+                f"data.noise=plausible is for add_or_sub_in_base questions; {err}. Use data.noise={{kind: model, "
+                "path: FILE} (any data) or task"
             ) from None
         if len(cands) != len(e.target_ids):
             raise ValueError(
                 f"data.noise=plausible needs one token per answer character; {answer!r} is "
-                f"{len(e.target_ids) - 1} tokens (use data.noise=model with this tokenizer)"
+                f"{len(e.target_ids) - 1} tokens (use data.noise={{kind: model, path: FILE}} with this tokenizer)"
             )
         out.append([[vocab[c] for c in cs if c in vocab] for cs in cands])
     return out
@@ -219,24 +226,18 @@ def load_model_noise(path: str | Path, enc: Sequence[EncodedExample]) -> list[li
         key = (tuple(e.prompt_ids), tuple(e.target_ids))
         if key not in table:
             raise ValueError(
-                f"data.noise_path {path} has no candidates for example {i + 1} ({len(table)} rows in it); "
+                f"data.noise.path {path} has no candidates for example {i + 1} ({len(table)} rows in it); "
                 "rewrite it for this data and tokenizer: python -m sm_dist.data.noise --model M --data F --out P"
             )
         out.append(table[key])
     return out
 
 
-def noise_candidates(kind: str, enc: Sequence[EncodedExample], tok, noise_path: str | None):
-    """Candidates of `data.noise` = plausible | model for each encoded example."""
-    if kind == "plausible":
-        return plausible_candidate_ids(enc, tok)
-    if kind == "model":
-        if noise_path is None:
-            raise ValueError(
-                "data.noise=model needs data.noise_path (python -m sm_dist.data.noise writes it)"
-            )
-        return load_model_noise(noise_path, enc)
-    raise ValueError(f"noise_candidates: kind={kind!r}; plausible or model")
+def noise_candidates(noise: PlausibleNoise | ModelNoise, enc: Sequence[EncodedExample], tok):
+    """Candidates of `data.noise` (kind plausible, or model with its path) for each encoded example."""
+    if noise.kind == "model":
+        return load_model_noise(noise.path, enc)
+    return plausible_candidate_ids(enc, tok)
 
 
 def main(argv=None) -> None:
@@ -249,7 +250,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="write data.noise=model candidates (one vLLM pass)")
     ap.add_argument("--model", required=True, help="the base model (HF folder with <bkspc>)")
     ap.add_argument("--data", required=True, help="the expert data (prompt/answer rows)")
-    ap.add_argument("--out", required=True, help="the candidates file (data.noise_path)")
+    ap.add_argument("--out", required=True, help="the candidates file (data.noise.path)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--max-prompt-len", type=int, default=64)
     ap.add_argument("--max-answer-len", type=int, default=32)

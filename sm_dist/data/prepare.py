@@ -65,11 +65,7 @@ def load_train_examples(cfg: Config):
         log.warning(
             f"data.train_path {d.train_path} is missing; using generated {path} (data.fallback={d.fallback})"
         )
-    ex, report = load_examples(
-        path, fmt=None if d.format == "auto" else d.format, prompt_field=d.prompt_field,
-        answer_field=d.answer_field, text_field=d.text_field, prompt_chars=d.prompt_chars, on_bad=d.on_bad,
-        limit=d.limit, split=d.split, name=d.name,
-    )  # fmt: skip
+    ex, report = load_examples(path, **d.load_kwargs(), limit=d.limit)
     return ex, str(path), report
 
 
@@ -91,6 +87,7 @@ def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "d
     times; row ids f"{id_prefix}{copy}-{i}". Shared by data.train_path and data.watch_dir."""
     from sm_dist.core.vocab import get_bkspc_id
     from sm_dist.data.datasets import augment, encode_examples, make_data_rows
+    from sm_dist.data.noise import CANDIDATE_KINDS, noise_candidates
 
     d = cfg.data
     enc, encoded = encode_examples(
@@ -100,15 +97,13 @@ def encode_rows(cfg: Config, tok, examples: list, path: str, id_prefix: str = "d
         return [], enc, encoded
     bk = get_bkspc_id(tok)
     specials = set(tok.all_special_ids) | {bk}
-    if d.noise == "task":
+    if d.noise.kind == "task":
         noise_ids = sorted({t for e in enc for t in e.target_ids} - specials)
     else:
         noise_ids = [i for i in range(len(tok)) if i not in specials]
     cands = None
-    if d.noise in ("plausible", "model"):  # per-position candidates (sm_dist.data.noise)
-        from sm_dist.data.noise import noise_candidates
-
-        cands = noise_candidates(d.noise, enc, tok, d.noise_path)
+    if d.noise.kind in CANDIDATE_KINDS:  # per-position candidates (sm_dist.data.noise)
+        cands = noise_candidates(d.noise, enc, tok)
     rows: list[dict] = []
     for c in range(d.augment_copies):
         if cands is not None:

@@ -244,7 +244,7 @@ class DataFormat:
     decode: Callable[[object], dict | str]
 
 
-# Adding a format = one entry here (and its name in config.DataConfig.format).
+# Adding a format = one entry here and its kind in sm_dist/config/data.py (tests/unit/test_config_registries.py).
 FORMATS: dict[str, DataFormat] = {
     "jsonl": DataFormat((".jsonl", ".json"), _read_lines, _decode_json),
     "parquet": DataFormat((".parquet",), read_parquet, _object),

@@ -87,10 +87,7 @@ class DataWatcher:
         from sm_dist.data.prepare import encode_rows
 
         d = self.cfg.data
-        examples, loaded = load_examples(
-            path, fmt=None if d.format == "auto" else d.format, prompt_field=d.prompt_field,
-            answer_field=d.answer_field, text_field=d.text_field, prompt_chars=d.prompt_chars, on_bad=d.on_bad,
-        )  # fmt: skip
+        examples, loaded = load_examples(path, **d.format.load_kwargs(), on_bad=d.on_bad)
         rows, enc, encoded = encode_rows(self.cfg, self.tok, examples, str(path), id_prefix=id_prefix)
         if not enc:
             raise no_usable_examples(f"data.watch_dir file {path.name}", path, loaded, encoded)

@@ -238,7 +238,7 @@ def evaluate(
     `force_error_kind` says ("uniform" or "plausible"; module docstring).
         Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
         UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
-        `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (sm_dist.config.RolloutConfig);
+        `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (`decoding_params`);
         `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`);
         a prompt that leaves it no room is a UserError before the engine starts.
     """
@@ -254,12 +254,8 @@ def evaluate(
 
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}", "evaluates no example.", "pass limit >= 1, or None for all")
-    from sm_dist.config import RolloutConfig
     from sm_dist.eval.target import check_prompt_lengths, engine_max_len
 
-    defaults = RolloutConfig()
-    max_actions = defaults.max_actions if max_actions is None else max_actions
-    max_backspaces = defaults.max_backspaces if max_backspaces is None else max_backspaces
     decoding = resolve_decoding(decoding, backspace)
     params = decoding_params(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias

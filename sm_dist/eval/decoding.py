@@ -37,23 +37,51 @@ def resolve_decoding(decoding: str | None, backspace: bool | None) -> str:
     return decoding
 
 
+_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "max_actions": "--max-actions",
+          "max_backspaces": "--max-backspaces", "samples_per_prompt": "--samples"}  # fmt: skip
+
+
+def check_ranges(**values) -> None:
+    """Eval flags against the ranges of their `rollout.*` keys, which the config holds (once); a
+    ValueError names the flag, the value and the range."""
+    from pydantic import ValidationError
+
+    from sm_dist.config import RolloutConfig
+
+    probe = RolloutConfig()
+    for name, value in values.items():
+        try:
+            setattr(probe, name, value)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"].lower()
+            raise ValueError(f"{_FLAGS[name]} {value}: {msg} (the range of rollout.{name})") from None
+
+
 def decoding_params(
     decoding: str,
     temperature: float | None = None,
     top_p: float = 1.0,
     samples: int = 1,
     seed: int = 0,
-    max_actions: int = 64,
-    max_backspaces: int = 16,
+    max_actions: int | None = None,
+    max_backspaces: int | None = None,
     bkspc_bias: float = 0.0,
 ):
-    """`RolloutParams` for one decoding mode; raises ValueError naming the bad flag and the fix."""
+    """`RolloutParams` for one decoding mode; raises ValueError naming the bad flag and the fix.
+    `max_actions` / `max_backspaces` None: rollout.*'s defaults (sm_dist/config/rollout.py)."""
+    from sm_dist.config import RolloutConfig
     from sm_dist.rollout.engine import RolloutParams
 
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
-    if samples < 1:
-        raise ValueError(f"--samples {samples} must be >= 1")
+    caps = RolloutConfig().model_dump(include={"max_actions", "max_backspaces"})
+    max_actions = caps["max_actions"] if max_actions is None else max_actions
+    max_backspaces = caps["max_backspaces"] if max_backspaces is None else max_backspaces
+    check_ranges(
+        samples_per_prompt=samples, top_p=top_p, max_actions=max_actions, max_backspaces=max_backspaces
+    )
+    if temperature is not None:
+        check_ranges(temperature=temperature)
     if decoding in DETERMINISTIC:
         if samples > 1:
             raise ValueError(

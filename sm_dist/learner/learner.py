@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from sm_dist.config import LearnerConfig, ModelConfig, ObjectiveConfig, SyncConfig
-from sm_dist.core.objective import ObjectiveParams
 from sm_dist.core.traces import TraceInputs, build_inputs
 from sm_dist.learner import lora
 from sm_dist.learner.step import StepParams, loss_and_backward
@@ -66,11 +65,7 @@ def lr_factor(step: int, p: LearnerConfig, total_steps: int | None) -> float:
 def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gpu: bool) -> StepParams:
     """The one place the config becomes the pure-torch step's frozen parameters."""
     return StepParams(
-        objective=ObjectiveParams(
-            bkspc_id=bkspc_id, divergence=o.divergence, gamma=o.gamma, chi2_weight=o.chi2_weight,
-            data_mix=o.data_mix, mask_noise_actions=o.mask_noise_actions, weight_clip=o.weight_clip,
-            bkspc_discount=o.bkspc_discount, truncated_value=o.truncated_value,
-        ),
+        objective=o.params(bkspc_id),
         warmup_steps=o.warmup_steps,
         sm_lambda=o.sm_lambda,
         attn=lc.attn,
@@ -371,7 +366,7 @@ class Learner:
                 f"learner rank {self.rank}: {self.c.bad_in_a_row} non-finite steps in a row at step "
                 f"{self.c.step} (learner.nan_tolerance={self.opt_p.nan_tolerance}); last: "
                 f"{getattr(self, '_last_error', 'non-finite grad norm')}. Lower learner.lr or "
-                "objective.chi2_weight"
+                "objective.divergence.chi2_weight"
             )
 
     def _clip(self) -> float:

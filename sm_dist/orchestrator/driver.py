@@ -35,8 +35,7 @@ import logging
 import time
 from pathlib import Path
 
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import dump_config
+from sm_dist.config import Config, ConfigError, dump_config
 from sm_dist.data.prepare import build_data, prepare_model
 from sm_dist.eval import heldout
 from sm_dist.learner import checkpoint as ckpt

@@ -142,17 +142,7 @@ def _load_and_encode(cfg: Config, tok):
     from sm_dist.data.datasets import encode_examples, load_examples
 
     d = cfg.data
-    kw = dict(
-        prompt_field=d.prompt_field,
-        answer_field=d.answer_field,
-        text_field=d.text_field,
-        split=d.split,
-        name=d.name,
-    )
-    fmt = None if d.format == "auto" else d.format
-    examples, loaded = load_examples(
-        d.train_path, fmt=fmt, prompt_chars=d.prompt_chars, on_bad=d.on_bad, limit=d.limit, **kw
-    )
+    examples, loaded = load_examples(d.train_path, **d.load_kwargs(), limit=d.limit)
     reports = [loaded]
     if tok is not None and examples:
         examples, encoded = encode_examples(
@@ -166,14 +156,14 @@ def _check_examples(cfg: Config, tok, examples: list) -> None:
     d = cfg.data
     if tok is not None and (empty := sum(not e.prompt_ids for e in examples)):
         raise ConfigError(
-            "data.prompt_chars",
+            "data.format.prompt_chars",
             f"{empty} of {len(examples)} prompts in {d.train_path} encode to 0 tokens (plain-text rows with "
-            f"data.prompt_chars={d.prompt_chars}, and a tokenizer that adds no BOS): the model has nothing "
-            "to generate from.",
-            "set data.prompt_chars=N (the first N characters of each text become its prompt), or give "
+            f"data.format.prompt_chars={d.format.prompt_chars}, and a tokenizer that adds no BOS): the model has "
+            "nothing to generate from.",
+            "set data.format.prompt_chars=N (the first N characters of each text become its prompt), or give "
             "rows a prompt field",
         )
-    if tok is not None and d.noise == "task" and d.p_noise > 0:
+    if tok is not None and d.noise.kind == "task" and d.p_noise > 0:
         specials = set(tok.all_special_ids)
         if len({t for e in examples for t in e.target_ids} - specials) < 2:
             raise ConfigError(

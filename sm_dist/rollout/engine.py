@@ -58,6 +58,9 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from sm_dist.config import RolloutConfig
+
+_CAPS = RolloutConfig.model_fields  # the caps' one default is rollout.*'s (sm_dist/config/rollout.py)
 EXTRA_ARGS_KEY = "sm_bkspc"  # SamplingParams.extra_args key read by BkspcLogitsProcessor
 
 
@@ -67,8 +70,8 @@ class RolloutParams:
 
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    max_actions: int = 128  # cap on actions per rollout (tokens + <bkspc> + <eos>)
-    max_backspaces: int = 16  # cap on <bkspc> actions per rollout (then finish "action_cap")
+    max_actions: int = _CAPS["max_actions"].default  # cap on actions per rollout (tokens + <bkspc> + <eos>)
+    max_backspaces: int = _CAPS["max_backspaces"].default  # cap on <bkspc> actions (then "action_cap")
     samples_per_prompt: int = 1  # independent rollouts per prompt
     seed: int = 0  # base seed; each request derives its own from (seed, rollout, resubmission)
     logprobs: bool = True  # record behaviour log-probs per action
@@ -85,18 +88,9 @@ class RolloutParams:
     # backspace fires (negative: rarer). 0 leaves the policy as trained.
     bkspc_bias: float = 0.0
 
-    def __post_init__(self):
-        if self.max_actions < 1 or self.max_backspaces < 0 or self.samples_per_prompt < 1:
-            raise ValueError(
-                f"need max_actions >= 1, max_backspaces >= 0, samples_per_prompt >= 1; got "
-                f"{self.max_actions}, {self.max_backspaces}, {self.samples_per_prompt}"
-            )
-        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0:
-            raise ValueError(
-                f"need 0 < top_p <= 1 and temperature >= 0; got {self.top_p}, {self.temperature}"
-            )
-        if not 0.0 <= self.force_bkspc_rate <= 1.0:
-            raise ValueError(f"force_bkspc_rate={self.force_bkspc_rate} must be in [0, 1]")
+    def __post_init__(self):  # users' values are range-checked by the config (rollout.*) or the eval flags
+        assert self.max_actions >= 1 and self.max_backspaces >= 0 and self.samples_per_prompt >= 1, self
+        assert 0.0 < self.top_p <= 1.0 and self.temperature >= 0 and 0.0 <= self.force_bkspc_rate <= 1.0, self
 
 
 @dataclass

@@ -98,9 +98,7 @@ class GlooReceiver(WeightReceiver):
 class GlooSender(WeightSender):
     """Learner rank 0: hosts the group at its own node's address and broadcasts each version."""
 
-    def __init__(
-        self, timeout_s: float = 300.0, master_address: str | None = None, master_port: int | None = None
-    ):
+    def __init__(self, timeout_s: float, master_address: str | None = None, master_port: int | None = None):
         super().__init__(timeout_s)
         self.master_address, self.master_port = master_address, master_port
         self.pg = None

@@ -1,6 +1,7 @@
 """One config class per weight transport, selected by `sync.transport.kind` (a discriminated union).
 
-Pure pydantic (no torch, Ray or vLLM), so `sm_dist.config` validates a run before anything starts.
+Pure pydantic (no torch, Ray or vLLM), so `sm_dist.config` validates a run before anything starts
+(`SyncConfig.transport` in sm_dist/config/run.py; a bare name there means `{kind: name}`).
 Each class says what the rest of the system needs to know about its transport, and builds the two
 ends of it lazily (the imports happen in the process that uses them):
 
@@ -14,7 +15,8 @@ ends of it lazily (the imports happen in the process that uses them):
     check(cfg)                cross-section checks on the whole config (an error names the fix)
 
 Adding a transport: one module in `sm_dist/sync/` with its sender and receiver, one class here, and
-its name in `TransportConfig`. In YAML either `transport: gloo` or `transport: {kind: gloo, ...}`.
+its name in `TransportConfig` (tests/unit/test_config_registries.py checks every class names real
+sender and receiver classes). In YAML either `transport: gloo` or `transport: {kind: gloo, ...}`.
 """
 
 from __future__ import annotations
@@ -105,9 +107,3 @@ class NcclConfig(_Transport):
 
 
 TransportConfig = Annotated[ObjectStoreConfig | GlooConfig | NcclConfig, Field(discriminator="kind")]
-
-
-def as_transport(value: Any) -> Any:
-    """`transport: gloo` (a bare name, as in older configs and `sync.transport=gloo` overrides) means
-    `transport: {kind: gloo}`."""
-    return {"kind": value} if isinstance(value, str) else value

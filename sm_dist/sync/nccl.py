@@ -13,7 +13,7 @@ It shares the worker protocol with the gloo transport (`sm_dist.sync.collective`
 `NcclSender.connect` rendezvouses once at its own address, and every `sync.every` steps `send` runs
 start -> update (+ broadcast) -> finish; each worker's `NcclReceiver` forwards the stages to vLLM.
 
-    sender = NcclSender(timeout_s=300)
+    sender = NcclSender(timeout_s=300, packed=True)
     sender.connect(workers, names, model)        # trainer is NCCL rank 0, vLLM workers 1..N
     sender.send(version, model.state_dict())     # start -> update (+ broadcast) -> finish
 
@@ -109,7 +109,7 @@ class NcclSender(WeightSender):
     """Learner rank 0 (one process that holds the full weights on a GPU) sends; workers receive
     inside vLLM. `num_vllm_workers_per_engine` > 1 for tensor-parallel engines."""
 
-    def __init__(self, timeout_s: float = 300.0, packed: bool = True, num_vllm_workers_per_engine: int = 1):
+    def __init__(self, timeout_s: float, packed: bool, num_vllm_workers_per_engine: int = 1):
         super().__init__(timeout_s)
         self.packed, self.per_engine = packed, num_vllm_workers_per_engine
         self._engine = None

@@ -255,7 +255,7 @@ def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cl
     shard its id hashes to, each of 2 ranks sampling its own shard (staleness filter per shard), merged
     stats, a dead shard named with its folder, and a rebuild that restores both shards."""
     from sm_dist.buffer.shards import shard_of
-    from sm_dist.config_load import load_config
+    from sm_dist.config import load_config
     from sm_dist.orchestrator.actors import build_replay
 
     ray = ray_cluster

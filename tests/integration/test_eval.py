@@ -300,8 +300,7 @@ def test_cli_eval(model_256, data_file, tmp_path):
 def test_the_tiny_config_starts_from_the_shipped_base_and_measures_the_heldout_split(tmp_path):
     """configs/tiny-cpu.yaml: the run's start model is a copy of models/tiny-arith-base (what its
     held-out 'before' measures); a start_from that is not a model folder is one ConfigError."""
-    from sm_dist.config import ConfigError
-    from sm_dist.config_load import load_config
+    from sm_dist.config import ConfigError, load_config
     from sm_dist.data.prepare import prepare_model
 
     tiny = ROOT / "configs" / "tiny-cpu.yaml"

@@ -10,7 +10,9 @@ import torch
 from sm_dist.config import LearnerConfig, ObjectiveConfig
 
 LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant", clip_norm=1.0, grad_accum=1)
-OBJECTIVE = ObjectiveConfig(divergence="chi2_mixture", warmup_steps=0, sm_lambda=0.5, chi2_weight=1e-3)
+OBJECTIVE = ObjectiveConfig(
+    divergence={"kind": "chi2_mixture", "chi2_weight": 1e-3}, warmup_steps=0, sm_lambda=0.5
+)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_export_and_worker_logprobs_equal_merged_model(lora_run, ray_cluster):
     ray = ray_cluster
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sm_dist.config_load import load_config
+    from sm_dist.config import load_config
     from sm_dist.learner.learner import Learner
     from sm_dist.rollout.engine import RolloutParams
     from sm_dist.rollout.worker import RolloutWorker

@@ -47,7 +47,10 @@ def test_every_arm_takes_the_same_expert_rows_per_step(arm):
     assert o.get("data.noise") == noise
     assert float(o["data.p_noise"]) == (0.0 if arm == "mle" else 0.25)
     if arm.startswith("sm"):
-        assert o["objective.divergence"] == "chi2_mixture" and float(o["objective.chi2_weight"]) == 0.01
+        assert (
+            o["objective.divergence"] == "chi2_mixture"
+            and float(o["objective.divergence.chi2_weight"]) == 0.01
+        )
         assert o["buffer.fill_with_data"] == "false"
     else:
         assert o["objective.divergence"] == "mle"

@@ -162,7 +162,7 @@ def _run_with_checkpoint(tmp: Path, model: Path, *over: str) -> tuple[list[str],
     """A run directory as `sm-dist train` leaves it: config.yaml, model/, one complete checkpoint."""
     import torch
 
-    from sm_dist.config_load import dump_config, load_config
+    from sm_dist.config import dump_config, load_config
     from sm_dist.learner import checkpoint as ckpt
 
     run = tmp / "run"
@@ -222,7 +222,7 @@ def fresh_run_on_a_used_run_dir(tmp, model):
 
 def resume_with_a_differing_config_file(tmp, model):
     """The run's own config file, resolved as the run saved it, but with another run.total_steps."""
-    from sm_dist.config_load import dump_config, load_config
+    from sm_dist.config import dump_config, load_config
 
     argv, _ = _run_with_checkpoint(tmp, model)
     over = argv[2 : argv.index("--resume")]
@@ -247,7 +247,7 @@ def empty_prompts_without_bos(tmp, model):
         tmp,
         f"model.dir={model}",
         f"data.train_path={data}",
-        "data.text_field=text",
+        "data.format.text_field=text",
         "data.max_answer_len=48",
         "rollout.engine.max_model_len=160",
     )
@@ -422,7 +422,7 @@ CASES = [
         one_answer_token_tiny_built_at_start,
         ("data.noise", "fewer than 2 distinct tokens"),
     ),
-    Case("empty_prompts_without_bos", empty_prompts_without_bos, ("data.prompt_chars", "0 tokens")),
+    Case("empty_prompts_without_bos", empty_prompts_without_bos, ("data.format.prompt_chars", "0 tokens")),
     Case(
         "engine_longer_than_the_model",
         engine_longer_than_the_model,

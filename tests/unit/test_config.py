@@ -10,15 +10,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import load_config
+from sm_dist.config import Config, ConfigError, load_config
+from sm_dist.config.base import variants
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny-cpu.yaml")
 
 
 def test_import_needs_no_ml_stack():
-    code = "import sys, sm_dist.config, sm_dist.config_load; print([m for m in ('torch', 'ray', 'vllm') if m in sys.modules])"
+    code = "import sys, sm_dist.config; print([m for m in ('torch', 'ray', 'vllm') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -135,15 +135,54 @@ def test_learner_bundles_carry_the_custom_resources_the_cluster_must_have():
     assert e.value.key == "learner.resources" and "2 learners x 1.0 'learner_node'" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "gpt2-gpu.yaml", "llama-8b-fsdp.yaml"])
-def test_example_configs_validate(name):
-    raw = yaml.safe_load((ROOT / "configs" / name).read_text())
-    cfg = Config.model_validate(raw)  # schema and cross-field checks; paths exist only on their cluster
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    cfg = load_config(path, paths=False)  # schema and cross-field checks; paths exist only on their cluster
     assert cfg.run.total_steps >= 1
+    assert Config.model_validate(yaml.safe_load(path.read_text())) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, new",
+    [
+        ("objective.chi2_weight=0.01", "objective.divergence.chi2_weight"),
+        ("objective.weight_clip=5", "objective.divergence.weight_clip"),
+        ("data.noise_path=n.jsonl", "data.noise.path"),
+        ("data.text_field=text", "data.format.text_field"),
+        ("data.prompt_field=q", "data.format.prompt_field"),
+    ],
+)
+def test_a_key_of_the_old_layout_names_its_new_place(override, new):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert e.value.key == override.split("=")[0] and f"moved to {new}" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_variants_by_kind_with_their_own_parameters(tmp_path):
+    base = [f"run.run_dir={tmp_path / 'r'}"]
+    cfg = load_config(TINY, [*base, "objective.divergence.chi2_weight=0.02"])  # the shipped kind, one knob
+    assert (cfg.objective.divergence.kind, cfg.objective.divergence.chi2_weight) == ("chi2_mixture", 0.02)
+    cfg = load_config(TINY, [*base, "objective.divergence=kl", "objective.divergence.weight_clip=3"])
+    assert cfg.objective.divergence.model_dump() == {"kind": "kl", "data_mix": 0.5, "weight_clip": 3.0}
+    assert load_config(TINY, [*base, "objective.divergence=mle"]).objective.params(7).divergence == "mle"
+    with pytest.raises(ConfigError, match="unknown key for kind mle") as e:  # chi2_weight is not mle's
+        load_config(TINY, [*base, "objective.divergence.kind=mle"])
+    assert e.value.key == "objective.divergence.chi2_weight"
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [*base, "data.noise=model"])  # model noise needs its file
+    assert e.value.key == "data.noise.path"
+    cfg = load_config(TINY, [*base, "data.noise=model", "data.noise.path=n.jsonl", "data.format=text"])
+    assert (cfg.data.noise.path, cfg.data.format.load_kwargs()) == (
+        "n.jsonl",
+        {"fmt": "text", "prompt_chars": 0},
+    )
+    cfg = load_config(TINY, [*base, "sync.transport.kind=gloo"])
+    assert cfg.sync.transport.kind == "gloo"
 
 
 def test_reference_lists_every_key_with_a_description_and_docs_are_current():
-    from sm_dist.config_load import reference
+    from sm_dist.config import reference
 
     text = reference()
 
@@ -154,7 +193,10 @@ def test_reference_lists_every_key_with_a_description_and_docs_are_current():
                 yield from keys(ann, f"{prefix}{name}.")
             else:
                 yield f"{prefix}{name}", f
+                for v in variants(ann):  # each kind of a union: its own parameters
+                    yield from keys(v, f"{prefix}{name}.")
 
+    assert "| `objective.divergence.chi2_weight` |" in text and "| `data.noise.path` |" in text
     for key, f in keys(Config):
         assert f.description, f"{key} has no description"
         assert f"| `{key}` |" in text, key

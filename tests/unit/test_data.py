@@ -164,17 +164,16 @@ def test_make_data_rows_rejects_a_trace_that_does_not_collapse_to_its_target():
 
 
 def test_data_format_and_text_field_from_the_config(tmp_path):
-    """data.format / data.text_field / data.prompt_chars reach the loader; the config takes exactly the
-    registry's format names (adding a format is one FORMATS entry)."""
+    """data.format (its kind, text_field, prompt_chars) reaches the loader; the config takes the registry's
+    format names (tests/unit/test_config_registries.py checks they are exactly FORMATS' and auto)."""
     import json
 
-    from sm_dist.config import ConfigError, DataConfig
-    from sm_dist.config_load import load_config
+    from sm_dist.config import ConfigError, DataConfig, load_config
     from sm_dist.data.datasets import FORMATS
     from sm_dist.data.prepare import load_train_examples
 
     for name in ("auto", *FORMATS):
-        assert DataConfig(format=name).format == name
+        assert DataConfig(format=name).format.kind == name
     with pytest.raises((ConfigError, ValueError), match=r"'xml' is not one of \['auto', 'jsonl'"):
         DataConfig(format="xml")
     f = tmp_path / "stories.data"  # a suffix no format claims: data.format must say it
@@ -182,11 +181,11 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     over = [
         f"run.run_dir={tmp_path / 'r'}",
         f"data.train_path={f}",
-        "data.text_field=text",
-        "data.prompt_chars=4",
+        "data.format.text_field=text",
+        "data.format.prompt_chars=4",
     ]
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
-    cfg = load_config(tiny, [*over, "data.format=jsonl"])
+    cfg = load_config(tiny, ["data.format=jsonl", *over])  # a bare kind first: it replaces the whole format
     examples, *_ = load_train_examples(cfg)
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):

@@ -31,7 +31,7 @@ def hf_home(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_model_dir_takes_a_hub_id(hf_home):
-    from sm_dist.config_load import load_config
+    from sm_dist.config import load_config
 
     _, snap = hf_home
     cfg = load_config(

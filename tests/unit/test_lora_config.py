@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sm_dist.config import Config, ConfigError
-from sm_dist.config_load import load_config
+from sm_dist.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 QLORA = ROOT / "configs" / "llama2-7b-qlora.yaml"

@@ -113,9 +113,10 @@ def test_load_model_noise_matches_by_ids_and_names_a_missing_row(tmp_path):
 def test_config_model_noise_needs_a_path():
     from sm_dist.config import DataConfig
 
-    with pytest.raises(ValueError, match="data.noise_path"):
+    with pytest.raises(ValueError, match=r"noise\.model\.path"):
         DataConfig(noise="model")
-    assert DataConfig(noise="plausible").noise == "plausible"
+    assert DataConfig(noise="plausible").noise.kind == "plausible"
+    assert DataConfig(noise={"kind": "model", "path": "n.jsonl"}).noise.path == "n.jsonl"
 
 
 def test_encode_rows_with_plausible_noise(tiny_model_dir):
@@ -149,6 +150,7 @@ def test_encode_rows_with_plausible_noise(tiny_model_dir):
 def test_noise_candidates_refuses_a_non_arithmetic_row(tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from sm_dist.config import PlausibleNoise
     from sm_dist.data.noise import noise_candidates
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -159,4 +161,4 @@ def test_noise_candidates_refuses_a_non_arithmetic_row(tiny_model_dir):
         )
     ]
     with pytest.raises(ValueError, match="data.noise=plausible is for add_or_sub_in_base"):
-        noise_candidates("plausible", enc, tok, None)
+        noise_candidates(PlausibleNoise(), enc, tok)

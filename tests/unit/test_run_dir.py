@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sm_dist.config import ConfigError
-from sm_dist.config_load import dump_config, load_config, load_resume_config
+from sm_dist.config import ConfigError, dump_config, load_config, load_resume_config
 from sm_dist.orchestrator.storage import claim_fresh_run_dir, keep_config_history, set_aside_history
 from sm_dist.service.metrics import MetricsLogger, read_metrics
 

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sm_dist.config import ConfigError
-from sm_dist.config_load import resolve_run_dir
+from sm_dist.config import ConfigError, resolve_run_dir
 from sm_dist.orchestrator.storage import check_shared_run_dir
 
 

@@ -1,5 +1,6 @@
-"""Loading a run configuration: YAML + `a.b.c=value` overrides -> a validated, path-resolved `Config`;
-`dump_config` and the `--reference` generator (docs/config.md). Imports no torch, Ray or vLLM.
+"""Loading a run configuration: YAML + `a.b.c=value` overrides -> a validated, path-resolved `Config`,
+and the config a `--resume` runs with. Imports no torch, Ray, vLLM or transformers (huggingface_hub
+only where a hub model id is resolved).
 
 Path rules (`load_config`): a relative path in `model.dir` / `data.train_path` is looked up against the
 current directory, then the config file's directory, then its parent (the repo root for `configs/*.yaml`);
@@ -13,27 +14,61 @@ import copy
 import json
 import os
 import re
-import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from sm_dist.config import Config, ConfigError
+from sm_dist.config.base import ConfigError, variant_of, variants
+from sm_dist.config.root import Config
 from sm_dist.data.sources import is_hub_id, source_exists
 from sm_dist.hub import resolve_model
 
-# ---- loading ----------------------------------------------------------------------------------------
+# ---- overrides and validation errors ----------------------------------------------------------------
+
+
+def _walk(loc: list[str]) -> tuple[list[str], type[BaseModel] | None]:
+    """A pydantic error location -> (its dotted key parts, a union's tags left out; the section class
+    the last part lies in, or None)."""
+    parts: list[str] = []
+    cls: type[BaseModel] | None = Config
+    i = 0
+    while i < len(loc):
+        name, i = loc[i], i + 1
+        parts.append(name)
+        field = cls.model_fields.get(name) if cls is not None else None
+        ann = field.annotation if field is not None else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        elif variants(ann) and i < len(loc) and (tagged := variant_of(ann, loc[i])) is not None:
+            cls, i = tagged, i + 1
+        else:
+            cls = None
+    return parts, cls
+
+
+def _union_default(parts: list[str]) -> dict | None:
+    """`{kind: ...}` of the default of the union field at `parts` (None when it is no union)."""
+    *section, name = parts
+    _, cls = _walk(section)
+    field = cls.model_fields.get(name) if cls is not None else None
+    if field is None or not variants(field.annotation):
+        return None
+    return {"kind": field.get_default(call_default_factory=True).kind}
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set `a.b.c` in the raw mapping; a union given by a bare name (or not at all) opens as `{kind: ...}`."""
     parts = key.split(".")
     cur = d
     for i, p in enumerate(parts[:-1]):
         nxt = cur.get(p)
-        if nxt is None:
-            nxt = cur[p] = {}
+        if nxt is None or isinstance(nxt, str):
+            kind = _union_default(parts[: i + 1])
+            if kind is not None and isinstance(nxt, str):
+                kind = {"kind": nxt}
+            nxt = cur[p] = kind if kind is not None else ({} if nxt is None else nxt)
         if not isinstance(nxt, dict):
             raise ConfigError(
                 ".".join(parts[: i + 1]),
@@ -61,12 +96,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 def _validation_error(e: ValidationError) -> ConfigError:
     err = e.errors()[0]
-    key = ".".join(str(x) for x in err["loc"]) or "<root>"
+    loc = [str(x) for x in err["loc"]]
+    parts, _ = _walk(loc)
+    key = ".".join(parts) or "<root>"
     typ, msg = err["type"], err["msg"]
     if typ == "extra_forbidden":
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = _allowed_keys(section)
-        return ConfigError(key, "unknown key.", f"remove it or use one of: {', '.join(allowed)}")
+        _, section = _walk(loc[:-1])
+        allowed = sorted(section.model_fields) if section is not None else []
+        which = f" for kind {loc[-2]}" if "kind" in allowed else ""
+        return ConfigError(key, f"unknown key{which}.", f"remove it or use one of: {', '.join(allowed)}")
     if typ.startswith("value_error"):  # our own validators already name the key and the fix
         inner = msg.removeprefix("Value error, ")
         m = re.match(r"([a-z_][a-z0-9_.]*): (.*)", inner, re.S)
@@ -77,14 +115,7 @@ def _validation_error(e: ValidationError) -> ConfigError:
     )
 
 
-def _allowed_keys(section: str) -> list[str]:
-    cls: type[BaseModel] = Config
-    for p in [p for p in section.split(".") if p]:
-        ann = cls.model_fields[p].annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        cls = ann
-    return sorted(cls.model_fields)
+# ---- paths ------------------------------------------------------------------------------------------
 
 
 def _resolve(path: str, bases: list[Path]) -> str:
@@ -194,11 +225,14 @@ def check_paths(cfg: Config) -> None:
         )
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, *, paths: bool = True
+) -> Config:
     """Read YAML `path` (None: all defaults), apply `a.b.c=value` overrides, validate, resolve paths.
 
     Raises ConfigError (dotted key + message + fix) for a missing file, bad YAML, unknown keys, wrong
-    types, failed cross-field checks and missing model/data paths.
+    types, failed cross-field checks and missing model/data paths. `paths=False`: the schema and the
+    cross-field checks only, paths left as written (a config for another machine, e.g. deploy/submit.sh).
     """
     raw: dict = {}
     cpath = Path(path) if path is not None else None
@@ -219,10 +253,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 f"{cpath} must hold a mapping of sections, got {type(raw).__name__}.",
                 "see configs/tiny-cpu.yaml for the layout",
             )
-    return config_from_dict(raw, overrides, cpath)
+    return config_from_dict(raw, overrides, cpath, paths=paths)
 
 
-def config_from_dict(raw: dict, overrides: list[str] | None = None, cpath: Path | None = None) -> Config:
+def config_from_dict(
+    raw: dict, overrides: list[str] | None = None, cpath: Path | None = None, *, paths: bool = True
+) -> Config:
     """`load_config` from a mapping already read (`cpath`: the file it came from, for relative paths)."""
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(list(overrides or [])):
@@ -231,6 +267,8 @@ def config_from_dict(raw: dict, overrides: list[str] | None = None, cpath: Path 
         cfg = Config.model_validate(raw)
     except ValidationError as e:
         raise _validation_error(e) from None
+    if not paths:
+        return cfg
     cfg = resolve_paths(cfg, cpath)
     check_paths(cfg)
     return cfg
@@ -298,84 +336,3 @@ def _refuse_differing_file(cfg: Config, given: Config, config_path: str, saved_p
         f"drop {config_path} (sm-dist train --resume {saved_path.parent}) to continue as saved, or add "
         f"the overrides that change it: {apply}",
     )
-
-
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (what the run logs and saves as `<run_dir>/config.yaml`)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def _type_name(ann: Any) -> str:
-    """A short, readable type for the reference: `int`, `float | null`, `"ddp" | "fsdp2"`, ..."""
-    import typing
-
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin is Literal:
-        return " \\| ".join(f"`{a}`" for a in args)
-    if _variants(ann):
-        return " \\| ".join(f"`{a.model_fields['kind'].default}`" for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        return "[" + ", ".join(_type_name(a) for a in args) + "]"
-    return getattr(ann, "__name__", str(ann))
-
-
-def _variants(ann: Any) -> list[type[BaseModel]]:
-    """The member models of a union of pydantic models (a discriminated union), else []."""
-    import typing
-
-    if typing.get_origin(ann) not in (typing.Union, types.UnionType):
-        return []
-    args = typing.get_args(ann)
-    ok = all(isinstance(a, type) and issubclass(a, BaseModel) and "kind" in a.model_fields for a in args)
-    return list(args) if ok else []
-
-
-def _md_cell(text: str) -> str:
-    """Text for a markdown table cell: `|` escaped, and `<` outside code spans (else `<bkspc>` would
-    read as an HTML tag and vanish)."""
-    parts = text.replace("|", "\\|").split("`")
-    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
-
-
-def reference() -> str:
-    """Every config key (dotted), with its type, default and description, as markdown: the source of
-    `docs/config.md` and of `sm-dist config --reference`."""
-    out = [
-        "# Config reference",
-        "",
-        "Every key of a run config (`sm-dist train CONFIG key=value ...`), with its type, default and",
-        "meaning. Generated from `sm_dist/config.py` by `sm-dist config --reference`; do not edit by hand.",
-        "",
-    ]
-
-    def section(cls: type[BaseModel], prefix: str, title: str | None = None) -> None:
-        nested: list[tuple[str, type[BaseModel], str | None]] = []
-        rows = []
-        for name, f in cls.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                nested.append((f"{prefix}{name}", ann, None))
-                continue
-            variants = _variants(ann)
-            if variants:  # a discriminated union (sync.transport): one section per kind
-                for v in variants:
-                    kind = v.model_fields["kind"].default
-                    nested.append((f"{prefix}{name}", v, f"`{prefix}{name}` with `kind: {kind}`"))
-            default = f.get_default(call_default_factory=True)
-            if isinstance(default, BaseModel):
-                default = default.model_dump(mode="json")
-            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
-            shown = shown.removesuffix("\n...").strip()
-            text = _md_cell(f.description or "")
-            rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{shown}` | {text} |")
-        if rows:
-            head = title or "`" + prefix.rstrip(".") + "`"
-            out.extend([f"## {head}", "", (cls.__doc__ or "").strip(), ""])
-            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
-        for name, sub, sub_title in nested:
-            section(sub, f"{name}.", sub_title)
-
-    section(Config, "")
-    return "\n".join(out).rstrip() + "\n"
