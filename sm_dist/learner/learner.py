@@ -45,6 +45,7 @@ from sm_dist.config import LearnerConfig, ModelConfig, ObjectiveConfig, SyncConf
 from sm_dist.core.traces import TraceInputs, build_inputs
 from sm_dist.learner import lora
 from sm_dist.learner.step import StepParams, loss_and_backward
+from sm_dist.sync.stream import WeightStream, drain, from_state_dict, full_tensor, wire_order
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,19 @@ class _Counters:
     history: list = field(default_factory=list)
 
 
+def _unaliased(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` without the later names of a tensor it holds twice (a tied head): torch's state-dict loader
+    fills a shared parameter under its first name only."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in sd.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen or v.numel() == 0:
+            seen.add(key)
+            out[k] = v
+    return out
+
+
 class Learner:
     """One data-parallel rank: HF model, AdamW, LR schedule, SequenceMatch step."""
 
@@ -184,7 +198,21 @@ class Learner:
         return self.model_cfg.lora.r > 0
 
     def _load_model(self, auto):
-        """The HF model in float32 on this rank's device; QLoRA: its base in 4 bits (CUDA only)."""
+        """The HF model in float32 on this rank's device; QLoRA: its base in 4 bits (CUDA only). FSDP2
+        over several ranks: rank 0 reads the weights into host memory and the others build the model
+        with its parameters on the meta device (no memory); `_wrap` shards every rank's model, then
+        rank 0's weights are broadcast one tensor at a time and each rank keeps its shard, so no rank
+        ever holds the whole float32 model on its GPU (`_fill_from_rank0`)."""
+        if self._meta_init:
+            if self.rank == 0:
+                return auto.from_pretrained(self.model_dir, dtype=torch.float32)  # host memory
+            from accelerate import init_empty_weights  # a peft dependency
+            from transformers import AutoConfig
+
+            with init_empty_weights(include_buffers=False):  # buffers (rotary tables) stay real
+                model = auto.from_config(AutoConfig.from_pretrained(self.model_dir), dtype=torch.float32)
+            model.tie_weights()  # as from_pretrained does: a tied head shares its embedding (GPT-2)
+            return model
         if not self.model_cfg.load_in_4bit:
             return auto.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
         if self.device.type != "cuda":
@@ -271,12 +299,49 @@ class Learner:
                     "sharded, so every forward gathers the whole model at once",
                     type(lora.hf_model(self.module)).__name__,
                 )
+            full = _unaliased(self.module.state_dict()) if self.rank == 0 else {}  # host tensors (meta init)
+            buffers = (
+                {n: b.detach().clone() for n, b in self.module.named_buffers()} if self.rank == 0 else {}
+            )
             fully_shard_model(self.module, layers, **kw)
+            if self._meta_init:
+                self._fill_from_rank0(full, buffers)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_model = _DDPModel(DDP(self.module, device_ids=ids), self.module)
+
+    @property
+    def _meta_init(self) -> bool:
+        """FSDP2 over several ranks, weights in full precision, and parameters that can live on the
+        device the broadcast runs on (CPU offload on CUDA would need the NCCL broadcast on host tensors:
+        there every rank reads the folder into host memory and FSDP2 moves one layer at a time)."""
+        offload_on_cuda = self.opt_p.cpu_offload and self.device.type == "cuda"
+        return self.sharded and not self.model_cfg.load_in_4bit and not offload_on_cuda
+
+    def _fill_from_rank0(self, full: dict, buffers: dict) -> None:
+        """After FSDP2 sharded the (meta) parameters: give every shard storage on its device, broadcast
+        rank 0's buffers (`to_empty` clears them too; PEFT's non-persistent ones were made from meta
+        weights on the other ranks), then rank 0's weights one tensor at a time
+        (`set_model_state_dict(..., broadcast_from_rank0=True)`); each rank keeps its own slice."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        self.module.to_empty(device="cpu" if self.opt_p.cpu_offload else self.device)
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():  # the same order on every rank
+                if self.rank == 0:
+                    b.copy_(buffers[name])
+                dist.broadcast(b, src=0)
+        # not strict: a tied tensor's second name (GPT-2's head, its PEFT row adapter) is filled by its first
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        missed = set_model_state_dict(self.module, full, options=opts)
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        filled = {id(p) for n, p in params.items() if n not in missed.missing_keys}
+        lost = [k for k in missed.missing_keys if id(params.get(k)) not in filled]
+        if lost or missed.unexpected_keys:
+            raise RuntimeError(f"learner rank {self.rank}: rank 0's weights did not fill {lost or missed}")
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -396,22 +461,39 @@ class Learner:
         return self.opt_p.strategy == "fsdp2" and self.world_size > 1
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named CPU tensors of the whole model (a collective under FSDP2: call on every rank)."""
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """HF-named CPU tensors of the whole model in model.dtype, a tied head once (a collective under
+        FSDP2, gathered one tensor at a time: call on every rank; the ranks other than 0 get {})."""
+        stream = from_state_dict(self.module.state_dict(), self.weights_dtype)
+        if self.rank != 0:
+            if self.sharded:
+                drain(stream)
+            return {}
+        return {s.name: stream.read(s.name).to("cpu", s.dtype) for s in wire_order(stream.specs)}
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.module, options=opts)
-        return {k: v.detach().to("cpu") for k, v in self.module.state_dict().items()}
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """LoRA: the adapter's own tensors whole on CPU (every rank gathers each; the others get {})."""
+        parts = lora.adapter_state_dict(self.module.state_dict())
+        whole = {k: full_tensor(v).cpu() for k, v in parts.items()}
+        return whole if self.rank == 0 else {}
 
     def _sync_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights to publish: gathered under FSDP2 (a collective), else the live tensors, with no
-        CPU staging copy (the senders copy each tensor straight into their buffer, in model.dtype).
-        LoRA: the merged weights under HF names, made in model.dtype (`lora.merged_state_dict`)."""
-        if not self.use_lora:
-            return self.full_state_dict() if self.sharded else self.module.state_dict()
-        sd = self.full_state_dict() if self.sharded else lora.live_state_dict(self.module)
-        return lora.merged_state_dict(self.module, sd, self.weights_dtype) if self.rank == 0 else {}
+        """What a publish sends, made whole (tests and tools; call on every rank under FSDP2: the
+        others get {})."""
+        stream = self._weights()
+        if self.rank != 0:
+            if self.sharded:
+                drain(stream)
+            return {}
+        return dict(stream.items())
+
+    def _weights(self) -> WeightStream:
+        """The weights to publish, as a stream (sm_dist.sync.stream): nothing is gathered or merged until
+        the sender reads it, one tensor at a time, in model.dtype. Under FSDP2 each read all-gathers one
+        parameter, so rank 0 never holds the whole model beside its wire buffer. LoRA: the merged
+        weights under HF names (`lora.merged_stream`)."""
+        if self.use_lora:
+            return lora.merged_stream(self.module, lora.live_state_dict(self.module), self.weights_dtype)
+        return from_state_dict(self.module.state_dict(), self.weights_dtype)
 
     def connect_weights(self, workers: list, names: list[str]) -> None:
         """Rank 0 builds its end of `sync.transport` and connects it to the rollout workers (a
@@ -425,13 +507,20 @@ class Learner:
 
     def publish_weights(self, version: int):
         """Send the current weights as `version` (`sm_dist.sync.base.Delivery` on rank 0, None on the
-        others). Call on every rank (FSDP2 gathers the full weights collectively)."""
-        sd = self._sync_state_dict()
+        others). Call on every rank: under FSDP2 the others take part in each tensor's all-gather while
+        rank 0's sender reads the stream."""
         if self.rank != 0:
+            if self.sharded:
+                drain(self._weights())
             return None
         if self.sender is None:
             raise RuntimeError("publish_weights before connect_weights")
-        return self.sender.send(version, sd)
+        if self.sync.transport.kind == "nccl":  # reads the connected module's own tensors (no LoRA, no FSDP2)
+            return self.sender.send(version, self.module.state_dict())
+        stream = self._weights()
+        delivery = self.sender.send(version, stream)
+        delivery.metrics["sync/model_bytes"] = float(stream.nbytes)
+        return delivery
 
     def resend_weights(self, index: int):
         """Rank 0: the last version again to worker `index` (restarted with its initial weights)."""
@@ -449,14 +538,14 @@ class Learner:
         (lora if self.use_lora else sharded).save_state(self.module, self.optimizer, out / "state")
         own = sum(f.stat().st_size for f in (out / "state").glob(f"__{self.rank}_*.distcp"))
         figures = {"rank": self.rank, "state_bytes": own, "state_s": time.perf_counter() - t0}
-        sd = self.full_state_dict()  # weights only (a collective under FSDP2)
+        # weights only, gathered one tensor at a time (collectives under FSDP2); LoRA: the adapter alone
+        sd = self._adapter_tensors() if self.use_lora else self.full_state_dict()
         if self.rank != 0:
             return figures
         (out / "model").mkdir(parents=True, exist_ok=True)
         if self.use_lora:  # the adapter and the <bkspc> rows; adapter_config.json names the base folder
             lora.save_adapter(self.module, out / "model", sd)
         else:  # an HF folder in model.dtype (the state/ shards keep the float32 master weights)
-            sd = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in sd.items()}
             self.module.save_pretrained(out / "model", state_dict=sd, safe_serialization=True)
         self.tokenizer.save_pretrained(out / "model")
         state = {

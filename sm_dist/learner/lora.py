@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from sm_dist.sync.stream import Spec, WeightStream, full_tensor, out_dtype
+
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model
 ADAPTER = "default"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -127,37 +129,86 @@ def _skip(name: str) -> bool:
     return any(s in name for s in (".lora_A.", ".lora_B.", ".trainable_tokens_delta.", ".modules_to_save."))
 
 
+def _merge_keys(model, sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, str], str | None]:
+    """(HF name -> the PeftModel key whose merged weight it is, the HF name of a head tied to its
+    embedding or None). A tied head is left out: it travels as the embedding (senders send a tensor once)."""
+    emb, head, tied = _module_names(model.get_base_model())
+    keys, dropped = {}, None
+    for key in sd:
+        if _skip(key):
+            continue
+        name = hf_name(key)
+        if tied and name == f"{head}.weight":
+            dropped = name
+            continue
+        keys[name] = key
+    return keys, dropped
+
+
+def _whole(t) -> torch.Tensor:
+    """One tensor whole: an FSDP2 shard all-gathered (a collective), a 4-bit base weight (bitsandbytes
+    `Params4bit`) dequantised with peft's `dequantize_bnb_weight`, anything else as it is."""
+    if type(t).__name__ == "Params4bit":
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(t)
+    return full_tensor(t)
+
+
+def _spec(name: str, t, dtype: torch.dtype | None) -> Spec:
+    qs = getattr(t, "quant_state", None)  # Params4bit: packed uint8, its real shape and dtype in quant_state
+    if type(t).__name__ == "Params4bit" and qs is not None:
+        return Spec(name, tuple(qs.shape), dtype or qs.dtype)
+    return Spec(name, tuple(t.shape), out_dtype(t, dtype))
+
+
+def _merged(sd: Mapping[str, torch.Tensor], key: str, plan: dict, dtype: torch.dtype | None) -> torch.Tensor:
+    """The merged weight of PeftModel key `key`: W + scale * B @ A (transposed for fan_in_fan_out layers,
+    e.g. GPT-2's Conv1D) for a LoRA layer, the trained rows written in for a trainable-token layer, the
+    trained copy for a modules_to_save layer; in `dtype` (None: as is)."""
+    mod, _, leaf = key.rpartition(".")
+    owner = mod.removesuffix(".base_layer").removesuffix(".original_module")
+    if leaf == "weight" and owner in plan and "scale" in plan[owner]:
+        p = plan[owner]
+        a, b = _whole(sd[f"{owner}.lora_A.{ADAPTER}.weight"]), _whole(sd[f"{owner}.lora_B.{ADAPTER}.weight"])
+        delta = b.float() @ a.float()
+        w = _whole(sd[key]).float() + p["scale"] * (delta.T if p["fan_in_fan_out"] else delta)
+    elif leaf == "weight" and owner.endswith(".token_adapter") and owner in plan:
+        w = _whole(sd[key])
+        rows = torch.tensor(plan[owner]["rows"], device=w.device)
+        w = w.index_copy(0, rows, _whole(sd[f"{owner}.trainable_tokens_delta.{ADAPTER}"]).to(w))
+    elif f"{owner}.modules_to_save.{ADAPTER}.{leaf}" in sd:
+        w = _whole(sd[f"{owner}.modules_to_save.{ADAPTER}.{leaf}"])
+    else:
+        w = _whole(sd[key])
+    return w.to(dtype) if dtype is not None and w.is_floating_point() else w
+
+
+def merged_stream(
+    model, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, plan: dict | None = None
+) -> WeightStream:
+    """HF-named weights of `model` with the adapters merged, as a `WeightStream`: each read makes one
+    merged tensor in `dtype` (None: as is), gathering (FSDP2) or dequantising (QLoRA) only what that one
+    needs: the base weight and its two adapter matrices. `sd` is the PeftModel's state dict: live
+    tensors, FSDP2's DTensor shards or `live_state_dict`'s 4-bit parameters. The learner's modules are
+    never merged in place."""
+    plan = merge_plan(model) if plan is None else plan
+    keys, _ = _merge_keys(model, sd)
+    specs = [_spec(name, sd[key], dtype) for name, key in keys.items()]
+    return WeightStream(specs, lambda name: _merged(sd, keys[name], plan, dtype))
+
+
 def merged_state_dict(
     model, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, plan: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """HF-named weights of `model` with the adapters merged, as fresh tensors in `dtype` (None: as is).
-
-    `sd` is the PeftModel's state dict (live tensors, or the full one FSDP2 gathered). A LoRA layer's
-    weight becomes W + scale * B @ A (transposed for fan_in_fan_out layers, e.g. GPT-2's Conv1D), a
-    trainable-token layer's weight gets its trained rows, a modules_to_save copy replaces its original.
-    A head tied to its embedding is given the same tensor (senders send it once)."""
-    plan = merge_plan(model) if plan is None else plan
-    out: dict[str, torch.Tensor] = {}
-    for key, t in sd.items():
-        if _skip(key):
-            continue
-        mod, _, leaf = key.rpartition(".")
-        owner = mod.removesuffix(".base_layer").removesuffix(".original_module")
-        w = t.detach()
-        if leaf == "weight" and owner in plan and "scale" in plan[owner]:
-            p = plan[owner]
-            a, b = sd[f"{owner}.lora_A.{ADAPTER}.weight"], sd[f"{owner}.lora_B.{ADAPTER}.weight"]
-            delta = b.float() @ a.float()
-            w = w.float() + p["scale"] * (delta.T if p["fan_in_fan_out"] else delta)
-        elif leaf == "weight" and owner.endswith(".token_adapter") and owner in plan:
-            rows = torch.tensor(plan[owner]["rows"], device=w.device)
-            w = w.index_copy(0, rows, sd[f"{owner}.trainable_tokens_delta.{ADAPTER}"].to(w))
-        elif f"{owner}.modules_to_save.{ADAPTER}.{leaf}" in sd:
-            w = sd[f"{owner}.modules_to_save.{ADAPTER}.{leaf}"].detach()
-        out[hf_name(key)] = w.to(dtype) if dtype is not None and w.is_floating_point() else w
-    emb, head, tied = _module_names(model.get_base_model())
-    if tied and f"{head}.weight" in out:
-        out[f"{head}.weight"] = out[f"{emb}.weight"]
+    """`merged_stream` made whole, as a dict (exports, tests): a head tied to its embedding is given the
+    same tensor (senders send it once)."""
+    stream = merged_stream(model, sd, dtype, plan)
+    out = {s.name: stream.read(s.name) for s in stream.specs}
+    _, tied_head = _merge_keys(model, sd)
+    if tied_head is not None:
+        emb, _, _ = _module_names(model.get_base_model())
+        out[tied_head] = out[f"{emb}.weight"]
     return out
 
 
@@ -235,16 +286,11 @@ def quantization_config(compute: torch.dtype = torch.bfloat16):
 
 
 def live_state_dict(model) -> dict[str, torch.Tensor]:
-    """The PeftModel's tensors by state-dict name, with 4-bit base weights (bitsandbytes `Params4bit`)
-    dequantised (peft's `dequantize_bnb_weight`), so `merged_state_dict` sees plain weights. Without
-    4-bit layers this is `model.state_dict()`."""
+    """The PeftModel's tensors by state-dict name for `merged_stream`: `model.state_dict()` (under FSDP2
+    DTensor shards, gathered one at a time when merged), or with 4-bit layers the parameters themselves
+    (bitsandbytes `Params4bit`, dequantised one at a time when merged) and the buffers, without the
+    quantisation-state entries a 4-bit state dict adds."""
     params = dict(model.named_parameters(remove_duplicate=False))
     if not any(type(p).__name__ == "Params4bit" for p in params.values()):
         return model.state_dict()
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    out = {
-        n: (dequantize_bnb_weight(p) if type(p).__name__ == "Params4bit" else p) for n, p in params.items()
-    }
-    out.update(dict(model.named_buffers(remove_duplicate=False)))
-    return out
+    return {**params, **dict(model.named_buffers(remove_duplicate=False))}

@@ -128,12 +128,14 @@ class GlooSender(WeightSender):
 
     def send(self, version: int, state_dict: Mapping[str, torch.Tensor]) -> Delivery:
         from sm_dist.sync.object_store import state_dict_to_buffer
+        from sm_dist.sync.stream import as_stream
 
         if self.pg is None:
             raise RuntimeError("GlooSender.send before connect()")
         self.client.version = version
         t0 = time.perf_counter()
-        buf = state_dict_to_buffer(state_dict, self.dtype)
+        stream = as_stream(state_dict, self.dtype)
+        buf = state_dict_to_buffer(stream)
         t1 = time.perf_counter()
         self.client.call("start")  # every worker holds its engine lock: between two batches
         t2 = time.perf_counter()
@@ -152,7 +154,8 @@ class GlooSender(WeightSender):
         return Delivery(
             version,
             metrics={"sync/version": float(version), "sync/bytes": float(buf.nbytes), "sync/serialize_s": t1 - t0,
-                     "sync/pause_s": t2 - t1, "sync/apply_s": t3 - t2},
+                     "sync/pause_s": t2 - t1, "sync/apply_s": t3 - t2,
+                     "sync/largest_read_bytes": float(stream.largest_read_bytes)},
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sm_dist.sync.base import Delivery, WeightReceiver, WeightSender, WeightSyncError
+from sm_dist.sync.stream import WeightStream, as_stream, wire_order
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -36,48 +37,40 @@ _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def state_dict_to_buffer(
-    state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
+    weights: Mapping[str, torch.Tensor] | WeightStream, dtype: torch.dtype | None = None
 ) -> np.ndarray:
     """The weights in safetensors' file layout (8-byte header length, JSON header, raw data), written
     with one copy into a uint8 numpy array; floating-point tensors in `dtype` (None: as they are),
     converted by that same copy (no second copy of the model in either dtype).
 
+    `weights` is a state dict or a `WeightStream` (sm_dist.sync.stream): the header is built from the
+    specs alone, then each tensor is read (under FSDP2: all-gathered) and copied in, one at a time, in
+    `wire_order` (largest element size first, so every tensor's offset is aligned to its element size).
+    A tensor sharing storage with an earlier one (tied embeddings) is sent once, under its first name.
+
     Why numpy and not bytes: Ray stores a numpy array out of band, so a reader on the same node maps it
     from the object store without a copy (bytes are copied on every `ray.get`); and the layout is still
-    a valid safetensors file (`safetensors.torch.load(bytes(buf))` reads it). Tensors are ordered by
-    element size, largest first, so every tensor's offset is aligned to its element size. A tensor
-    sharing storage with an earlier one (tied embeddings) is sent once, under its first name.
+    a valid safetensors file (`safetensors.torch.load(bytes(buf))` reads it).
     """
-    seen: set[tuple[int, int]] = set()
-    items: list[tuple[str, torch.Tensor]] = []
-    for name, t in state_dict.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            items.append((name, t.detach()))
-
-    def out_dtype(t: torch.Tensor) -> torch.dtype:
-        return dtype if dtype is not None and t.is_floating_point() else t.dtype
-
-    items.sort(key=lambda kv: -out_dtype(kv[1]).itemsize)
+    stream = as_stream(weights, dtype)
     header, off = {}, 0
-    for name, t in items:
-        n = t.numel() * out_dtype(t).itemsize
-        header[name] = {
-            "dtype": _ST_DTYPES[out_dtype(t)],
-            "shape": list(t.shape),
-            "data_offsets": [off, off + n],
+    for s in wire_order(stream.specs):
+        header[s.name] = {
+            "dtype": _ST_DTYPES[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [off, off + s.nbytes],
         }
-        off += n
+        off += s.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # keep the data section 8-byte aligned
     buf = np.empty(8 + len(hb) + off, dtype=np.uint8)
     buf[:8] = np.frombuffer(struct.pack("<Q", len(hb)), dtype=np.uint8)
     buf[8 : 8 + len(hb)] = np.frombuffer(hb, dtype=np.uint8)
     data = torch.from_numpy(buf[8 + len(hb) :])
-    for name, t in items:
-        a, b = header[name]["data_offsets"]
-        dst = data[a:b].view(out_dtype(t)).view(t.shape)
+    for name, t in stream.items():
+        h = header[name]
+        a, b = h["data_offsets"]
+        dst = data[a:b].view(_ST_TORCH[h["dtype"]]).view(h["shape"])
         dst.copy_(t)  # device -> host and, where dtype differs, the cast, in one copy
     return buf
 
@@ -118,7 +111,8 @@ class ObjectStoreSender(WeightSender):
         import ray
 
         t0 = time.perf_counter()
-        blob = state_dict_to_buffer(state_dict, self.dtype)
+        stream = as_stream(state_dict, self.dtype)
+        blob = state_dict_to_buffer(stream)
         t1 = time.perf_counter()
         self._last = (version, ray.put(blob))
         t2 = time.perf_counter()
@@ -127,7 +121,7 @@ class ObjectStoreSender(WeightSender):
             version,
             pending,
             {"sync/version": float(version), "sync/bytes": float(blob.nbytes), "sync/serialize_s": t1 - t0,
-             "sync/put_s": t2 - t1},
+             "sync/put_s": t2 - t1, "sync/largest_read_bytes": float(stream.largest_read_bytes)},
         )  # fmt: skip
 
     def resend(self, index: int) -> Delivery:
