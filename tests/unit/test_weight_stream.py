@@ -63,7 +63,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_ranks_stream_the_weights_one_tensor_at_a_time(tmp_path):
-    from sm_dist.cluster import free_port
+    from sm_dist.orchestrator.cluster import free_port
 
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -118,7 +118,7 @@ def test_fsdp2_ranks_build_on_meta_and_get_rank0s_weights(tiny_model_dir, tmp_pa
     real shards of rank 0's weights: the gathered model equals the folder's."""
     from transformers import AutoModelForCausalLM
 
-    from sm_dist.cluster import free_port
+    from sm_dist.orchestrator.cluster import free_port
 
     out = str(tmp_path / "rank")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
