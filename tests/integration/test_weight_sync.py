@@ -53,7 +53,7 @@ def hf_logprobs(model, prompt, actions):
 
 
 def _sender(kind: str, workers, names, timeout_s: float = 120.0):
-    """Learner rank 0's end of transport `kind`, built and connected as `Learner.connect_weights` does."""
+    """Learner rank 0's end of transport `kind`, built and connected as `Learner.publish_weights(workers=..., names=...)` does."""
     from sm_dist.config import SyncConfig
 
     sender = SyncConfig(transport=kind, timeout_s=timeout_s).transport.sender(timeout_s)
