@@ -70,9 +70,9 @@ class Learner:
     ):
         """`learner`, `objective`, `sync`, `model`: the run config's sections (None: the defaults).
         `model_dir` may be a LoRA checkpoint's adapter folder: its base loads, the state comes later."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from sm_dist.core.vocab import check_model_has_bkspc, get_bkspc_id
+        from sm_dist.core.vocab import get_bkspc_id
 
         self.rank, self.world_size = rank, world_size
         self.opt_p, self.total_steps = learner, total_steps
@@ -90,22 +90,32 @@ class Learner:
         self.model_dir = lora.base_dir(str(model_dir))
         tok = self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.bkspc_id, self.eos_id = get_bkspc_id(tok), tok.eos_token_id
-        model = load_model(AutoModelForCausalLM, self.model_dir, rank, self.device, model_cfg, self._meta)
-        check_model_has_bkspc(model, self.bkspc_id)
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        if self._use_lora:  # the base frozen; adapters + <bkspc> rows train (sm_dist.learner.lora)
-            model = lora.apply_lora(model, model_cfg.lora, self.bkspc_id)
-        if learner.activation_checkpointing:  # before DDP/FSDP2 wrap the layers
-            from sm_dist.learner.sharded import enable_activation_checkpointing
-
-            enable_activation_checkpointing(model)
-        self.module = model  # the HF model (sharded in place under FSDP2)
-        self.step_model: Any = model  # what the step calls (DDP proxy when world_size > 1)
+        self.module = self._model()  # the HF model (sharded in place under FSDP2)
+        self.step_model: Any = self.module  # what the step calls (DDP proxy when world_size > 1)
         self.optimizer: Any = None  # built once the parameters are final (after FSDP2 shards them)
         self.step_params = objective_params(objective, learner, self.bkspc_id, self.device.type == "cuda")
         self.c = _Counters()
         if world_size == 1:
             self._build_optimizer()
+
+    def _model(self):
+        """The HF model (`sm_dist.learner.model.load_model`), checked for `<bkspc>`; LoRA's adapters on
+        it, and activation checkpointing (before DDP/FSDP2 wrap the layers) when asked for."""
+        from transformers import AutoModelForCausalLM
+
+        from sm_dist.core.vocab import check_model_has_bkspc
+
+        mc = self.model_cfg
+        model = load_model(AutoModelForCausalLM, self.model_dir, self.rank, self.device, mc, self._meta)
+        check_model_has_bkspc(model, self.bkspc_id)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if self._use_lora:  # the base frozen; adapters + <bkspc> rows train (sm_dist.learner.lora)
+            model = lora.apply_lora(model, mc.lora, self.bkspc_id)
+        if self.opt_p.activation_checkpointing:
+            from sm_dist.learner.sharded import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+        return model
 
     def _build_optimizer(self) -> None:
         self.optimizer = torch.optim.AdamW(

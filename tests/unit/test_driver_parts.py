@@ -27,7 +27,7 @@ STATS = {"rollout/gen_s": 0.5, "rollout/tokens_per_s": 100.0}
 
 def worker(*batch_answers, processes=("host:1",)):
     """`processes`: what `incarnation` answers in turn (an error while Ray restarts it)."""
-    return FakeActor(run_batch=Method(*batch_answers), version=Method(0), incarnation=Method(*processes))
+    return FakeActor(run_batch=Method(*batch_answers), version=Method(0), __ray_call__=Method(*processes))
 
 
 def sched_with(workers, policy=POLICY, resend=None):
