@@ -96,6 +96,19 @@ class WorkerSet:
             self.handles[i].set_prompts.remote(self.shards[i])
 
 
+def answer_or_death(ray: Any, fut: Any) -> tuple[Any, Exception | None]:
+    """A worker call's answer, or the error that says its worker died (then the answer is None). An
+    error inside a live worker (a task error: e.g. an actor it called, like the replay buffer, died)
+    raises."""
+    ex = ray.exceptions
+    try:
+        return ray.get(fut), None
+    except ex.RayActorError as e:
+        if isinstance(e, ex.RayTaskError):
+            raise
+        return None, e
+
+
 class Inflight:
     def __init__(self, ray: Any):
         self.ray = ray

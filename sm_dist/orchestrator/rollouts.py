@@ -19,7 +19,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sm_dist.orchestrator.calls import BatchCall, Call, Inflight, RolloutPolicy, SyncCall, WorkerSet
+from sm_dist.orchestrator.calls import (
+    BatchCall,
+    Call,
+    Inflight,
+    RolloutPolicy,
+    SyncCall,
+    WorkerSet,
+    answer_or_death,
+)
 from sm_dist.orchestrator.faults import WorkerRestarts
 from sm_dist.orchestrator.weight_sync import Publisher, Versioned, WeightSync
 
@@ -64,13 +72,9 @@ class Rollouts:
                 self.submit(i)
 
     def on_answer(self, fut: Any, call: BatchCall) -> None:
-        ex = self.ray.exceptions
-        try:
-            out = self.ray.get(fut)
-        except ex.RayActorError as e:
-            if isinstance(e, ex.RayTaskError):
-                raise  # the worker is alive; an actor it called (e.g. the replay buffer) died
-            self.worker_died(call, e)
+        out, died = answer_or_death(self.ray, fut)
+        if died is not None:
+            self.worker_died(call, died)
             return
         self.restarts.answered(call.worker)
         self.count_batch(out)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from sm_dist.orchestrator.calls import Call, Inflight, RolloutPolicy, SyncCall, WorkerSet
+from sm_dist.orchestrator.calls import Call, Inflight, RolloutPolicy, SyncCall, WorkerSet, answer_or_death
 from sm_dist.sync.base import Delivery, WeightSyncError, confirm_version
 
 
@@ -115,15 +115,12 @@ class WeightSync:
 
     # ---- confirmations
     def on_answer(self, fut: Any, call: SyncCall) -> None:
-        ex = self.ray.exceptions
         try:
-            out = self.ray.get(fut)
-        except ex.RayActorError as e:
-            if isinstance(e, ex.RayTaskError):
-                raise  # the worker is alive; something it called failed
-            self.feeder.worker_died(call, e)
+            out, died = answer_or_death(self.ray, fut)
+        except self.ray.exceptions.ObjectLostError:  # the sender's process (a dead learner) owned the call
             return
-        except ex.ObjectLostError:  # the sender's process (a dead learner) owned the call
+        if died is not None:
+            self.feeder.worker_died(call, died)
             return
         name = self.workers.names[call.worker]
         confirm_version(name, out, call.version)
