@@ -9,7 +9,9 @@
 Median over `--repeats`. Also printed, per transport (object_store, gloo) and per wire dtype (float32,
 bfloat16: `model.dtype`, what leaves the learner), the bytes and seconds of one sync
 (`bytes_per_sync[<transport>,<dtype>]: N`), and for LoRA (r=8, every linear layer) the seconds to build
-the merged weights the learner sends. Last line: `sync_over_roundtrip: X` (against the numpy round trip).
+the merged weights the learner sends; under FSDP2 on 2 gloo ranks, what rank 0 holds gathered to build
+one sync, the whole model (`get_model_state_dict`, before) against the weight stream (one tensor at a
+time, now): `fsdp2_gathered_bytes[full|stream]`. Last line: `sync_over_roundtrip: X` (against the numpy round trip).
 
     python benchmarks/weight_sync.py --hidden 512 --layers 4 --repeats 5
 """
@@ -121,6 +123,7 @@ def main():
     print(f"median sync {sync:.3f}s, median round trip {rt:.3f}s (as bytes {rt_b:.3f}s)", flush=True)
     print(f"sync over the bytes round trip: {sync / rt_b:.3f}", flush=True)
     ray.shutdown()
+    fsdp2_held(str(model_dir), args.repeats)
     print(f"sync_over_roundtrip: {sync / rt:.3f}")
 
 
@@ -164,6 +167,64 @@ def per_dtype(ray, model, model_dir: str, repeats: int, gloo_end) -> None:
     print(f"lora r=8: {trainable} trainable of {total} parameters", flush=True)
     print(f"lora_merge_s[bfloat16]: {statistics.median(secs):.4f}", flush=True)
     ray.kill(worker)
+
+
+def _fsdp2_rank(rank: int, world: int, port: int, model_dir: str, repeats: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from sm_dist.learner.sharded import decoder_layers, fully_shard_model
+    from sm_dist.sync.object_store import state_dict_to_buffer
+    from sm_dist.sync.stream import drain, from_state_dict
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    fully_shard_model(model, decoder_layers(model))
+    res: dict = {"full": [], "stream": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()  # before: the whole model gathered (fp32, host), then the bf16 buffer
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        held = sum(t.numel() * t.element_size() for t in sd.values())
+        if rank == 0:
+            state_dict_to_buffer(sd, torch.bfloat16)
+        res["full"].append((time.perf_counter() - t0, held))
+        del sd
+        t0 = time.perf_counter()  # now: one tensor gathered at a time, straight into the bf16 buffer
+        stream = from_state_dict(model.state_dict(), torch.bfloat16)
+        if rank == 0:
+            buf = state_dict_to_buffer(stream)
+            res["wire"] = int(buf.nbytes)
+        else:
+            drain(stream)
+        res["stream"].append((time.perf_counter() - t0, stream.largest_read_bytes))
+    if rank == 0:
+        torch.save(res, out)
+    dist.destroy_process_group()
+
+
+def fsdp2_held(model_dir: str, repeats: int) -> None:
+    """FSDP2 on 2 gloo ranks: what rank 0 holds beside its wire buffer to build one bf16 sync, before
+    (`get_model_state_dict(full_state_dict=True)`: the whole model in fp32) and now (the weight stream:
+    the largest single tensor), and the seconds of each (medians)."""
+    import os
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from sm_dist.orchestrator.cluster import free_port
+
+    out = tempfile.mkdtemp(prefix="smdist-bench-") + "/fsdp2.pt"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_fsdp2_rank, args=(2, free_port("127.0.0.1"), model_dir, repeats, out), nprocs=2, join=True)
+    res = torch.load(out)
+    for how in ("full", "stream"):
+        secs = statistics.median(s for s, _ in res[how])
+        print(f"fsdp2_gathered_bytes[{how}]: {res[how][0][1]}", flush=True)
+        print(f"fsdp2_sync_build_s[{how}]: {secs:.4f}", flush=True)
+    print(f"fsdp2_wire_bytes[bfloat16]: {res['wire']}", flush=True)
+    print(f"fsdp2_gathered_full_over_stream: {res['full'][0][1] / res['stream'][0][1]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
