@@ -106,13 +106,13 @@ class Rollouts:
         self.ws.rejoined(i)
         self.sync.give(i)
 
-    def batches_in_flight(self) -> bool:
+    def _batches_in_flight(self) -> bool:
         return bool(self.calls.of(BatchCall))
 
     def run_round(self) -> None:
         """Synchronous mode: one batch per worker, learners idle meanwhile."""
         self.submit_all()
-        while self.batches_in_flight():
+        while self._batches_in_flight():
             self.calls.wait_one(self.p.sync_timeout_s, "a synchronous rollout round runs (sync.timeout_s)")
 
     def drain(self) -> None:

@@ -52,7 +52,7 @@ class WorkerPool:
         self._W = None
 
     # ---- sizes
-    def most_workers(self) -> int:
+    def _most_workers(self) -> int:
         """How many workers the cluster's total resources hold beside the learners (today's nodes)."""
         r, lc = self.cfg.rollout, self.cfg.learner
         total = getattr(self.ray, "cluster_resources", dict)()
@@ -63,7 +63,7 @@ class WorkerPool:
                 most = min(most, int((total.get(res, 0.0) - lc.num_learners * learners) / per + 1e-9))
         return max(most, 1)
 
-    def size(self) -> int:
+    def _size(self) -> int:
         """Live workers plus the ones starting."""
         return len(self.ws.handles) + self.pending_joins()
 
@@ -88,7 +88,7 @@ class WorkerPool:
             raise ScalingRefused(
                 f"workers must be between 1 and the number of prompts ({len(self.prompts)}), got {n}"
             )
-        if self.fixed_size and n > (most := self.most_workers()):
+        if self.fixed_size and n > (most := self._most_workers()):
             raise ScalingRefused(
                 f"this run's local Ray cannot grow: it holds at most {most} rollout workers beside the "
                 f"learners (rollout.cpus_per_worker={self.cfg.rollout.cpus_per_worker}), got {n}. Scale to "
@@ -99,7 +99,7 @@ class WorkerPool:
     def scale_to(self, n: int) -> dict:
         """Start or remove workers so that `n` are live or starting; returns `counts()`."""
         self.check(n)
-        cur = self.size()
+        cur = self._size()
         if n > cur:
             self._start(n - cur, n)
         elif n < cur:
@@ -115,7 +115,7 @@ class WorkerPool:
     def _start(self, k: int, n: int) -> None:
         if self._W is None:
             self._W = worker_class(self.ray, self.cfg)
-        names, base = [], self.size()
+        names, base = [], self._size()
         for j in range(k):
             name, seed = f"w{self.next_id}", self.cfg.run.seed + self.next_id
             self.next_id += 1
@@ -165,7 +165,7 @@ class WorkerPool:
         learner's sender reconnected, the latest weights re-sent, their first batch once applied) and
         the prompts are re-sharded; removed workers whose last batch is late are abandoned. Returns the
         indices of those who joined."""
-        self.check_shards()
+        self._check_shards()
         self.check_retiring()
         if not self.joined:
             return []
@@ -226,11 +226,11 @@ class WorkerPool:
         calls come from this process)."""
         n = len(self.ws.handles)
         self.ws.shards = [shard(self.ray, self.cfg, self.prompts, self.targets, i, n) for i in range(n)]
-        self.check_shards()
+        self._check_shards()
         self.shard_calls = {w.set_prompts.remote(sh): name for w, sh, name in
                             zip(self.ws.handles, self.ws.shards, self.ws.names, strict=True)}  # fmt: skip
 
-    def check_shards(self) -> None:
+    def _check_shards(self) -> None:
         """Report a failed `set_prompts` of the last re-shard (the worker keeps its previous shard)."""
         if not self.shard_calls:
             return
