@@ -6,8 +6,11 @@
 #      chunked cross-entropy), and the same with attn=split
 #   3. peak GPU memory of the 1.1B SequenceMatch step with the chunked loss over HF's MLE step (labels
 #      passed to the model) and over the chunked MLE step, L=2048, B=4
+#   4. the LoRA learner step in bf16 on the 1.1B Llama (r=64, alpha=16, the <bkspc> rows), and the QLoRA
+#      step (NF4 base) where bitsandbytes imports: set BNB_WHEEL=path/to/bitsandbytes.whl to install a
+#      carried wheel first (it is not on the lent image); benchmarks/lora_step.py checks as it times
 # Not here: the NCCL transport's learner side to a receiver on the *same* GPU (NCCL refuses two ranks on
-# one device: it needs two GPUs), and the LoRA/QLoRA step (bitsandbytes is not on the lent image).
+# one device: it needs two GPUs).
 # Output: every figure as one `name: value` line, collected at the end under "== figures ==".
 #     bash benchmarks/gpu_check.sh            # OUT=/tmp/gpu_check by default; logs per step there
 set -u
@@ -30,9 +33,11 @@ run learner_step_1b_flex 110 python benchmarks/learner_step.py --preset 1b --dev
 run learner_step_1b_split 90 python benchmarks/learner_step.py --preset 1b --device cuda --attn split --repeats 4
 run learner_memory_1b 120 python benchmarks/learner_memory.py --model 1b --device cuda --lengths 2048 --batch 4 \
   --steps 2 --cases mle mle_chunked sm_chunked
+[ -n "${BNB_WHEEL:-}" ] && pip install --no-deps -q "$BNB_WHEEL"
+run lora_step_1b 180 python benchmarks/lora_step.py --preset 1b --device cuda --steps 4
 
 echo "== figures =="
-for f in equivalence learner_step_1b_flex learner_step_1b_split learner_memory_1b; do
+for f in equivalence learner_step_1b_flex learner_step_1b_split learner_memory_1b lora_step_1b; do
   grep -E "^[a-z0-9_]+: [-0-9.e+]+$" "$OUT/$f.txt" 2>/dev/null | sed "s/^/${f}\//"
 done | tee "$OUT/figures.txt"
 # issue 23's transfer regime, ~25M Llama (benchmarks/arith_gpu.py, < 10 min more): opt in with ARITH_GPU=1

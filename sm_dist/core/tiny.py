@@ -56,6 +56,16 @@ def train_tokenizer(
     return fast
 
 
+def check_head_size(hidden_size: int, num_heads: int) -> None:
+    """ValueError unless hidden_size / num_heads is a head size vLLM's CPU attention supports."""
+    head_dim, rem = divmod(hidden_size, num_heads)
+    if rem or head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ValueError(
+            f"hidden_size={hidden_size} / num_heads={num_heads} gives head size {hidden_size / num_heads}; "
+            f"vLLM's CPU attention needs one of {VLLM_CPU_HEAD_SIZES} (e.g. hidden 128 with 2 heads)"
+        )
+
+
 def make_tiny_model(
     out_dir: str | Path,
     texts: Iterable[str] | None = None,
@@ -75,12 +85,7 @@ def make_tiny_model(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    head_dim, rem = divmod(hidden_size, num_heads)
-    if rem or head_dim not in VLLM_CPU_HEAD_SIZES:
-        raise ValueError(
-            f"hidden_size={hidden_size} / num_heads={num_heads} gives head size {hidden_size / num_heads}; "
-            f"vLLM's CPU attention needs one of {VLLM_CPU_HEAD_SIZES} (e.g. hidden 128 with 2 heads)"
-        )
+    check_head_size(hidden_size, num_heads)
     tok = train_tokenizer(
         texts, vocab_size=vocab_size, alphabet=None if texts is not None else alphabet, with_bkspc=False
     )

@@ -146,6 +146,29 @@ def build_inputs(
     if is_noise is not None and len(is_noise) != len(action_ids):
         raise ValueError(f"is_noise has {len(is_noise)} flags for {len(action_ids)} actions")
     P, T = len(prompt_ids), len(action_ids)
+    input_ids, position_ids, deleted_at, bkspc_allowed = _stack_walk(prompt_ids, action_ids, bkspc_id)
+    terminal = T > 0 and eos_id is not None and action_ids[-1] == eos_id
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return TraceInputs(
+        input_ids=as_long(input_ids),
+        position_ids=as_long(position_ids),
+        deleted_at=as_long(deleted_at),
+        state_index=as_long([P - 1 + t for t in range(T + 1)]),
+        actions=as_long(list(action_ids)),
+        bkspc_allowed=torch.tensor(bkspc_allowed, dtype=torch.bool),
+        terminal=bool(terminal),
+        prompt_len=P,
+        is_noise=torch.tensor(list(is_noise) if is_noise is not None else [False] * T, dtype=torch.bool),
+        from_data=from_data,
+    )
+
+
+def _stack_walk(
+    prompt_ids: Sequence[int], action_ids: Sequence[int], bkspc_id: int
+) -> tuple[list[int], list[int], list[int], list[bool]]:
+    """The stack walk of `build_inputs`: (input_ids, position_ids, deleted_at) of the N = P + T inputs
+    and bkspc_allowed of the T + 1 states. `stack` holds the input positions of the current state."""
+    P, T = len(prompt_ids), len(action_ids)
     input_ids = list(prompt_ids) + [0] * T
     position_ids = list(range(P)) + [0] * T
     deleted_at = [INF_POS] * (P + T)
@@ -164,20 +187,7 @@ def build_inputs(
             input_ids[i], position_ids[i] = int(a), len(stack)
             stack.append(i)
         bkspc_allowed.append(len(stack) > P)
-    terminal = T > 0 and eos_id is not None and action_ids[-1] == eos_id
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return TraceInputs(
-        input_ids=as_long(input_ids),
-        position_ids=as_long(position_ids),
-        deleted_at=as_long(deleted_at),
-        state_index=as_long([P - 1 + t for t in range(T + 1)]),
-        actions=as_long(list(action_ids)),
-        bkspc_allowed=torch.tensor(bkspc_allowed, dtype=torch.bool),
-        terminal=bool(terminal),
-        prompt_len=P,
-        is_noise=torch.tensor(list(is_noise) if is_noise is not None else [False] * T, dtype=torch.bool),
-        from_data=from_data,
-    )
+    return input_ids, position_ids, deleted_at, bkspc_allowed
 
 
 def _check_ids(prompt_ids, action_ids, bkspc_id, eos_id, vocab_size) -> None:
@@ -297,14 +307,46 @@ def collate(
         raise ValueError("collate needs at least one trace")
     B = len(traces)
     lens = [int(t.input_ids.numel()) for t in traces]
+    layout, N = _row_layout(lens, pack, pack_length, pad_to_multiple)
+    rows = _fill_rows(traces, lens, layout, N, pad_id)
+    bkspc_allowed, action_mask = rows["bkspc_allowed"], rows["action_mask"]
+    real_state = torch.arange(bkspc_allowed.shape[1])[None, :] <= action_mask.sum(1, keepdim=True)
+    boundary = (~bkspc_allowed & real_state).nonzero(as_tuple=True)
+    seg_start = rows.pop("seg_start")
+    return TraceBatch(
+        **rows,
+        lengths=torch.tensor(lens, dtype=torch.long),
+        terminal=torch.tensor([t.terminal for t in traces], dtype=torch.bool),
+        any_backspace=any(t.has_backspace for t in traces),
+        from_data=torch.tensor([t.from_data for t in traces], dtype=torch.bool),
+        seq_weight=torch.ones(B),
+        boundary_b=boundary[0],
+        boundary_t=boundary[1],
+        has_data=any(t.from_data for t in traces),
+        has_model=not all(t.from_data for t in traces),
+        seg_start=seg_start if pack else None,
+    )
+
+
+def _row_layout(
+    lens: list[int], pack: bool, pack_length: int, pad_to_multiple: int
+) -> tuple[list[list[int]], int]:
+    """(trace indices per row, the row length N): one trace a row, or packed first-fit decreasing."""
     N = max(lens)
     if pack:  # rows no longer than needed: the fullest row, not pack_length, sets N
         layout = pack_rows(lens, max(N, pack_length or 2 * N))
         N = max(sum(lens[b] for b in row) for row in layout)
     else:
-        layout = [[b] for b in range(B)]
-    N = -(-N // pad_to_multiple) * pad_to_multiple
-    R, T = len(layout), max(t.num_actions for t in traces)
+        layout = [[b] for b in range(len(lens))]
+    return layout, -(-N // pad_to_multiple) * pad_to_multiple
+
+
+def _fill_rows(
+    traces: Sequence[TraceInputs], lens: list[int], layout: list[list[int]], N: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The R = len(layout) rows of N inputs ([R, N] tensors) and the per-sequence tensors ([B, T] and
+    [B, T+1], TraceBatch's docstring), each trace at its offset in its row, right-padded."""
+    B, R, T = len(traces), len(layout), max(t.num_actions for t in traces)
     input_ids = torch.full((R, N), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, N), dtype=torch.long)
     deleted_at = torch.full((R, N), INF_POS, dtype=torch.long)
@@ -330,26 +372,8 @@ def collate(
         # padding: its own segment; positions continue after the last trace's largest
         position_ids[r, off:] = torch.arange(N - off) + last + 1
         seg_start[r, off:] = off
-    real_state = torch.arange(T + 1)[None, :] <= action_mask.sum(1, keepdim=True)
-    boundary = (~bkspc_allowed & real_state).nonzero(as_tuple=True)
-    return TraceBatch(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        deleted_at=deleted_at,
-        lengths=torch.tensor(lens, dtype=torch.long),
-        state_index=state_index,
-        actions=actions,
-        action_mask=action_mask,
-        bkspc_allowed=bkspc_allowed,
-        terminal=torch.tensor([t.terminal for t in traces], dtype=torch.bool),
-        any_backspace=any(t.has_backspace for t in traces),
-        is_noise=is_noise,
-        from_data=torch.tensor([t.from_data for t in traces], dtype=torch.bool),
-        seq_weight=torch.ones(B),
-        boundary_b=boundary[0],
-        boundary_t=boundary[1],
-        has_data=any(t.from_data for t in traces),
-        has_model=not all(t.from_data for t in traces),
-        row=row,
-        seg_start=seg_start if pack else None,
-    )
+    return {
+        "input_ids": input_ids, "position_ids": position_ids, "deleted_at": deleted_at,
+        "seg_start": seg_start, "row": row, "state_index": state_index, "actions": actions,
+        "action_mask": action_mask, "bkspc_allowed": bkspc_allowed, "is_noise": is_noise,
+    }  # fmt: skip

@@ -242,36 +242,34 @@ def encode_examples(
             else tokenizer.encode(ex.prompt, add_special_tokens=False)
         )
         target_ids = [*tokenizer.encode(ex.answer, add_special_tokens=False), eos]
-        problem = None
-        if len(target_ids) > max_answer_len:
-            problem = (
-                "overlong_answer",
-                f"answer is {len(target_ids)} tokens with eos > max_answer_len={max_answer_len}",
-            )
-        elif len(prompt_ids) > max_prompt_len and on_overlong != "truncate_left":
-            problem = (
-                "overlong_prompt",
-                f"prompt is {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}",
-            )
+        problem = _length_problem(prompt_ids, target_ids, max_prompt_len, max_answer_len, on_overlong)
         if problem is not None:
             if on_overlong == "error":
                 key = "data.max_answer_len" if problem[0] == "overlong_answer" else "data.max_prompt_len"
-                raise DataError(
-                    f"{source}: example {i + 1}",
-                    f"{problem[1]}.",
-                    f"raise {key}, or skip and count such rows: data.on_bad=skip.",
-                )
+                fix = f"raise {key}, or skip and count such rows: data.on_bad=skip."
+                raise DataError(f"{source}: example {i + 1}", f"{problem[1]}.", fix)
             report.skip(problem[0], i + 1)
             continue
-        out.append(
-            EncodedExample(
-                prompt_ids=prompt_ids[-max_prompt_len:] if max_prompt_len else [], target_ids=target_ids
-            )
-        )
+        prompt_ids = prompt_ids[-max_prompt_len:] if max_prompt_len else []  # truncate_left keeps the end
+        out.append(EncodedExample(prompt_ids=prompt_ids, target_ids=target_ids))
         report.kept += 1
     if report.skipped:
         log.warning("%s", report.summary())
     return out, report
+
+
+def _length_problem(
+    prompt_ids: list[int], target_ids: list[int], max_prompt_len: int, max_answer_len: int, on_overlong: str
+) -> tuple[str, str] | None:
+    """(reason, detail) when an encoded example breaks the length policy of `encode_examples`."""
+    if len(target_ids) > max_answer_len:
+        return (
+            "overlong_answer",
+            f"answer is {len(target_ids)} tokens with eos > max_answer_len={max_answer_len}",
+        )
+    if len(prompt_ids) > max_prompt_len and on_overlong != "truncate_left":
+        return "overlong_prompt", f"prompt is {len(prompt_ids)} tokens > max_prompt_len={max_prompt_len}"
+    return None
 
 
 # ---- augmentation and buffer rows ------------------------------------------------------------------

@@ -83,11 +83,10 @@ class DataWatcher:
 
     def encode(self, path: Path, id_prefix: str) -> list[dict]:
         """The rows of one file, as data.train_path's are made (sm_dist.data.prepare.encode_rows)."""
-        from sm_dist.data.datasets import load_examples, no_usable_examples
-        from sm_dist.data.prepare import encode_rows
+        from sm_dist.data.datasets import no_usable_examples
+        from sm_dist.data.prepare import encode_rows, load_data
 
-        d = self.cfg.data
-        examples, loaded = load_examples(path, **d.format.load_kwargs(), on_bad=d.on_bad)
+        examples, loaded = load_data(self.cfg.data, path)
         rows, enc, encoded = encode_rows(self.cfg, self.tok, examples, str(path), id_prefix=id_prefix)
         if not enc:
             raise no_usable_examples(f"data.watch_dir file {path.name}", path, loaded, encoded)

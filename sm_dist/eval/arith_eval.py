@@ -218,7 +218,6 @@ def evaluate(
     seed: int = 0,
     force_error: bool = False,
     force_error_kind: str = "uniform",
-    backspace: bool | None = None,
     limit: int | None = None,
     prompt_field: str = "prompt",
     answer_field: str = "answer",
@@ -232,48 +231,91 @@ def evaluate(
     max_model_len: int | None = None,
 ) -> dict:
     """Run the evaluation; returns `summarize(...)` plus the decoding, its parameters and "examples"
-        (per-sample results as dicts, ordered by (question, sample)).
-        `decoding`: see `sm_dist.eval.decoding` (default "search"); `backspace` is its legacy alias (on =
-        search, off = greedy_no_bkspc). `force_error`: the recovery measure, its wrong token drawn as
-    `force_error_kind` says ("uniform" or "plausible"; module docstring).
-        Flags, then data (bad rows raise or are skipped per `on_bad`; no usable row, or limit < 1, is a
-        UserError) are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to reuse for many calls and decodings.
-        `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (`decoding_params`);
-        `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`);
-        a prompt that leaves it no room is a UserError before the engine starts.
+    (per-sample results as dicts, ordered by (question, sample)). `decoding`: sm_dist.eval.decoding
+    (default "search"); `force_error`: the recovery measure, drawn as `force_error_kind` says (module
+    docstring). Flags, data (bad rows per `on_bad`; none usable, or limit < 1: a UserError), then prompt
+    lengths are checked before any engine is built. `engine`: a `BackspaceEngine` on `model_dir` to
+    reuse. `max_actions` / `max_backspaces`: None takes `rollout.*`'s defaults (RolloutConfig);
+    `max_model_len`: the engine's context (None: the model's, `sm_dist.eval.target.engine_max_len`).
     """
     from transformers import AutoTokenizer
 
-    from sm_dist.data.datasets import load_examples, no_usable_examples
-    from sm_dist.eval.decoding import (
-        decoding_params,
-        forced_error_prefixes,
-        plausible_error_prefixes,
-        resolve_decoding,
-    )
-
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit}", "evaluates no example.", "pass limit >= 1, or None for all")
-    from sm_dist.eval.target import check_prompt_lengths, engine_max_len
+    decoding, params = _decoding(
+        decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
+    )
+    examples, report = _load(data, prompt_field, answer_field, on_bad, limit)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt_ids, answer_ids = _encode(tok, examples)
+    prefixes = _forced_prefixes(force_error, force_error_kind, examples, answer_ids, tok, seed)
+    engine = _engine(engine, model_dir, max_model_len, prompt_ids, prefixes, data)
+    results = _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress)
+    return summarize(results, skipped=sum(report.skipped.values())) | {
+        "skipped_by_reason": dict(report.skipped),
+        **_settings(decoding, params, force_error, force_error_kind, bkspc_bias, model_dir),
+        "max_model_len": engine.max_model_len,
+        "data": str(data),
+        "examples": [asdict(r) for r in results],
+    }
 
-    decoding = resolve_decoding(decoding, backspace)
+
+def _settings(decoding: str, p, force_error: bool, kind: str, bkspc_bias: float, model_dir) -> dict:
+    """The decoding, its parameters and the model, as `evaluate` reports them."""
+    return {
+        "decoding": decoding, "temperature": p.temperature, "top_p": p.top_p,
+        "samples": p.samples_per_prompt, "seed": p.seed, "forced_error": force_error,
+        "force_error_kind": kind if force_error else None, "bkspc_bias": bkspc_bias,
+        "backspace": "off" if p.forbid_bkspc else "on", "model": str(model_dir),
+        "max_actions_cap": p.max_actions, "max_backspaces_cap": p.max_backspaces,
+    }  # fmt: skip
+
+
+def _decoding(decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias):
+    """(the decoding's name, its `RolloutParams`); a None cap takes `rollout.*`'s default."""
+    from sm_dist.config import RolloutConfig
+    from sm_dist.eval.decoding import decoding_params, resolve_decoding
+
+    defaults = RolloutConfig()
+    max_actions = defaults.max_actions if max_actions is None else max_actions
+    max_backspaces = defaults.max_backspaces if max_backspaces is None else max_backspaces
+    decoding = resolve_decoding(decoding)
     params = decoding_params(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
     )
+    return decoding, params
+
+
+def _load(data, prompt_field: str, answer_field: str, on_bad: str, limit: int | None):
+    """(examples, load report) of `data`; no usable example is a UserError."""
+    from sm_dist.data.datasets import load_examples, no_usable_examples
+
     examples, report = load_examples(
         data, prompt_field=prompt_field, answer_field=answer_field, on_bad=on_bad, limit=limit
     )
     if not examples:  # before the engine: an empty evaluation is an input error, not "accuracy n/a"
         raise no_usable_examples(f"--data {data}", data, report)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    prompt_ids, answer_ids = _encode(tok, examples)
-    if force_error_kind not in ("uniform", "plausible"):
-        raise ValueError(f"force_error_kind={force_error_kind!r}; use 'uniform' or 'plausible'")
-    prefixes = None
-    if force_error and force_error_kind == "plausible":
-        prefixes = plausible_error_prefixes(examples, answer_ids, tok, seed)
-    elif force_error:
-        prefixes = forced_error_prefixes(answer_ids, seed)
+    return examples, report
+
+
+def _forced_prefixes(force_error: bool, kind: str, examples, answer_ids, tok, seed: int):
+    """The recovery measure's forced prefixes, one per question (None without `force_error`)."""
+    from sm_dist.eval.decoding import forced_error_prefixes, plausible_error_prefixes
+
+    if kind not in ("uniform", "plausible"):
+        raise ValueError(f"force_error_kind={kind!r}; use 'uniform' or 'plausible'")
+    if not force_error:
+        return None
+    if kind == "plausible":
+        return plausible_error_prefixes(examples, answer_ids, tok, seed)
+    return forced_error_prefixes(answer_ids, seed)
+
+
+def _engine(engine, model_dir, max_model_len: int | None, prompt_ids, prefixes, data):
+    """`engine`, or a new `BackspaceEngine` on `model_dir`, once every prompt (with its forced prefix)
+    is known to leave the engine's context room to answer."""
+    from sm_dist.eval.target import check_prompt_lengths, engine_max_len
+
     max_model_len = engine_max_len(model_dir, max_model_len)
     lens = [len(p) + (len(prefixes[i]) if prefixes else 0) for i, p in enumerate(prompt_ids)]
     check_prompt_lengths(lens, max_model_len if engine is None else engine.max_model_len, str(data))
@@ -281,17 +323,7 @@ def evaluate(
         from sm_dist.rollout.engine import BackspaceEngine
 
         engine = BackspaceEngine(model_dir, worker_extension_cls=None, max_model_len=max_model_len)
-    results = _run(engine, tok, examples, prompt_ids, answer_ids, prefixes, params, batch_size, progress)
-    p = params
-    return summarize(results, skipped=sum(report.skipped.values())) | {
-        "skipped_by_reason": dict(report.skipped), "decoding": decoding, "temperature": p.temperature,
-        "top_p": p.top_p, "samples": p.samples_per_prompt, "seed": seed, "forced_error": force_error,
-        "force_error_kind": force_error_kind if force_error else None,
-        "bkspc_bias": bkspc_bias, "backspace": "off" if p.forbid_bkspc else "on", "model": str(model_dir),
-        "max_actions_cap": p.max_actions, "max_backspaces_cap": p.max_backspaces,
-        "max_model_len": engine.max_model_len,
-        "data": str(data), "examples": [asdict(r) for r in results],
-    }  # fmt: skip
+    return engine
 
 
 def _encode(tok, examples) -> tuple[list[list[int]], list[list[int]]]:

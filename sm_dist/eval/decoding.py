@@ -9,8 +9,6 @@ token, so plain greedy decoding rewrites that token and loops until the backspac
 * `greedy_no_bkspc`: temperature 0, `<bkspc>` forbidden: the control. Deterministic.
 * `sample`: `temperature` (default 1.0) and `top_p`, `samples` rollouts per question, reproducible
   under `seed`.
-
-The old `backspace` switch is an alias: on -> `search`, off -> `greedy_no_bkspc`.
 """
 
 from __future__ import annotations
@@ -22,18 +20,12 @@ DECODINGS = ("search", "greedy", "greedy_no_bkspc", "sample")
 DETERMINISTIC = ("search", "greedy", "greedy_no_bkspc")
 
 
-def resolve_decoding(decoding: str | None, backspace: bool | None) -> str:
-    """The decoding mode from `decoding` and the legacy `backspace` alias (default `search`)."""
-    alias = None if backspace is None else ("search" if backspace else "greedy_no_bkspc")
+def resolve_decoding(decoding: str | None) -> str:
+    """The decoding mode (None: the default, `search`); ValueError for an unknown one."""
     if decoding is None:
-        return alias or "search"
+        return "search"
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; use one of {', '.join(DECODINGS)}")
-    if backspace is not None and (decoding == "greedy_no_bkspc") == backspace:
-        raise ValueError(
-            f"--backspace {'on' if backspace else 'off'} contradicts --decoding {decoding}; "
-            "drop --backspace (it is an alias: on = search, off = greedy_no_bkspc)"
-        )
     return decoding
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -58,14 +59,19 @@ LOOPBACK_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def _loopback_only() -> dict[str, str | None]:
-    """Make the local Ray about to start loopback-only: the env var for the processes it spawns (they
-    inherit this process's environment), and the constant Ray read from it if it is already imported.
-    Returns the previous values, for `_restore` once Ray's processes have started."""
+    """Make the local Ray about to start loopback-only, through the env var (Ray's processes and, when
+    this process has not imported Ray yet, this one read it as they import Ray). Call before `import
+    ray`. Returns the previous values, for `_restore` once Ray's processes have started."""
     old = {k: os.environ.get(k) for k in LOOPBACK_ONLY_ENV}
     os.environ.update(LOOPBACK_ONLY_ENV)
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        # Ray is already imported here (a test or benchmark process that imported it first): it read the
+        # env var once, at import, into `ray_constants.ENABLE_RAY_CLUSTER`, which `ray.init` consults in
+        # this process (`resolve_ip_for_localhost`). No public setting changes it afterwards: ray.init has
+        # no argument for it, and `_node_ip_address="127.0.0.1"` is what it overrides. So the constant is
+        # set where Ray keeps it (ray is pinned to 2.60.*).
+        constants.ENABLE_RAY_CLUSTER = False
     return old
 
 
@@ -81,11 +87,11 @@ def _restore(old: dict[str, str | None]) -> None:
 
 def init_local_ray(num_cpus: float | None, env: dict[str, str] | None = None, temp_dir: str | None = None):
     """Start a local Ray bound to 127.0.0.1 only (no dashboard) whose workers get `env`; return `ray`."""
-    import ray
-
     set_process_env()
-    old = _loopback_only()
+    old = _loopback_only()  # before `import ray`: a first import reads the env var
     try:
+        import ray
+
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from sm_dist.config import Config, ConfigError, dump_config
-from sm_dist.data.prepare import build_data, prepare_model
+from sm_dist.data.prepare import TrainData, build_data, prepare_model
 from sm_dist.eval import heldout
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.orchestrator.actors import (
@@ -109,7 +109,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
         raise ConfigError("run.run_dir", str(e)) from None
     if not resume and not cfg.run.overwrite:
         claim_fresh_run_dir(run_dir, overwrite=False)  # a run already there: refused, nothing touched
-    last = preflight(cfg, resume)  # model, data, checkpoint: before anything is written or started
+    last, data = preflight(cfg, resume)  # model, data, checkpoint: before anything is written or started
     if not resume:
         claim_fresh_run_dir(run_dir, cfg.run.overwrite)  # run.overwrite: the old run moves aside
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None) ->
     except RunDirBusy as e:
         raise ConfigError("run.run_dir", str(e)) from None
     try:
-        return _run(cfg, run_dir, last, address)
+        return _run(cfg, run_dir, last, address, data)
     finally:
         release_run_dir(run_dir)
 
@@ -205,16 +205,17 @@ def _record_start(run_dir: Path, text: str, last: Path | None) -> dict:
     return saved
 
 
-def _run(cfg: Config, run_dir: Path, last: Path | None, address: str | None) -> int:
+def _run(cfg: Config, run_dir: Path, last: Path | None, address: str | None, data: TrainData | None) -> int:
     """Set up (data, Ray, the actors, the `Orchestrator`), `learn`, then the final checkpoint, the held-out
-    accuracy and the summary. A failed loop leaves a rescue checkpoint."""
+    accuracy and the summary. A failed loop leaves a rescue checkpoint. `data`: the training data
+    preflight read (read once)."""
     from transformers import AutoTokenizer
 
     text = dump_config(cfg)
     saved = _record_start(run_dir, text, last)
     prepare_model(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.model.dir)
-    data_rows, prompts, targets = build_data(cfg, tok)
+    data_rows, prompts, targets = build_data(cfg, tok, data)  # data: read once, by preflight
     held = heldout.load_heldout(cfg, tok)  # run.eval_path, read before Ray starts (None: not measured)
     if len(prompts) < cfg.rollout.num_workers:
         raise ConfigError(

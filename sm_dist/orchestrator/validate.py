@@ -6,10 +6,11 @@ model folder, data file or checkpoint costs seconds, not a vLLM start-up:
 * `check_model_dir`: an HF folder with config.json, a loadable tokenizer that has `<bkspc>`, a vocab
   that covers it, and safetensors weights whose headers match their file sizes.
 * `check_train_data`: the data file is readable and leaves at least one usable example (and enough
-  prompts for the rollout workers); otherwise the count of each kind of bad row.
+  prompts for the rollout workers); otherwise the count of each kind of bad row. The data it reads
+  (`data.prepare.load_train_data`, encoded with the run's tokenizer) is returned for the driver's
+  `build_data`: the data is read and encoded once.
 * `preflight`: what `sm-dist train` checks before it writes anything or starts Ray: the above, and the
-  checkpoint to resume from (`resume_checkpoint`: the newest intact one; see `learner.checkpoint.verify`). The data is read twice (here and by the driver's `build_data`): the
-  price of failing before anything is written; it is small next to a vLLM start-up.
+  checkpoint to resume from (`resume_checkpoint`: the newest intact one; see `learner.checkpoint.verify`).
 
 Imports no Ray or vLLM; transformers only inside `check_model_dir`.
 """
@@ -21,6 +22,7 @@ import logging
 from pathlib import Path
 
 from sm_dist.config import Config, ConfigError
+from sm_dist.data.prepare import TrainData
 from sm_dist.errors import CheckpointError, ModelError
 from sm_dist.orchestrator.storage import check_buffer_shards
 
@@ -107,22 +109,23 @@ def _load_tokenizer(d: Path, what: str):
         ) from None
 
 
-def check_train_data(cfg: Config, tok=None) -> None:
+def check_train_data(cfg: Config, tok=None, runs_tok: bool = True) -> TrainData | None:
     """Load (and with a tokenizer, encode) `data.train_path` as the driver will; raise a DataError
-    when no example is usable. A missing file that `data.fallback` will generate is not checked."""
+    when no example is usable. Returns what was read, for the driver (encoded only when `runs_tok`:
+    `tok` is the run's own tokenizer); None when a missing file is left to `data.fallback`."""
     from sm_dist.data.datasets import no_usable_examples
+    from sm_dist.data.prepare import load_train_data
 
-    d = cfg.data
-    from sm_dist.data.sources import source_exists
-
-    if not source_exists(d.train_path) and d.fallback != "none":
-        return
-    quiet = _Quiet(logging.getLogger("sm_dist.data"))  # the driver's build_data reports the same rows
-    with quiet:
-        examples, reports = _load_and_encode(cfg, tok)
-    if not examples:
-        raise no_usable_examples("data.train_path", d.train_path, *reports)
-    _check_examples(cfg, tok, examples)
+    with _Quiet(logging.getLogger("sm_dist.data")):  # the driver's build_data reports the bad rows
+        data = load_train_data(cfg, tok, generate=False)
+    if data is None:
+        return None
+    if not (data.encoded if tok is not None else data.examples):
+        raise no_usable_examples("data.train_path", cfg.data.train_path, *data.reports)
+    _check_examples(cfg, tok, data.encoded or data.examples)
+    if not runs_tok:  # encoded with a stand-in for the tiny model's tokenizer: the driver encodes again
+        return TrainData(data.path, data.examples, data.loaded)
+    return data
 
 
 class _Quiet:
@@ -136,20 +139,6 @@ class _Quiet:
 
     def __exit__(self, *exc):
         self.logger.setLevel(self.level)
-
-
-def _load_and_encode(cfg: Config, tok):
-    from sm_dist.data.datasets import encode_examples, load_examples
-
-    d = cfg.data
-    examples, loaded = load_examples(d.train_path, **d.load_kwargs(), limit=d.limit)
-    reports = [loaded]
-    if tok is not None and examples:
-        examples, encoded = encode_examples(
-            examples, tok, d.max_prompt_len, d.max_answer_len, on_overlong=d.on_bad, source=d.train_path
-        )
-        reports.append(encoded)
-    return examples, reports
 
 
 def _check_examples(cfg: Config, tok, examples: list) -> None:
@@ -180,17 +169,18 @@ def _check_examples(cfg: Config, tok, examples: list) -> None:
 
 
 def _run_tokenizer(cfg: Config):
-    """The tokenizer the run will use: the model folder's, or (a tiny model built at start) the one
-    `make_tiny_model` trains, so the data is checked against it before anything is built."""
+    """(tokenizer, whether it is the run's own): the model folder's, or (a tiny model built at start) a
+    stand-in trained as `make_tiny_model` trains its own, so the data is checked before anything is
+    built; (None, False) when there is none to check with."""
     if Path(cfg.model.dir).exists():
-        return check_model_dir(cfg.model.dir)
+        return check_model_dir(cfg.model.dir), True
     if cfg.model.start_from:  # the run's model will be a copy of it
-        return check_model_dir(cfg.model.start_from, "model.start_from")
+        return check_model_dir(cfg.model.start_from, "model.start_from"), True
     if cfg.model.make_tiny_if_missing:
         from sm_dist.core.tiny import ARITH_ALPHABET, train_tokenizer
 
-        return train_tokenizer(None, alphabet=ARITH_ALPHABET)
-    return None
+        return train_tokenizer(None, alphabet=ARITH_ALPHABET), False
+    return None, False
 
 
 def check_engine_limits(cfg: Config) -> None:
@@ -272,21 +262,20 @@ def check_api_port(cfg: Config) -> None:
             ) from None
 
 
-def preflight(cfg: Config, resume: str | None) -> Path | None:
+def preflight(cfg: Config, resume: str | None) -> tuple[Path | None, TrainData | None]:
     """Check the model, the data, the engine settings, the run directory, the API port and (with
     `resume`) the run to resume before anything is written or started; return the checkpoint to resume
-    from (None for a fresh run)."""
+    from (None for a fresh run) and the training data read (`check_train_data`, for `build_data`)."""
 
-    tok = _run_tokenizer(cfg)
-    check_train_data(cfg, tok)
+    data = check_train_data(cfg, *_run_tokenizer(cfg))
     check_engine_limits(cfg)
     check_run_dir_writable(cfg)
     check_api_port(cfg)
     if not resume:
-        return None
+        return None, data
     check_resume_config(cfg, Path(cfg.run.run_dir))
     check_buffer_shards(Path(cfg.run.run_dir), cfg.buffer.shards)
-    return resume_checkpoint(Path(cfg.run.run_dir), resume)
+    return resume_checkpoint(Path(cfg.run.run_dir), resume), data
 
 
 # keys a resume cannot change, and why (a prefix ending in "." covers a section)

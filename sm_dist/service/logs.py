@@ -6,9 +6,9 @@
   whatever the console level.
 * `<run_dir>/workers.log`: what the Ray actors print (vLLM's engine lines, Ray's worker chatter),
   which would otherwise interleave with the progress bar. With `--log-level DEBUG` they go to the
-  console as well (Ray's own printer). This replaces the handler Ray's driver installs for
-  `log_to_driver` through `ray._private.ray_logging`'s dispatcher (ray is pinned to 2.60.*); if that
-  internal moves, Ray's console printing is left as it was.
+  console as well (Ray's own printer). This goes through Ray's private dispatcher of forwarded worker
+  output (`route_worker_logs` says why no public setting does it); if that internal moves, Ray's
+  console printing is left as it was.
 
 Imports no Ray, torch or vLLM.
 """
@@ -91,6 +91,17 @@ def route_worker_logs(run_dir: Path) -> Path | None:
 
     Call after `ray.init(log_to_driver=True)`. At console level DEBUG the console printer stays too.
     Returns the file, or None when Ray's dispatcher is not where this was written against.
+
+    Why a private Ray module (ray 2.60, read in its source): the lines `log_to_driver` forwards go to
+    one printer, `print_to_stdstream`, which writes to this process's stdout/stderr, and no public
+    setting points them elsewhere. `ray.init(log_to_driver=False)` (or RAY_LOG_TO_DRIVER=0) stops the
+    forwarding altogether: the lines then stay in each node's session folder (/tmp/ray/session_*/logs/
+    worker-*.out), not in the run directory. `ray.init(logging_config=ray.LoggingConfig(...))` sets up
+    Python `logging` (a root handler and its format) in the driver and the workers; it does not touch
+    the forwarded stdout/stderr lines (vLLM's prints, C++ log lines). RAY_DEDUP_LOGS only merges
+    repeated lines. The state API (`ray.util.state.get_log`) needs the dashboard, which a local run
+    starts without. So the handler is swapped on `global_worker_stdstream_dispatcher`, the hook Ray's
+    own client server (`ray/util/client/server/logservicer.py`) uses to receive the same lines.
     """
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher

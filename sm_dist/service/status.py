@@ -238,15 +238,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         rows = []
     summary = _read_json(d / "summary.json")
     driver = read_driver(d)
-    alive = _alive(driver) if driver else False
-    if driver and alive is not False:
-        state = "running" if alive else "running on another host (not checked from here)"
-    elif driver:
-        state = "died"  # driver.json left behind: killed without its clean exit
-    elif summary:
-        state = "stopped early" if summary.get("stopped_early") else "finished"
-    else:
-        state = "not started"
+    state = _state(driver, summary)
     last = rows[-1] if rows else {}
     recent = rows[-window:]
 
@@ -254,10 +246,6 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         vals = [r[key] for r in recent if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    span = rows[-50:]
-    rate = None
-    if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
-        rate = (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
     version = next((r["sync/version"] for r in reversed(rows) if r.get("sync/version") is not None), None)
     buf = _buffer_counts(d)
     ckpts = list_checkpoints(d)
@@ -267,7 +255,7 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "driver": driver,
         "step": last.get("step"),
         "total_steps": cfg.get("run", {}).get("total_steps"),
-        "steps_per_s": rate,
+        "steps_per_s": _steps_per_s(rows[-50:]),
         "weights_version": version,
         "loss_total": mean("loss/total"),
         "loss_bc": mean("loss/bc"),
@@ -281,6 +269,23 @@ def run_status(run_dir: str | Path, window: int = 10) -> dict:
         "summary": summary,
         "api": _read_json(d / "api.json") if state.startswith("running") else None,  # sm_dist/service/api.py
     }
+
+
+def _state(driver: dict | None, summary: dict | None) -> str:
+    alive = _alive(driver) if driver else False
+    if driver and alive is not False:
+        return "running" if alive else "running on another host (not checked from here)"
+    if driver:
+        return "died"  # driver.json left behind: killed without its clean exit
+    if summary:
+        return "stopped early" if summary.get("stopped_early") else "finished"
+    return "not started"
+
+
+def _steps_per_s(span: list[dict]) -> float | None:
+    if len(span) > 1 and span[-1]["time"] > span[0]["time"]:
+        return (span[-1]["step"] - span[0]["step"]) / (span[-1]["time"] - span[0]["time"])
+    return None
 
 
 def _buffer_counts(d: Path) -> dict:

@@ -85,9 +85,9 @@ def test_forced_error_prefixes_and_decoding_flags():
     for ans, p in zip(answers, pre, strict=True):
         i = len(p) - 1
         assert p[:i] == ans[:i] and p[i] != ans[i] and p[i] in {1, 2, 3, 4}
-    assert resolve_decoding(None, None) == "search" and resolve_decoding(None, False) == "greedy_no_bkspc"
-    with pytest.raises(ValueError, match="contradicts"):
-        resolve_decoding("greedy_no_bkspc", True)
+    assert resolve_decoding(None) == "search" and resolve_decoding("greedy_no_bkspc") == "greedy_no_bkspc"
+    with pytest.raises(ValueError, match="unknown decoding 'beam'"):
+        resolve_decoding("beam")
     sp = decoding_params("search")
     assert sp.temperature == 0.0 and sp.no_repeat_deleted and not sp.forbid_bkspc
     sp = decoding_params("sample", samples=4, seed=7)
@@ -279,7 +279,7 @@ def test_cli_eval(model_256, data_file, tmp_path):
     cmd = [sys.executable, "-m", "sm_dist", "eval", "--model", str(model_256), "--data", str(data_file)]
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "eval.jsonl:4" in bad.stderr
-    flags = ["--on-bad", "skip", "--limit", "4", "--max-actions", "8", "--backspace", "off"]  # legacy alias
+    flags = ["--on-bad", "skip", "--limit", "4", "--max-actions", "8", "--decoding", "greedy_no_bkspc"]
     ok = subprocess.run(
         [*cmd, *flags, "--out", str(out), "--log-file", str(log)], capture_output=True, text=True, timeout=600
     )

@@ -172,17 +172,55 @@ def _loopback(ip: str) -> bool:
 
 
 def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
-    """One run dir, three starts (the phases share it to keep the suite short):
-    1. A service run (run.total_steps=null) on the local Ray that `sm-dist train` starts: every listening
-       socket of its process tree (GCS, raylet, object manager, agents, actors, driver) is on loopback
-       (issue 12); SIGTERM ends it with a final checkpoint of the step k it reached.
+    """One run dir, four starts (the phases share it, and their Ray/vLLM start-ups, to keep the suite
+    short):
+    0. kill -9 of the replay buffer actor: the run stops non-zero with a clear message and a checkpoint
+       of the step it reached.
+    1. `--resume` (the config file given again, overrides on top) restores the buffer from its segments
+       and goes on as a service run (run.total_steps=null) on the local Ray that `sm-dist train` starts:
+       every listening socket of its process tree (GCS, raylet, object manager, agents, actors, driver)
+       is on loopback (issue 12); SIGTERM ends it with a final checkpoint of the step k it reached.
     2. `--resume` with no config and a step count goes on from exactly step k.
     3. The newest checkpoint corrupted (a half-written weights file): `--resume` goes on from the previous
        intact one, keeps the corrupt one as it was (`step-N.corrupt`), and the history holds
        every step once (the abandoned attempt's rows are set aside in metrics.abandoned.jsonl)."""
     run = tmp_path / "run"
     base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "learner.schedule=constant"]
-    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}", "run.total_steps=null"])
+    k0, on_disk = _dead_replay_buffer_stops_with_checkpoint(tmp_path, ray_tmp, run, base)
+    first, state = _resume_then_sigterm(tmp_path, ray_tmp, run, base, k0, on_disk)
+    k = first["step"]
+    _resume_goes_on_from_k(tmp_path, ray_tmp, run, first, state)
+    _resume_past_a_corrupt_checkpoint(tmp_path, ray_tmp, run, k)
+
+
+def _dead_replay_buffer_stops_with_checkpoint(tmp_path, ray_tmp, run: Path, base: list[str]):
+    """Phase 0: kill -9 of the replay buffer actor. Returns (the step k0 it reached, the rows on disk)."""
+    args = [*base, f"run.run_dir={run}", "run.total_steps=null", "run.checkpoint_every=1000"]
+    proc = _start(tmp_path, ray_tmp, args)  # no periodic checkpoint: the one saved is the rescue one
+    try:
+        _wait(lambda: (m := _metrics(run)) and m[-1].get("rollout/batches_total", 0) >= 4, "rollouts", proc)
+        pids = _wait(lambda: _actor_pids(ray_tmp, "ReplayBuffer"), "the buffer actors", proc)
+        # the replay buffer is the first ReplayBuffer actor created (the expert buffer is the second)
+        os.kill(min(pids), signal.SIGKILL)
+        log, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, log[-3000:]
+    k0 = _metrics(run)[-1]["step"]
+    assert re.search(r"the run failed at step \d+: .*\[dead actor: ReplayBuffer\]", log), log[-3000:]
+    assert f"saved checkpoint {run / 'checkpoints' / f'step-{k0:08d}'}" in log, log[-3000:]
+    from sm_dist.buffer import read_run_buffer
+
+    on_disk = read_run_buffer(run).num_rows
+    assert on_disk > 0
+    return k0, on_disk
+
+
+def _resume_then_sigterm(tmp_path, ray_tmp, run: Path, base: list[str], k0: int, on_disk: int):
+    """Phase 1: the resumed service run, its sockets, SIGTERM. Returns (summary.json, run_state.json of
+    its final checkpoint)."""
+    proc = _start(tmp_path, ray_tmp, [*base, "run.total_steps=null", "--resume", str(run)])
     try:
         _wait(lambda: (m := _metrics(run)) and m[-1]["step"] >= 24, "step 24", proc)
         sockets = _listening(proc.pid)
@@ -190,6 +228,7 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, log[-3000:]
+    assert f"at step {k0}" in log, log[-3000:]  # resumed from the rescue checkpoint
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets  # the tree was found: the check is not vacuous
     assert any(n.startswith("ray::RolloutWorker") for n in names), sockets
@@ -198,6 +237,7 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     first = json.loads((run / "summary.json").read_text())
     k = first["step"]
     assert first["stopped_early"] and k >= 24
+    assert first["buffer"]["added_rows"] >= on_disk  # the replay buffer was restored from its segments
     last = Path(first["last_checkpoint"])
     assert last.name == f"step-{k:08d}"
     state = json.loads((last / "run_state.json").read_text())
@@ -205,14 +245,17 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     opt = read_all(last / "state")["optim"]  # the ranks' DCP shards, read without unpickling code
     adam_steps = {float(s["step"]) for s in opt["state"].values()}
     assert adam_steps == {float(k)}  # no skipped steps: one Adam step per learner step
-    rows_at_stop = first["buffer"]["added_rows"]
+    return first, state
 
-    # no config: the run's saved one (a service run, FAST settings) with one override on top
+
+def _resume_goes_on_from_k(tmp_path, ray_tmp, run: Path, first: dict, state: dict) -> None:
+    """Phase 2: no config, the run's saved one (a service run, FAST settings) with one override on top."""
+    k, last = first["step"], Path(first["last_checkpoint"])
     resume = [sys.executable, "-m", "sm_dist", "train", "--resume", str(run)]
-    env = _env(tmp_path, ray_tmp)
     out = subprocess.run(
-        [*resume, f"run.total_steps={k + 8}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+        [*resume, f"run.total_steps={k + 8}"], env=_env(tmp_path, ray_tmp), cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from {last} at step {k}" in out.stderr  # the log (stderr); the summary is stdout
     assert (run / "resumed-model" / "config.json").exists()  # actors start on the pinned copy
@@ -220,11 +263,13 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     assert steps[-8:] == list(range(k + 1, k + 9))  # the step counter continues
     second = json.loads((run / "summary.json").read_text())
     assert second["step"] == k + 8 and second["version"] >= state["version"]
-    assert second["buffer"]["added_rows"] >= rows_at_stop  # the replay buffer was restored, then grew
+    assert second["buffer"]["added_rows"] >= first["buffer"]["added_rows"]  # restored, then grew
     opt2 = read_all(Path(second["last_checkpoint"]) / "state")["optim"]
     assert {float(s["step"]) for s in opt2["state"].values()} == {float(k + 8)}
 
-    # 3. the newest checkpoint half-written: back to the previous intact one
+
+def _resume_past_a_corrupt_checkpoint(tmp_path, ray_tmp, run: Path, k: int) -> None:
+    """Phase 3: the newest checkpoint half-written: back to the previous intact one."""
     ckpts = run / "checkpoints"
     before = sorted(p.name for p in ckpts.iterdir())
     newest, prev = before[-1], before[-2]
@@ -237,8 +282,9 @@ def test_resume_after_sigterm_continues(tmp_path, ray_tmp):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     corrupt_bytes = weights.read_bytes()
     out = subprocess.run(
-        [*resume, f"run.total_steps={k + 12}"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "sm_dist", "train", "--resume", str(run), f"run.total_steps={k + 12}"],
+        env=_env(tmp_path, ray_tmp), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     kept = ckpts / f"{newest}.corrupt"
     assert f"checkpoint {newest} is corrupt (model/model.safetensors has" in out.stderr, out.stderr[-3000:]
@@ -284,138 +330,3 @@ def _wait(pred, what: str, proc, timeout: float = 300):
             return got
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_dead_rollout_worker_restarts_then_rescue_checkpoint(tmp_path, ray_tmp):
-    """kill -9 of a rollout worker: Ray restarts it, the driver re-sends the latest weights (no row
-    after the restart comes from the initial weights) and the run goes on. Killed once more than
-    rollout.max_restarts allows, the run stops non-zero naming the worker, with a checkpoint of the
-    step it reached (nothing since the last periodic checkpoint is lost)."""
-    import datetime as dt
-
-    from sm_dist.buffer import read_run_buffer
-
-    run = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, "run.total_steps=400",
-        "run.checkpoint_every=1000", "sync.every=2", "rollout.max_restarts=1",
-    ]  # fmt: skip
-    proc = _start(tmp_path, ray_tmp, args)
-
-    def names_since(t0):
-        try:
-            rows = read_run_buffer(run).to_pylist()
-        except FileNotFoundError:
-            return set()
-        return {r["worker_id"] for r in rows if r["created_at"] > t0}
-
-    start = dt.datetime.now(dt.UTC)
-    try:
-        _wait(lambda: names_since(start) == {"w0", "w1"}, "rollouts from both workers", proc)
-        first = _wait(lambda: _rollout_worker_pids(ray_tmp), "rollout workers", proc)
-        killed_at = dt.datetime.now(dt.UTC)
-        step_at_kill = _metrics(run)[-1]["step"]
-        os.kill(min(first), signal.SIGKILL)
-        new = _wait(lambda: _rollout_worker_pids(ray_tmp) - first, "the restarted worker", proc)
-        _wait(lambda: _metrics(run)[-1]["step"] >= step_at_kill + 12, "12 more steps", proc)
-        # the restarted worker has written rollouts (and the other one has too)
-        _wait(lambda: names_since(killed_at + dt.timedelta(seconds=1)) == {"w0", "w1"}, "new rollouts", proc)
-        os.kill(new.pop(), signal.SIGKILL)  # max_restarts=1 is used up: the run must stop
-        log, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, log[-3000:]
-    died = re.search(r"rollout worker (w\d) died during \w+ .*restart 1/1", log)
-    assert died, log[-3000:]
-    assert f"rollout worker {died.group(1)} died 2 times (rollout.max_restarts=1)" in log, log[-3000:]
-    last_step = _metrics(run)[-1]["step"]
-    assert f"saved checkpoint {run / 'checkpoints' / f'step-{last_step:08d}'}" in log, log[-3000:]
-    state = json.loads((run / "checkpoints" / f"step-{last_step:08d}" / "run_state.json").read_text())
-    assert state["step"] == last_step >= step_at_kill + 12
-
-    rows = read_run_buffer(run).to_pylist()
-    # every rollout the restarted worker wrote ran on published weights, not its initial ones
-    late = [r for r in rows if r["worker_id"] == died.group(1) and r["created_at"] > killed_at]
-    assert late and min(r["policy_version"] for r in late) > 0, [r["policy_version"] for r in late]
-
-
-def test_dead_learner_rank_restarts_from_checkpoint(tmp_path, ray_tmp):
-    """kill -9 of one of two DDP learner ranks: the driver replaces both (the survivor is stuck in its
-    collective), the new ranks load the latest checkpoint, their weights are re-published under a new
-    version, and the run finishes with exit 0. The steps since the checkpoint are redone, and the
-    optimiser continues from the checkpoint's state (one Adam step per learner step in all)."""
-    run, total = tmp_path / "run", 36
-    args = [
-        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, f"run.total_steps={total}",
-        "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
-    ]  # fmt: skip
-    proc = _start(tmp_path, ray_tmp, args)
-    try:
-        _wait(
-            lambda: (m := _metrics(run)) and m[-1]["step"] >= 13,
-            "step 13 (after the step-10 checkpoint)",
-            proc,
-        )
-        pids = _wait(lambda: _actor_pids(ray_tmp, "Learner"), "the learner ranks", proc)
-        assert len(pids) == 2, pids
-        os.kill(max(pids), signal.SIGKILL)
-        log, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, log[-3000:]
-    died = re.search(
-        r"learner rank \d died at step (\d+) .*restart 1/2: every rank restarts from checkpoint (\S+?step-\d{8})",
-        log,
-    )
-    assert died, log[-3000:]
-    k, ck = int(died.group(1)), Path(died.group(2))
-    c = int(ck.name.removeprefix("step-"))
-    assert ck.parent == run / "checkpoints" and 10 <= c <= k and c % 10 == 0, (k, ck)
-    restarted = re.search(rf"learners restarted at step {c}, weights version (\d+)", log)
-    assert restarted, log[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == total and summary["learner_restarts"] == 1, summary
-    assert summary["version"] > int(restarted.group(1))  # published on after the restart
-    steps = [r["step"] for r in _metrics(run)]
-    cut = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # where the redo starts
-    # the step that died is logged unless the death surfaced in its publish or checkpoint
-    assert steps[:cut] == list(range(1, cut + 1)) and cut in (k - 1, k), (k, steps)
-    assert steps[cut:] == list(range(c + 1, total + 1)), (c, steps)
-    opt = read_all(Path(summary["last_checkpoint"]) / "state")["optim"]
-    assert {float(s["step"]) for s in opt["state"].values()} == {float(total)}
-
-
-def test_dead_replay_buffer_stops_with_checkpoint_and_resumes(tmp_path, ray_tmp):
-    """kill -9 of the replay buffer actor: the run stops non-zero with a clear message and a checkpoint
-    of the step it reached; `--resume` restores the buffer from its segments and goes on."""
-    run = tmp_path / "run"
-    base = [sys.executable, "-m", "sm_dist", "train", TINY, *FAST, "run.checkpoint_every=1000"]
-    proc = _start(tmp_path, ray_tmp, [*base, f"run.run_dir={run}", "run.total_steps=400"])
-    try:
-        _wait(lambda: (m := _metrics(run)) and m[-1].get("rollout/batches_total", 0) >= 4, "rollouts", proc)
-        pids = _wait(lambda: _actor_pids(ray_tmp, "ReplayBuffer"), "the buffer actors", proc)
-        # the replay buffer is the first ReplayBuffer actor created (the expert buffer is the second)
-        os.kill(min(pids), signal.SIGKILL)
-        log, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0, log[-3000:]
-    k = _metrics(run)[-1]["step"]
-    assert re.search(r"the run failed at step \d+: .*\[dead actor: ReplayBuffer\]", log), log[-3000:]
-    assert f"saved checkpoint {run / 'checkpoints' / f'step-{k:08d}'}" in log, log[-3000:]
-    from sm_dist.buffer import read_run_buffer
-
-    on_disk = read_run_buffer(run).num_rows
-    assert on_disk > 0
-
-    out = subprocess.run(
-        [*base, f"run.total_steps={k + 4}", "--resume", str(run)], env=_env(tmp_path, ray_tmp), cwd=ROOT,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"at step {k}" in out.stderr
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == k + 4 and summary["buffer"]["added_rows"] >= on_disk

@@ -519,11 +519,12 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_an_internal_bug_keeps_its_traceback(monkeypatch):
     from sm_dist import cli
+    from sm_dist.cli import analysis
 
     def bug(args):
         raise KeyError("a bug of ours")
 
-    monkeypatch.setattr(cli, "_plot", bug)
+    monkeypatch.setattr(analysis, "_plot", bug)  # `plot`'s handler, bound when main builds the parser
     monkeypatch.setattr(
         "sm_dist.service.logs.setup_logging", lambda *a, **k: None
     )  # leave the session's logging as is

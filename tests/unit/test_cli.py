@@ -1,5 +1,5 @@
-"""`sm-dist bench`: every listed benchmark exists and parses its arguments (the run itself is in
-tests/integration/test_bench.py, marked slow)."""
+"""The command line: `sm-dist bench`, every listed benchmark exists and parses its arguments (the run
+itself is in tests/integration/test_bench.py, marked slow); `eval`'s removed `--backspace` alias."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_unknown_benchmark_is_refused_naming_the_choices():
         cwd=ROOT,
     )
     assert out.returncode != 0 and "learner-step" in out.stderr
+
+
+def test_eval_backspace_alias_is_gone(capsys):
+    """Issue 24: a young project keeps no aliases; `--backspace on|off` is refused by argparse
+    (`--decoding search|greedy_no_bkspc` says the same)."""
+    from sm_dist.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["eval", "--model", "m", "--data", "d.jsonl", "--backspace", "off"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --backspace off" in capsys.readouterr().err
+    args = parse_args(["eval", "--model", "m", "--data", "d.jsonl", "--decoding", "greedy_no_bkspc"])
+    assert args.decoding == "greedy_no_bkspc" and not hasattr(args, "backspace")

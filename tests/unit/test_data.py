@@ -170,7 +170,7 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
 
     from sm_dist.config import ConfigError, DataConfig, load_config
     from sm_dist.data.datasets import FORMATS
-    from sm_dist.data.prepare import load_train_examples
+    from sm_dist.data.prepare import load_train_data
 
     for name in ("auto", *FORMATS):
         assert DataConfig(format=name).format.kind == name
@@ -186,10 +186,10 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     ]
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
     cfg = load_config(tiny, ["data.format=jsonl", *over])  # a bare kind first: it replaces the whole format
-    examples, *_ = load_train_examples(cfg)
+    examples = load_train_data(cfg).examples
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):
-        load_train_examples(load_config(tiny, over))
+        load_train_data(load_config(tiny, over))
 
 
 def test_literal_bkspc_text_and_non_utf8_lines_are_bad_rows_of_their_own(tmp_path):
@@ -211,3 +211,38 @@ def test_literal_bkspc_text_and_non_utf8_lines_are_bad_rows_of_their_own(tmp_pat
     text.write_text("ab<bkspc>cd\nabcd\n")
     examples, report = load_examples(text, on_bad="skip", prompt_chars=2)
     assert examples == [Example("ab", "cd")] and report.skipped == Counter(bkspc_text=1)
+
+
+def test_train_data_is_read_and_encoded_once_from_preflight_to_build_data(tmp_path, monkeypatch):
+    """preflight reads and encodes data.train_path (its checks need the encoded rows) and hands the
+    result on: the driver's build_data makes the same rows from it without reading the file again."""
+    from transformers import AutoTokenizer
+
+    from sm_dist.config import load_config
+    from sm_dist.data import datasets
+    from sm_dist.data.prepare import build_data
+    from sm_dist.orchestrator.validate import check_train_data, preflight
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(
+        root / "configs" / "tiny-cpu.yaml", [f"run.run_dir={tmp_path / 'run'}", "data.limit=40"]
+    )
+    calls = {"load": 0, "encode": 0}
+
+    def counting(key: str, real):
+        def counted(*a, **k):
+            calls[key] += 1
+            return real(*a, **k)
+
+        return counted
+
+    monkeypatch.setattr(datasets, "load_examples", counting("load", datasets.load_examples))
+    monkeypatch.setattr(datasets, "encode_examples", counting("encode", datasets.encode_examples))
+    last, data = preflight(cfg, None)
+    assert last is None and len(data.encoded) == 40 and calls == {"load": 1, "encode": 1}
+    tok = AutoTokenizer.from_pretrained(cfg.model.start_from)
+    once = build_data(cfg, tok, data)
+    assert calls == {"load": 1, "encode": 1}
+    assert once == build_data(cfg, tok)  # the same rows as a fresh read
+    stand_in = check_train_data(cfg, tok, runs_tok=False)  # a tiny model's tokenizer is not known yet
+    assert stand_in.encoded is None and len(stand_in.examples) == 40
