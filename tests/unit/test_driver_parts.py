@@ -331,3 +331,14 @@ def test_the_sampler_fills_a_short_replay_half_with_data_during_warmup():
     sampler, _, expert, _ = _sampler([5], fill=False, warmup=10)
     sampler.sample(2, step=3, version=10)
     assert expert.sample.calls == [(6,)]
+
+
+def test_a_restarted_worker_in_synchronous_mode_gets_its_weights_before_the_next_round():
+    w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
+    sync_policy = RolloutPolicy(1, 30.0, 5.0, asynchronous=False)
+    s = rollouts_with([w], sync_policy, resend=lambda i: Delivery(2, {i: Fut(2)}))
+    s.submit(0)
+    land(s)  # the death: restarted, the weights applied here, no batch until the next round
+    assert s.sync.state.syncs == {"w0": 1} and not in_flight(s) and s.ws.awaiting == set()
+    s.run_round()
+    assert s.batches == 1 and len(w.run_batch.calls) == 2
