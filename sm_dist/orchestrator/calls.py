@@ -4,11 +4,16 @@ waits on them.
     calls = Inflight(ray)
     calls.add(worker.run_batch.remote(), BatchCall(0), owner=rollouts)  # `rollouts.on_answer` takes it
     results = calls.wait_for(learner_futures)   # the learners' answers; worker answers handled meanwhile
+    calls.check()                                # between steps: a fatal answer that landed meanwhile
     calls.wait_one(30.0, "the learner waits for fresh rows")
 
 Only one thread waits (the driver's), and only here: while it waits for the learners, every worker
 answer that lands goes to the part that made the call (its `owner`, fixed when the call is made):
 `Rollouts` for batches, `WeightSync` for weight confirmations, `WorkerPool` for joins and retirements.
+A fatal answer (a worker dead once too often, a wrong weight version, the replay buffer gone) that
+lands while the learners work is kept until they are done (`failure`) and raised by `check` between
+two steps, so the step they took is counted, logged and checkpointed like any other: a rescue
+checkpoint then holds the step the metrics last show.
 `ray` is the module, or any object with its `wait`/`get`/`kill`/`exceptions` (the unit tests pass a fake).
 """
 
@@ -113,6 +118,7 @@ class Inflight:
     def __init__(self, ray: Any):
         self.ray = ray
         self.calls: dict[Any, tuple[CallOwner, Call]] = {}
+        self.failure: Exception | None = None  # a fatal answer that landed while the learners worked
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -142,28 +148,43 @@ class Inflight:
         owner, call = self.calls.pop(fut)
         owner.on_answer(fut, call)
 
+    def check(self) -> None:
+        """Raise the fatal answer kept while the learners worked (the loop calls this between steps)."""
+        if self.failure is not None:
+            err, self.failure = self.failure, None
+            raise err
+
     def wait_for(self, futures: list, timeout_s: float | None = None) -> list:
         """Wait for `futures` (e.g. the learners'), handling the calls in flight meanwhile; return their
         results. A failed future raises as soon as it lands: when one learner rank dies, the others
-        hang in their collective and would never finish."""
+        hang in their collective and would never finish. A call whose answer is fatal is kept in
+        `failure` (no more calls are handled then) until `check`."""
         pending, results = list(futures), {}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = self.ray.wait(pending + list(self.calls), num_returns=1, timeout=left)
+            watched = pending + ([] if self.failure else list(self.calls))
+            ready, _ = self.ray.wait(watched, num_returns=1, timeout=left)
             if not ready:
                 raise TimeoutError(f"{len(pending)} calls did not finish within {timeout_s}s")
             for f in ready:
-                if f in self.calls:
-                    self.handle(f)
-                elif f in pending:
+                if f in pending:
                     pending.remove(f)
                     results[f] = self.ray.get(f)
+                elif f in self.calls:
+                    self._handle_while_waiting(f)
         return [results[f] for f in futures]
+
+    def _handle_while_waiting(self, fut: Any) -> None:
+        try:
+            self.handle(fut)
+        except Exception as e:  # the learners finish their call first; `check` raises it
+            self.failure = e
 
     def wait_one(self, timeout_s: float, what: str) -> None:
         """Handle the next answer; raise when none comes within `timeout_s` (`what` says why the caller
         waited)."""
+        self.check()
         if not self.calls:
             raise RuntimeError(f"{what}, but no rollout call is in flight")
         ready, _ = self.ray.wait(list(self.calls), num_returns=1, timeout=timeout_s)
@@ -173,6 +194,7 @@ class Inflight:
 
     def poll(self, timeout_s: float) -> None:
         """Handle whatever answers land within `timeout_s` (none in flight: just wait)."""
+        self.check()
         if not self.calls:
             time.sleep(timeout_s)
             return

@@ -66,6 +66,7 @@ def learn(o: Orchestrator) -> None:
     if cfg.run.asynchronous:
         o.sched.submit_all()  # from now on each worker resubmits as its batch lands
     while s.step < step_limit(cfg) and not o.stopping:
+        o.calls.check()  # a fatal rollout answer that landed during the last step stops the run here
         o.control.apply()  # control API calls, workers joining, autoscaler, new data; blocks while paused
         if o.stopping:
             break
@@ -95,6 +96,7 @@ def learn(o: Orchestrator) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{m.get('loss/total', float('nan')):.3f}", v=s.version)
     bar.close()
+    o.calls.check()
     o.pool.cancel_joins()  # workers still starting never had work
     o.sched.drain()  # let in-flight batches and syncs land so the final state counts them
 

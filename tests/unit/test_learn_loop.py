@@ -1,19 +1,21 @@
 """The learner loop (`sm_dist.orchestrator.driver.learn`) over a real `Orchestrator` whose actors are
 fakes (tests/unit/fakes.py): rollouts land and go out again while the learners step, every step
 publishes (sync.every=1) and its confirmations land, a dead learner rank is rebuilt and its weights
-re-published under a new version, a stop from the control API ends the loop after the step, and the
-in-flight batches are drained at the end."""
+re-published under a new version, a stop from the control API ends the loop after the step, a fatal
+rollout answer stops it after the step in flight, and the in-flight batches are drained at the end."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+
+import pytest
 
 from sm_dist.orchestrator.calls import BatchCall
 from sm_dist.orchestrator.driver import learn
 from sm_dist.orchestrator.faults import RunState
 from sm_dist.orchestrator.run import Orchestrator, RunActors
 from sm_dist.sync.base import Delivery
-from tests.unit.fakes import FakeActor, FakeRay, Fut, Method, RayActorError, in_flight
+from tests.unit.fakes import FakeActor, FakeRay, Fut, Method, RayActorError, TaskErrorFromDeadActor, in_flight
 
 STEP = {"loss/total": 1.0, "perf/learner_step_s": 0.1}
 
@@ -108,3 +110,13 @@ def test_a_stop_from_the_control_api_ends_the_loop_after_the_step(tmp_path, monk
     learn(o)
     assert steps == [1, 2] and o.s.step == 2 and o.stopping
     assert all(not isinstance(c, BatchCall) for c in in_flight(o.sched))
+
+
+def test_a_fatal_rollout_answer_during_a_step_stops_the_run_after_that_step(tmp_path, monkeypatch):
+    """The replay buffer died under a worker while the learners stepped: their step is counted and
+    logged first, so a rescue checkpoint holds the step the metrics last show."""
+    o, w, _ = orchestrator(tmp_path, [learner("a")], monkeypatch=monkeypatch)
+    w.run_batch = Method(Fut(error=TaskErrorFromDeadActor("the replay buffer died")))
+    with pytest.raises(TaskErrorFromDeadActor, match="replay buffer died"):
+        learn(o)
+    assert o.s.step == 1 and [s for s, _ in o.log.rows] == [1] and o.s.version == 1
