@@ -148,7 +148,7 @@ def pretrain(
         if step % 500 == 0 or step == steps - 1:
             s = time.perf_counter() - t0
             print(f"pretrain {step + 1}/{steps} loss {m['loss/total']:.3f} ({s:.0f}s)", flush=True)
-    learner.save_checkpoint(str(model_dir))
+    learner.save(str(model_dir))
     (model_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     info = {"minutes": (time.perf_counter() - t0) / 60, "steps": steps}
     (model_dir / "pretrain.json").write_text(json.dumps(info))

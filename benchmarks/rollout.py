@@ -71,14 +71,12 @@ def bench_workers(model_dir, prompts, params, n_workers: int, batches: int) -> f
     ]
     ray.get([w.version.remote() for w in workers])  # engines started
     ray.get([w.run_batch.remote() for w in workers])  # warm-up
-    before = sum(s["rollout/total_actions"] for s in ray.get([w.stats.remote() for w in workers]))
     t0 = time.perf_counter()
-    stats = ray.get([w.run.remote(max_batches=batches) for w in workers])
+    stats = ray.get([w.run_batch.remote() for w in workers for _ in range(batches)])  # queued per worker
     dt = time.perf_counter() - t0
-    after = sum(s["rollout/total_actions"] for s in stats)
     for w in workers:
         ray.kill(w)
-    return (after - before) / dt
+    return sum(s["rollout/actions"] for s in stats) / dt
 
 
 def main():

@@ -38,8 +38,8 @@ from sm_dist.buffer.schema import (
     DATA_POLICY_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
+    check_version,
     empty_batch,
-    upgrade_batch,
     validate_batch,
 )
 from sm_dist.buffer.shards import MANIFEST, buffer_dir, saved_shards, shard_dirs
@@ -329,7 +329,7 @@ class ReplayBuffer:
         file, offset, rows = entry["file"], int(entry["offset"]), int(entry["rows"])
         seq = int(file[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)])
         try:
-            batch = upgrade_batch(_read_segment(self._dir / file))
+            batch = _read_segment(self._dir / file)
             if batch.num_rows != offset + rows:
                 raise ValueError(f"has {batch.num_rows} rows, manifest says {offset} evicted + {rows} live")
             validate_batch(batch)
@@ -356,6 +356,7 @@ def _load_manifest(path: Path) -> dict:
             f"replay-buffer manifest {path} is unreadable ({e}); it is only ever replaced atomically, so "
             "something else wrote it. Restore it from a backup or move the buffer dir aside to start empty."
         ) from e
+    check_version(doc.get("schema_version"), f"replay-buffer manifest {path}")
     return doc
 
 

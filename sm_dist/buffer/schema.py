@@ -4,7 +4,9 @@ Every row that flows from the data pipeline or a rollout worker into the replay 
 buffer to the learner, is one row of `SCHEMA`. Writers build rows as plain dicts and call
 `rows_to_batch`, which validates every field and names the offending row and column; the buffer calls
 `validate_batch` on whatever it is handed. `SCHEMA_VERSION` is stored in the schema metadata (so in
-every persisted segment): bump it whenever a column is added, removed or retyped.
+every persisted segment) and in each buffer manifest: bump it whenever a column is added, removed or
+retyped, or its meaning changes. A buffer of another version is refused (`check_version`), never
+converted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 2  # 2: is_noise (v1 segments are upgraded on read, `upgrade_batch`)
+# 3: a data row's `is_noise` is its only noise record (empty: no noise); v2 readers inferred flags
+# for a flagless data row from its <bkspc> actions. 2: is_noise added.
+SCHEMA_VERSION = 3
 SCHEMA_VERSION_KEY = b"sm_dist.schema_version"
 
 SOURCES = ("data", "model")  # dictionary values of `source`, in this fixed order (index 0, 1)
@@ -169,18 +173,16 @@ def rows_to_batch(rows: list[dict]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
-def upgrade_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """A batch persisted under an older schema, in `SCHEMA` (a current one is returned as it is).
+def check_version(found: object, where: str) -> None:
+    """Raise a `UserError` (one line: the version found, the one needed, the fix) unless `found` (read
+    from what `where` names: a buffer manifest) is `SCHEMA_VERSION`."""
+    if found != SCHEMA_VERSION:
+        from sm_dist.errors import UserError
 
-    v1 had no `is_noise`: every row gets an empty list, which the learner reads as "flags unknown" and,
-    for a data row with `<bkspc>` actions, replaces by v1's rule (a token directly followed by `<bkspc>`
-    was injected noise: exact for `augment_noise` data). Current writers store full-length flags for
-    every data row, so the rule applies to v1 rows only.
-    """
-    if "is_noise" in batch.schema.names:
-        return batch
-    empty = pa.array([[]] * batch.num_rows, type=pa.list_(pa.bool_()))
-    return pa.RecordBatch.from_arrays([*batch.columns, empty], schema=SCHEMA)
+        raise UserError(
+            where, f"holds rows of Arrow schema version {found}; this sm-dist reads version {SCHEMA_VERSION} only.",
+            "start a fresh run dir (another run.run_dir), or read it with the sm-dist that wrote it",
+        )  # fmt: skip
 
 
 def batch_to_rows(batch: pa.RecordBatch | pa.Table) -> list[dict]:

@@ -21,6 +21,8 @@ BENCHMARKS = {
     "buffer-throughput": "buffer_throughput.py",
     "lora-rows": "lora_rows.py",
     "lora-sync": "lora_sync.py",
+    "lora-step": "lora_step.py",
+    "before-after": "before_after.py",
     "checkpoint-io": "checkpoint_io.py",
 }
 

@@ -12,13 +12,14 @@ Layout of one checkpoint (what `sm-dist train --resume RUN_DIR` reads):
                             buffer.shards > 1, `buffer_manifest.shard-<k>.json`, one per shard
     manifest.json           size and sha256 of every other file; written last, just before the rename
 
-Checkpoints written before `state/` hold `optimizer.pt` (AdamW + scheduler, full state) instead;
-they still load (weights_only=True) and verify. Every rank writes into the same temp folder, which the
-driver renames: `run.run_dir` must be one filesystem for all of them (checked at start-up,
+`learner_state.json` records the checkpoint format (`VERSION`); a checkpoint of another version (1:
+before `state/` and this field, with `optimizer.pt`) is refused with one line (`check_version`), never
+converted. Every rank writes into the same temp folder, which the driver renames: `run.run_dir` must be one filesystem for all of them (checked at start-up,
 `sm_dist.orchestrator.storage`). A crash while writing leaves only `step-XXXXXXXX.tmp`, which the next run deletes; `keep_last`
 completed checkpoints are kept. `verify` checks a checkpoint before a resume trusts it: against its
-manifest, then structurally (JSON files parse, safetensors headers match their file sizes, the zip
-CRCs of optimizer.pt). A checkpoint written before manifests existed gets the structural checks only.
+manifest, then structurally (JSON files parse, safetensors headers match their file sizes, `state/`'s
+index names shard files that are there and long enough). One without a manifest gets the structural
+checks only.
 A corrupt checkpoint found on resume is renamed `step-XXXXXXXX.corrupt` (`set_aside`): kept, never
 deleted, and out of the way of a new checkpoint of the same step and of pruning.
 """
@@ -30,16 +31,33 @@ import json
 import os
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 _PREFIX, _TMP, _CORRUPT = "step-", ".tmp", ".corrupt"
 MANIFEST = "manifest.json"
 _DONE = re.compile(r"step-(\d+)")
 # what every checkpoint holds (learner rank 0 writes the first two, `commit` the last), besides the
-# training state: `state/` (DCP shards) or, before it existed, `optimizer.pt`
+# training state `state/` (DCP shards)
 REQUIRED = ("model/config.json", "learner_state.json", "run_state.json")
 STATE = "state"
+VERSION = 2  # the format (learner_state.json's "checkpoint_version"); 1: optimizer.pt, before state/
+VERSION_KEY = "checkpoint_version"
+
+
+def check_version(ckpt: str | Path) -> None:
+    """Raise a `CheckpointError` (one line: the version found, the one needed, the fix) unless `ckpt`'s
+    learner_state.json records format `VERSION`. A missing or unreadable file passes: `verify` names it."""
+    from sm_dist.errors import CheckpointError
+
+    try:
+        found = json.loads((Path(ckpt) / "learner_state.json").read_text()).get(VERSION_KEY, 1)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return
+    if found != VERSION:
+        raise CheckpointError(
+            str(ckpt), f"is a checkpoint of format version {found}; this sm-dist reads version {VERSION} only.",
+            "start a fresh run dir (another run.run_dir), or resume it with the sm-dist that wrote it",
+        )  # fmt: skip
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -175,8 +193,8 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def _structure_problem(d: Path) -> str | None:
-    """What a manifest cannot tell: every required file present, JSON parses, weights and optimizer
-    readable (safetensors headers, zip CRCs)."""
+    """What a manifest cannot tell: every required file present, JSON parses, weights and training
+    state readable (safetensors headers, `state/`'s index and shard sizes)."""
     for rel in REQUIRED:
         if not (d / rel).is_file():
             return f"{rel} is missing"
@@ -191,23 +209,18 @@ def _structure_problem(d: Path) -> str | None:
     for w in weights:
         if problem := safetensors_problem(w):
             return f"model/{problem}"
-    if (d / STATE).is_dir():
-        from sm_dist.learner.sharded import storage_problem
-
-        return storage_problem(d / STATE)
-    if not (d / "optimizer.pt").is_file():
+    if not (d / STATE).is_dir():
         return f"{STATE}/ (the training state) is missing"
-    try:
-        with zipfile.ZipFile(d / "optimizer.pt") as z:
-            bad = z.testzip()
-    except Exception as e:  # noqa: BLE001 -- a damaged zip fails in many ways (BadZipFile, zlib, UTF-8 names...)
-        return f"optimizer.pt is not a readable torch file ({type(e).__name__}: {e})"
-    return f"optimizer.pt: its entry {bad} fails its CRC check" if bad else None
+    from sm_dist.learner.sharded import storage_problem
+
+    return storage_problem(d / STATE)
 
 
 def verify(ckpt: str | Path) -> tuple[str | None, bool]:
-    """(why `ckpt` cannot be resumed from, or None; whether it had a manifest to check against)."""
+    """(why `ckpt` cannot be resumed from, or None; whether it had a manifest to check against). A
+    checkpoint of another format version is not damaged: it raises (`check_version`), never set aside."""
     d = Path(ckpt)
+    check_version(d)
     if not (d / MANIFEST).is_file():
         return _structure_problem(d), False
     try:

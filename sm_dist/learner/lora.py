@@ -86,7 +86,7 @@ def apply_lora(model, lora, bkspc_id: int):
 
 def hf_model(module):
     """The HF model inside `module` (a PeftModel's base model, else `module` itself): where its decoder
-    layers are, for FSDP2's per-layer wrapping (`Learner._wrap`)."""
+    layers are, for FSDP2's per-layer wrapping (`sm_dist.learner.model.wrap`)."""
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 

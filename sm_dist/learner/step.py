@@ -1,12 +1,16 @@
-"""One learner step in pure torch (no Ray, no pydantic): forward, objective, backward.
+"""One learner step in pure torch (no Ray, no pydantic): forward, objective, backward; and its inputs:
+buffer rows as traces (`to_traces`), the config's sections as frozen `StepParams` (`objective_params`),
+the LR schedule (`lr_factor`).
 
 This is what the Learner actor calls and what runs on a bare GPU machine for checks and benchmarks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +23,10 @@ from sm_dist.core.forward import (
 )
 from sm_dist.core.head_loss import HeadTargets, forward_head_scores, plain_head
 from sm_dist.core.objective import ObjectiveParams, raise_if_not_finite, training_loss
-from sm_dist.core.traces import TraceInputs, collate
+from sm_dist.core.traces import TraceInputs, build_inputs, collate
+
+if TYPE_CHECKING:  # the config's sections, read by attribute (no pydantic import here)
+    from sm_dist.config import LearnerConfig, ObjectiveConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,62 @@ class StepParams:
     loss_chunk_size: int = 512  # positions per LM-head chunk (sm_dist.core.head_loss); 0: full logits
     pack: bool = False  # several traces a row, each its own segment
     pack_length: int = 0  # inputs per packed row (0: twice the longest trace; never below the longest)
+
+
+def lr_factor(step: int, p: LearnerConfig, total_steps: int | None) -> float:
+    """Linear warmup to 1, then cosine down to `min_lr_ratio` at `total_steps` (or constant)."""
+    if step < p.lr_warmup_steps:
+        return (step + 1) / p.lr_warmup_steps
+    if p.schedule == "constant":
+        return 1.0
+    if total_steps is None:
+        raise ValueError("a cosine schedule needs total_steps; with total_steps=None use schedule='constant'")
+    span = max(1, total_steps - p.lr_warmup_steps)
+    frac = min(1.0, (step - p.lr_warmup_steps) / span)
+    return p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def objective_params(o: ObjectiveConfig, lc: LearnerConfig, bkspc_id: int, on_gpu: bool) -> StepParams:
+    """The one place the config becomes the pure-torch step's frozen parameters."""
+    return StepParams(
+        objective=o.params(bkspc_id),
+        warmup_steps=o.warmup_steps,
+        sm_lambda=o.sm_lambda,
+        attn=lc.attn,
+        autocast_dtype=torch.bfloat16 if (on_gpu and lc.bf16_autocast) else None,
+        pad_to_multiple=8 if on_gpu else 1,
+        loss_chunk_size=lc.loss_chunk_size,
+        pack=lc.pack,
+        pack_length=lc.pack_length,
+    )  # fmt: skip
+
+
+def to_traces(rows: list[dict], bkspc_id: int, eos_id: int, vocab_size: int) -> list[TraceInputs]:
+    """Buffer rows -> single-pass layouts; data rows carry their noise flags (`is_noise`: none stored,
+    none masked), model rows none."""
+    out = []
+    for r in rows:
+        is_data = r["source"] == "data"
+        acts = list(r["action_ids"])
+        flags = list(r.get("is_noise") or []) if is_data else []
+        out.append(
+            build_inputs(
+                r["prompt_ids"], acts, bkspc_id, eos_id=eos_id, vocab_size=vocab_size,
+                is_noise=flags or None, from_data=is_data,
+            )
+        )  # fmt: skip
+    return out
+
+
+def as_rows(rows) -> list[dict]:
+    """list[dict] | pa.RecordBatch | pa.Table | None -> list of dict rows."""
+    if rows is None:
+        return []
+    if isinstance(rows, list):
+        return rows
+    from sm_dist.buffer.schema import batch_to_rows
+
+    return batch_to_rows(rows)
 
 
 def loss_and_backward(

@@ -183,9 +183,10 @@ def learner_placement(ray, cfg: Config):
 def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
     """The learner ranks (one torch.distributed group), with weights from `model_dir`, one per bundle of
     `pg` (`learner_placement`; made here when None). Every rank loads its model at once; then rank 0
-    picks its own node's address and a port free there, and every rank joins it (`init_distributed`)."""
+    picks its own node's address and a port free there, and every rank joins it (`Learner.join`)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from sm_dist.learner.calls import rendezvous_address
     from sm_dist.learner.learner import Learner
 
     lc = cfg.learner
@@ -203,11 +204,12 @@ def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
     )  # fmt: skip
     labels = [f"learner rank {i}" for i in range(len(ranks))]
     timeout = cfg.run.startup_timeout_s
-    addr, port = _wait(ray, [ranks[0].rendezvous_address.remote(lc.master_port)], labels[:1], timeout)[0]
+    meet = ranks[0].__ray_call__.remote(rendezvous_address, lc.master_port)  # run in rank 0's process
+    addr, port = _wait(ray, [meet], labels[:1], timeout)[0]
     ranks.rendezvous = f"{addr}:{port}"
     where = ray.util.get_node_ip_address()
     log.info(f"learner ranks rendezvous at {ranks.rendezvous} (rank 0's node; the driver is on {where})")
-    _wait(ray, [lr.init_distributed.remote(addr, port, timeout) for lr in ranks], labels, timeout)
+    _wait(ray, [lr.join.remote(addr, port, timeout) for lr in ranks], labels, timeout)
     return ranks
 
 
@@ -247,23 +249,15 @@ def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
     """Block until every actor has finished its constructor (vLLM engines built, models loaded), so
     the loop, its clock and the staleness bound start with every worker able to generate; return the
     seconds it took. A constructor error is re-raised naming the actor; a timeout names the late ones."""
+    from sm_dist.learner.calls import step
+
     t0 = time.perf_counter()
-    futs = [w.version.remote() for w in workers] + [lr.get_step.remote() for lr in learners]
+    futs = [w.version.remote() for w in workers] + [lr.__ray_call__.remote(step) for lr in learners]
     labels = [f"rollout worker {n}" for n in names] + [f"learner rank {i}" for i in range(len(learners))]
     nw, nl = len(workers), len(learners)
     log.info(f"starting {nw} rollout worker{'s' * (nw != 1)} and {nl} learner rank{'s' * (nl != 1)} ...")
     _wait(ray, futs, labels, cfg.run.startup_timeout_s)
     return time.perf_counter() - t0
-
-
-def connect_weights(ray, cfg: Config, learners, workers, names) -> None:
-    """Learner rank 0 builds its end of `sync.transport` and connects it to every worker (a collective
-    transport rendezvouses here); every rank takes the call."""
-    from sm_dist.sync.base import wait_all
-
-    futs = [lr.connect_weights.remote(workers, names) for lr in learners]
-    labels = [f"learner rank {i}" for i in range(len(learners))]
-    wait_all(futs, labels, cfg.run.startup_timeout_s + cfg.sync.timeout_s, "connecting the weight transport")
 
 
 def describe_error(err: BaseException) -> str:

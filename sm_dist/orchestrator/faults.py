@@ -92,12 +92,15 @@ class WorkerRestarts:
 
     def wait_restarted(self, i: int) -> str:
         """Wait until worker i answers (Ray restarts a dead one); returns its process (`incarnation`)."""
+        from sm_dist.rollout.worker import incarnation
+
         ex = self.ray.exceptions
         deadline = time.monotonic() + self.p.startup_timeout_s
         while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
             try:
                 return self.ray.get(
-                    self.ws.handles[i].incarnation.remote(), timeout=max(1.0, deadline - time.monotonic())
+                    self.ws.handles[i].__ray_call__.remote(incarnation),
+                    timeout=max(1.0, deadline - time.monotonic()),
                 )
             except (ex.ActorUnavailableError, ex.GetTimeoutError) as e:
                 if time.monotonic() > deadline:

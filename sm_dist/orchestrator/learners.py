@@ -49,7 +49,9 @@ class LearnerGroup:
 
     def connect(self, workers: list, names: list[str]) -> None:
         """Rank 0 connects its end of the weight transport to `workers` (every rank takes the call)."""
-        self.waiter.wait_for([lr.connect_weights.remote(workers, names) for lr in self.learners])
+        self.waiter.wait_for(
+            [lr.publish_weights.remote(workers=workers, names=names) for lr in self.learners]
+        )
 
     def publish(self, version: int):
         """Every rank gathers (FSDP2), rank 0 sends `version`; its `Delivery`."""
@@ -57,13 +59,15 @@ class LearnerGroup:
 
     def resend(self, index: int):
         """Rank 0 sends the last version again to worker `index`; its `Delivery`."""
-        return self.ray.get(self.learners[0].resend_weights.remote(index), timeout=self.cfg.sync.timeout_s)
+        return self.ray.get(
+            self.learners[0].publish_weights.remote(only=index), timeout=self.cfg.sync.timeout_s
+        )
 
     def load(self, ckpt_dir: str) -> None:
-        self.waiter.wait_for([lr.load_checkpoint.remote(ckpt_dir) for lr in self.learners])
+        self.waiter.wait_for([lr.load.remote(ckpt_dir) for lr in self.learners])
 
     def save_futures(self, ckpt_dir: str) -> list:
-        return [lr.save_checkpoint.remote(ckpt_dir) for lr in self.learners]
+        return [lr.save.remote(ckpt_dir) for lr in self.learners]
 
     def dead_rank(self, err: BaseException, probe_s: float = 10.0) -> int | None:
         """The rank of a dead learner behind `err`, or None. Either `err` reports a learner's death, or a
@@ -76,7 +80,9 @@ class LearnerGroup:
             return ids.index(err.actor_id) if err.actor_id in ids else None
         if not isinstance(err, ex.RayTaskError):
             return None
-        futs = [lr.get_step.remote() for lr in self.learners]
+        from sm_dist.learner.calls import step  # a cheap call: a dead rank's fails
+
+        futs = [lr.__ray_call__.remote(step) for lr in self.learners]
         ready, _ = self.ray.wait(futs, num_returns=len(futs), timeout=probe_s)
         for rank, f in enumerate(futs):
             if f in ready:
@@ -92,6 +98,7 @@ class LearnerGroup:
         workers, and return the step to go on from. Rollout workers, both buffers and their rows are
         untouched; replay rows written since the checkpoint came from weights the new learners never
         had, and age out through buffer.max_staleness like any stale rows."""
+        from sm_dist.learner.calls import step as learner_step
         from sm_dist.orchestrator.actors import describe_error
 
         cfg = self.cfg
@@ -116,7 +123,9 @@ class LearnerGroup:
             self.ray.kill(lr, no_restart=True)
         built = self.build(str(last / "model") if last else cfg.model.dir)
         self.learners, self.rendezvous = list(built), getattr(built, "rendezvous", None)
-        self.waiter.wait_for([lr.get_step.remote() for lr in self.learners], cfg.run.startup_timeout_s)
+        self.waiter.wait_for(
+            [lr.__ray_call__.remote(learner_step) for lr in self.learners], cfg.run.startup_timeout_s
+        )
         if last is None:
             step = 0
         else:

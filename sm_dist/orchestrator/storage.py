@@ -28,13 +28,16 @@ CHECK_DIR = ".storage-check"
 
 def check_shared_run_dir(ray, run_dir: str | Path, learners: list, timeout_s: float) -> None:
     """Raise a `ConfigError` naming `run.run_dir` when a learner rank's token is not readable here."""
+    from sm_dist.learner.calls import write_token
+
     token = uuid.uuid4().hex
     d = Path(run_dir) / CHECK_DIR / token
     paths = [d / f"rank{r}" for r in range(len(learners))]
     here = ray.util.get_node_ip_address()
     try:
         nodes = ray.get(
-            [lr.write_token.remote(str(p), token) for lr, p in zip(learners, paths)], timeout=timeout_s
+            [lr.__ray_call__.remote(write_token, str(p), token) for lr, p in zip(learners, paths)],
+            timeout=timeout_s,
         )
         unseen = [r for r, p in enumerate(paths) if not (p.is_file() and p.read_text() == token)]
     except ray.exceptions.RayTaskError as e:  # a rank could not even write there

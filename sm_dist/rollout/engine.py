@@ -10,7 +10,7 @@ waiting for a synchronous "round" to drain (a round-based loop idles on the slow
 Rules, per rollout:
 * `<bkspc>` is impossible at the prompt boundary (nothing generated remains). A vLLM v1 batch-level
   logits processor (`BkspcLogitsProcessor`) sets its logit to -inf for the first step of a request
-  whose continuation is empty. The built-in alternatives (`logit_bias`, `bad_words`,
+  whose continuation is empty (sm_dist/rollout/logits.py). The built-in alternatives (`logit_bias`, `bad_words`,
   `allowed_token_ids`) act on *every* step of a request, so they would also forbid a legitimate
   `<bkspc>` after the first new token.
 * at most `max_actions` actions (tokens, `<bkspc>`, `<eos>`): each request's `max_tokens` is the
@@ -55,13 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from sm_dist.config import RolloutConfig
+from sm_dist.rollout.logits import EXTRA_ARGS_KEY, BkspcLogitsProcessor
 
 _CAPS = RolloutConfig.model_fields  # the caps' one default is rollout.*'s (sm_dist/config/rollout.py)
-EXTRA_ARGS_KEY = "sm_bkspc"  # SamplingParams.extra_args key read by BkspcLogitsProcessor
 
 
 @dataclass(frozen=True)
@@ -111,48 +109,6 @@ class Rollout:
     def hit_cap(self) -> bool:
         """Truncated by a cap: `max_backspaces` ("action_cap") or `max_actions`/model length ("length")."""
         return self.finish_reason in ("action_cap", "length")
-
-
-class BkspcLogitsProcessor(LogitsProcessor):
-    """vLLM v1 batch logits processor for `<bkspc>` (per-request spec in `extra_args["sm_bkspc"]`).
-
-    Spec keys: `id` (the <bkspc> id), `boundary` (the request starts with an empty continuation:
-    mask <bkspc> at its step 0), `forbid` (mask it at every step), `force` (request-relative steps
-    at which only <bkspc> is allowed), `ban0` (token ids masked at step 0 only: the tokens already
-    deleted at the request's start state, for `no_repeat_deleted`), `bias` (added to the <bkspc>
-    logit where it is allowed, `bkspc_bias`). Requests without the key are
-    untouched.
-    """
-
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
-        # batch index -> (spec, live reference to the request's output token list)
-        self.reqs: dict[int, tuple[dict, list[int]]] = {}
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # masking / forcing changes greedy choices
-
-    @staticmethod
-    def _new_state(params, _prompt_ids, output_ids):
-        spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY)
-        return None if spec is None else (spec, output_ids)
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        process_dict_updates(self.reqs, batch_update, self._new_state)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        # logits: [num_reqs, vocab] float32
-        for i, (spec, out) in self.reqs.items():
-            bid, step = spec["id"], len(out)
-            if step == 0 and spec.get("ban0"):
-                logits[i, spec["ban0"]] = float("-inf")
-            if spec.get("forbid") or (step == 0 and spec.get("boundary")):
-                logits[i, bid] = float("-inf")
-            elif step in spec.get("force", ()):
-                logits[i].fill_(float("-inf"))
-                logits[i, bid] = 0.0
-            elif spec.get("bias"):
-                logits[i, bid] += spec["bias"]
-        return logits
 
 
 @dataclass

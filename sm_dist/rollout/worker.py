@@ -4,16 +4,18 @@ batches. A plain class; the driver applies `ray.remote`:
     Worker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker)
     w = Worker.remote("w0", model_dir, prompt_shard, RolloutParams(...), batch_size=32, sink=buffer,
                       engine=EngineConfig(...), transport=cfg.sync.transport)
-    w.run.remote()                                   # loops until stop()
+    stats = ray.get(w.run_batch.remote())            # one batch of rows into the sink; `rollout/...` stats
     sender.connect([w], ["w0"]); sender.send(v, sd)  # learner rank 0 -> w.receive_weights(...)
+
+Public methods: `run_batch`, `receive_weights`, `version`, `set_prompts` (a new shard after scaling) and
+`generate` (rollouts sent nowhere: held-out evaluation). `incarnation` and `probe_logprobs` run in a
+worker's process through Ray's `w.__ray_call__.remote(fn, *args)`, which passes the worker first.
 
 Weights arrive through one entry point, `receive_weights(stage, info, version)`, which hands each stage
 to the transport's receiver (`sync.transport.receiver(...)`, sm_dist/sync). They are never applied
 mid-generation: `run_batch` and the weight load both hold `self._engine_lock`, so an update requested
 during a batch (threaded actor, `max_concurrency >= 2`) waits for that batch to end. With a
-single-threaded actor (`max_concurrency=1`, the default) the same holds trivially, but then weights
-and `stop` queue behind a running `run()`: drive such a worker with `run_batch` calls (or
-`run(max_batches=k)`) instead.
+single-threaded actor (`max_concurrency=1`, the default) the same holds trivially: calls run in turn.
 """
 
 from __future__ import annotations
@@ -55,6 +57,41 @@ class PromptShard:
         return None if self.targets_ref is None else ray.get(self.targets_ref)
 
 
+def _checked(
+    worker_id: str, prompts: Sequence, targets: Sequence | None, corrections: bool
+) -> list[list[int]]:
+    """A prompt shard as lists of ints, refused when empty or (`corrections`: correction rows are on)
+    without one expert target per prompt."""
+    if not prompts:
+        raise ValueError(f"{worker_id}: need a non-empty prompt shard (got 0 prompts)")
+    if corrections and (targets is None or len(targets) != len(prompts)):
+        raise ValueError(
+            f"{worker_id}: correction rows (data_sink) need one expert target per prompt; got "
+            f"{None if targets is None else len(targets)} for {len(prompts)} prompts"
+        )
+    return [list(map(int, p)) for p in prompts]
+
+
+def to_rows(rollouts: list[Rollout], version: int, worker_id: str) -> list[dict]:
+    """Rows of the buffer's Arrow schema (sm_dist.buffer.schema), one per rollout of `worker_id`."""
+    now = dt.datetime.now(dt.UTC)
+    return [
+        {
+            "sample_id": f"{worker_id}-{uuid.uuid4().hex}",
+            "prompt_ids": r.prompt_ids,
+            "action_ids": r.action_ids,
+            "final_ids": r.final_ids,
+            "source": "model",
+            "policy_version": int(version),
+            "logprobs": r.logprobs,
+            "finish_reason": r.finish_reason,
+            "worker_id": worker_id,
+            "created_at": now,
+        }
+        for r in rollouts
+    ]
+
+
 class RolloutWorker:
     """Samples rollouts for its prompt shard and sends them, as Arrow batches, to `sink`."""
 
@@ -84,18 +121,10 @@ class RolloutWorker:
         if isinstance(prompts, PromptShard):
             targets = prompts.load_targets() if targets is None else targets
             prompts = prompts.load()
-        if data_sink is not None and (targets is None or len(targets) != len(prompts)):
-            raise ValueError(
-                f"{worker_id}: correction rows (data_sink) need one expert target per prompt; got "
-                f"{None if targets is None else len(targets)} for {len(prompts)} prompts"
-            )
-        if not prompts or batch_size < 1:
-            raise ValueError(
-                f"{worker_id}: need a non-empty prompt shard and batch_size >= 1 "
-                f"(got {len(prompts)} prompts, batch_size={batch_size})"
-            )
+        if batch_size < 1:
+            raise ValueError(f"{worker_id}: need batch_size >= 1 (got {batch_size})")
         self.worker_id = worker_id
-        self.prompts = [list(map(int, p)) for p in prompts]
+        self.prompts = _checked(worker_id, prompts, targets, data_sink is not None)
         self.params = params
         self.batch_size = batch_size
         self.sink = sink
@@ -113,11 +142,7 @@ class RolloutWorker:
         self.sync_timeout_s = sync_timeout_s
         self._engine_lock = threading.Lock()  # held by a batch and by a weight load
         self._held = False  # the lock is held from a "start" stage to its "finish"
-        self._stop = threading.Event()
         self._cursor = 0  # next prompt index in the shard (wraps around)
-        self._batches = 0
-        self._totals = {"actions": 0, "backspaces": 0, "rollouts": 0, "gen_s": 0.0}
-        self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ sampling
     def run_batch(self) -> dict[str, float]:
@@ -131,20 +156,11 @@ class RolloutWorker:
             t0 = time.perf_counter()
             rollouts = self.engine.generate(batch, self.params)
             gen_s = time.perf_counter() - t0
-        rows = self.to_rows(rollouts, version)
-        self._send(rows)
+        self._send(to_rows(rollouts, version, self.worker_id))
         n_corr = self._send_corrections(rollouts, idx) if self.data_sink is not None else 0
         actions = sum(len(r.action_ids) for r in rollouts)
         backspaces = sum(r.num_backspaces for r in rollouts)
-        self._batches += 1
-        for k, v in (
-            ("actions", actions),
-            ("backspaces", backspaces),
-            ("rollouts", len(rollouts)),
-            ("gen_s", gen_s),
-        ):
-            self._totals[k] += v
-        self._last = {
+        return {
             "rollout/version": float(version),
             "rollout/rollouts": float(len(rollouts)),
             "rollout/actions": float(actions),
@@ -155,37 +171,6 @@ class RolloutWorker:
             "rollout/gen_s": gen_s,
             "rollout/correction_rows": float(n_corr),
         }
-        return dict(self._last)
-
-    def run(self, max_batches: int | None = None) -> dict[str, float]:
-        """Loop `run_batch` until `max_batches` or `stop()`; returns `stats()`. Pending weight
-        updates (from a concurrent `update_weights`) are applied between batches."""
-        self._stop.clear()
-        done = 0
-        while not self._stop.is_set() and (max_batches is None or done < max_batches):
-            self.run_batch()
-            done += 1
-            time.sleep(0)  # let a waiting update_weights thread take the engine lock
-        return self.stats()
-
-    def to_rows(self, rollouts: list[Rollout], version: int) -> list[dict]:
-        """Rows of the buffer's Arrow schema (sm_dist.buffer.schema), one per rollout."""
-        now = dt.datetime.now(dt.UTC)
-        return [
-            {
-                "sample_id": f"{self.worker_id}-{uuid.uuid4().hex}",
-                "prompt_ids": r.prompt_ids,
-                "action_ids": r.action_ids,
-                "final_ids": r.final_ids,
-                "source": "model",
-                "policy_version": int(version),
-                "logprobs": r.logprobs,
-                "finish_reason": r.finish_reason,
-                "worker_id": self.worker_id,
-                "created_at": now,
-            }
-            for r in rollouts
-        ]
 
     def _send_corrections(self, rollouts: list[Rollout], idx: list[int]) -> int:
         """Expert rows from this batch's own mistakes to `data_sink` (rollout.correction_rows)."""
@@ -265,44 +250,33 @@ class RolloutWorker:
         keys = ("prompt_index", "final_ids", "action_ids", "finish_reason")
         return [{k: getattr(r, k) for k in keys} for r in rollouts]
 
-    def probe_logprobs(self, prompt_ids: Sequence[int], action_ids: Sequence[int]) -> list[float]:
-        """Raw log-probs of `action_ids` after `prompt_ids` under the weights in use (sync check)."""
-        with self._engine_lock:
-            return self.engine.score(prompt_ids, action_ids)
-
     # ------------------------------------------------------------------ control
-    def stats(self) -> dict[str, float]:
-        t = self._totals
-        return {
-            **self._last,
-            "rollout/version": float(self.engine.version),
-            "rollout/batches": float(self._batches),
-            "rollout/total_rollouts": float(t["rollouts"]),
-            "rollout/total_actions": float(t["actions"]),
-            "rollout/mean_tokens_per_s": t["actions"] / max(t["gen_s"], 1e-9),
-            "rollout/mean_backspace_rate": t["backspaces"] / max(t["actions"], 1),
-        }
-
     def version(self) -> int:
+        """The weights version in use (0: the model folder's); answers once the engine is built."""
         return self.engine.version
-
-    def incarnation(self) -> str:
-        """This actor's process, `host:pid`: a worker Ray restarted answers with a new one."""
-        return f"{socket.gethostname()}:{os.getpid()}"
 
     def set_prompts(self, shard: PromptShard) -> int:
         """A new prompt shard (the workers were re-sharded after scaling); takes effect from the next
         batch. Returns the shard's size."""
         prompts, targets = shard.load(), shard.load_targets()
-        if not prompts:
-            raise ValueError(f"{self.worker_id}: an empty prompt shard")
-        if self.data_sink is not None and (targets is None or len(targets) != len(prompts)):
-            raise ValueError(f"{self.worker_id}: correction rows need one expert target per prompt")
-        self.prompts = [list(map(int, p)) for p in prompts]
+        self.prompts = _checked(self.worker_id, prompts, targets, self.data_sink is not None)
         self.targets = targets if self.data_sink is not None else self.targets
         self._cursor = 0
         return len(self.prompts)
 
-    def stop(self) -> None:
-        """Ask `run` to return after the current batch (needs a threaded actor to be called mid-run)."""
-        self._stop.set()
+
+# ---- run in a worker's process: `w.__ray_call__.remote(fn, *args)` (Ray passes the worker first)
+
+
+def incarnation(_: object = None) -> str:
+    """This process, `host:pid`: a worker Ray restarted answers with a new one."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def probe_logprobs(
+    worker: RolloutWorker, prompt_ids: Sequence[int], action_ids: Sequence[int]
+) -> list[float]:
+    """Raw log-probs of `action_ids` after `prompt_ids` under the weights `worker` runs (a sync check),
+    between two batches."""
+    with worker._engine_lock:
+        return worker.engine.score(prompt_ids, action_ids)

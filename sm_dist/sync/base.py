@@ -1,7 +1,7 @@
 """The weight-sync interface (DESIGN §4): per transport, a sender on learner rank 0 and a receiver in
 each rollout worker, selected by `sync.transport.kind` (`sm_dist.sync.config`).
 
-    sender = cfg.sync.transport.sender(timeout_s)       # in learner rank 0 (Learner.connect_weights)
+    sender = cfg.sync.transport.sender(timeout_s)       # in learner rank 0 (Learner.publish_weights(workers=...))
     sender.connect(workers, names, module)              # collectives rendezvous here
     delivery = sender.send(version, model.state_dict()) # Learner.publish_weights, every sync.every steps
 

@@ -203,15 +203,13 @@ def _checkpoint(run: Path, step: int, model_src: Path) -> Path:
     """A checkpoint folder as `sm-dist train` writes one (weights, states, manifest last)."""
     import shutil
 
-    import torch
-
     from sm_dist.learner.checkpoint import write_manifest
+    from tests.unit.test_checkpoint import tiny_state
 
     c = run / "checkpoints" / f"step-{step:08d}"
     shutil.copytree(model_src, c / "model")
-    (c / "learner_state.json").write_text("{}")
+    tiny_state(c, step)
     (c / "run_state.json").write_text(json.dumps({"step": step}))
-    torch.save({}, c / "optimizer.pt")
     write_manifest(c)
     return c
 

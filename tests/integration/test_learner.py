@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sm_dist.config import LearnerConfig, ObjectiveConfig
+from sm_dist.learner.calls import local_param_numel, rendezvous_address
 
 LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant", clip_norm=1.0, grad_accum=1)
 OBJECTIVE = ObjectiveConfig(
@@ -54,8 +55,8 @@ def _group(L, n: int, model_dir, cfg) -> list:
     import ray
 
     ranks = [L.remote(r, n, str(model_dir), cfg, OBJECTIVE, 10, seed=0) for r in range(n)]
-    addr, port = ray.get(ranks[0].rendezvous_address.remote())
-    ray.get([lr.init_distributed.remote(addr, port) for lr in ranks])
+    addr, port = ray.get(ranks[0].__ray_call__.remote(rendezvous_address))
+    ray.get([lr.join.remote(addr, port) for lr in ranks])
     return ranks
 
 
@@ -64,7 +65,7 @@ def _params_after(learners, shards, steps: int = 1) -> dict[str, torch.Tensor]:
 
     for _ in range(steps):
         ray.get([lr.train_step.remote(d, m) for lr, (d, m) in zip(learners, shards)])
-    return ray.get([lr.full_state_dict.remote() for lr in learners])[0]  # a collective under FSDP2
+    return ray.get([lr._full_state_dict.remote() for lr in learners])[0]  # a collective under FSDP2
 
 
 @pytest.mark.parametrize("strategy, steps", [("ddp", 1), ("fsdp2", 2)])
@@ -82,7 +83,7 @@ def test_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, strate
     cfg = LEARNER.model_copy(update={"strategy": strategy})
     two = _group(L, 2, tiny_model_dir, cfg)
     if strategy == "fsdp2":  # really sharded: each rank holds about half of every parameter
-        local = ray.get(two[1].local_param_numel.remote())
+        local = ray.get(two[1].__ray_call__.remote(local_param_numel))
         total = sum(v.numel() for v in p1.values())
         assert local < 0.6 * total, f"rank 1 holds {local} of {total} parameters: not sharded"
     # even split by source: every rank holds 4 data + 4 model rows
@@ -115,7 +116,7 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
 
     a = _group(L, 2, tiny_model_dir, cfg)
     _params_after(a, shards)
-    figures = ray.get([lr.save_checkpoint.remote(str(tmp_path / "ck")) for lr in a])
+    figures = ray.get([lr.save.remote(str(tmp_path / "ck")) for lr in a])
     pa = _params_after(a, shards)
     for lr in a:
         ray.kill(lr)
@@ -125,17 +126,17 @@ def test_fsdp2_checkpoint_resumes_the_same_steps(ray_cluster, tmp_path, tiny_mod
     print(f"FSDP2 save per rank: {[(f['state_bytes'], round(f['state_s'], 3)) for f in figures]}")
 
     b = _group(L, 2, tiny_model_dir, cfg)
-    assert ray.get([lr.load_checkpoint.remote(str(tmp_path / "ck")) for lr in b]) == [1, 1]
+    assert ray.get([lr.load.remote(str(tmp_path / "ck")) for lr in b]) == [1, 1]
     pb = _params_after(b, shards)
     _close(pa, pb, 1e-6, "resumed FSDP2 step vs the uninterrupted one")
 
     one = L.remote(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10, seed=0)  # 2 FSDP2 ranks -> 1 rank
-    assert ray.get(one.load_checkpoint.remote(str(tmp_path / "ck"))) == 1
+    assert ray.get(one.load.remote(str(tmp_path / "ck"))) == 1
     _close(pa, _params_after([one], [(data, model)]), 1e-5, "1 rank from the FSDP2 checkpoint")
-    ray.get(one.save_checkpoint.remote(str(tmp_path / "ck1")))
+    ray.get(one.save.remote(str(tmp_path / "ck1")))
     p_one = _params_after([one], [(data, model)])
     ray.kill(one)
-    assert ray.get([lr.load_checkpoint.remote(str(tmp_path / "ck1")) for lr in b]) == [2, 2]  # 1 -> 2 FSDP2
+    assert ray.get([lr.load.remote(str(tmp_path / "ck1")) for lr in b]) == [2, 2]  # 1 -> 2 FSDP2
     _close(p_one, _params_after(b, shards), 1e-5, "2 FSDP2 ranks from the 1-rank checkpoint")
     for lr in b:
         ray.kill(lr)
@@ -152,11 +153,11 @@ def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
     data, model = rows
     a = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
     a.train_step(data[:4], model[:4])
-    a.save_checkpoint(str(tmp_path / "ck"))
+    a.save(str(tmp_path / "ck"))
     m_a = a.train_step(data[4:], model[4:])
 
     b = Learner(0, 1, str(tiny_model_dir), LEARNER.model_copy(update={"grad_accum": 2}), OBJECTIVE, 10)
-    assert b.load_checkpoint(str(tmp_path / "ck")) == 1
+    assert b.load(str(tmp_path / "ck")) == 1
     m_b = b.train_step(data[4:], model[4:])
     assert m_b["learner/step"] == 2
     assert abs(m_a["loss/total"] - m_b["loss/total"]) < 1e-6
@@ -177,16 +178,17 @@ def test_checkpoint_roundtrip_and_nan_guard(tmp_path, tiny_model_dir, rows):
 
 def test_data_rows_use_their_stored_noise_flags(tiny_model_dir, rows):
     """is_noise travels in the Arrow schema: a data row's own flags decide what is not imitated (a
-    genuine expert correction, a token then <bkspc>, stays imitated); only a v1 row without flags
-    falls back to v1's rule (a token directly followed by <bkspc> was injected)."""
+    genuine expert correction, a token then <bkspc>, stays imitated); a row without flags has no noise
+    (schema v3: nothing is inferred from the actions)."""
     from sm_dist.learner.learner import Learner
+    from sm_dist.learner.step import to_traces
 
     data, _ = rows
     row = next(r for r in data if any(r["is_noise"]))
     lr = Learner(0, 1, str(tiny_model_dir), LEARNER, OBJECTIVE, 10)
-    stored, genuine, v1 = lr.traces(
-        [row, {**row, "is_noise": [False] * len(row["action_ids"])}, {**row, "is_noise": []}]
-    )
+    stored, genuine, none = to_traces(
+        [row, {**row, "is_noise": [False] * len(row["action_ids"])}, {**row, "is_noise": []}],
+        lr.bkspc_id, lr.eos_id, lr.vocab_size,
+    )  # fmt: skip
     assert stored.is_noise.tolist() == row["is_noise"]
-    assert not genuine.is_noise.any()
-    assert v1.is_noise.tolist() == row["is_noise"]  # augment_noise data: the rule is exact
+    assert not genuine.is_noise.any() and not none.is_noise.any()

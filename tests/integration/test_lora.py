@@ -53,7 +53,7 @@ def trained(tiny_model_dir, rows, tmp_path_factory):
     for _ in range(3):
         lr.train_step(rows)
     ck = tmp_path_factory.mktemp("lora-ckpt")
-    lr.save_checkpoint(str(ck))
+    lr.save(str(ck))
     return lr, ck, {k: v.clone() for k, v in lr._sync_state_dict().items()}
 
 
@@ -106,11 +106,11 @@ def test_checkpoint_holds_adapter_only_and_resumes(trained, tiny_model_dir, rows
     # resume: a fresh learner on the adapter folder (what a learner restart gets) takes the same next step
     again = _learner(ck / "model")
     assert again.model_dir == str(tiny_model_dir)
-    assert again.load_checkpoint(str(ck)) == 3
+    assert again.load(str(ck)) == 3
     for k, v in again._sync_state_dict().items():
         torch.testing.assert_close(v, merged[k], rtol=0, atol=0)
     lr2 = _learner(tiny_model_dir)
-    lr2.load_checkpoint(str(ck))
+    lr2.load(str(ck))
     lr2.train_step(rows)
     again.train_step(rows)
     a, b = again._sync_state_dict(), lr2._sync_state_dict()
@@ -144,7 +144,7 @@ def test_weights_leave_the_learner_in_model_dtype(tiny_model_dir, tmp_path):
         sent = safetensors_views(state_dict_to_buffer(lr._sync_state_dict(), lr.weights_dtype))
         assert {t.dtype for t in sent.values()} == {torch.bfloat16}, lora_r
         if lora_r == 0:
-            lr.save_checkpoint(str(tmp_path))
+            lr.save(str(tmp_path))
             with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as f:
                 assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
 

@@ -77,7 +77,7 @@ def test_export_and_worker_logprobs_equal_merged_model(lora_run, ray_cluster):
     from sm_dist.config import load_config
     from sm_dist.learner.learner import Learner
     from sm_dist.rollout.engine import RolloutParams
-    from sm_dist.rollout.worker import RolloutWorker
+    from sm_dist.rollout.worker import RolloutWorker, probe_logprobs
     from sm_dist.sync.base import confirm_version, wait_all
 
     run, tmp = lora_run["run"], lora_run["tmp"]
@@ -95,10 +95,9 @@ def test_export_and_worker_logprobs_equal_merged_model(lora_run, ray_cluster):
     )
     last = run / "checkpoints" / "step-00000016"
     lr = Learner(0, 1, str(last / "model"), cfg.learner, cfg.objective, 16, device="cpu", model=cfg.model)
-    lr.load_checkpoint(str(last))
-    lr.connect_weights([worker], ["w-lora"])
-    d = lr.publish_weights(7)
+    lr.load(str(last))
+    d = lr.publish_weights(7, workers=[worker], names=["w-lora"])
     confirm_version("w-lora", wait_all([d.pending[0]], ["w-lora"], 120, "sync")[0], 7)
-    got = ray.get(worker.probe_logprobs.remote(prompt, actions), timeout=120)
+    got = ray.get(worker.__ray_call__.remote(probe_logprobs, prompt, actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) <= 1e-4, (got, ref)
     ray.kill(worker)

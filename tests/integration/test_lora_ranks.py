@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sm_dist.config import LoraSettings, ModelConfig
+from sm_dist.learner.calls import local_param_numel, rendezvous_address
 from tests.integration.test_learner import LEARNER, OBJECTIVE, rows  # noqa: F401 -- the fixture
 
 LORA = ModelConfig(lora=LoraSettings(r=8, alpha=16))
@@ -16,8 +17,8 @@ LORA = ModelConfig(lora=LoraSettings(r=8, alpha=16))
 
 def _ranks(ray, L, n: int, model_dir, cfg, model: ModelConfig = LORA) -> list:
     ranks = [L.remote(r, n, str(model_dir), cfg, OBJECTIVE, 10, seed=0, model=model) for r in range(n)]
-    addr, port = ray.get(ranks[0].rendezvous_address.remote())
-    ray.get([lr.init_distributed.remote(addr, port) for lr in ranks])
+    addr, port = ray.get(ranks[0].__ray_call__.remote(rendezvous_address))
+    ray.get([lr.join.remote(addr, port) for lr in ranks])
     return ranks
 
 
@@ -42,12 +43,12 @@ def test_lora_two_gloo_ranks_equal_one_rank(ray_cluster, tiny_model_dir, rows, s
     worst = max(float((p1[k] - p2[k]).abs().max()) for k in p1)
     assert worst <= 1e-5, f"2-rank LoRA {strategy} differs from 1 rank by {worst}"
     if strategy == "fsdp2":  # the adapter checkpoint written by 2 sharded ranks resumes on one
-        ray.get([lr.save_checkpoint.remote(str(tmp_path)) for lr in two])
+        ray.get([lr.save.remote(str(tmp_path)) for lr in two])
     for lr in two:
         ray.kill(lr)
     if strategy == "fsdp2":
         fresh = _ranks(ray, L, 1, tiny_model_dir, LEARNER)
-        ray.get(fresh[0].load_checkpoint.remote(str(tmp_path)))
+        ray.get(fresh[0].load.remote(str(tmp_path)))
         back = ray.get(fresh[0]._sync_state_dict.remote())
         assert max(float((back[k] - p2[k]).abs().max()) for k in p2) == 0.0
         ray.kill(fresh[0])
@@ -86,7 +87,7 @@ def test_fsdp2_two_gloo_ranks_equal_one_rank_qwen2_gpt2(ray_cluster, arch_dirs, 
     L = ray.remote(num_cpus=1)(Learner)
     two = _ranks(ray, L, 2, arch_dirs[arch], LEARNER.model_copy(update={"strategy": "fsdp2"}), mcfg)
     total = sum(v.numel() for k, v in p1.items() if k != "lm_head.weight" or arch != "gpt2")  # tied: once
-    local = ray.get(two[1].local_param_numel.remote())
+    local = ray.get(two[1].__ray_call__.remote(local_param_numel))
     p2 = _merged_after(ray, two, [(data[r::2], model[r::2]) for r in (0, 1)])
     for lr in two:
         ray.kill(lr)

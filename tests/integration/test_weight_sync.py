@@ -53,7 +53,7 @@ def hf_logprobs(model, prompt, actions):
 
 
 def _sender(kind: str, workers, names, timeout_s: float = 120.0):
-    """Learner rank 0's end of transport `kind`, built and connected as `Learner.connect_weights` does."""
+    """Learner rank 0's end of transport `kind`, built and connected as `Learner.publish_weights(workers=..., names=...)` does."""
     from sm_dist.config import SyncConfig
 
     sender = SyncConfig(transport=kind, timeout_s=timeout_s).transport.sender(timeout_s)
@@ -62,6 +62,7 @@ def _sender(kind: str, workers, names, timeout_s: float = 120.0):
 
 
 def test_object_store_sync_updates_probe_and_version(setup):
+    from sm_dist.rollout.worker import probe_logprobs
     from sm_dist.sync.base import deliver
 
     ray, worker, model, tok, prompts, sink = setup
@@ -70,7 +71,7 @@ def test_object_store_sync_updates_probe_and_version(setup):
 
     ray.get(worker.run_batch.remote(), timeout=300)
     assert {r["policy_version"] for r in ray.get(sink.take.remote())} == {0}
-    before = ray.get(worker.probe_logprobs.remote(probe_prompt, probe_actions), timeout=120)
+    before = ray.get(worker.__ray_call__.remote(probe_logprobs, probe_prompt, probe_actions), timeout=120)
     ref_before = hf_logprobs(model, probe_prompt, probe_actions)
     assert max(abs(a - b) for a, b in zip(before, ref_before, strict=True)) <= 1e-4
 
@@ -86,7 +87,7 @@ def test_object_store_sync_updates_probe_and_version(setup):
     assert metrics["sync/version"] == 1 and metrics["sync/bytes"] > 0
     assert ray.get(worker.version.remote()) == 1
 
-    after = ray.get(worker.probe_logprobs.remote(probe_prompt, probe_actions), timeout=120)
+    after = ray.get(worker.__ray_call__.remote(probe_logprobs, probe_prompt, probe_actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(after, ref_after, strict=True)) <= 1e-4
 
     stats = ray.get(worker.run_batch.remote(), timeout=300)
@@ -99,7 +100,7 @@ def test_object_store_sync_updates_probe_and_version(setup):
     ray.get(worker.run_batch.remote(), timeout=300)
     rows = ray.get(sink.take.remote())
     assert len(rows) == 2 and {r["policy_version"] for r in rows} == {2}
-    assert ray.get(worker.stats.remote())["rollout/version"] == 2.0
+    assert ray.get(worker.version.remote()) == 2
 
     # A restarted worker gets the last version again (resend), and confirms it.
     d = sender.resend(0)
@@ -132,7 +133,7 @@ def test_gloo_broadcast_sync_updates_probe_and_version(setup, tiny_model_dir):
     learner rank 0, into a worker built as the driver builds it for sync.transport=gloo (threaded, the
     gloo receiver): after a send the worker's log-probs are the new weights'."""
     from sm_dist.rollout.engine import RolloutParams
-    from sm_dist.rollout.worker import RolloutWorker
+    from sm_dist.rollout.worker import RolloutWorker, probe_logprobs
     from sm_dist.sync.config import GlooConfig
 
     ray, _, model, tok, prompts, sink = setup
@@ -146,13 +147,13 @@ def test_gloo_broadcast_sync_updates_probe_and_version(setup, tiny_model_dir):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     ref = hf_logprobs(model, prompts[1], probe_actions)
-    before = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
+    before = ray.get(worker.__ray_call__.remote(probe_logprobs, prompts[1], probe_actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(before, ref, strict=True)) > 1e-2
 
     sender = _sender("gloo", [worker], ["w-gloo"])  # the rendezvous at this process's address
     d = sender.send(10, model.state_dict())
     assert not d.pending and d.metrics["sync/version"] == 10 and d.metrics["sync/bytes"] > 0
-    after = ray.get(worker.probe_logprobs.remote(prompts[1], probe_actions), timeout=120)
+    after = ray.get(worker.__ray_call__.remote(probe_logprobs, prompts[1], probe_actions), timeout=120)
     assert max(abs(a - b) for a, b in zip(after, ref, strict=True)) <= 1e-4
     ray.get(worker.run_batch.remote(), timeout=300)
     assert {r["policy_version"] for r in ray.get(sink.take.remote())} == {10}

@@ -93,13 +93,13 @@ class FakeRay:
 
 class Method:
     """`actor.method.remote(*args)`: the next scripted answer (a Fut, a value, or a callable of the
-    args), the last one repeating; every call is recorded."""
+    args), the last one repeating; every call is recorded (its args, and a dict of keywords if any)."""
 
     def __init__(self, *answers):
         self.answers, self.calls = list(answers), []
 
     def remote(self, *args, **kwargs):
-        self.calls.append(args)
+        self.calls.append((*args, kwargs) if kwargs else args)
         a = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if callable(a) and not isinstance(a, Fut):
             a = a(*args)

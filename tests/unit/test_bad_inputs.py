@@ -160,10 +160,9 @@ def resume_without_checkpoint(tmp, model):
 
 def _run_with_checkpoint(tmp: Path, model: Path, *over: str) -> tuple[list[str], Path]:
     """A run directory as `sm-dist train` leaves it: config.yaml, model/, one complete checkpoint."""
-    import torch
-
     from sm_dist.config import dump_config, load_config
     from sm_dist.learner import checkpoint as ckpt
+    from tests.unit.test_checkpoint import tiny_state
 
     run = tmp / "run"
     argv = _train(tmp, *over)
@@ -172,8 +171,7 @@ def _run_with_checkpoint(tmp: Path, model: Path, *over: str) -> tuple[list[str],
     _model_copy(tmp, model, "run/model")
     c = ckpt.begin(run, 4)
     _model_copy(tmp, model, f"run/checkpoints/{c.name}/model")
-    torch.save({"optimizer": {"state": {}, "param_groups": []}, "scheduler": {}}, c / "optimizer.pt")
-    (c / "learner_state.json").write_text(json.dumps({"step": 4, "skipped": 0, "sequences": 128}))
+    tiny_state(c, 4)
     return [*argv, "--resume", str(run)], ckpt.commit(c, {"step": 4, "version": 1}, run, keep_last=2)
 
 
@@ -189,9 +187,15 @@ def resume_with_truncated_weights(tmp, model):
     return argv
 
 
-def resume_with_corrupt_optimizer(tmp, model):
+def resume_with_corrupt_state(tmp, model):
     argv, c = _run_with_checkpoint(tmp, model)
-    (c / "optimizer.pt").write_bytes(b"\x00" * 100)
+    (c / "state" / "__0_0.distcp").write_bytes(b"\x00" * 100)
+    return argv
+
+
+def resume_an_old_checkpoint_format(tmp, model):
+    argv, c = _run_with_checkpoint(tmp, model)
+    (c / "learner_state.json").write_text(json.dumps({"step": 4, "skipped": 0, "sequences": 128}))
     return argv
 
 
@@ -383,7 +387,12 @@ CASES = [
         ("--resume", "step-00000004", "run_state.json"),
     ),
     Case("resume_truncated_weights", resume_with_truncated_weights, ("--resume", "model/model.safetensors")),
-    Case("resume_corrupt_optimizer", resume_with_corrupt_optimizer, ("--resume", "optimizer.pt")),
+    Case("resume_corrupt_state", resume_with_corrupt_state, ("--resume", "state/__0_0.distcp")),
+    Case(
+        "resume_old_checkpoint_format",
+        resume_an_old_checkpoint_format,
+        ("step-00000004", "format version 1", "start a fresh run dir"),
+    ),
     Case(
         "resume_changes_model_shape",
         resume_changing_the_model_shape,

@@ -8,6 +8,16 @@ import shutil
 from sm_dist.learner import checkpoint as ckpt
 
 
+def tiny_state(ckpt_dir, step: int = 0) -> None:
+    """What a learner leaves beside `model/` (its training state and counters), tiny: a DCP `state/` of
+    one tensor, and learner_state.json of the current format."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.full((4,), float(step))}, checkpoint_id=str(ckpt_dir / ckpt.STATE), no_dist=True)
+    (ckpt_dir / "learner_state.json").write_text(json.dumps({ckpt.VERSION_KEY: ckpt.VERSION, "step": step}))
+
+
 def _checkpoint(run, step: int, weights: bytes) -> None:
     tmp = ckpt.begin(run, step)
     (tmp / "model").mkdir()
@@ -47,7 +57,7 @@ def test_pinned_model_outlives_the_pruned_checkpoint(tmp_path):
 
 
 def _real_checkpoint(run, step: int, keep_last: int = 5):
-    """A checkpoint with every file a learner writes: weights, config, optimizer, learner state."""
+    """A checkpoint with every file a learner writes: weights, config, training state, learner state."""
     import torch
     from safetensors.torch import save_file
 
@@ -55,22 +65,17 @@ def _real_checkpoint(run, step: int, keep_last: int = 5):
     (tmp / "model").mkdir()
     save_file({"w": torch.full((4, 4), float(step))}, tmp / "model" / "model.safetensors")
     (tmp / "model" / "config.json").write_text("{}")
-    torch.save({"optimizer": {"state": {}, "param_groups": [{"betas": (0.9, 0.95)}]}}, tmp / "optimizer.pt")
-    (tmp / "learner_state.json").write_text(json.dumps({"step": step}))
+    tiny_state(tmp, step)
     return ckpt.commit(tmp, {"step": step}, run, keep_last=keep_last)
 
 
 def test_manifest_is_written_and_verifies(tmp_path):
-    import torch
-
     c = _real_checkpoint(tmp_path, 10)
     files = json.loads((c / ckpt.MANIFEST).read_text())["files"]
-    assert set(files) >= {"model/model.safetensors", "optimizer.pt", "run_state.json", "learner_state.json"}
+    assert set(files) >= {
+        "model/model.safetensors", "state/.metadata", "state/__0_0.distcp", "run_state.json", "learner_state.json"
+    }  # fmt: skip
     assert ckpt.verify(c) == (None, True)
-    assert torch.load(c / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"][0]["betas"] == (
-        0.9,
-        0.95,
-    )
 
 
 def _flip_byte(path, offset=-10):
@@ -81,8 +86,8 @@ def _flip_byte(path, offset=-10):
 
 def test_verify_names_the_damaged_file(tmp_path):
     c = _real_checkpoint(tmp_path, 10)
-    _flip_byte(c / "optimizer.pt")
-    assert "optimizer.pt does not match its sha256" in ckpt.verify(c)[0]
+    _flip_byte(c / "state" / "__0_0.distcp")
+    assert "state/__0_0.distcp does not match its sha256" in ckpt.verify(c)[0]
     c = _real_checkpoint(tmp_path, 20)
     w = c / "model" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-7])
@@ -100,8 +105,9 @@ def test_a_checkpoint_without_manifest_gets_the_structural_checks(tmp_path):
     assert "run_state.json is not valid JSON" in ckpt.verify(c)[0]
     c = _real_checkpoint(tmp_path, 20)
     (c / ckpt.MANIFEST).unlink()
-    _flip_byte(c / "optimizer.pt", offset=len((c / "optimizer.pt").read_bytes()) // 3)
-    assert "optimizer.pt" in ckpt.verify(c)[0]
+    shard = c / "state" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    assert "state/__0_0.distcp has" in ckpt.verify(c)[0]
     c = _real_checkpoint(tmp_path, 30)
     (c / ckpt.MANIFEST).unlink()
     w = c / "model" / "model.safetensors"
@@ -145,7 +151,21 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path):
     from sm_dist.orchestrator.validate import resume_checkpoint
 
     c = _real_checkpoint(tmp_path, 10)
-    (c / "optimizer.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="none of the 1 checkpoints .* optimizer.pt has 4 bytes"):
+    (c / "state" / "__0_0.distcp").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoints .* state/__0_0.distcp has 4 bytes"):
         resume_checkpoint(tmp_path, str(tmp_path))
     assert c.is_dir()  # nothing renamed or deleted
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_not_set_aside(tmp_path):
+    import pytest
+
+    from sm_dist.errors import CheckpointError
+    from sm_dist.orchestrator.validate import resume_checkpoint
+
+    c = _real_checkpoint(tmp_path, 10)
+    (c / "learner_state.json").write_text(json.dumps({"step": 10}))  # format 1 recorded no version
+    line = rf"{c}: is a checkpoint of format version 1; this sm-dist reads version {ckpt.VERSION} only"
+    with pytest.raises(CheckpointError, match=line + r"\. Fix: start a fresh run dir"):
+        resume_checkpoint(tmp_path, str(tmp_path))
+    assert c.is_dir()  # not renamed .corrupt: it is intact, only old

@@ -29,7 +29,7 @@ STATS = {"rollout/gen_s": 0.5, "rollout/tokens_per_s": 100.0}
 
 def worker(*batch_answers, processes=("host:1",)):
     """`processes`: what `incarnation` answers in turn (an error while Ray restarts it)."""
-    return FakeActor(run_batch=Method(*batch_answers), version=Method(0), incarnation=Method(*processes))
+    return FakeActor(run_batch=Method(*batch_answers), version=Method(0), __ray_call__=Method(*processes))
 
 
 def test_batches_land_while_waiting_for_the_learners_and_are_resubmitted():
@@ -226,9 +226,9 @@ def cfg(tmp_path, max_restarts=1, survives=True):
 def learner(actor_id, step=0):
     return FakeActor(
         actor_id,
-        get_step=Method(step),
-        connect_weights=Method(None),
-        load_checkpoint=Method(lambda d: step),
+        __ray_call__=Method(step),  # sm_dist.learner.calls.step, the probe
+        publish_weights=Method(None),
+        load=Method(lambda d: step),
         train_step=Method({"loss/total": 1.0, "perf/learner_step_s": 0.1}),
     )
 
@@ -248,7 +248,7 @@ def test_the_dead_rank_is_found_from_the_error_or_by_probing(tmp_path):
     assert g.dead_rank(RayActorError("died", actor_id="b")) == 1
     assert g.dead_rank(RayActorError("died", actor_id="someone else")) is None
     assert g.dead_rank(ValueError("a bug")) is None
-    g.learners[0].get_step = Method(Fut(error=RayActorError("gone", actor_id="a")))
+    g.learners[0].__ray_call__ = Method(Fut(error=RayActorError("gone", actor_id="a")))
     assert g.dead_rank(TaskErrorFromDeadActor("collective lost its peer")) == 0
 
 
@@ -258,7 +258,7 @@ def test_a_dead_rank_rebuilds_every_rank_from_the_initial_model_without_a_checkp
     assert g.restart(1, RayActorError("died", actor_id="b"), ["w"], ["w0"], at_step=7) == 0
     assert built == ["/models/initial"] and g.ray.killed == old
     assert [lr._actor_id.hex() for lr in g.learners] == ["new0", "new1"]
-    assert all(lr.connect_weights.calls == [(["w"], ["w0"])] for lr in g.learners)
+    assert all(lr.publish_weights.calls == [({"workers": ["w"], "names": ["w0"]},)] for lr in g.learners)
     with pytest.raises(LearnerDied, match=r"learner.max_restarts=1 restarts used up"):
         g.restart(0, RayActorError("died again"), ["w"], ["w0"], at_step=1)
 

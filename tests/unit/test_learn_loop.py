@@ -45,10 +45,9 @@ def learner(actor_id, step_answers=(STEP,)):
     return FakeActor(
         actor_id,
         train_step=Method(*step_answers),
-        publish_weights=Method(lambda v: Delivery(v, {0: Fut(v)})),
-        resend_weights=Method(lambda i: Delivery(0)),
-        connect_weights=Method(None),
-        get_step=Method(0),
+        # publish_weights(version); with keywords only (connect, resend): nothing pending
+        publish_weights=Method(lambda v=0: Delivery(v, {0: Fut(v)} if v else {})),
+        __ray_call__=Method(0),  # sm_dist.learner.calls.step, the probe
     )
 
 

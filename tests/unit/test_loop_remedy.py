@@ -87,7 +87,7 @@ def test_chunked_path_gets_the_same_remedy(kw):
 
 def test_the_config_knobs_reach_the_step():
     from sm_dist.config import LearnerConfig, ObjectiveConfig
-    from sm_dist.learner.learner import objective_params
+    from sm_dist.learner.step import objective_params
 
     o = ObjectiveConfig(truncated_value="complete", bkspc_discount=0.9)
     p = objective_params(o, LearnerConfig(), bkspc_id=BK, on_gpu=False).objective

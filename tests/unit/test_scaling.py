@@ -180,7 +180,7 @@ def test_a_restarted_worker_gets_its_current_shard_back(monkeypatch):
 
     w0 = worker(STATS)
     w1 = FakeActor(run_batch=Method(Fut(error=RayActorError("killed")), STATS), set_prompts=Method(1),
-                   incarnation=Method(Fut(error=ActorUnavailableError("restarting")), "h:2"))  # fmt: skip
+                   __ray_call__=Method(Fut(error=ActorUnavailableError("restarting")), "h:2"))  # fmt: skip
     s = rollouts_with([w0, w1])
     pool = pool_for(s, monkeypatch=monkeypatch)
     pool.reshard()

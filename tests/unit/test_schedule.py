@@ -7,7 +7,7 @@ import math
 import pytest
 
 from sm_dist.config import LearnerConfig
-from sm_dist.learner.learner import lr_factor
+from sm_dist.learner.step import lr_factor
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -16,7 +16,6 @@ from sm_dist.buffer.schema import (
     batch_to_rows,
     empty_batch,
     rows_to_batch,
-    upgrade_batch,
     validate_batch,
 )
 
@@ -171,10 +170,21 @@ def test_is_noise_travels_with_data_rows_and_is_checked():
         rows_to_batch([data_row(0, is_noise=[1, 0, 0, 0, 0])])
 
 
-def test_a_v1_segment_is_upgraded_with_empty_flags():
-    v2 = rows_to_batch([model_row(0), data_row(1, is_noise=[False] * 5)])
-    v1 = pa.RecordBatch.from_arrays(v2.columns[:-1], schema=pa.schema(list(SCHEMA)[:-1]))
-    up = upgrade_batch(v1)
-    validate_batch(up)
-    assert [r["is_noise"] for r in batch_to_rows(up)] == [[], []]
-    assert upgrade_batch(v2) is v2
+def test_a_buffer_of_an_older_schema_version_is_refused_in_one_line(tmp_path):
+    """No conversion: a run dir whose buffer manifest records another version stops the buffer (and a
+    plain read) with the version found, the one needed and the fix."""
+    import json
+
+    from sm_dist.buffer.replay import ReplayBuffer, read_run_buffer
+    from sm_dist.errors import UserError
+
+    ReplayBuffer(str(tmp_path), 100, 1 << 20, 0).add(rows_to_batch([model_row(0)]))
+    manifest = tmp_path / "buffer" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION == 3
+    manifest.write_text(json.dumps({**doc, "schema_version": 2}))
+    line = r"holds rows of Arrow schema version 2; this sm-dist reads version 3 only\. Fix: start a fresh run dir"
+    with pytest.raises(UserError, match=line):
+        ReplayBuffer(str(tmp_path), 100, 1 << 20, 0)
+    with pytest.raises(UserError, match=line):
+        read_run_buffer(tmp_path)

@@ -1,6 +1,6 @@
 """Sharded checkpoints (`state/`, torch.distributed.checkpoint) on one rank: they round-trip, the
-manifest covers the shard files, and a checkpoint file that would unpickle code is refused before any
-of it runs (DCP's `.metadata`, and a legacy `optimizer.pt`)."""
+manifest covers the shard files, a checkpoint file that would unpickle code is refused before any of it
+runs (DCP's `.metadata`), and a checkpoint of an older format (`optimizer.pt`) is refused unread."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def saved(tiny_model_dir, tmp_path_factory):
     lr.train_step([row, row])
     run = tmp_path_factory.mktemp("run")
     tmp = ckpt.begin(run, 1)
-    figures = lr.save_checkpoint(str(tmp))
+    figures = lr.save(str(tmp))
     return lr, ckpt.commit(tmp, {"step": 1}, run, keep_last=5), figures
 
 
@@ -55,7 +55,7 @@ def test_a_sharded_checkpoint_round_trips_and_its_manifest_covers_the_shards(sav
     assert "state/__0_0.distcp" in files and "state/.metadata" in files
     assert ckpt.verify(c) == (None, True)
     b = _fresh(tiny_model_dir)
-    assert b.load_checkpoint(str(c)) == 1
+    assert b.load(str(c)) == 1
     for (k, pa), pb in zip(lr.module.state_dict().items(), b.module.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), k
     sa, sb = lr.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
@@ -89,19 +89,35 @@ def test_metadata_that_would_run_code_is_refused_not_run(saved, tiny_model_dir, 
     with pytest.raises(
         CheckpointError, match=r"refused to load it: UnsafeCheckpoint: it names (posix|os)\.system"
     ):
-        _fresh(tiny_model_dir).load_checkpoint(str(d))
+        _fresh(tiny_model_dir).load(str(d))
     assert not marker.exists()
 
 
-def test_a_legacy_optimizer_file_holding_a_pickled_object_is_refused(saved, tiny_model_dir, tmp_path):
+def test_a_checkpoint_of_the_old_format_is_refused_in_one_line_unread(saved, tiny_model_dir, tmp_path):
+    """Format 1 (before state/: optimizer.pt, no version recorded) is not converted: loading it, verifying
+    it and resuming from it all stop with the version found, the one needed and the fix; nothing is
+    unpickled, and the checkpoint is not set aside as corrupt."""
+    import json
     import shutil
 
+    from sm_dist.orchestrator.validate import resume_checkpoint
+
     _, c, _ = saved
-    d = tmp_path / c.name
+    run = tmp_path / "run"
+    d = run / "checkpoints" / c.name
     shutil.copytree(c, d)
-    shutil.rmtree(d / "state")  # a checkpoint from before state/: optimizer.pt
+    shutil.rmtree(d / "state")
     marker = tmp_path / "pwned"
     torch.save({"optimizer": Evil(marker), "scheduler": {}}, d / "optimizer.pt")
-    with pytest.raises(CheckpointError, match="refused to load it: UnpicklingError"):
-        _fresh(tiny_model_dir).load_checkpoint(str(d))
-    assert not marker.exists()
+    st = json.loads((d / "learner_state.json").read_text())
+    del st[ckpt.VERSION_KEY]
+    (d / "learner_state.json").write_text(json.dumps(st))
+    ckpt.write_manifest(d)
+    line = rf"format version 1; this sm-dist reads version {ckpt.VERSION} only\. Fix: start a fresh run dir"
+    with pytest.raises(CheckpointError, match=line):
+        _fresh(tiny_model_dir).load(str(d))
+    with pytest.raises(CheckpointError, match=line):
+        ckpt.verify(d)
+    with pytest.raises(CheckpointError, match=line) as e:
+        resume_checkpoint(run, str(run))
+    assert "\n" not in str(e.value) and d.is_dir() and not marker.exists()

@@ -13,11 +13,14 @@ from sm_dist.orchestrator.storage import check_shared_run_dir
 
 
 class _Call:
-    def __init__(self, fn):
-        self.fn = fn
+    """`actor.__ray_call__.remote(fn, *args)` of a fake rank: `act(*args)` in place of `fn`."""
 
-    def remote(self, *args):
-        return self.fn(*args)
+    def __init__(self, act):
+        self.act = act
+
+    def remote(self, fn, *args):
+        assert fn.__name__ == "write_token"
+        return self.act(*args)
 
 
 class RayTaskError(Exception):
@@ -41,7 +44,7 @@ def _learner(node: str, disk: Path | None = None):
         p.write_text(token)
         return node
 
-    return SimpleNamespace(write_token=_Call(write))
+    return SimpleNamespace(__ray_call__=_Call(write))
 
 
 def test_a_shared_run_dir_passes_and_leaves_nothing_behind(tmp_path):
@@ -65,7 +68,7 @@ def test_a_rank_that_cannot_write_there_is_refused_naming_the_cause(tmp_path):
     def denied(path: str, token: str) -> str:
         raise RayTaskError("PermissionError: [Errno 13] Permission denied: '/shared/runs'")
 
-    learners = [_learner("10.0.0.2"), SimpleNamespace(write_token=_Call(denied))]
+    learners = [_learner("10.0.0.2"), SimpleNamespace(__ray_call__=_Call(denied))]
     with pytest.raises(
         ConfigError, match=r"`run.run_dir`.*could not write under it \(PermissionError.*Fix: set"
     ):

@@ -107,9 +107,9 @@ def _learner_rank(rank: int, world: int, port: int, model_dir: str, out: str) ->
 
     lr = Learner(rank, world, model_dir, LearnerConfig(strategy="fsdp2"), ObjectiveConfig(), 10)
     before = {p.device.type for p in lr.module.parameters()}
-    lr.init_distributed("127.0.0.1", port)
+    lr.join("127.0.0.1", port)
     after = {p.device.type for p in lr.module.parameters()}
-    sd = lr.full_state_dict()  # every rank takes part; rank 0 gets the whole model
+    sd = lr._full_state_dict()  # every rank takes part; rank 0 gets the whole model
     torch.save({"before": before, "after": after, "sd": sd}, f"{out}.{rank}")
 
 
