@@ -1,11 +1,14 @@
 """The run orchestrator of `sm-dist train`: builds the actors and drives the actor/learner loop.
 
-- driver.py: the `Trainer` and the loop (`train` is the entry point of `sm-dist train`).
-- scheduler.py: the rollout calls in flight, worker deaths, weight-sync deadlines.
+- driver.py: `train` (the entry point of `sm-dist train`), set-up, and `learn`, the learner loop.
+- run.py: the `Orchestrator`, one run's parts built together from its actors.
+- calls.py: the calls in flight as typed records, and the one place that waits on them.
+- rollouts.py: every worker's batch in flight, resubmitted as it lands; worker deaths.
+- weight_sync.py: `WeightSync`, the weights' publish, confirmations, re-sends and deadline.
 - learners.py: the learner ranks as one group (step, publish, checkpoint, rebuild).
 - sampler.py: each step's batch, expert and replay halves, bounded staleness.
-- scaling.py: rollout workers added or removed mid-run, and the autoscaler.
-- faults.py: signal handlers, checkpoints of the learners' state, the rescue checkpoint.
+- scaling.py: rollout workers added or removed mid-run; autoscale.py: the autoscaler.
+- faults.py: worker restarts, signal handlers, checkpoints and the rescue checkpoint.
 - control.py: the loop's side of the control API (queued calls, the run snapshot).
 - actors.py: the run's actors built from its config (buffers, workers, ranks).
 - cluster.py: starting or joining Ray with the environment vLLM's CPU build needs.

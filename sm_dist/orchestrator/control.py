@@ -2,10 +2,10 @@
 applied by the loop's thread between two learner steps, and a snapshot of the run for the read-only
 endpoints.
 
-    ctl = Controller(run_dir)
+    ctl = Controller(run_dir, run)   # run: what the calls act on (`Controllable`: the driver's Orchestrator)
     fut = ctl.submit("scale", 3)     # any thread: a concurrent.futures.Future of the call's answer
-    ctl.apply(trainer)               # the loop's thread, between steps (blocks while paused)
-    ctl.update(trainer, metrics)     # the loop's thread, after a step: the snapshot /status, /metrics read
+    ctl.apply()                      # the loop's thread, between steps (blocks while paused)
+    ctl.update(metrics)              # the loop's thread, after a step: the snapshot /status, /metrics read
 
 Nothing the server thread calls touches the run's state: it only enqueues, or reads the last snapshot
 (a dict replaced whole, never mutated). The calls: scale N, pause, resume, checkpoint, stop.
@@ -17,17 +17,55 @@ import logging
 import queue
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("sm_dist.driver")
 
 COMMANDS = ("scale", "pause", "resume", "checkpoint", "stop")
 
 
+@dataclass(frozen=True)
+class RunView:
+    """The run as the snapshot shows it."""
+
+    step: int
+    version: int
+    total_steps: int | None
+    workers: list[str]
+    joining: int
+
+
+class Controllable(Protocol):
+    """What the control calls act on (the driver's `Orchestrator`)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def scale(self, n: int) -> dict: ...
+
+    def pause(self, paused: bool) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def checkpoint(self) -> dict: ...
+
+    def between_steps(self, buffers: dict) -> None:
+        """Workers that started join, the autoscaler, new data.watch_dir files (`buffers`: the last
+        buffer stats)."""
+
+    def poll(self, timeout_s: float) -> None:
+        """While paused: handle rollout answers for up to `timeout_s`."""
+
+    def view(self) -> RunView: ...
+
+    def buffer_stats(self) -> dict: ...
+
+
 class Controller:
-    def __init__(self, run_dir: str | Path, buffer_refresh_s: float = 2.0):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, run: Controllable, buffer_refresh_s: float = 2.0):
+        self.run_dir, self.run = Path(run_dir), run
         self.calls: queue.Queue = queue.Queue()
         self.paused = False
         self.snapshot: dict[str, Any] = {"step": 0, "paused": False, "started": time.time()}
@@ -57,32 +95,18 @@ class Controller:
         return render(self.snapshot)
 
     # ---- the loop's thread
-    def apply(self, t: Any) -> None:
-        """Run the queued calls; while paused, keep handling worker answers and calls until resumed
-        or stopped. Workers added earlier join here (`WorkerPool.admit`), and new data.watch_dir files
-        are taken."""
+    def apply(self) -> None:
+        """Run the queued calls, then the run's between-steps work (`Controllable.between_steps`); while
+        paused, keep handling worker answers and calls until resumed or stopped."""
         while True:
-            self._drain_calls(t)
-            if t.pool is not None:
-                t.pool.admit()
-            if getattr(t, "autoscaler", None) is not None:
-                self._autoscale(t)
-            if getattr(t, "watcher", None) is not None:
-                t.s.expert_rows += t.watcher.poll(step=t.s.step)  # data.watch_dir (sm_dist/data/watch.py)
-            if not self.paused or t.stop_requested:
+            self._drain_calls()
+            self.run.between_steps(self._buffers[1])
+            if not self.paused or self.run.stopping:
                 return
-            self._refresh(t)
-            t.sched.poll(0.2)  # batches in flight land; none are resubmitted while paused
+            self._refresh()
+            self.run.poll(0.2)  # batches in flight land; none are resubmitted while paused
 
-    def _autoscale(self, t: Any) -> None:
-        replay = (self._buffers[1] or {}).get("replay") or {}
-        fill = replay.get("rows", 0) / t.cfg.buffer.capacity_rows
-        try:
-            t.autoscaler.tick(t.sampler.wait_s, fill)
-        except ValueError as e:  # e.g. a refused size: reported, the run goes on
-            log.warning(f"autoscaling: {e}")
-
-    def _drain_calls(self, t: Any) -> None:
+    def _drain_calls(self) -> None:
         while True:
             try:
                 command, arg, fut = self.calls.get_nowait()
@@ -91,62 +115,54 @@ class Controller:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self._run(t, command, arg))
+                fut.set_result(self._run(command, arg))
             except Exception as e:  # the caller gets the error; the run goes on
                 log.warning(f"control call {command} {arg if arg is not None else ''} failed: {e}")
                 fut.set_exception(e)
 
-    def _run(self, t: Any, command: str, arg: Any) -> dict:
+    def _run(self, command: str, arg: Any) -> dict:
         log.info(f"control call: {command}{'' if arg is None else f' {arg}'}")
         if command == "scale":
-            if t.pool is None:
-                raise ValueError("this run cannot scale its rollout workers")
-            return t.pool.scale_to(int(arg))
-        if command == "pause":
-            self.paused = t.sched.paused = True
-        elif command == "resume":
-            self.paused = t.sched.paused = False
-            t.sched.resume_batches()
-        elif command == "checkpoint":
-            from sm_dist.orchestrator.faults import save_checkpoint
-
-            return {"checkpoint": str(save_checkpoint(t)), "step": t.s.step}
+            return self.run.scale(int(arg))
+        if command == "checkpoint":
+            return self.run.checkpoint()
+        if command in ("pause", "resume"):
+            self.paused = command == "pause"
+            self.run.pause(self.paused)
         elif command == "stop":
-            t.stop_requested = True
-        self.snapshot = {**self.snapshot, "paused": self.paused, "stopping": t.stop_requested}
-        return {"paused": self.paused, "stopping": t.stop_requested, "step": t.s.step}
+            self.run.stop()
+        stopping = self.run.stopping
+        self.snapshot = {**self.snapshot, "paused": self.paused, "stopping": stopping}
+        return {"paused": self.paused, "stopping": stopping, "step": self.run.view().step}
 
-    def update(self, t: Any, metrics: dict | None = None) -> None:
+    def update(self, metrics: dict | None = None) -> None:
         """After a step: the snapshot the read-only endpoints serve."""
         now = time.time()
-        self._steps = [*self._steps[-49:], (now, t.s.step)]
+        self._steps = [*self._steps[-49:], (now, self.run.view().step)]
         (t0, s0), (t1, s1) = self._steps[0], self._steps[-1]
         rate = (s1 - s0) / (t1 - t0) if t1 > t0 else None
-        self._refresh(t, metrics, rate)
+        self._refresh(metrics, rate)
 
-    def _refresh(self, t: Any, metrics: dict | None = None, rate: float | None = None) -> None:
+    def _refresh(self, metrics: dict | None = None, rate: float | None = None) -> None:
         when, bufs = self._buffers
         if time.monotonic() - when > self.buffer_refresh_s:  # an actor call: not every step
             try:
-                bufs = {
-                    "replay": t.replay.stats(timeout=10),
-                    "expert": t.ray.get(t.expert.stats.remote(), timeout=10),
-                }
+                bufs = self.run.buffer_stats()
                 self._buffers = (time.monotonic(), bufs)
             except Exception as e:  # a dead buffer is the loop's to handle; the snapshot keeps the last
                 log.debug(f"buffer stats for the control API: {e}")
-        prev = self.snapshot
+        prev, v = self.snapshot, self.run.view()
         self.snapshot = {
             **prev,
             "time": time.time(),
-            "step": t.s.step,
-            "total_steps": t.cfg.run.total_steps,
-            "version": t.s.version,
+            "step": v.step,
+            "total_steps": v.total_steps,
+            "version": v.version,
             "paused": self.paused,
-            "stopping": t.stop_requested,
+            "stopping": self.run.stopping,
             "steps_per_s": rate if rate is not None else prev.get("steps_per_s"),
-            "workers": list(t.sched.names),
-            "joining": t.sched.pending_joins(),
+            "workers": list(v.workers),
+            "joining": v.joining,
             "buffers": bufs,
             "metrics": metrics if metrics is not None else prev.get("metrics", {}),
             # the last publish's timings: a step that published is rarely the last one logged

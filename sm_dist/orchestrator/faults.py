@@ -1,17 +1,21 @@
-"""What a run does when it is stopped or fails: the signal handlers (finish the step, then a final
-checkpoint), the checkpoint of the learners' state, and the rescue checkpoint after a failed loop.
-`t` is the driver's `Trainer`; nothing here schedules work.
+"""What a run does when something fails or it is told to stop: rollout workers that die and restart
+(`WorkerRestarts`), the signal handlers (finish the step, then a final checkpoint), the checkpoint of
+the learners' state and the rescue checkpoint after a failed loop (`Checkpointer`). Nothing here
+schedules work: `Rollouts` (rollouts.py) and the learner loop (driver.py) call in.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.orchestrator.actors import describe_error
+from sm_dist.orchestrator.calls import RolloutPolicy, Waiter, WorkerSet
 from sm_dist.orchestrator.learners import LearnerDied
 
 log = logging.getLogger("sm_dist.driver")
@@ -28,62 +32,163 @@ class RunState:
     rollout_batches: int = 0
 
 
-# ---- the loop ---------------------------------------------------------------------------------------
+# ---- rollout workers that die ------------------------------------------------------------------------
 
 
-def install_signal_handlers(trainer) -> None:
+class WorkerRestarts:
+    """A dead worker is restarted by Ray (rollout.max_restarts): count its restarts, tell a real death
+    from a caller's lagging view of a restart, and wait for its new process."""
+
+    def __init__(self, ray: Any, workers: WorkerSet, policy: RolloutPolicy):
+        self.ray, self.ws, self.p = ray, workers, policy
+        self.counts: dict[str, int] = {}  # name -> restarts
+        self.incarnations: dict[str, str] = {}  # name -> the process a restarted worker answered from
+        self.unavailable: dict[str, int] = {}  # name -> failed calls in a row while that process lives
+
+    def answered(self, i: int) -> None:
+        """Worker i answered a call."""
+        self.unavailable.pop(self.ws.names[i], None)
+
+    def forget(self, name: str) -> None:
+        """A removed worker: a later one may take the name."""
+        self.incarnations.pop(name, None)
+
+    def still_alive(self, i: int, err: Exception, why: str) -> bool:
+        """A call that failed with ActorUnavailableError ("the actor is restarting") on a worker Ray
+        already restarted, whose new process still answers: a caller's view of the restart lagged (e.g.
+        the learner re-sending weights right after it), not a second death. The caller sends it again."""
+        name = self.ws.names[i]
+        if not isinstance(err, self.ray.exceptions.ActorUnavailableError) or name not in self.incarnations:
+            return False
+        if self.wait_restarted(i) != self.incarnations[name]:
+            return False  # a new process: it did die again
+        n = self.unavailable[name] = self.unavailable.get(name, 0) + 1
+        if n > 10:
+            raise RuntimeError(
+                f"rollout worker {name}: {n} calls in a row failed as unavailable while its process lives; "
+                "the Ray cluster is unhealthy (see `ray status` and the run dir's logs)"
+            ) from err
+        log.warning(f"rollout worker {name} was unavailable for one call ({why}); sent again")
+        time.sleep(0.5)  # let the caller's view of the actor catch up
+        return True
+
+    def restarted(self, i: int, err: Exception, why: str, during: str) -> None:
+        """Worker i died `during` something: raise past rollout.max_restarts (or when the transport
+        cannot take it back), else wait until Ray restarted it."""
+        name = self.ws.names[i]
+        n = self.counts[name] = self.counts.get(name, 0) + 1
+        if n > self.p.max_restarts:
+            raise RuntimeError(
+                f"rollout worker {name} died {n} times (rollout.max_restarts={self.p.max_restarts}); last: {why}"
+            ) from err
+        if not self.p.restarts_rejoin:
+            raise RuntimeError(
+                f"rollout worker {name} died ({why}); a restarted worker cannot rejoin this sync.transport's "
+                "group. Resume the run (--resume), or use sync.transport=object_store, which survives "
+                "worker restarts"
+            ) from err
+        log.warning(f"rollout worker {name} died during {during} ({why}); restart {n}/{self.p.max_restarts}")
+        self.incarnations[name] = self.wait_restarted(i)
+
+    def wait_restarted(self, i: int) -> str:
+        """Wait until worker i answers (Ray restarts a dead one); returns its process (`incarnation`)."""
+        from sm_dist.rollout.worker import incarnation
+
+        ex = self.ray.exceptions
+        deadline = time.monotonic() + self.p.startup_timeout_s
+        while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
+            try:
+                return self.ray.get(
+                    self.ws.handles[i].__ray_call__.remote(incarnation),
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+            except (ex.ActorUnavailableError, ex.GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"rollout worker {self.ws.names[i]} did not restart within run.startup_timeout_s="
+                        f"{self.p.startup_timeout_s}s"
+                    ) from e
+                time.sleep(0.5)
+
+
+# ---- stopping --------------------------------------------------------------------------------------
+
+
+class Stoppable(Protocol):
+    stopping: bool
+
+
+def install_signal_handlers(run: Stoppable) -> None:
+    """SIGINT/SIGTERM: finish the current step, then a final checkpoint; a second one stops now."""
+
     def handler(signum, _frame):
-        if trainer.stop_requested:  # second signal: stop now
+        if run.stopping:  # second signal: stop now
             raise KeyboardInterrupt
-        trainer.stop_requested = True
+        run.stopping = True
         log.warning(f"got signal {signum}: finishing the current step, then a final checkpoint")
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
-def save_checkpoint(t, timeout_s: float | None = None) -> Path:
-    tmp = ckpt.begin(t.cfg.run.run_dir, t.s.step)
-    futs = t.group.save_futures(str(tmp))
-    if timeout_s is None:
-        t.wait_for(futs)
-    else:  # after a failure: touch no worker future, bound the wait
-        t.ray.get(futs, timeout=timeout_s)
-    try:  # informational: the buffer restores itself from its own manifest on resume
-        stats = t.replay.stats(timeout=t.cfg.sync.timeout_s)
-    except (t.ray.exceptions.RayActorError, t.ray.exceptions.GetTimeoutError):
-        stats = {"rows": None, "added_rows": None}
-    state = {
-        **t.state().__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"],
-        "buffer_shards": len(t.replay),
-    }  # fmt: skip
-    return ckpt.commit(tmp, state, t.cfg.run.run_dir, t.cfg.run.keep_last)
+# ---- checkpoints -----------------------------------------------------------------------------------
 
 
-def _failure(t, err: BaseException) -> str:
-    """`describe_error`, with a dead replay-buffer shard named (which shard, and its folder) when the
-    buffer has several: "ReplayBuffer" alone would not say which of them died."""
-    text = describe_error(err)
-    dead = "[dead actor: ReplayBuffer]"
-    shard = t.replay.dead_shard(err) if len(t.replay) > 1 and text.endswith(dead) else None
-    return text[: -len(dead)] + f"[dead actor: {shard}]" if shard else text
+class Saver(Protocol):
+    """The learners, as a checkpoint needs them (`LearnerGroup`)."""
+
+    def save_futures(self, ckpt_dir: str) -> list: ...
 
 
-def rescue_checkpoint(t, err: BaseException) -> None:
-    """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
-    last checkpoint is lost, and say how to resume."""
-    run_dir = t.cfg.run.run_dir
-    log.error(f"the run failed at step {t.s.step}: {_failure(t, err)}")
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is not None and last.name == f"step-{t.s.step:08d}":
-        log.info(f"checkpoint {last} already holds step {t.s.step}")
-    elif isinstance(err, LearnerDied):  # run_loop turns every learner death it cannot mend into this
-        log.warning(f"a dead learner cannot save step {t.s.step}: the last checkpoint stands")
-    else:
-        try:
-            last = save_checkpoint(t, timeout_s=t.cfg.sync.timeout_s)
-            log.info(f"saved checkpoint {last}")
-        except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
-            log.error(f"could not checkpoint step {t.s.step} ({type(e2).__name__}: {e2})")
-    if last is not None:
-        log.info(f"resume from {last} with: sm-dist train --resume {run_dir}")
+class Checkpointer:
+    """Checkpoints of the learners' state with the run state, and the rescue after a failed loop."""
+
+    def __init__(self, ray: Any, run_dir: str, keep_last: int, sync_timeout_s: float, group: Saver,
+                 replay: Any, waiter: Waiter):  # fmt: skip
+        """`replay`: the `ReplayShards` (its stats are recorded); `waiter`: what handles the rollout
+        answers while the learners save (`Inflight`)."""
+        self.ray, self.run_dir, self.keep_last, self.sync_timeout_s = ray, run_dir, keep_last, sync_timeout_s
+        self.group, self.replay, self.waiter = group, replay, waiter
+
+    def save(self, state: RunState, timeout_s: float | None = None) -> Path:
+        tmp = ckpt.begin(self.run_dir, state.step)
+        futs = self.group.save_futures(str(tmp))
+        if timeout_s is None:
+            self.waiter.wait_for(futs)
+        else:  # after a failure or a stop: touch no worker future, bound the wait
+            self.ray.get(futs, timeout=timeout_s)
+        try:  # informational: the buffer restores itself from its own manifest on resume
+            stats = self.replay.stats(timeout=self.sync_timeout_s)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
+            stats = {"rows": None, "added_rows": None}
+        record = {
+            **state.__dict__, "buffer_rows": stats["rows"], "buffer_added_rows": stats["added_rows"],
+            "buffer_shards": len(self.replay),
+        }  # fmt: skip
+        return ckpt.commit(tmp, record, self.run_dir, self.keep_last)
+
+    def _failure(self, err: BaseException) -> str:
+        """`describe_error`, with a dead replay-buffer shard named (which shard, and its folder) when the
+        buffer has several: "ReplayBuffer" alone would not say which of them died."""
+        text = describe_error(err)
+        dead = "[dead actor: ReplayBuffer]"
+        shard = self.replay.dead_shard(err) if len(self.replay) > 1 and text.endswith(dead) else None
+        return text[: -len(dead)] + f"[dead actor: {shard}]" if shard else text
+
+    def rescue(self, state: RunState, err: BaseException) -> None:
+        """The loop failed: checkpoint what the learners hold (if they still answer), so nothing since the
+        last checkpoint is lost, and say how to resume."""
+        log.error(f"the run failed at step {state.step}: {self._failure(err)}")
+        last = ckpt.latest_checkpoint(self.run_dir)
+        if last is not None and last.name == f"step-{state.step:08d}":
+            log.info(f"checkpoint {last} already holds step {state.step}")
+        elif isinstance(err, LearnerDied):  # the loop turns every learner death it cannot mend into this
+            log.warning(f"a dead learner cannot save step {state.step}: the last checkpoint stands")
+        else:
+            try:
+                last = self.save(state, timeout_s=self.sync_timeout_s)
+                log.info(f"saved checkpoint {last}")
+            except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
+                log.error(f"could not checkpoint step {state.step} ({type(e2).__name__}: {e2})")
+        if last is not None:
+            log.info(f"resume from {last} with: sm-dist train --resume {self.run_dir}")

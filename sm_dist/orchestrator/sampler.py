@@ -1,12 +1,12 @@
 """The learner's batch: expert rows from the expert buffer and fresh rollouts from the replay buffer,
 each split evenly over the learner ranks (DESIGN §3).
 
-    sampler = BatchSampler(ray, cfg, replay, expert)   # replay: the ReplayShards (sm_dist/buffer/shards.py)
-    data, replay = sampler.sample(ranks, step, version, wait=sched.wait_one, stopping=lambda: False)
+    sampler = BatchSampler(ray, cfg, replay, expert, calls, run)  # replay: the ReplayShards (buffer/shards.py)
+    data, replay = sampler.sample(ranks, step, version)
 
 Rollout rows older than `buffer.max_staleness` versions are never sampled. After the BC warmup, with
-`buffer.wait_for_replay`, the learner waits (through `wait`, which handles one worker answer) until
-enough fresh rows exist; else a short replay half is filled with data rows (`buffer.fill_with_data`).
+`buffer.wait_for_replay`, the learner waits (`calls.wait_one`: one worker answer handled) until
+enough fresh rows exist, or a stop is asked for (`run.stopping`); else a short replay half is filled with data rows (`buffer.fill_with_data`).
 Each rank gets the same number of rows of each source, so the DDP normalisation holds (learner.py).
 Which replay shards a rank's rows come from (`buffer.shards`) is `ReplayShards.draw`'s rule.
 """
@@ -14,26 +14,30 @@ Which replay shards a rank's rows come from (`buffer.shards`) is `ReplayShards.d
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from sm_dist.buffer.shards import deal
 
 
+class OneWaiter(Protocol):
+    def wait_one(self, timeout_s: float, what: str) -> None: ...
+
+
+class Stopping(Protocol):
+    @property
+    def stopping(self) -> bool: ...
+
+
 class BatchSampler:
-    def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any):
+    def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any, calls: OneWaiter, run: Stopping):
+        """`calls`: handles one rollout answer at a time while the learner waits (`Inflight`); `run`:
+        says when a stop was asked for (`Rollouts`)."""
         self.ray, self.cfg, self.replay, self.expert = ray, cfg, replay, expert
+        self.calls, self.run = calls, run
         self.wait_s = 0.0  # seconds the learner spent waiting for fresh rollouts
         self.staleness = 0.0  # mean versions behind of the last replay rows sampled
 
-    def sample(
-        self,
-        ranks: int,
-        step: int,
-        version: int,
-        wait: Callable[[float, str], None],
-        stopping: Callable[[], bool],
-    ) -> tuple[list, list]:
+    def sample(self, ranks: int, step: int, version: int) -> tuple[list, list]:
         """Per-rank (data, replay) Arrow batches for learner step `step` under weights `version`."""
         b = self.cfg.buffer
         n_rep, n_dat = self.cfg.split_batch()
@@ -43,10 +47,10 @@ class BatchSampler:
                 ranks, n_rep, min_version=version - b.max_staleness, newest_first=b.newest_first
             )
             got = min(r.num_rows for r in rep)  # rows each rank can have (the same for all)
-            if got * ranks >= n_rep or not need or stopping():
+            if got * ranks >= n_rep or not need or self.run.stopping:
                 break
             t0 = time.perf_counter()  # bounded staleness: the learner waits for fresh rollouts
-            wait(
+            self.calls.wait_one(
                 self.cfg.sync.timeout_s,
                 "the learner waited for fresh rows (buffer.wait_for_replay, sync.timeout_s)",
             )

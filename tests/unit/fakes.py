@@ -111,3 +111,51 @@ class FakeActor:
         self._actor_id = SimpleNamespace(hex=lambda: actor_id)
         for k, m in methods.items():
             setattr(self, k, m)
+
+
+# ---- the orchestrator's parts over these fakes ---------------------------------------------------
+
+
+class FakeGroup:
+    """The learners as the weights see them (`weight_sync.Publisher`): `resend(i)` and `publish(v)`
+    answer from the given functions (default: nothing pending); every call is recorded."""
+
+    def __init__(self, resend=None, publish=None):
+        from sm_dist.sync.base import Delivery
+
+        self.resent, self.connected = [], []
+        self._resend = resend or (lambda i: Delivery(0))
+        self._publish = publish or (lambda v: Delivery(v))
+
+    def resend(self, i):
+        self.resent.append(i)
+        return self._resend(i)
+
+    def publish(self, version):
+        return self._publish(version)
+
+    def connect(self, workers, names):
+        self.connected.append(list(names))
+
+
+def rollouts_with(workers, policy=None, resend=None, publish=None):
+    """`Rollouts` (with its `WeightSync`) over fake workers w0, w1, ...; its group is a `FakeGroup`."""
+    from sm_dist.orchestrator.calls import Inflight, RolloutPolicy, WorkerSet
+    from sm_dist.orchestrator.faults import RunState, WorkerRestarts
+    from sm_dist.orchestrator.rollouts import Rollouts
+
+    ray = FakeRay()
+    policy = policy or RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.0)
+    ws = WorkerSet(list(workers), [f"w{i}" for i in range(len(workers))])
+    group = FakeGroup(resend, publish)
+    return Rollouts(ray, Inflight(ray), ws, policy, group, RunState(), 1, WorkerRestarts(ray, ws, policy))
+
+
+def in_flight(s) -> list:
+    """The calls in flight of `Rollouts` `s`, oldest first."""
+    return [c for _, c in s.calls.calls.values()]
+
+
+def land(s, kind=object):
+    """Hand the oldest in-flight call of `kind` to its owner."""
+    s.calls.handle(next(f for f, (_, c) in s.calls.calls.items() if isinstance(c, kind)))

@@ -10,7 +10,6 @@ import stat
 import urllib.error
 import urllib.request
 from concurrent.futures import Future
-from types import SimpleNamespace
 
 import pytest
 
@@ -145,35 +144,69 @@ def test_ctl_client_finds_the_address_and_token(server, capsys):
         call(server.run_dir, "status")
 
 
+class FakeRun:
+    """What the control calls act on (`sm_dist.orchestrator.control.Controllable`), recording them."""
+
+    def __init__(self, step=5):
+        self.stopping, self.paused, self.step, self.events = False, False, step, []
+
+    def scale(self, n):
+        raise ValueError("this run cannot scale its rollout workers")
+
+    def pause(self, paused):
+        self.paused = paused
+        self.events.append("p" if paused else "r")
+
+    def stop(self):
+        self.stopping = True
+
+    def checkpoint(self):
+        return {"checkpoint": "c", "step": self.step}
+
+    def between_steps(self, buffers):
+        self.events.append("b")
+
+    def poll(self, timeout_s):
+        self.events.append("poll")
+
+    def view(self):
+        from sm_dist.orchestrator.control import RunView
+
+        return RunView(self.step, 1, 9, ["w0"], 0)
+
+    def buffer_stats(self):
+        return {}
+
+
 def test_the_loop_applies_calls_between_steps_and_pause_blocks_until_resume(tmp_path):
-    polls = []
-    sched = SimpleNamespace(
-        paused=False, names=["w0"], pending_joins=lambda: 0, resume_batches=lambda: polls.append("r")
-    )
-    t = SimpleNamespace(pool=None, stop_requested=False, sched=sched, s=SimpleNamespace(step=5, version=1),
-                        ray=None, replay=None, expert=None, cfg=SimpleNamespace(run=SimpleNamespace(total_steps=9)))  # fmt: skip
-    ctl = Controller(tmp_path, buffer_refresh_s=1e9)
+    run = FakeRun()
+    ctl = Controller(tmp_path, run, buffer_refresh_s=1e9)
     pause, resume = ctl.submit("pause"), ctl.submit("resume")
-    ctl.apply(t)  # both applied in order: not paused afterwards
-    assert pause.result(0)["paused"] is True and resume.result(0)["paused"] is False and polls == ["r"]
+    ctl.apply()  # both applied in order: not paused afterwards
+    assert pause.result(0)["paused"] is True and resume.result(0)["paused"] is False
+    assert run.events == ["p", "r", "b"] and not run.paused
     ctl.submit("pause")
+    run.events = []
 
     def poll(timeout_s):  # while paused, the loop handles answers; a resume arrives meanwhile
-        polls.append("p")
+        run.events.append("poll")
         ctl.submit("resume")
 
-    sched.poll = poll
-    ctl.apply(t)
-    assert polls == ["r", "p", "r"] and not ctl.paused and not sched.paused
+    run.poll = poll
+    ctl.apply()
+    assert run.events == ["p", "b", "poll", "r", "b"] and not ctl.paused and not run.paused
     stop = ctl.submit("stop")
-    ctl.apply(t)
-    assert stop.result(0)["stopping"] is True and t.stop_requested
+    ctl.apply()
+    assert stop.result(0)["stopping"] is True and run.stopping
     with pytest.raises(ValueError, match="unknown command"):
         ctl.submit("reboot")
     scale = ctl.submit("scale", 2)
-    ctl.apply(t)
+    ctl.apply()
     with pytest.raises(ValueError, match="cannot scale"):
         scale.result(0)
+    ckpt = ctl.submit("checkpoint")
+    ctl.apply()
+    assert ckpt.result(0) == {"checkpoint": "c", "step": 5}
 
 
 def test_sm_dist_ctl_on_a_run_that_is_not_live_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
@@ -199,13 +232,11 @@ def test_sync_seconds_keep_the_last_publish_between_publishing_steps(tmp_path):
 
     from sm_dist.service.prom import render
 
-    sched = SimpleNamespace(paused=False, names=["w0"], pending_joins=lambda: 0)
-    t = SimpleNamespace(stop_requested=False, sched=sched, s=SimpleNamespace(step=5, version=1),
-                        cfg=SimpleNamespace(run=SimpleNamespace(total_steps=9)))  # fmt: skip
-    ctl = Controller(tmp_path, buffer_refresh_s=1e9)
-    ctl.update(t, {"loss/total": 1.0, "sync/publish_s": 0.25, "sync/serialize_s": 0.125})
-    t.s.step = 6
-    ctl.update(t, {"loss/total": 0.9})  # no publish this step
+    run = FakeRun()
+    ctl = Controller(tmp_path, run, buffer_refresh_s=1e9)
+    ctl.update({"loss/total": 1.0, "sync/publish_s": 0.25, "sync/serialize_s": 0.125})
+    run.step = 6
+    ctl.update({"loss/total": 0.9})  # no publish this step
     fams = {f.name: f for f in text_string_to_metric_families(render(ctl.snapshot))}
     got = {s.labels["phase"]: s.value for s in fams["sm_dist_sync_seconds"].samples}
     assert got == {"publish": 0.25, "serialize": 0.125}

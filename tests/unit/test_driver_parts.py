@@ -1,14 +1,14 @@
-"""The driver's parts on their fault paths, with fakes instead of Ray (tests/unit/fakes.py): a worker
-that dies (restarted, re-sent the weights, its batch resubmitted; or the run stops, naming why), a late
-or wrong weight confirmation, a sync whose sender died, a dead learner rank (found, rebuilt from the
-latest checkpoint, or refused), and the batch sampler's staleness wait."""
+"""The orchestrator's parts on their fault paths, with fakes instead of Ray (tests/unit/fakes.py): a
+worker that dies (restarted, re-sent the weights, its batch resubmitted; or the run stops, naming why),
+a late or wrong weight confirmation, a sync whose sender died, a dead learner rank (found, rebuilt from
+the latest checkpoint, or refused), and the batch sampler's staleness wait."""
 
 from __future__ import annotations
 
 import pytest
 
+from sm_dist.orchestrator.calls import BatchCall, Inflight, RolloutPolicy, SyncCall
 from sm_dist.orchestrator.learners import LearnerDied, LearnerGroup
-from sm_dist.orchestrator.scheduler import BatchCall, RolloutPolicy, RolloutScheduler, SyncCall
 from sm_dist.sync.base import Delivery, WeightSyncError
 from tests.unit.fakes import (
     ActorUnavailableError,
@@ -19,9 +19,11 @@ from tests.unit.fakes import (
     OwnerDiedError,
     RayActorError,
     TaskErrorFromDeadActor,
+    in_flight,
+    land,
+    rollouts_with,
 )
 
-POLICY = RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.0)
 STATS = {"rollout/gen_s": 0.5, "rollout/tokens_per_s": 100.0}
 
 
@@ -30,35 +32,25 @@ def worker(*batch_answers, processes=("host:1",)):
     return FakeActor(run_batch=Method(*batch_answers), version=Method(0), __ray_call__=Method(*processes))
 
 
-def sched_with(workers, policy=POLICY, resend=None):
-    return RolloutScheduler(FakeRay(), workers, [f"w{i}" for i in range(len(workers))], policy, resend)
-
-
 def test_batches_land_while_waiting_for_the_learners_and_are_resubmitted():
     w = worker(STATS)
-    s = sched_with([w])
+    s = rollouts_with([w])
     s.submit_all()
     learner_fut = Fut({"loss": 1.0})
-    assert s.wait_for([learner_fut]) == [{"loss": 1.0}]
+    assert s.calls.wait_for([learner_fut]) == [{"loss": 1.0}]
     assert s.batches == 1 and len(w.run_batch.calls) == 2  # the answer landed, the next batch went out
-    assert [type(c) for c in s.inflight.values()] == [BatchCall]
+    assert [type(c) for c in in_flight(s)] == [BatchCall]
     assert s.take_stats()["rollout/tokens_per_s"] == 100.0
 
 
 def test_a_dead_worker_is_restarted_resent_the_weights_and_resubmitted():
     died = Fut(error=RayActorError("the worker process died"))
     w = worker(died, STATS, processes=(Fut(error=ActorUnavailableError("restarting")), "host:2"))
-    resent = []
-
-    def resend(i):
-        resent.append(i)
-        return Delivery(3, {i: Fut(3, ready=False)})
-
-    s = sched_with([w], resend=resend)
+    s = rollouts_with([w], resend=lambda i: Delivery(3, {i: Fut(3, ready=False)}))
     s.submit_all()
-    s.handle(next(iter(s.inflight)))
-    assert s.restarts == {"w0": 1} and resent == [0]
-    assert [type(c) for c in s.inflight.values()] == [SyncCall]  # the weights; its batch once applied
+    land(s)
+    assert s.restarts.counts == {"w0": 1} and s.sync.group.resent == [0]
+    assert [type(c) for c in in_flight(s)] == [SyncCall]  # the weights; its batch once applied
 
 
 def test_a_restarted_worker_generates_only_once_it_holds_the_current_weights():
@@ -67,30 +59,30 @@ def test_a_restarted_worker_generates_only_once_it_holds_the_current_weights():
     the initial weights (rows with policy_version 0). The batch goes out on the weights' confirmation."""
     weights = Fut(3, ready=False)
     w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
-    s = sched_with([w], resend=lambda i: Delivery(3, {i: weights}))
+    s = rollouts_with([w], resend=lambda i: Delivery(3, {i: weights}))
     s.submit_all()
-    s.handle(next(iter(s.inflight)))  # the death: restarted, the weights re-sent
+    land(s)  # the death: restarted, the weights re-sent
     assert len(w.run_batch.calls) == 1  # no batch before the weights
-    assert [type(c) for c in s.inflight.values()] == [SyncCall]
+    assert [type(c) for c in in_flight(s)] == [SyncCall]
     weights.ready = True
-    s.wait_one(1.0, "test")  # the confirmation lands: now its batch
-    assert s.syncs == {"w0": 1} and len(w.run_batch.calls) == 2
-    assert [type(c) for c in s.inflight.values()] == [BatchCall]
+    s.calls.wait_one(1.0, "test")  # the confirmation lands: now its batch
+    assert s.sync.state.syncs == {"w0": 1} and len(w.run_batch.calls) == 2
+    assert [type(c) for c in in_flight(s)] == [BatchCall]
 
 
 def test_a_worker_that_dies_too_often_stops_the_run_naming_it():
     w = worker(Fut(error=RayActorError("OOM killed")))
-    s = sched_with([w], resend=lambda i: Delivery(1))
+    s = rollouts_with([w], resend=lambda i: Delivery(1))
     s.submit_all()
-    s.handle(next(iter(s.inflight)))  # first death: restarted
+    land(s)  # first death: restarted
     with pytest.raises(RuntimeError, match=r"w0 died 2 times \(rollout.max_restarts=1\).*OOM killed"):
-        s.handle(next(iter(s.inflight)))
+        land(s)
 
 
 def test_a_call_unavailable_after_a_restart_is_sent_again_not_counted_as_a_death(monkeypatch):
     """After a restart, a caller whose view of the actor lags (the learner re-sending the weights) gets
     "the actor is restarting" while the new process answers: sent again, not a second death."""
-    monkeypatch.setattr("sm_dist.orchestrator.scheduler.time.sleep", lambda s: None)
+    monkeypatch.setattr("sm_dist.orchestrator.faults.time.sleep", lambda s: None)
     unavailable = Fut(error=ActorUnavailableError("The actor is restarting"))
     w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
     sent = []
@@ -99,91 +91,121 @@ def test_a_call_unavailable_after_a_restart_is_sent_again_not_counted_as_a_death
         sent.append(i)
         return Delivery(3, {i: unavailable if len(sent) == 1 else Fut(3)})
 
-    s = sched_with([w], resend=resend)
+    s = rollouts_with([w], resend=resend)
     s.submit_all()
-    s.handle(next(f for f, c in s.inflight.items() if isinstance(c, BatchCall)))  # the death: restarted
-    assert s.restarts == {"w0": 1} and sent == [0]
-    s.handle(unavailable)  # the re-send failed as "restarting", but host:2 still answers
-    assert s.restarts == {"w0": 1} and sent == [0, 0]
-    sync = next(f for f, c in s.inflight.items() if isinstance(c, SyncCall))
-    s.handle(sync)
-    assert s.syncs == {"w0": 1} and s.unavailable == {}
+    land(s, BatchCall)  # the death: restarted
+    assert s.restarts.counts == {"w0": 1} and sent == [0]
+    s.calls.handle(unavailable)  # the re-send failed as "restarting", but host:2 still answers
+    assert s.restarts.counts == {"w0": 1} and sent == [0, 0] and s.restarts.unavailable == {"w0": 1}
+    land(s, SyncCall)
+    assert s.sync.state.syncs == {"w0": 1}
+    land(s, BatchCall)  # its first batch after the weights: the worker answers again
+    assert s.restarts.unavailable == {}
 
 
 def test_an_unavailable_call_from_a_new_process_is_a_death_and_endless_ones_stop_the_run(monkeypatch):
-    monkeypatch.setattr("sm_dist.orchestrator.scheduler.time.sleep", lambda s: None)
+    monkeypatch.setattr("sm_dist.orchestrator.faults.time.sleep", lambda s: None)
     gone = Fut(error=ActorUnavailableError("The actor is restarting"))
     w = worker(Fut(error=RayActorError("killed")), gone, processes=("host:2", "host:3"))
-    s = sched_with([w], resend=lambda i: Delivery(0))
+    s = rollouts_with([w])
     s.submit_all()
-    s.handle(next(iter(s.inflight)))  # first death: now host:2
+    land(s)  # first death: now host:2
     with pytest.raises(RuntimeError, match=r"w0 died 2 times"):  # host:3 answers: it died again
-        s.handle(next(iter(s.inflight)))
+        land(s)
 
     w = worker(Fut(error=RayActorError("killed")), gone, processes=("host:2",))
-    s = sched_with([w], resend=lambda i: Delivery(0))
+    s = rollouts_with([w])
     s.submit_all()
-    s.handle(next(iter(s.inflight)))
+    land(s)
     for _ in range(10):  # the same process answers each time: sent again
-        s.handle(next(iter(s.inflight)))
-    assert s.restarts == {"w0": 1}
+        land(s)
+    assert s.restarts.counts == {"w0": 1}
     with pytest.raises(RuntimeError, match=r"w0: 11 calls in a row failed as unavailable.*ray status"):
-        s.handle(next(iter(s.inflight)))
+        land(s)
 
 
 def test_a_dead_worker_on_a_collective_transport_stops_the_run_with_the_fix():
-    s = sched_with(
+    s = rollouts_with(
         [worker(Fut(error=RayActorError("gone")))], RolloutPolicy(3, 30.0, 5.0, restarts_rejoin=False)
     )
     s.submit_all()
     with pytest.raises(RuntimeError, match=r"cannot rejoin.*--resume.*object_store"):
-        s.handle(next(iter(s.inflight)))
+        land(s)
 
 
 def test_an_error_inside_a_live_worker_is_not_taken_for_a_death():
-    s = sched_with([worker(Fut(error=TaskErrorFromDeadActor("the replay buffer died")))])
+    s = rollouts_with([worker(Fut(error=TaskErrorFromDeadActor("the replay buffer died")))])
     s.submit_all()
     with pytest.raises(TaskErrorFromDeadActor):
-        s.handle(next(iter(s.inflight)))
-    assert s.restarts == {}
+        land(s)
+    assert s.restarts.counts == {}
 
 
-def test_sync_deadline_names_the_late_worker_and_version():
-    s = sched_with([worker(STATS), worker(STATS)])
-    s.track(Delivery(4, {0: Fut(4), 1: Fut(4, ready=False)}))
-    s.handle(next(f for f, c in s.inflight.items() if c.worker == 0))
-    sent = next(iter(s.inflight.values())).sent_at
-    s.check_sync_deadline(now=sent + 29.0)  # within sync.timeout_s
+def test_a_publish_every_sync_every_steps_and_its_deadline_names_the_late_worker_and_version():
+    s = rollouts_with(
+        [worker(STATS), worker(STATS)], publish=lambda v: Delivery(v, {0: Fut(v), 1: Fut(v, ready=False)})
+    )
+    s.sync.every = 2
+    assert s.sync.maybe_publish(3) == {} and s.sync.state.version == 0  # not a multiple of sync.every
+    assert "sync/publish_s" in s.sync.maybe_publish(4) and s.sync.state.version == 1
+    land(s, SyncCall)  # w0's confirmation
+    sent = in_flight(s)[0].sent_at
+    s.sync.check_deadline(now=sent + 29.0)  # within sync.timeout_s
     with pytest.raises(
-        WeightSyncError, match=r"w1 did not apply weights version 4 within sync.timeout_s=30.0s"
+        WeightSyncError, match=r"w1 did not apply weights version 1 within sync.timeout_s=30.0s"
     ):
-        s.check_sync_deadline(now=sent + 31.0)
-    assert s.syncs == {"w0": 1}
+        s.sync.check_deadline(now=sent + 31.0)
+    assert s.sync.state.syncs == {"w0": 1}
 
 
 def test_a_wrong_version_confirmation_is_an_error():
-    s = sched_with([worker(STATS)])
-    s.track(Delivery(5, {0: Fut(4)}))
+    s = rollouts_with([worker(STATS)], publish=lambda v: Delivery(v, {0: Fut(v - 1)}))
+    s.sync.state.version = 4
+    s.sync.publish()
     with pytest.raises(WeightSyncError, match="w0 reports version 4 after a sync of version 5"):
-        s.handle(next(iter(s.inflight)))
+        land(s)
 
 
 def test_a_collective_delivery_counts_every_worker_and_a_lost_sender_is_dropped():
-    s = sched_with([worker(STATS), worker(STATS)])
-    s.track(Delivery(2))  # the send waited for every worker
-    assert s.syncs == {"w0": 1, "w1": 1}
-    s.track(Delivery(3, {0: Fut(error=OwnerDiedError("the learner that sent it died"))}))
-    s.handle(next(iter(s.inflight)))
-    assert s.syncs == {"w0": 1, "w1": 1} and not s.inflight
+    answers = [Delivery(1), Delivery(2, {0: Fut(error=OwnerDiedError("the learner that sent it died"))})]
+    s = rollouts_with([worker(STATS), worker(STATS)], publish=lambda v: answers[v - 1])
+    s.sync.publish()  # the send waited for every worker
+    assert s.sync.state.syncs == {"w0": 1, "w1": 1}
+    s.sync.publish()
+    land(s)
+    assert s.sync.state.syncs == {"w0": 1, "w1": 1} and not in_flight(s)
+
+
+def test_a_learner_restart_drops_the_confirmations_in_flight():
+    s = rollouts_with([worker(Fut(ready=False))], publish=lambda v: Delivery(v, {0: Fut(v, ready=False)}))
+    s.submit_all()
+    s.sync.publish()
+    s.sync.drop()
+    assert [type(c) for c in in_flight(s)] == [BatchCall]
+    s.sync.check_deadline(now=1e12)  # nothing late: the dropped version is not waited for
 
 
 def test_wait_one_without_calls_or_answers_says_why():
-    s = sched_with([worker(Fut(ready=False))])
+    s = rollouts_with([worker(Fut(ready=False))])
     with pytest.raises(RuntimeError, match="no rollout call is in flight"):
-        s.wait_one(1.0, "the learner waited for fresh rows")
+        s.calls.wait_one(1.0, "the learner waited for fresh rows")
     s.submit_all()
     with pytest.raises(TimeoutError, match="within 1.0s while the learner waited for fresh rows"):
-        s.wait_one(1.0, "the learner waited for fresh rows")
+        s.calls.wait_one(1.0, "the learner waited for fresh rows")
+
+
+def test_a_paused_run_resubmits_nothing_until_resumed_and_drain_lands_everything():
+    w = worker(STATS)
+    s = rollouts_with([w])
+    s.submit_all()
+    s.paused = True
+    land(s)
+    assert not in_flight(s) and len(w.run_batch.calls) == 1
+    s.paused = False
+    s.resume()
+    assert [type(c) for c in in_flight(s)] == [BatchCall]
+    s.drain()
+    assert s.stopping and not in_flight(s) and s.batches == 2
 
 
 # ---- the learner group ---------------------------------------------------------------------------
@@ -218,8 +240,7 @@ def group(tmp_path, learners, **kw):
         built.append(model_dir)
         return [learner(f"new{r}") for r in range(len(learners))]
 
-    s = RolloutScheduler(ray, [], [], POLICY)
-    return LearnerGroup(ray, cfg(tmp_path, **kw), learners, s.wait_for, build), built
+    return LearnerGroup(ray, cfg(tmp_path, **kw), learners, Inflight(ray), build), built
 
 
 def test_the_dead_rank_is_found_from_the_error_or_by_probing(tmp_path):
@@ -282,15 +303,19 @@ def _sampler(replay_answers, fill=True, warmup=0):
         split_batch=lambda: (6, 6),
     )
     shards = ReplayShards(FakeRay(), [replay], shard_dirs("run", 1))  # one shard: one sample call a try
-    return BatchSampler(FakeRay(), c, shards, expert), replay, expert
+    waits: list = []
+    calls = SimpleNamespace(wait_one=lambda timeout_s, why: waits.append(why))
+    return (
+        BatchSampler(FakeRay(), c, shards, expert, calls, SimpleNamespace(stopping=False)),
+        replay,
+        expert,
+        waits,
+    )
 
 
 def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
-    sampler, replay, expert = _sampler([0, 3, 6])  # empty, too few, then enough fresh rows
-    waits = []
-    data, rep = sampler.sample(
-        2, step=3, version=10, wait=lambda t, why: waits.append(why), stopping=lambda: False
-    )
+    sampler, replay, expert, waits = _sampler([0, 3, 6])  # empty, too few, then enough fresh rows
+    data, rep = sampler.sample(2, step=3, version=10)
     assert len(waits) == 2 and "buffer.wait_for_replay" in waits[0]
     assert len(replay.sample.calls) == 3 and [r.num_rows for r in rep] == [3, 3]
     assert expert.sample.calls == [(6,)] and [d.num_rows for d in data] == [3, 3]
@@ -298,10 +323,22 @@ def test_the_sampler_waits_for_fresh_rollouts_then_splits_each_source_evenly():
 
 
 def test_the_sampler_fills_a_short_replay_half_with_data_during_warmup():
-    sampler, _, expert = _sampler([5], warmup=10)  # step 3 < warmup: no waiting
-    data, rep = sampler.sample(2, step=3, version=10, wait=lambda t, why: 1 / 0, stopping=lambda: False)
+    sampler, _, expert, waits = _sampler([5], warmup=10)  # step 3 < warmup: no waiting
+    data, rep = sampler.sample(2, step=3, version=10)
+    assert waits == []
     assert [r.num_rows for r in rep] == [2, 2]  # 5 fresh rows -> 4, an even split
     assert expert.sample.calls == [(8,)] and [d.num_rows for d in data] == [4, 4]  # 6 + the 2 missing
-    sampler, _, expert = _sampler([5], fill=False, warmup=10)
-    sampler.sample(2, step=3, version=10, wait=lambda t, why: 1 / 0, stopping=lambda: False)
+    sampler, _, expert, _ = _sampler([5], fill=False, warmup=10)
+    sampler.sample(2, step=3, version=10)
     assert expert.sample.calls == [(6,)]
+
+
+def test_a_restarted_worker_in_synchronous_mode_gets_its_weights_before_the_next_round():
+    w = worker(Fut(error=RayActorError("killed")), STATS, processes=("host:2",))
+    sync_policy = RolloutPolicy(1, 30.0, 5.0, asynchronous=False)
+    s = rollouts_with([w], sync_policy, resend=lambda i: Delivery(2, {i: Fut(2)}))
+    s.submit(0)
+    land(s)  # the death: restarted, the weights applied here, no batch until the next round
+    assert s.sync.state.syncs == {"w0": 1} and not in_flight(s) and s.ws.awaiting == set()
+    s.run_round()
+    assert s.batches == 1 and len(w.run_batch.calls) == 2

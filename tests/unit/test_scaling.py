@@ -9,19 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from sm_dist.orchestrator import scaling
-from sm_dist.orchestrator.scheduler import (
-    BatchCall,
-    JoinCall,
-    RetireCall,
-    RolloutPolicy,
-    RolloutScheduler,
-    SyncCall,
-)
+from sm_dist.orchestrator import autoscale, scaling
+from sm_dist.orchestrator.calls import BatchCall, JoinCall, RetireCall, SyncCall
 from sm_dist.sync.base import Delivery
-from tests.unit.fakes import FakeActor, FakeRay, Fut, Method, RayActorError
+from tests.unit.fakes import FakeActor, Fut, Method, RayActorError, in_flight, land, rollouts_with
 
-POLICY = RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.0)
 STATS = {"rollout/gen_s": 0.5}
 
 
@@ -31,59 +23,63 @@ def worker(*batch_answers, ready=True):
     )
 
 
-def sched_with(workers, resend=None):
-    names = [f"w{i}" for i in range(len(workers))]
-    s = RolloutScheduler(FakeRay(), workers, names, POLICY, resend)
-    s.connected = []
-    s.reconnect = lambda w, n: s.connected.append(list(n))
-    return s
+def pool_for(s, transport_collective=False, prompts=10, monkeypatch=None):
+    cfg = SimpleNamespace(
+        sync=SimpleNamespace(transport=SimpleNamespace(collective=transport_collective, kind="gloo")),
+        run=SimpleNamespace(seed=0),
+        rollout=SimpleNamespace(cpus_per_worker=0.5, gpus_per_worker=0.0),
+    )
+    if monkeypatch is not None:
+        monkeypatch.setattr(scaling, "worker_class", lambda ray, cfg: "W")
+        monkeypatch.setattr(scaling, "shard", lambda ray, cfg, p, t, i, n: (i, n))
+        monkeypatch.setattr(scaling, "make_worker", lambda W, cfg, name, *a: worker(STATS, ready=False))
+    return scaling.WorkerPool(s.ray, cfg, s, s.calls, list(range(prompts)), None, "model", None, None)
 
 
-def land(s, kind):
-    """Handle the first in-flight call of `kind`."""
-    f = next(f for f, c in s.inflight.items() if isinstance(c, kind))
-    s.handle(f)
+def add(pool, handles, names):
+    """Workers being added, as `WorkerPool._start` makes them (their constructors in flight)."""
+    for h, n in zip(handles, names, strict=True):
+        pool.calls.add(h.version.remote(), JoinCall(h, n), pool)
 
 
-def test_an_added_worker_gets_the_latest_weights_before_its_first_batch():
-    sent = []
-
-    def resend(i):
-        sent.append(i)
-        return Delivery(7, {i: Fut(7)})
-
-    s = sched_with([worker(Fut(STATS, ready=False))], resend)
+def test_an_added_worker_gets_the_latest_weights_before_its_first_batch(monkeypatch):
+    s = rollouts_with([worker(Fut(STATS, ready=False))], resend=lambda i: Delivery(7, {i: Fut(7)}))
+    pool = pool_for(s, monkeypatch=monkeypatch)
     s.submit_all()
     new = worker(STATS)
-    s.add_workers([new], ["w1"])
-    assert s.pending_joins() == 1 and s.admit_joined() == []  # still starting: nothing joins
+    add(pool, [new], ["w1"])
+    assert pool.pending_joins() == 1 and pool.admit() == []  # still starting: nothing joins
     land(s, JoinCall)
-    assert s.names == ["w0"] and s.pending_joins() == 1  # ready, joins at the next step boundary
-    assert s.admit_joined() == [1]
-    assert s.names == ["w0", "w1"] and s.connected == [["w0", "w1"]] and sent == [1]
+    assert s.ws.names == ["w0"] and pool.pending_joins() == 1  # ready, joins at the next step boundary
+    assert pool.admit() == [1]
+    assert (
+        s.ws.names == ["w0", "w1"] and s.sync.group.connected == [["w0", "w1"]] and s.sync.group.resent == [1]
+    )
     assert new.run_batch.calls == []  # no batch before its weights
+    assert new.set_prompts.calls == [((1, 2),)]  # the prompts re-sharded over the two
     land(s, SyncCall)
-    assert s.syncs == {"w1": 1} and len(new.run_batch.calls) == 1 and s.awaiting == set()
+    assert s.sync.state.syncs == {"w1": 1} and len(new.run_batch.calls) == 1 and s.ws.awaiting == set()
 
 
-def test_an_added_worker_before_any_publish_starts_at_once():
-    s = sched_with([worker(Fut(STATS, ready=False))], resend=lambda i: Delivery(0))
+def test_an_added_worker_before_any_publish_starts_at_once(monkeypatch):
+    s = rollouts_with([worker(Fut(STATS, ready=False))])
+    pool = pool_for(s, monkeypatch=monkeypatch)
     new = worker(STATS)
-    s.add_workers([new], ["w1"])
+    add(pool, [new], ["w1"])
     land(s, JoinCall)
-    s.admit_joined()
+    pool.admit()
     assert len(new.run_batch.calls) == 1
 
 
 def test_a_removed_worker_finishes_its_batch_once_then_is_killed_and_the_others_shift():
     w0, w1, w2 = worker(Fut(STATS, ready=False)), worker(STATS), worker(Fut(STATS, ready=False))
-    s = sched_with([w0, w1, w2])
+    s = rollouts_with([w0, w1, w2], publish=lambda v: Delivery(v, {2: Fut(v, ready=False)}))
+    pool = pool_for(s)
     s.submit_all()
-    s.track(Delivery(3, {2: Fut(3, ready=False)}))
-    s.ray.wait = lambda futs, num_returns=1, timeout=None: ([], futs)  # nothing lands meanwhile
-    assert s.remove_worker(1) == "w1"
-    assert s.names == ["w0", "w2"] and s.connected == [["w0", "w2"]]
-    calls = sorted(s.inflight.values(), key=lambda c: type(c).__name__)
+    s.sync.publish()
+    assert pool.remove_worker(1) == "w1"
+    assert s.ws.names == ["w0", "w2"] and s.sync.group.connected == [["w0", "w2"]]
+    calls = sorted(in_flight(s), key=lambda c: type(c).__name__)
     assert [type(c) for c in calls] == [BatchCall, BatchCall, RetireCall, SyncCall]
     assert {c.worker for c in calls if isinstance(c, BatchCall)} == {0, 1}  # w2's batch followed it
     assert [c.worker for c in calls if isinstance(c, SyncCall)] == [1]
@@ -96,62 +92,56 @@ def test_a_removed_worker_finishes_its_batch_once_then_is_killed_and_the_others_
 
 def test_an_idle_removed_worker_is_killed_at_once_and_its_sync_dropped():
     w0, w1 = worker(STATS), worker(STATS)
-    s = sched_with([w0, w1])
-    s.track(Delivery(2, {0: Fut(2, ready=False), 1: Fut(2, ready=False)}))
-    s.remove_worker(1)
-    assert s.ray.killed == [w1] and [c.worker for c in s.inflight.values()] == [0]
+    s = rollouts_with(
+        [w0, w1], publish=lambda v: Delivery(v, {0: Fut(v, ready=False), 1: Fut(v, ready=False)})
+    )
+    pool = pool_for(s)
+    s.sync.publish()
+    pool.remove_worker(1)
+    assert s.ray.killed == [w1] and [c.worker for c in in_flight(s)] == [0]
     with pytest.raises(ValueError, match="last rollout worker"):
-        s.remove_worker(0)
+        pool.remove_worker(0)
 
 
 def test_a_worker_that_fails_to_start_is_dropped_and_the_run_goes_on():
-    s = sched_with([worker(STATS)])
+    s = rollouts_with([worker(STATS)])
+    pool = pool_for(s)
     bad = FakeActor(version=Method(Fut(error=RayActorError("constructor raised"))))
-    s.add_workers([bad], ["w1"])
+    add(pool, [bad], ["w1"])
     land(s, JoinCall)
-    assert s.ray.killed == [bad] and s.pending_joins() == 0 and s.names == ["w0"]
+    assert s.ray.killed == [bad] and pool.pending_joins() == 0 and s.ws.names == ["w0"]
 
 
 def test_a_removed_worker_that_hangs_is_abandoned_after_the_sync_timeout():
     w0, w1 = worker(STATS), worker(Fut(STATS, ready=False))
-    s = sched_with([w0, w1])
-    s.submit_batch(1)
-    s.remove_worker(1)
-    s.check_sync_deadline(now=1e12)
-    assert s.ray.killed == [w1] and not s.inflight
+    s = rollouts_with([w0, w1])
+    pool = pool_for(s)
+    s.submit(1)
+    pool.remove_worker(1)
+    pool.check_retiring(now=1e12)
+    assert s.ray.killed == [w1] and not in_flight(s)
 
 
 def test_starting_workers_are_cancelled_newest_first():
-    s = sched_with([worker(STATS)])
+    s = rollouts_with([worker(STATS)])
+    pool = pool_for(s)
     a, b = worker(ready=False), worker(ready=False)
-    s.add_workers([a, b], ["w1", "w2"])
-    assert s.cancel_joins(1) == 1 and s.ray.killed == [b] and s.pending_joins() == 1
-
-
-def pool_for(s, transport_collective=False, prompts=10, monkeypatch=None):
-    cfg = SimpleNamespace(
-        sync=SimpleNamespace(transport=SimpleNamespace(collective=transport_collective, kind="gloo")),
-        run=SimpleNamespace(seed=0),
-        rollout=SimpleNamespace(cpus_per_worker=0.5, gpus_per_worker=0.0),
-    )
-    monkeypatch.setattr(scaling, "worker_class", lambda ray, cfg: "W")
-    monkeypatch.setattr(scaling, "shard", lambda ray, cfg, p, t, i, n: (i, n))
-    monkeypatch.setattr(scaling, "make_worker", lambda W, cfg, name, *a: worker(STATS, ready=False))
-    return scaling.WorkerPool(s.ray, cfg, s, list(range(prompts)), None, "model", None, None)
+    add(pool, [a, b], ["w1", "w2"])
+    assert pool.cancel_joins(1) == 1 and s.ray.killed == [b] and pool.pending_joins() == 1
 
 
 def test_the_pool_scales_up_then_down_cancelling_starting_workers_first(monkeypatch):
-    s = sched_with([worker(STATS), worker(STATS)])
+    s = rollouts_with([worker(STATS), worker(STATS)])
     pool = pool_for(s, monkeypatch=monkeypatch)
     assert pool.scale_to(4) == {"workers": 2, "joining": 2, "target": 4, "names": ["w0", "w1"]}
     assert sorted(pool.built) == ["w2", "w3"]
     assert pool.scale_to(3)["joining"] == 1  # the newest starting worker went first
     assert pool.scale_to(1) == {"workers": 1, "joining": 0, "target": 1, "names": ["w0"]}
-    assert s.workers[0].set_prompts.calls == [((0, 1),)]  # re-sharded over the one left
+    assert s.ws.handles[0].set_prompts.calls == [((0, 1),)]  # re-sharded over the one left
 
 
 def test_the_pool_refuses_a_collective_transport_and_impossible_sizes(monkeypatch):
-    s = sched_with([worker(STATS)])
+    s = rollouts_with([worker(STATS)])
     with pytest.raises(scaling.ScalingRefused, match="sync.transport=gloo.*object_store"):
         pool_for(s, transport_collective=True, monkeypatch=monkeypatch).scale_to(2)
     with pytest.raises(scaling.ScalingRefused, match="between 1 and the number of prompts"):
@@ -159,10 +149,10 @@ def test_the_pool_refuses_a_collective_transport_and_impossible_sizes(monkeypatc
 
 
 def test_the_autoscaler_adds_on_learner_wait_and_removes_on_a_full_buffer_with_hysteresis(monkeypatch):
-    s = sched_with([worker(STATS), worker(STATS)])
+    s = rollouts_with([worker(STATS), worker(STATS)])
     pool = pool_for(s, monkeypatch=monkeypatch)
     clock = [0.0]
-    a = scaling.Autoscaler(pool, 1, 3, window_s=10.0, up_wait=0.2, down_wait=0.02, clock=lambda: clock[0])
+    a = autoscale.Autoscaler(pool, 1, 3, window_s=10.0, up_wait=0.2, down_wait=0.02, clock=lambda: clock[0])
 
     def window(wait_s, fill=0.0):
         clock[0] += 10.0
@@ -174,10 +164,10 @@ def test_the_autoscaler_adds_on_learner_wait_and_removes_on_a_full_buffer_with_h
     assert window(5.0) is None  # waited 50%: one vote up
     assert window(1.0) is None  # 10%: between the thresholds, the vote is reset
     assert window(5.0) is None and window(5.0) == 3  # two windows in a row: a third worker
-    assert s.pending_joins() == 1 and window(9.0) is None  # none while it starts
-    s.cancel_joins()
-    s.workers.append(worker(STATS))
-    s.names.append("w2")
+    assert pool.pending_joins() == 1 and window(9.0) is None  # none while it starts
+    pool.cancel_joins()
+    s.ws.handles.append(worker(STATS))
+    s.ws.names.append("w2")
     assert a.tick(a.wait, 0.0) is None  # a new window starts once it joined
     assert window(9.0) is None and window(9.0) is None  # at max_workers: no more
     assert window(0.0, fill=0.2) is None and window(0.0, fill=0.2) is None  # idle learner, buffer not full
@@ -191,19 +181,19 @@ def test_a_restarted_worker_gets_its_current_shard_back(monkeypatch):
     w0 = worker(STATS)
     w1 = FakeActor(run_batch=Method(Fut(error=RayActorError("killed")), STATS), set_prompts=Method(1),
                    __ray_call__=Method(Fut(error=ActorUnavailableError("restarting")), "h:2"))  # fmt: skip
-    s = sched_with([w0, w1], resend=lambda i: Delivery(0))
+    s = rollouts_with([w0, w1])
     pool = pool_for(s, monkeypatch=monkeypatch)
     pool.reshard()
     assert w1.set_prompts.calls == [((1, 2),)]
-    s.submit_batch(1)
+    s.submit(1)
     land(s, BatchCall)  # it died: restarted, its shard re-sent, its batch resubmitted
-    assert w1.set_prompts.calls == [((1, 2),), ((1, 2),)] and s.restarts == {"w1": 1}
+    assert w1.set_prompts.calls == [((1, 2),), ((1, 2),)] and s.restarts.counts == {"w1": 1}
 
 
 def test_a_local_ray_scales_only_within_its_cpus(monkeypatch):
     """`ctl scale 500` on a 2-CPU local Ray is refused, naming the most that fit; a cluster (which an
     autoscaler may grow) still takes it, with a warning."""
-    s = sched_with([worker(STATS)])
+    s = rollouts_with([worker(STATS)])
     s.ray.cluster_resources = lambda: {"CPU": 2.0}
     pool = pool_for(s, prompts=1000, monkeypatch=monkeypatch)
     pool.cfg.learner = SimpleNamespace(num_learners=1, cpus_per_learner=1.0, gpus_per_learner=0.0)
