@@ -36,14 +36,15 @@ log = logging.getLogger("sm_dist.driver")
 
 class Rollouts:
     def __init__(self, ray: Any, calls: Inflight, workers: WorkerSet, policy: RolloutPolicy,
-                 group: Publisher, state: Versioned, every: int, restarts: WorkerRestarts):  # fmt: skip
+                 group: Publisher, state: Versioned, every: int, restarts: WorkerRestarts,
+                 batches: int = 0):  # fmt: skip
         """`group`: the learners (publish, resend); `state`: the run state the weights update;
-        `every`: sync.every."""
+        `every`: sync.every; `batches`: the batches landed before (a resumed run's)."""
         self.ray, self.calls, self.ws, self.p, self.restarts = ray, calls, workers, policy, restarts
         self.sync = WeightSync(ray, group, calls, workers, policy, state, every, feeder=self)
         self.stopping = False  # a stop was asked for (a signal, the control API): nothing resubmitted
         self.paused = False  # the control API's pause: landed batches are not resubmitted
-        self.batches = 0  # rollout batches landed (all workers)
+        self.batches = batches  # rollout batches landed (all workers, the run's)
         self.gen_s = 0.0  # seconds the workers spent generating
         self.stats: dict[str, list[float]] = {}  # rollout/... values since the last `take_stats`
 

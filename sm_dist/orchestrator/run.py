@@ -74,8 +74,7 @@ class Orchestrator:
             ray, cfg, a.learners, self.calls, lambda d: build_learners(ray, cfg, d, a.pg)
         )
         self.sched = Rollouts(ray, self.calls, ws, policy, self.group, state, cfg.sync.every,
-                              WorkerRestarts(ray, ws, policy))  # fmt: skip
-        self.sched.batches = state.rollout_batches
+                              WorkerRestarts(ray, ws, policy), state.rollout_batches)  # fmt: skip
         self.sync = self.sched.sync
         self.pool = WorkerPool(ray, cfg, self.sched, self.calls, a.prompts, a.targets, a.model_dir, a.replay,
                                a.expert, fixed_size=a.local_ray)  # fmt: skip
