@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -292,6 +293,12 @@ def test_two_shards_route_by_worker_sample_per_rank_and_name_a_dead_shard(ray_cl
     assert stats["shards"][0]["rows"] == 30 * len(home[0])
     assert stats["shards"][0]["pid"] != stats["shards"][1]["pid"]  # two actor processes
     ray.kill(replay.handles[1], no_restart=True)
+    for _ in range(200):  # the kill is asynchronous: a call right after it may still be answered
+        try:
+            ray.get(replay.handles[1].stats.remote(), timeout=30)
+            time.sleep(0.05)
+        except ray.exceptions.RayActorError:
+            break
     with pytest.raises(ray.exceptions.RayActorError) as died:
         replay.draw(2, 16, min_version=1, newest_first=False)
     assert replay.dead_shard(died.value) == f"ReplayBuffer shard 1 of 2 ({tmp_path / 'buffer' / 'shard-1'})"
