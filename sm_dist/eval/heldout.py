@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 log = logging.getLogger("sm_dist.eval.heldout")
 RECORD = "heldout.json"  # in the run directory: {"path", "n", "before", "after", "seconds"}
@@ -92,41 +93,46 @@ def accuracy_on_workers(ray, workers: list, held: HeldOut, params, tok) -> float
     return correct / len(held.prompt_ids)
 
 
-def measure(t, held: HeldOut | None, tok, when: str) -> dict | None:
-    """Held-out accuracy `when` ("before" | "after") on the trainer `t`'s workers, recorded in
+class Run(Protocol):
+    """What `measure` needs of the run (sm_dist.orchestrator.run.Orchestrator)."""
+
+    cfg: Any  # sm_dist.config.Config
+    ray: Any  # the ray module
+    s: Any  # sm_dist.orchestrator.faults.RunState: step, version
+
+    @property
+    def workers(self) -> list: ...
+
+    def settle_weights(self) -> None: ...
+
+
+def measure(run: Run, held: HeldOut | None, tok, when: str) -> dict | None:
+    """Held-out accuracy `when` ("before" | "after") on the run's workers, recorded in
     `<run_dir>/heldout.json`; returns the record (None when run.eval_path is null)."""
     if held is None:
         return None
-    path = Path(t.cfg.run.run_dir) / RECORD
+    path = Path(run.cfg.run.run_dir) / RECORD
     rec = json.loads(path.read_text()) if path.is_file() else {}
     if rec.get("path") != held.path or rec.get("n") != len(held.prompt_ids):
         rec = {"path": held.path, "n": len(held.prompt_ids)}
     if when == "before" and "before" in rec:  # a resumed run keeps the first attempt's
         return rec
     if when == "after":
-        total = t.cfg.run.total_steps
-        if total is not None and t.s.step < total:  # stopped early (a signal): its stop is bounded
+        total = run.cfg.run.total_steps
+        if total is not None and run.s.step < total:  # stopped early (a signal): its stop is bounded
             return rec
-        _hold_final_weights(t)
+        run.settle_weights()
     t0 = time.perf_counter()
-    rec[when] = accuracy_on_workers(t.ray, t.sched.workers, held, search_params(t.cfg), tok)
+    rec[when] = accuracy_on_workers(run.ray, run.workers, held, search_params(run.cfg), tok)
     rec[f"{when}_s"] = round(time.perf_counter() - t0, 2)
-    rec[f"{when}_version"] = t.s.version
+    rec[f"{when}_version"] = run.s.version
     path.write_text(json.dumps(rec, indent=1))
     level = logging.INFO if when == "before" else logging.DEBUG  # "after": in the end summary
     log.log(
         level,
-        f"held-out accuracy {when} (weights version {t.s.version}): {rec[when]:.3f} in {rec[f'{when}_s']}s",
+        f"held-out accuracy {when} (weights version {run.s.version}): {rec[when]:.3f} in {rec[f'{when}_s']}s",
     )
     return rec
-
-
-def _hold_final_weights(t) -> None:
-    """Publish the final weights if the last step did not, and wait until every worker applied them."""
-    versions = t.ray.get([w.version.remote() for w in t.sched.workers])
-    if any(v != t.s.version for v in versions):
-        t.publish()
-        t.sched.drain()
 
 
 def line(rec: dict | None) -> str | None:

@@ -103,6 +103,18 @@ class Orchestrator:
     def publish(self) -> dict[str, float]:
         return self.sync.publish()
 
+    @property
+    def workers(self) -> list:
+        """The live rollout workers' actor handles."""
+        return self.sched.workers
+
+    def settle_weights(self) -> None:
+        """Publish the final weights if the last step did not, and wait until every worker applied them."""
+        versions = self.ray.get([w.version.remote() for w in self.workers])
+        if any(v != self.s.version for v in versions):
+            self.publish()
+            self.sched.drain()
+
     def restart_learners(self, rank: int, err: BaseException) -> None:
         """Learner `rank` died: the group is rebuilt from the latest checkpoint and its weights are
         re-published under a new version (weight_sync.py, rule 1)."""
