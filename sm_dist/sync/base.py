@@ -22,9 +22,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: the driver's parts import this module without torch
+    import torch
 
 
 class WeightSyncError(TimeoutError):
