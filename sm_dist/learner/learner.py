@@ -226,31 +226,33 @@ class Learner:
 
     # ---- weights and checkpoints ----------------------------------------------------------------------
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        """HF-named CPU tensors of the whole model in model.dtype, a tied head once (a collective under
-        FSDP2, gathered one tensor at a time: call on every rank; the ranks other than 0 get {})."""
-        stream = from_state_dict(self.module.state_dict(), self.weights_dtype)
+    def _read_whole(self, stream: WeightStream, cpu: bool = False) -> dict[str, torch.Tensor]:
+        """`stream` read whole on rank 0 (on CPU in its wire dtypes with `cpu`); the other ranks only take
+        part in its gathers under FSDP2 and get {}. Call on every rank."""
         if self.rank != 0:
             if self._sharded:
                 drain(stream)
             return {}
-        return {s.name: stream.read(s.name).to("cpu", s.dtype) for s in wire_order(stream.specs)}
+        return {s.name: stream.read(s.name).to("cpu", s.dtype) if cpu else stream.read(s.name)
+                for s in wire_order(stream.specs)}  # fmt: skip
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """HF-named CPU tensors of the whole model in model.dtype, a tied head once (a collective under
+        FSDP2, gathered one tensor at a time: call on every rank; the ranks other than 0 get {})."""
+        return self._read_whole(from_state_dict(self.module.state_dict(), self.weights_dtype), cpu=True)
 
     def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """LoRA: the adapter's own tensors whole on CPU (every rank gathers each; the others get {})."""
+        """LoRA: the adapter's own tensors whole on CPU (every rank gathers each under FSDP2; the others
+        get {})."""
+        if self.rank != 0 and not self._sharded:
+            return {}
         parts = lora.adapter_state_dict(self.module.state_dict())
         whole = {k: full_tensor(v).cpu() for k, v in parts.items()}
         return whole if self.rank == 0 else {}
 
     def _sync_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a publish sends, made whole (tests and tools; call on every rank under FSDP2: the
-        others get {})."""
-        stream = self._weights()
-        if self.rank != 0:
-            if self._sharded:
-                drain(stream)
-            return {}
-        return dict(stream.items())
+        """What a publish sends, made whole (tests and tools; call on every rank under FSDP2)."""
+        return self._read_whole(self._weights())
 
     def _weights(self) -> WeightStream:
         """The weights to publish, as a stream (sm_dist.sync.stream): nothing is gathered or merged until
@@ -285,8 +287,8 @@ class Learner:
         if version is None:
             return None
         if self.rank != 0:
-            if self._sharded:
-                drain(self._weights())
+            if self._sharded:  # each tensor's all-gather needs every rank
+                self._read_whole(self._weights())
             return None
         if self.sender is None:
             raise RuntimeError("publish_weights before the workers were connected (give workers= and names=)")

@@ -192,8 +192,11 @@ def merged_stream(
     needs: the base weight and its two adapter matrices. `sd` is the PeftModel's state dict: live
     tensors, FSDP2's DTensor shards or `live_state_dict`'s 4-bit parameters. The learner's modules are
     never merged in place."""
+    return _merged_stream(model, sd, dtype, plan, _merge_keys(model, sd)[0])
+
+
+def _merged_stream(model, sd, dtype, plan: dict | None, keys: dict[str, str]) -> WeightStream:
     plan = merge_plan(model) if plan is None else plan
-    keys, _ = _merge_keys(model, sd)
     specs = [_spec(name, sd[key], dtype) for name, key in keys.items()]
     return WeightStream(specs, lambda name: _merged(sd, keys[name], plan, dtype))
 
@@ -203,9 +206,8 @@ def merged_state_dict(
 ) -> dict[str, torch.Tensor]:
     """`merged_stream` made whole, as a dict (exports, tests): a head tied to its embedding is given the
     same tensor (senders send it once)."""
-    stream = merged_stream(model, sd, dtype, plan)
-    out = {s.name: stream.read(s.name) for s in stream.specs}
-    _, tied_head = _merge_keys(model, sd)
+    keys, tied_head = _merge_keys(model, sd)
+    out = dict(_merged_stream(model, sd, dtype, plan, keys).items())
     if tied_head is not None:
         emb, _, _ = _module_names(model.get_base_model())
         out[tied_head] = out[f"{emb}.weight"]

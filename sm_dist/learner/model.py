@@ -16,6 +16,7 @@ import torch
 
 from sm_dist.config import LearnerConfig, ModelConfig
 from sm_dist.learner import lora
+from sm_dist.sync.stream import first_names
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,6 @@ class DDPModel:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
-
-
-def unaliased(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`sd` without the later names of a tensor it holds twice (a tied head): torch's state-dict loader
-    fills a shared parameter under its first name only."""
-    seen: set[tuple] = set()
-    out = {}
-    for k, v in sd.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key not in seen or v.numel() == 0:
-            seen.add(key)
-            out[k] = v
-    return out
 
 
 def meta_init(lc: LearnerConfig, mc: ModelConfig, world_size: int, device: torch.device) -> bool:
@@ -119,8 +107,11 @@ def wrap(module, rank: int, device: torch.device, lc: LearnerConfig, mc: ModelCo
             "sharded, so every forward gathers the whole model at once",
             type(lora.hf_model(module)).__name__,
         )
-    full = unaliased(module.state_dict()) if rank == 0 else {}  # host tensors (meta init)
-    buffers = {n: b.detach().clone() for n, b in module.named_buffers()} if rank == 0 else {}
+    full, buffers = {}, {}
+    if meta and rank == 0:  # rank 0's host tensors, broadcast once the ranks are sharded
+        sd = module.state_dict()  # torch's loader fills a shared tensor under its first name only
+        full = {n: sd[n] for n in first_names(sd)}
+        buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
     fully_shard_model(module, layers, **kw)
     if meta:
         fill_from_rank0(module, rank, full, buffers, "cpu" if lc.cpu_offload else device)

@@ -89,9 +89,19 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return out.wait() if hasattr(out, "wait") else out
 
 
-def _storage_key(t: torch.Tensor) -> tuple[int, int]:
-    local = t.to_local() if is_dtensor(t) else t
-    return local.untyped_storage().data_ptr(), local.storage_offset()
+def first_names(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of `sd` without the later names of a tensor it holds twice (a head tied to its embedding):
+    same storage, offset and shape (an FSDP2 shard's local tensor); an empty tensor is never an alias.
+    Depends on how the model ties its tensors alone, so every rank keeps the same names."""
+    seen: set[tuple] = set()
+    out = []
+    for name, t in sd.items():
+        local = t.to_local() if is_dtensor(t) else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape))
+        if key not in seen or local.numel() == 0:
+            seen.add(key)
+            out.append(name)
+    return out
 
 
 def out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -103,13 +113,7 @@ def from_state_dict(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = 
     """A stream over `sd` (live tensors, or FSDP2's DTensor shards: gathered one at a time when read),
     floating-point tensors in `dtype`. A tensor sharing storage with an earlier one (a head tied to its
     embedding) is left out: it travels once, under its first name."""
-    seen: set[tuple[int, int]] = set()
-    specs: list[Spec] = []
-    for name, t in sd.items():
-        key = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            specs.append(Spec(name, tuple(t.shape), out_dtype(t, dtype)))
+    specs = [Spec(n, tuple(sd[n].shape), out_dtype(sd[n], dtype)) for n in first_names(sd)]
     return WeightStream(specs, lambda name: full_tensor(sd[name]))
 
 
