@@ -23,9 +23,9 @@ def _check_eval_flags(args) -> dict:
         )
     caps = RolloutConfig().model_dump(include={"max_actions", "max_backspaces"})  # rollout.*'s defaults
     try:
-        dec = resolve_decoding(args.decoding)
-        ma, mb = (caps[k] if getattr(args, k) is None else getattr(args, k) for k in caps)
-        decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, ma, mb, args.bkspc_bias)
+        dec = resolve_decoding(args.decoding)  # a None cap: decoding_params takes rollout.*'s default
+        decoding_params(dec, args.temperature, args.top_p, args.samples, args.seed, args.max_actions,
+                        args.max_backspaces, args.bkspc_bias)  # fmt: skip
     except ValueError as e:
         raise UserError("sm-dist eval flags", f"{e}.", "see sm-dist eval --help") from None
     return caps
@@ -33,12 +33,9 @@ def _check_eval_flags(args) -> dict:
 
 def _check_eval_data(args) -> None:
     """Every row of --data readable, and at least one usable (before the model and vLLM load)."""
-    from sm_dist.data.datasets import load_examples, no_usable_examples
+    from sm_dist.eval.arith_eval import load_eval_data
 
-    kw = {"prompt_field": args.prompt_field, "answer_field": args.answer_field, "on_bad": args.on_bad}
-    examples, report = load_examples(args.data, limit=args.limit, **kw)
-    if not examples:
-        raise no_usable_examples(f"--data {args.data}", args.data, report)
+    load_eval_data(args.data, args.prompt_field, args.answer_field, args.on_bad, args.limit)
 
 
 def _eval(args) -> int:

@@ -245,7 +245,7 @@ def evaluate(
     decoding, params = _decoding(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
     )
-    examples, report = _load(data, prompt_field, answer_field, on_bad, limit)
+    examples, report = load_eval_data(data, prompt_field, answer_field, on_bad, limit)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompt_ids, answer_ids = _encode(tok, examples)
     prefixes = _forced_prefixes(force_error, force_error_kind, examples, answer_ids, tok, seed)
@@ -273,12 +273,8 @@ def _settings(decoding: str, p, force_error: bool, kind: str, bkspc_bias: float,
 
 def _decoding(decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias):
     """(the decoding's name, its `RolloutParams`); a None cap takes `rollout.*`'s default."""
-    from sm_dist.config import RolloutConfig
     from sm_dist.eval.decoding import decoding_params, resolve_decoding
 
-    defaults = RolloutConfig()
-    max_actions = defaults.max_actions if max_actions is None else max_actions
-    max_backspaces = defaults.max_backspaces if max_backspaces is None else max_backspaces
     decoding = resolve_decoding(decoding)
     params = decoding_params(
         decoding, temperature, top_p, samples, seed, max_actions, max_backspaces, bkspc_bias
@@ -286,8 +282,8 @@ def _decoding(decoding, temperature, top_p, samples, seed, max_actions, max_back
     return decoding, params
 
 
-def _load(data, prompt_field: str, answer_field: str, on_bad: str, limit: int | None):
-    """(examples, load report) of `data`; no usable example is a UserError."""
+def load_eval_data(data, prompt_field: str, answer_field: str, on_bad: str, limit: int | None):
+    """(examples, load report) of `data`; no usable example is a UserError (before any engine)."""
     from sm_dist.data.datasets import load_examples, no_usable_examples
 
     examples, report = load_examples(
