@@ -118,8 +118,7 @@ def measure(run: Run, held: HeldOut | None, tok, when: str) -> dict | None:
     if when == "before" and "before" in rec:  # a resumed run keeps the first attempt's
         return rec
     if when == "after":
-        total = run.cfg.run.total_steps
-        if total is not None and run.s.step < total:  # stopped early (a signal): its stop is bounded
+        if run.s.step < run.cfg.run.step_limit:  # stopped early (a signal): its stop is bounded
             return rec
         run.settle_weights()
     t0 = time.perf_counter()

@@ -43,6 +43,9 @@ class Controllable(Protocol):
     @property
     def stopping(self) -> bool: ...
 
+    @property
+    def paused(self) -> bool: ...
+
     def scale(self, n: int) -> dict: ...
 
     def pause(self, paused: bool) -> None: ...
@@ -67,7 +70,6 @@ class Controller:
     def __init__(self, run_dir: str | Path, run: Controllable, buffer_refresh_s: float = 2.0):
         self.run_dir, self.run = Path(run_dir), run
         self.calls: queue.Queue = queue.Queue()
-        self.paused = False
         self.snapshot: dict[str, Any] = {"step": 0, "paused": False, "started": time.time()}
         self.buffer_refresh_s = buffer_refresh_s
         self._buffers: tuple[float, dict] = (0.0, {})
@@ -127,23 +129,29 @@ class Controller:
         if command == "checkpoint":
             return self.run.checkpoint()
         if command in ("pause", "resume"):
-            self.paused = command == "pause"
-            self.run.pause(self.paused)
+            self.run.pause(command == "pause")
         elif command == "stop":
             self.run.stop()
         stopping = self.run.stopping
         self.snapshot = {**self.snapshot, "paused": self.paused, "stopping": stopping}
         return {"paused": self.paused, "stopping": stopping, "step": self.run.view().step}
 
+    @property
+    def paused(self) -> bool:
+        """The run's own pause flag (one copy: the rollouts')."""
+        return self.run.paused
+
     def update(self, metrics: dict | None = None) -> None:
         """After a step: the snapshot the read-only endpoints serve."""
-        now = time.time()
-        self._steps = [*self._steps[-49:], (now, self.run.view().step)]
+        now, v = time.time(), self.run.view()
+        self._steps = [*self._steps[-49:], (now, v.step)]
         (t0, s0), (t1, s1) = self._steps[0], self._steps[-1]
         rate = (s1 - s0) / (t1 - t0) if t1 > t0 else None
-        self._refresh(metrics, rate)
+        self._refresh(metrics, rate, v)
 
-    def _refresh(self, metrics: dict | None = None, rate: float | None = None) -> None:
+    def _refresh(
+        self, metrics: dict | None = None, rate: float | None = None, v: RunView | None = None
+    ) -> None:
         when, bufs = self._buffers
         if time.monotonic() - when > self.buffer_refresh_s:  # an actor call: not every step
             try:
@@ -151,7 +159,7 @@ class Controller:
                 self._buffers = (time.monotonic(), bufs)
             except Exception as e:  # a dead buffer is the loop's to handle; the snapshot keeps the last
                 log.debug(f"buffer stats for the control API: {e}")
-        prev, v = self.snapshot, self.run.view()
+        prev, v = self.snapshot, v or self.run.view()
         self.snapshot = {
             **prev,
             "time": time.time(),

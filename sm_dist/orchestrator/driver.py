@@ -52,11 +52,6 @@ from sm_dist.service.status import RunDirBusy, check_free, claim_run_dir, note_c
 log = logging.getLogger("sm_dist.driver")
 
 
-def step_limit(cfg: Config) -> float:
-    """run.total_steps, or infinity for a run that goes on until it is stopped (total_steps: null)."""
-    return float("inf") if cfg.run.total_steps is None else cfg.run.total_steps
-
-
 def learn(o: Orchestrator) -> None:
     """The learner loop, until run.total_steps or a stop (a signal, the control API)."""
     from tqdm import tqdm
@@ -65,7 +60,7 @@ def learn(o: Orchestrator) -> None:
     bar = tqdm(total=cfg.run.total_steps, initial=s.step, disable=not cfg.run.progress, desc="sm-dist train")
     if cfg.run.asynchronous:
         o.sched.submit_all()  # from now on each worker resubmits as its batch lands
-    while s.step < step_limit(cfg) and not o.stopping:
+    while s.step < cfg.run.step_limit and not o.stopping:
         o.calls.check()  # a fatal rollout answer that landed during the last step stops the run here
         o.control.apply()  # control API calls, workers joining, autoscaler, new data; blocks while paused
         if o.stopping:
@@ -80,7 +75,7 @@ def learn(o: Orchestrator) -> None:
             s.step += 1
             extra = o.sync.maybe_publish(s.step)
             o.sync.check_deadline()
-            if s.step % cfg.run.checkpoint_every == 0 and s.step < step_limit(cfg):
+            if s.step % cfg.run.checkpoint_every == 0 and s.step < cfg.run.step_limit:
                 o.ckpt.save(o.state())
         except o.ray.exceptions.RayError as e:
             if (rank := o.group.dead_rank(e)) is None:
@@ -161,7 +156,7 @@ def _finish(o: Orchestrator, run_dir: Path, final: Path, logger, acc: dict | Non
         "metrics": str(logger.path),
         "tensorboard": str(logger.tb_dir),
         "buffer": o.replay.stats(),  # all shards together (and each under "shards" when several)
-        "stopped_early": o.s.step < step_limit(o.cfg),
+        "stopped_early": o.s.step < o.cfg.run.step_limit,
         "heldout": acc,  # {"path", "n", "before", "after", ...} or None (run.eval_path: null)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

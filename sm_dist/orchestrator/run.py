@@ -100,9 +100,6 @@ class Orchestrator:
         self.s.rollout_batches = self.sched.batches
         return self.s
 
-    def publish(self) -> dict[str, float]:
-        return self.sync.publish()
-
     @property
     def workers(self) -> list:
         """The live rollout workers' actor handles."""
@@ -112,7 +109,7 @@ class Orchestrator:
         """Publish the final weights if the last step did not, and wait until every worker applied them."""
         versions = self.ray.get([w.version.remote() for w in self.workers])
         if any(v != self.s.version for v in versions):
-            self.publish()
+            self.sync.publish()
             self.sched.drain()
 
     def restart_learners(self, rank: int, err: BaseException) -> None:
@@ -137,6 +134,10 @@ class Orchestrator:
     # ---- the control API's side (sm_dist.orchestrator.control.Controllable)
     def scale(self, n: int) -> dict:
         return self.pool.scale_to(n)
+
+    @property
+    def paused(self) -> bool:
+        return self.sched.paused
 
     def pause(self, paused: bool) -> None:
         self.sched.paused = paused

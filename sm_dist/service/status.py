@@ -292,11 +292,12 @@ def _buffer_counts(d: Path) -> dict:
     """Rows added and evicted, over every replay-buffer shard's manifest ({} when there is none yet)."""
     from sm_dist.buffer.shards import manifest_paths
 
-    docs = [doc for p in manifest_paths(d).values() if (doc := _read_json(p)) is not None]
+    paths = manifest_paths(d)  # one listing: the count and the sums see the same shards
+    docs = [doc for p in paths.values() if (doc := _read_json(p)) is not None]
     if not docs:
         return {}
     out = {k: sum(doc.get(k, 0) for doc in docs) for k in ("added_rows", "evicted_rows")}
-    return {**out, "shards": len(manifest_paths(d))}
+    return {**out, "shards": len(paths)}
 
 
 def _driver_note(drv: dict, state: str) -> str:
