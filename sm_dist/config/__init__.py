@@ -41,7 +41,7 @@ from sm_dist.config.objective import Chi2Divergence, MleDivergence, ObjectiveCon
 from sm_dist.config.reference import dump_config, reference
 from sm_dist.config.rollout import EngineConfig, RolloutConfig
 from sm_dist.config.root import Config
-from sm_dist.config.run import BufferConfig, RunConfig, SyncConfig
+from sm_dist.config.run import BufferConfig, RunConfig, SyncConfig, step_limit
 from sm_dist.sync.config import GlooConfig, NcclConfig, ObjectStoreConfig, TransportConfig
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "RecordsFormat",
     "RolloutConfig",
     "RunConfig",
+    "step_limit",
     "SyncConfig",
     "TaskNoise",
     "TextFormat",

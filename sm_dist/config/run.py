@@ -132,7 +132,8 @@ class RunConfig(Section):
         description="Control API port; 0: a free one (written to <run_dir>/api.json); null: no API.",
     )
 
-    @property
-    def step_limit(self) -> float:
-        """total_steps, or infinity for a run that goes on until it is stopped (total_steps: null)."""
-        return float("inf") if self.total_steps is None else self.total_steps
+
+def step_limit(run) -> float:
+    """run.total_steps (`run`: the run section), or infinity for a run that goes on until it is stopped
+    (total_steps: null)."""
+    return float("inf") if run.total_steps is None else run.total_steps

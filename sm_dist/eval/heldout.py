@@ -118,7 +118,9 @@ def measure(run: Run, held: HeldOut | None, tok, when: str) -> dict | None:
     if when == "before" and "before" in rec:  # a resumed run keeps the first attempt's
         return rec
     if when == "after":
-        if run.s.step < run.cfg.run.step_limit:  # stopped early (a signal): its stop is bounded
+        from sm_dist.config import step_limit
+
+        if run.s.step < step_limit(run.cfg.run):  # stopped early (a signal): its stop is bounded
             return rec
         run.settle_weights()
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ import logging
 import time
 from pathlib import Path
 
-from sm_dist.config import Config, ConfigError, dump_config
+from sm_dist.config import Config, ConfigError, dump_config, step_limit
 from sm_dist.data.prepare import TrainData, build_data, prepare_model
 from sm_dist.eval import heldout
 from sm_dist.learner import checkpoint as ckpt
@@ -60,7 +60,7 @@ def learn(o: Orchestrator) -> None:
     bar = tqdm(total=cfg.run.total_steps, initial=s.step, disable=not cfg.run.progress, desc="sm-dist train")
     if cfg.run.asynchronous:
         o.sched.submit_all()  # from now on each worker resubmits as its batch lands
-    while s.step < cfg.run.step_limit and not o.stopping:
+    while s.step < step_limit(cfg.run) and not o.stopping:
         o.calls.check()  # a fatal rollout answer that landed during the last step stops the run here
         o.control.apply()  # control API calls, workers joining, autoscaler, new data; blocks while paused
         if o.stopping:
@@ -75,7 +75,7 @@ def learn(o: Orchestrator) -> None:
             s.step += 1
             extra = o.sync.maybe_publish(s.step)
             o.sync.check_deadline()
-            if s.step % cfg.run.checkpoint_every == 0 and s.step < cfg.run.step_limit:
+            if s.step % cfg.run.checkpoint_every == 0 and s.step < step_limit(cfg.run):
                 o.ckpt.save(o.state())
         except o.ray.exceptions.RayError as e:
             if (rank := o.group.dead_rank(e)) is None:
@@ -156,7 +156,7 @@ def _finish(o: Orchestrator, run_dir: Path, final: Path, logger, acc: dict | Non
         "metrics": str(logger.path),
         "tensorboard": str(logger.tb_dir),
         "buffer": o.replay.stats(),  # all shards together (and each under "shards" when several)
-        "stopped_early": o.s.step < o.cfg.run.step_limit,
+        "stopped_early": o.s.step < step_limit(o.cfg.run),
         "heldout": acc,  # {"path", "n", "before", "after", ...} or None (run.eval_path: null)
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
