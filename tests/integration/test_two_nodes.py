@@ -129,20 +129,40 @@ def _wait_nodes(address: str, env: dict, n: int, procs: list, tmp: str, timeout_
     raise AssertionError(f"{n} Ray nodes not up at {address} after {timeout_s}s")
 
 
+def _train(args: list[str], run: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """`sm-dist train` in its own process group; past `timeout_s` the group is killed and the error
+    carries the tails of driver.log and workers.log (what the run was waiting for), not just the argv."""
+    p = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", *args], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = p.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate(timeout=60)
+        tails = {
+            n: (run / n).read_text()[-3000:] for n in ("driver.log", "workers.log") if (run / n).exists()
+        }
+        raise AssertionError(
+            f"sm-dist train still running after {timeout_s}s; output:\n{out[-3000:]}\n"
+            + "\n".join(f"--- {n}:\n{t}" for n, t in tails.items())
+        ) from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, "")
+
+
 def test_learners_on_the_second_node_meet_at_its_address(tmp_path):
     run = tmp_path / "run"
     with two_nodes() as address:
         t0 = time.monotonic()
-        out = subprocess.run(
-            [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", f"run.address={address}",
-             "run.total_steps=8", "run.checkpoint_every=4", "objective.warmup_steps=4", "sync.every=4",
-             "run.progress=false", "learner.num_learners=2", "learner.cpus_per_learner=0.5",
-             "learner.batch_size=16", "learner.resources={learner_node: 1}"],
-            env={**_ray_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}, cwd=ROOT, capture_output=True,
-            text=True, timeout=600,
+        # the run's own deadlines sit inside the test's, so a stuck start-up or sync fails naming what was late
+        out = _train(
+            [TINY, f"run.run_dir={run}", f"run.address={address}", "run.total_steps=8",
+             "run.checkpoint_every=4", "objective.warmup_steps=4", "sync.every=4", "run.progress=false",
+             "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
+             "learner.resources={learner_node: 1}", "run.startup_timeout_s=300", "sync.timeout_s=120"],
+            run, {**_ray_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}, timeout_s=600,
         )  # fmt: skip
         took = time.monotonic() - t0
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert out.returncode == 0, out.stdout[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 8, summary
     addr, _, port = summary["learner_rendezvous"].rpartition(":")
