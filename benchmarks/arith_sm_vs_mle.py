@@ -13,8 +13,8 @@
 3. Finetunes from that base through `sm-dist train` (local Ray, vLLM rollout workers, replay buffer,
    weight syncs). Every variant takes the same expert rows per learner step (`--data-rows`), the same
    steps and LR schedule; SequenceMatch's rollout rows come in addition (`buffer.fill_with_data=false`):
-     mle       MLE on clean data                     objective.divergence=mle, p_noise=0
-     bc_noise  BC on noise + <bkspc> data            objective.divergence=mle, p_noise=P
+     mle       MLE on clean data                     objective.divergence.kind=mle, p_noise=0
+     bc_noise  BC on noise + <bkspc> data            objective.divergence.kind=mle, p_noise=P
      sm        SequenceMatch (chi^2-mixture)         noise + <bkspc>, rollouts, BC warmup, lambda
 4. Evaluation with one vLLM engine per model: `search` decoding (greedy, a token deleted at a state is
    never re-chosen there: the recommended decoding of a backspace model), `greedy_no_bkspc` (the
@@ -140,7 +140,7 @@ def pretrain(
     bk = get_bkspc_id(tok)
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
     lc = LearnerConfig(lr=a.pretrain_lr, lr_warmup_steps=100)
-    learner = Learner(0, 1, str(init), lc, ObjectiveConfig(divergence="mle"), steps)
+    learner = Learner(0, 1, str(init), lc, ObjectiveConfig(divergence={"kind": "mle"}), steps)
     rng, t0, log = random.Random(0), time.perf_counter(), []
     for step in range(steps):
         m = learner.train_step(rng.sample(rows, a.pretrain_batch))
@@ -166,7 +166,7 @@ def overrides(variant: str, s: dict, a) -> list[str]:
     if variant == "sm":
         k = s["rollouts_per_row"]
         return [
-            "objective.divergence=chi2_mixture", f"data.p_noise={s['p_noise']}",
+            "objective.divergence.kind=chi2_mixture", f"data.p_noise={s['p_noise']}",
             f"objective.divergence.chi2_weight={s['chi2_weight']}", f"objective.sm_lambda={s['sm_lambda']}",
             f"objective.warmup_steps={a.warmup}", f"learner.batch_size={n * (1 + k)}",
             f"buffer.replay_fraction={k / (1 + k)}", "buffer.fill_with_data=false",
@@ -174,7 +174,7 @@ def overrides(variant: str, s: dict, a) -> list[str]:
         ]  # fmt: skip
     p = 0.0 if variant == "mle" else s["bc_p_noise"]
     return [
-        "objective.divergence=mle", f"data.p_noise={p}", f"learner.batch_size={n}", "buffer.replay_fraction=0",
+        "objective.divergence.kind=mle", f"data.p_noise={p}", f"learner.batch_size={n}", "buffer.replay_fraction=0",
         "buffer.wait_for_replay=false", "rollout.num_workers=1",
     ]  # fmt: skip
 

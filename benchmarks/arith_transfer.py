@@ -72,7 +72,7 @@ def arm_overrides(arm: str, s: dict, a, noise_path: Path | None) -> list[str]:
     setting |= {"sm_lambda": a.sm_lambda, "rollouts_per_row": 1}
     out = base_bench.overrides(kind, setting, a) + ["run.eval_path=null"]
     if noise is not None:
-        out.append(f"data.noise={noise}")
+        out.append(f"data.noise.kind={noise}")
     if noise == "model":
         out.append(f"data.noise.path={noise_path}")
     if kind == "sm":

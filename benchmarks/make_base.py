@@ -82,7 +82,7 @@ def pretrain(out: Path, heldout: list[dict], a) -> dict:
     bk = get_bkspc_id(tok)
     rows = make_data_rows(augment(enc, bk, 0.0, [], seed=0), bk)  # clean data: no noise actions
     lc = LearnerConfig(lr=a.lr, lr_warmup_steps=100, schedule="constant")
-    learner = Learner(0, 1, str(init), lc, ObjectiveConfig(divergence="mle"), a.steps, seed=a.seed)
+    learner = Learner(0, 1, str(init), lc, ObjectiveConfig(divergence={"kind": "mle"}), a.steps, seed=a.seed)
     rng, t0, loss = random.Random(a.seed), time.perf_counter(), float("nan")
     for step in range(1, a.steps + 1):
         loss = learner.train_step(rng.sample(rows, a.batch))["loss/total"]

@@ -68,7 +68,7 @@ def main():
     )
     reader = Reader.remote()
     ray.get([worker.version.remote(), reader.read.remote([ray.put(b"x")])])
-    sender = SyncConfig(transport="object_store").transport.sender(300.0)
+    sender = SyncConfig(transport={"kind": "object_store"}).transport.sender(300.0)
     sender.connect([worker], ["bench"])
 
     sync_s, rt_s, rt_bytes_s = [], [], []
@@ -96,9 +96,9 @@ def main():
             sync_s.append(t1 - t0)
             rt_s.append(t3 - t2)
             rt_bytes_s.append(t5 - t4)
-    # the collective path (sync.transport=gloo) on the same weights, for comparison: a worker built
+    # the collective path (sync.transport.kind=gloo) on the same weights, for comparison: a worker built
     # as the driver builds it for gloo (threaded, the gloo receiver)
-    gcfg = SyncConfig(transport="gloo")
+    gcfg = SyncConfig(transport={"kind": "gloo"})
     gworker = ray.remote(num_cpus=1, max_concurrency=2)(RolloutWorker).remote(
         "bench-gloo",
         str(model_dir),
@@ -119,7 +119,9 @@ def main():
     gworker_args = (gloo, gworker)
     sync, rt, rt_b = statistics.median(sync_s), statistics.median(rt_s), statistics.median(rt_bytes_s)
     per_dtype(ray, model, model_dir, args.repeats, gworker_args)
-    print(f"gloo broadcast sync (sync.transport=gloo): median {statistics.median(gloo_s):.3f}s", flush=True)
+    print(
+        f"gloo broadcast sync (sync.transport.kind=gloo): median {statistics.median(gloo_s):.3f}s", flush=True
+    )
     print(f"median sync {sync:.3f}s, median round trip {rt:.3f}s (as bytes {rt_b:.3f}s)", flush=True)
     print(f"sync over the bytes round trip: {sync / rt_b:.3f}", flush=True)
     ray.shutdown()
@@ -140,7 +142,7 @@ def per_dtype(ray, model, model_dir: str, repeats: int, gloo_end) -> None:
     worker = ray.remote(num_cpus=1)(RolloutWorker).remote(
         "bench-dtype", str(model_dir), [[5, 6, 7]], RolloutParams(max_actions=4), batch_size=1
     )
-    obj = SyncConfig(transport="object_store").transport.sender(300.0)
+    obj = SyncConfig(transport={"kind": "object_store"}).transport.sender(300.0)
     gloo, gworker = gloo_end
     for dtype in (torch.float32, torch.bfloat16):
         obj.connect([worker], ["bench-dtype"], dtype=dtype)

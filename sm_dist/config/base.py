@@ -68,14 +68,16 @@ def variant_of(ann: Any, kind: str) -> type[BaseModel] | None:
 
 
 def by_kind(key: str, union: Any):
-    """A field validator for the union field `key` (dotted): a bare name means `{kind: name}` (so
-    `objective.divergence=mle` replaces the whole variant), and an unknown or missing kind is refused
-    in one line listing the kinds there are."""
+    """A field validator for the union field `key` (dotted): an unknown or missing kind, or a bare
+    name in place of the mapping, is refused in one line listing the kinds there are."""
     names = [k for v in variants(union) for k in kinds(v)]
 
     def check(value: Any) -> Any:
         if isinstance(value, str):
-            value = {"kind": value}
+            raise ValueError(
+                f"{key}: {value!r} is a bare name; a variant is a mapping with its kind. Fix: "
+                f"{key}: {{kind: {value}}} in the file, or {key}.kind={value} on the command line"
+            )
         if isinstance(value, dict):
             if "kind" not in value:
                 raise ValueError(

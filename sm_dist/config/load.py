@@ -59,16 +59,15 @@ def _union_default(parts: list[str]) -> dict | None:
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
-    """Set `a.b.c` in the raw mapping; a union given by a bare name (or not at all) opens as `{kind: ...}`."""
+    """Set `a.b.c` in the raw mapping. A union not given opens as its default `{kind: ...}`; setting a
+    union's `kind` to another kind replaces the whole variant (the old kind's parameters are not the
+    new one's), so `objective.divergence.kind=mle` works whatever the file set beside chi2_mixture."""
     parts = key.split(".")
     cur = d
     for i, p in enumerate(parts[:-1]):
         nxt = cur.get(p)
-        if nxt is None or isinstance(nxt, str):
-            kind = _union_default(parts[: i + 1])
-            if kind is not None and isinstance(nxt, str):
-                kind = {"kind": nxt}
-            nxt = cur[p] = kind if kind is not None else ({} if nxt is None else nxt)
+        if nxt is None:
+            nxt = cur[p] = _union_default(parts[: i + 1]) or {}
         if not isinstance(nxt, dict):
             raise ConfigError(
                 ".".join(parts[: i + 1]),
@@ -76,6 +75,8 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
                 "check the key's spelling",
             )
         cur = nxt
+    if parts[-1] == "kind" and cur.get("kind") != value and _union_default(parts[:-1]) is not None:
+        cur.clear()
     cur[parts[-1]] = value
 
 

@@ -95,7 +95,7 @@ class Config(Section):
         if r.max_workers is not None and self.sync.transport.collective:
             raise ValueError(
                 f"rollout.max_workers: autoscaling adds and removes workers, which sync.transport="
-                f"{self.sync.transport.kind} cannot take mid-run. Fix: sync.transport=object_store, or max_workers=null"
+                f"{self.sync.transport.kind} cannot take mid-run. Fix: sync.transport.kind=object_store, or max_workers=null"
             )
         if r.max_workers is not None and r.autoscale_down_wait >= r.autoscale_up_wait:
             raise ValueError(
@@ -117,7 +117,7 @@ class Config(Section):
         if m.lora.r and self.sync.transport.kind == "nccl":
             raise ValueError(
                 "sync.transport: nccl sends the live module's own tensors, which under LoRA are the unmerged "
-                "base weights. Fix: sync.transport=object_store (merged weights), or model.lora.r=0"
+                "base weights. Fix: sync.transport.kind=object_store (merged weights), or model.lora.r=0"
             )
 
     def split_batch(self) -> tuple[int, int]:

@@ -120,12 +120,12 @@ def plausible_candidate_ids(enc: Sequence[EncodedExample], tok) -> list[list[lis
             cands = plausible_candidates(prompt, answer)
         except ValueError as err:
             raise ValueError(
-                f"data.noise=plausible is for add_or_sub_in_base questions; {err}. Use data.noise={{kind: model, "
+                f"data.noise.kind=plausible is for add_or_sub_in_base questions; {err}. Use data.noise={{kind: model, "
                 "path: FILE} (any data) or task"
             ) from None
         if len(cands) != len(e.target_ids):
             raise ValueError(
-                f"data.noise=plausible needs one token per answer character; {answer!r} is "
+                f"data.noise.kind=plausible needs one token per answer character; {answer!r} is "
                 f"{len(e.target_ids) - 1} tokens (use data.noise={{kind: model, path: FILE}} with this tokenizer)"
             )
         out.append([[vocab[c] for c in cs if c in vocab] for cs in cands])
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
 
     from sm_dist.data.datasets import encode_examples, load_examples
 
-    ap = argparse.ArgumentParser(description="write data.noise=model candidates (one vLLM pass)")
+    ap = argparse.ArgumentParser(description="write data.noise.kind=model candidates (one vLLM pass)")
     ap.add_argument("--model", required=True, help="the base model (HF folder with <bkspc>)")
     ap.add_argument("--data", required=True, help="the expert data (prompt/answer rows)")
     ap.add_argument("--out", required=True, help="the candidates file (data.noise.path)")

@@ -84,7 +84,7 @@ class WorkerRestarts:
         if not self.p.restarts_rejoin:
             raise RuntimeError(
                 f"rollout worker {name} died ({why}); a restarted worker cannot rejoin this sync.transport's "
-                "group. Resume the run (--resume), or use sync.transport=object_store, which survives "
+                "group. Resume the run (--resume), or use sync.transport.kind=object_store, which survives "
                 "worker restarts"
             ) from err
         log.warning(f"rollout worker {name} died during {during} ({why}); restart {n}/{self.p.max_restarts}")

@@ -112,7 +112,7 @@ class LearnerGroup:
         if not cfg.sync.transport.survives_restarts:
             raise LearnerDied(
                 f"learner rank {rank} died ({why}); new learners cannot rejoin the sync.transport="
-                f"{cfg.sync.transport.kind} group. Resume the run (--resume), or use sync.transport=object_store, "
+                f"{cfg.sync.transport.kind} group. Resume the run (--resume), or use sync.transport.kind=object_store, "
                 "which survives learner restarts"
             ) from err
         last = ckpt.latest_checkpoint(cfg.run.run_dir)

@@ -81,7 +81,7 @@ class WorkerPool:
         if t.collective:
             raise ScalingRefused(
                 f"sync.transport={t.kind} cannot add or remove rollout workers while the run goes on (its "
-                "group is formed once, at start). Use sync.transport=object_store, or stop the run and "
+                "group is formed once, at start). Use sync.transport.kind=object_store, or stop the run and "
                 "--resume it with a new rollout.num_workers"
             )
         if not 1 <= n <= len(self.prompts):

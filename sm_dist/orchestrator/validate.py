@@ -158,7 +158,7 @@ def _check_examples(cfg: Config, tok, examples: list) -> None:
             raise ConfigError(
                 "data.noise",
                 f"the answers in {d.train_path} use fewer than 2 distinct tokens: no wrong token to draw as noise.",
-                "set data.noise=vocab, or data.p_noise=0, or use more varied answers",
+                "set data.noise.kind=vocab, or data.p_noise=0, or use more varied answers",
             )
     if tok is not None and len(examples) < cfg.rollout.num_workers:
         raise ConfigError(

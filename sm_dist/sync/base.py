@@ -106,7 +106,7 @@ class WeightSender(ABC):
         """Send the last version again to worker `index` (it restarted with its initial weights)."""
         raise WeightSyncError(
             f"{type(self).__name__}: a restarted worker ({self.names[index]}) cannot rejoin this transport's "
-            "group. Resume the run (--resume), or use sync.transport=object_store, which survives restarts"
+            "group. Resume the run (--resume), or use sync.transport.kind=object_store, which survives restarts"
         )
 
 

@@ -5,7 +5,7 @@ protocol as the NCCL transport (`RolloutWorker.receive_weights(stage, info, vers
 "start" | "update" | "finish"), the same ordering and locking, over a gloo process group instead of
 vLLM's NCCL engine. So the collective path (threaded workers, a blocking send on the learner, the
 engine lock held from "start" to "finish", timeouts that name the worker) runs for real on CPU machines
-and in CI, and on GPU clusters `sync.transport=nccl` swaps in `sm_dist.sync.nccl`.
+and in CI, and on GPU clusters `sync.transport.kind=nccl` swaps in `sm_dist.sync.nccl`.
 
     sender = GlooSender(timeout_s=300)
     sender.connect(workers, names)           # rendezvous at rank 0's own address: workers 1..N join

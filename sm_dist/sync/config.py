@@ -96,13 +96,13 @@ class NcclConfig(_Transport):
             raise ValueError(
                 "sync.transport: nccl broadcasts from a GPU learner into GPU vLLM workers, but "
                 f"learner.gpus_per_learner={cfg.learner.gpus_per_learner} and rollout.gpus_per_worker="
-                f"{cfg.rollout.gpus_per_worker}. Fix: give both a GPU, or use sync.transport=object_store "
+                f"{cfg.rollout.gpus_per_worker}. Fix: give both a GPU, or use sync.transport.kind=object_store "
                 "(or gloo on CPU)"
             )
         if cfg.learner.strategy != "ddp":
             raise ValueError(
                 "sync.transport: nccl sends rank 0's full weights, which learner.strategy=fsdp2 shards. "
-                "Fix: use sync.transport=object_store with fsdp2, or learner.strategy=ddp"
+                "Fix: use sync.transport.kind=object_store with fsdp2, or learner.strategy=ddp"
             )
 
 

@@ -9,7 +9,7 @@ machines have no CUDA and the lent GPU machine has no vLLM/Ray. pyproject pins t
 same vLLM release (`vllm==0.32.0`) so that these names hold; re-read them before moving the pin.
 
 It shares the worker protocol with the gloo transport (`sm_dist.sync.collective`), which runs in CI:
-`sync.transport=nccl` builds threaded workers whose engines get `engine_kwargs()`, learner rank 0's
+`sync.transport.kind=nccl` builds threaded workers whose engines get `engine_kwargs()`, learner rank 0's
 `NcclSender.connect` rendezvouses once at its own address, and every `sync.every` steps `send` runs
 start -> update (+ broadcast) -> finish; each worker's `NcclReceiver` forwards the stages to vLLM.
 
@@ -38,8 +38,8 @@ from sm_dist.sync.collective import StageClient
 def _require_cuda() -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(
-            "sync.transport=nccl needs CUDA (NCCL broadcast from a GPU learner to CUDA vLLM workers); this "
-            "process has no GPU. Use sync.transport=object_store on CPU machines."
+            "sync.transport.kind=nccl needs CUDA (NCCL broadcast from a GPU learner to CUDA vLLM workers); this "
+            "process has no GPU. Use sync.transport.kind=object_store on CPU machines."
         )
 
 

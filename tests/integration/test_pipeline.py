@@ -61,7 +61,7 @@ def _start(tmp_path: Path, ray_tmp: str, args: list[str]) -> subprocess.Popen:
 
 
 COLLECTIVE_FSDP2 = [
-    "sync.transport=gloo",
+    "sync.transport.kind=gloo",
     "learner.num_learners=2",
     "learner.strategy=fsdp2",
     "learner.cpus_per_learner=0.5",

@@ -56,7 +56,7 @@ def _sender(kind: str, workers, names, timeout_s: float = 120.0):
     """Learner rank 0's end of transport `kind`, built and connected as `Learner.publish_weights(workers=..., names=...)` does."""
     from sm_dist.config import SyncConfig
 
-    sender = SyncConfig(transport=kind, timeout_s=timeout_s).transport.sender(timeout_s)
+    sender = SyncConfig(transport={"kind": kind}, timeout_s=timeout_s).transport.sender(timeout_s)
     sender.connect(workers, names)
     return sender
 
@@ -130,7 +130,7 @@ def test_sync_timeout_names_worker_and_version(setup):
 
 def test_gloo_broadcast_sync_updates_probe_and_version(setup, tiny_model_dir):
     """The collective path (rendezvous, start/update/finish under the engine lock) with this process as
-    learner rank 0, into a worker built as the driver builds it for sync.transport=gloo (threaded, the
+    learner rank 0, into a worker built as the driver builds it for sync.transport.kind=gloo (threaded, the
     gloo receiver): after a send the worker's log-probs are the new weights'."""
     from sm_dist.rollout.engine import RolloutParams
     from sm_dist.rollout.worker import RolloutWorker, probe_logprobs

@@ -44,13 +44,13 @@ def test_every_arm_takes_the_same_expert_rows_per_step(arm):
     assert o["run.eval_path"] == "null"
     noise = {"mle": None, "bc_plausible": "plausible", "sm_plausible": "plausible", "bc_uniform": "task",
              "sm_uniform": "task", "sm_model_noise": "model"}[arm]  # fmt: skip
-    assert o.get("data.noise") == noise
+    assert o.get("data.noise.kind") == noise
     assert float(o["data.p_noise"]) == (0.0 if arm == "mle" else 0.25)
     if arm.startswith("sm"):
         assert (
-            o["objective.divergence"] == "chi2_mixture"
+            o["objective.divergence.kind"] == "chi2_mixture"
             and float(o["objective.divergence.chi2_weight"]) == 0.01
         )
         assert o["buffer.fill_with_data"] == "false"
     else:
-        assert o["objective.divergence"] == "mle"
+        assert o["objective.divergence.kind"] == "mle"

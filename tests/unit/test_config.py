@@ -36,7 +36,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("learner.lrr=1", "learner.lrr"),
         ("rollout.engine.colour=red", "rollout.engine.colour"),
         ("learner.lr=fast", "learner.lr"),
-        ("objective.divergence=tv", "objective.divergence"),
+        ("objective.divergence.kind=tv", "objective.divergence"),
         ("rollout.num_workers=0", "rollout.num_workers"),
         (
             "learner.batch_size=12",
@@ -45,7 +45,7 @@ def test_tiny_config_resolves_paths(tmp_path):
         ("model.tiny.hidden_size=48", "model.tiny"),
         ("rollout.engine.max_model_len=16", "rollout.engine.max_model_len"),
         ("learner.strategy=zero3", "learner.strategy"),
-        ("sync.transport=nccl", "sync.transport"),  # nccl on a CPU-only config
+        ("sync.transport.kind=nccl", "sync.transport"),  # nccl on a CPU-only config
         ("run.total_steps=null", "run.total_steps"),  # run until stopped, with the cosine schedule
         ("run.total_steps=0", "run.total_steps"),
         ("learner.attn=flex", "learner.attn"),  # FlexAttention has no CPU backward
@@ -163,16 +163,18 @@ def test_variants_by_kind_with_their_own_parameters(tmp_path):
     base = [f"run.run_dir={tmp_path / 'r'}"]
     cfg = load_config(TINY, [*base, "objective.divergence.chi2_weight=0.02"])  # the shipped kind, one knob
     assert (cfg.objective.divergence.kind, cfg.objective.divergence.chi2_weight) == ("chi2_mixture", 0.02)
-    cfg = load_config(TINY, [*base, "objective.divergence=kl", "objective.divergence.weight_clip=3"])
+    cfg = load_config(TINY, [*base, "objective.divergence.kind=kl", "objective.divergence.weight_clip=3"])
     assert cfg.objective.divergence.model_dump() == {"kind": "kl", "data_mix": 0.5, "weight_clip": 3.0}
-    assert load_config(TINY, [*base, "objective.divergence=mle"]).objective.params(7).divergence == "mle"
+    assert load_config(TINY, [*base, "objective.divergence.kind=mle"]).objective.params(7).divergence == "mle"
     with pytest.raises(ConfigError, match="unknown key for kind mle") as e:  # chi2_weight is not mle's
-        load_config(TINY, [*base, "objective.divergence.kind=mle"])
+        load_config(TINY, [*base, "objective.divergence.kind=mle", "objective.divergence.chi2_weight=0.1"])
     assert e.value.key == "objective.divergence.chi2_weight"
     with pytest.raises(ConfigError) as e:
-        load_config(TINY, [*base, "data.noise=model"])  # model noise needs its file
+        load_config(TINY, [*base, "data.noise.kind=model"])  # model noise needs its file
     assert e.value.key == "data.noise.path"
-    cfg = load_config(TINY, [*base, "data.noise=model", "data.noise.path=n.jsonl", "data.format=text"])
+    cfg = load_config(
+        TINY, [*base, "data.noise.kind=model", "data.noise.path=n.jsonl", "data.format.kind=text"]
+    )
     assert (cfg.data.noise.path, cfg.data.format.load_kwargs()) == (
         "n.jsonl",
         {"fmt": "text", "prompt_chars": 0},
@@ -221,3 +223,25 @@ def test_config_command_prints_the_resolved_config_or_names_the_bad_key(tmp_path
 def test_total_steps_null_runs_until_stopped_with_a_constant_schedule():
     cfg = load_config(TINY, ["run.total_steps=null", "learner.schedule=constant"])
     assert cfg.run.total_steps is None
+
+
+@pytest.mark.parametrize(
+    "over",
+    ["objective.divergence=mle", "sync.transport=gloo", "data.noise=task", "data.format=jsonl"],
+)
+def test_a_bare_variant_name_is_refused_naming_both_fixes(tmp_path, over):
+    """No shorthand: a variant is a mapping with its kind, in the file and on the command line."""
+    key, _, name = over.partition("=")
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"run.run_dir={tmp_path / 'r'}", over])
+    assert e.value.key == key, e.value
+    assert f"{key}: {{kind: {name}}}" in str(e.value) and f"{key}.kind={name}" in str(e.value), e.value
+
+
+def test_setting_a_kind_replaces_the_variant_keeping_the_same_kinds_parameters(tmp_path):
+    base = [f"run.run_dir={tmp_path / 'r'}", "objective.divergence.chi2_weight=0.02"]
+    same = load_config(TINY, [*base, "objective.divergence.kind=chi2_mixture"]).objective.divergence
+    assert same.chi2_weight == 0.02  # the same kind again: its parameters stay
+    assert load_config(TINY, [*base, "objective.divergence.kind=mle"]).objective.divergence.model_dump() == {
+        "kind": "mle"
+    }

@@ -30,7 +30,7 @@ def test_divergences_are_the_objective_registry():
 @pytest.mark.parametrize("kind", list(_kinds(ObjectiveConfig, "divergence")))
 def test_every_divergence_builds_the_objective_params(kind):
     """Each member's parameters are arguments of ObjectiveParams, and reach it."""
-    o = ObjectiveConfig(divergence=kind, gamma=0.9)
+    o = ObjectiveConfig(divergence={"kind": kind}, gamma=0.9)
     p = o.params(bkspc_id=3)
     assert (p.divergence, p.gamma, p.bkspc_id) == (kind, 0.9, 3)
     for name, value in o.divergence.model_dump(exclude={"kind"}).items():

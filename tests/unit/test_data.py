@@ -173,9 +173,9 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
     from sm_dist.data.prepare import load_train_data
 
     for name in ("auto", *FORMATS):
-        assert DataConfig(format=name).format.kind == name
+        assert DataConfig(format={"kind": name}).format.kind == name
     with pytest.raises((ConfigError, ValueError), match=r"'xml' is not one of \['auto', 'jsonl'"):
-        DataConfig(format="xml")
+        DataConfig(format={"kind": "xml"})
     f = tmp_path / "stories.data"  # a suffix no format claims: data.format must say it
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Once upon a time", "The end")))
     over = [
@@ -185,7 +185,7 @@ def test_data_format_and_text_field_from_the_config(tmp_path):
         "data.format.prompt_chars=4",
     ]
     tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
-    cfg = load_config(tiny, ["data.format=jsonl", *over])  # a bare kind first: it replaces the whole format
+    cfg = load_config(tiny, ["data.format.kind=jsonl", *over])  # the kind first: it replaces the whole format
     examples = load_train_data(cfg).examples
     assert [(e.prompt, e.answer) for e in examples] == [("Once", " upon a time"), ("The ", "end")]
     with pytest.raises(ValueError, match=r"data.format"):

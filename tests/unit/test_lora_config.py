@@ -64,7 +64,7 @@ def test_lora_with_nccl_is_refused():
             ROOT / "configs" / "tiny-cpu.yaml",
             [
                 "model.lora.r=8",
-                "sync.transport=nccl",
+                "sync.transport.kind=nccl",
                 "learner.gpus_per_learner=1",
                 "rollout.gpus_per_worker=1",
             ],

@@ -114,13 +114,13 @@ def test_config_model_noise_needs_a_path():
     from sm_dist.config import DataConfig
 
     with pytest.raises(ValueError, match=r"noise\.model\.path"):
-        DataConfig(noise="model")
-    assert DataConfig(noise="plausible").noise.kind == "plausible"
+        DataConfig(noise={"kind": "model"})
+    assert DataConfig(noise={"kind": "plausible"}).noise.kind == "plausible"
     assert DataConfig(noise={"kind": "model", "path": "n.jsonl"}).noise.path == "n.jsonl"
 
 
 def test_encode_rows_with_plausible_noise(tiny_model_dir):
-    """The train path: arithmetic rows through encode_rows with data.noise=plausible."""
+    """The train path: arithmetic rows through encode_rows with data.noise.kind=plausible."""
     from transformers import AutoTokenizer
 
     from sm_dist.config import DataConfig
@@ -130,7 +130,9 @@ def test_encode_rows_with_plausible_noise(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     qs = generate(50, "easy", 3)
-    cfg = SimpleNamespace(data=DataConfig(noise="plausible", p_noise=0.5), run=SimpleNamespace(seed=0))
+    cfg = SimpleNamespace(
+        data=DataConfig(noise={"kind": "plausible"}, p_noise=0.5), run=SimpleNamespace(seed=0)
+    )
     rows, enc, _ = encode_rows(cfg, tok, [Example(q["prompt"], q["answer"]) for q in qs], "mem")
     bk = get_bkspc_id(tok)
     n_noise = 0
@@ -160,5 +162,5 @@ def test_noise_candidates_refuses_a_non_arithmetic_row(tiny_model_dir):
             [*tok.encode("2", add_special_tokens=False), tok.eos_token_id],
         )
     ]
-    with pytest.raises(ValueError, match="data.noise=plausible is for add_or_sub_in_base"):
+    with pytest.raises(ValueError, match="data.noise.kind=plausible is for add_or_sub_in_base"):
         noise_candidates(PlausibleNoise(), enc, tok)

@@ -15,7 +15,7 @@ from sm_dist.errors import CheckpointError
 from sm_dist.learner import checkpoint as ckpt
 
 LEARNER = LearnerConfig(lr=1e-3, lr_warmup_steps=0, schedule="constant")
-OBJECTIVE = ObjectiveConfig(divergence="chi2_mixture", warmup_steps=0)
+OBJECTIVE = ObjectiveConfig(divergence={"kind": "chi2_mixture"}, warmup_steps=0)
 
 
 class Evil:
