@@ -20,6 +20,7 @@ import pytest
 from sm_dist.learner.sharded import read_all
 from tests.integration.test_pipeline import (  # noqa: F401
     FAST,
+    NO_HELDOUT,
     TINY,
     _actor_pids,
     _metrics,
@@ -44,7 +45,7 @@ def test_dead_learner_rank_then_rollout_worker(tmp_path, ray_tmp):  # noqa: F811
     lost). It is the only way the run ends: the learner restart of 1 did not stop it."""
     run = tmp_path / "run"
     args = [
-        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, "run.total_steps=400",
+        sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}", *FAST, NO_HELDOUT, "run.total_steps=400",
         "sync.every=2", "rollout.max_restarts=1",
         "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
     ]  # fmt: skip

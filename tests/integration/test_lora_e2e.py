@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.test_pipeline import ROOT, _env, _metrics, train_cmd
+from tests.integration.test_pipeline import NO_HELDOUT, ROOT, _env, _metrics, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def lora_run(tmp_path_factory):
         )  # fmt: skip
 
     first = subprocess.run(
-        train_cmd(run, "model.lora.r=8", "run.total_steps=12"), env=env, capture_output=True, text=True,
+        train_cmd(run, "model.lora.r=8", "run.total_steps=12", NO_HELDOUT), env=env, capture_output=True, text=True,
         timeout=400, cwd=ROOT,
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]

@@ -57,7 +57,7 @@ def test_ray_job_submit_runs_tiny_config(tmp_path):
         path = f"{shim}{os.pathsep}{env.get('PATH', '')}"
         out = subprocess.run(
             ["bash", "deploy/submit.sh", "configs/tiny-cpu.yaml", f"run.run_dir={run}",
-             "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false"],
+             "run.total_steps=12", "objective.warmup_steps=4", "sync.every=4", "run.progress=false", "run.eval_path=null"],
             env={**env, "RAY_DASHBOARD": addr, "PATH": path}, cwd=ROOT, capture_output=True, text=True,
             timeout=400,
         )  # fmt: skip

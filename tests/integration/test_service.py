@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_pipeline import FAST, ROOT, TINY, _metrics, _start, _wait, ray_tmp  # noqa: F401
+from tests.integration.test_pipeline import FAST, NO_HELDOUT, ROOT, TINY, _metrics, _start, _wait, ray_tmp  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_scale_workers_2_3_1_while_training(tmp_path, ray_tmp, monkeypatch):  # 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     run = tmp_path / "run"
     proc = _start(tmp_path, ray_tmp, [sys.executable, "-m", "sm_dist", "train", TINY, f"run.run_dir={run}",
-                                      "run.total_steps=null", "learner.schedule=constant", "run.num_cpus=3",
+                                      "run.total_steps=null", "learner.schedule=constant", NO_HELDOUT, "run.num_cpus=3",
                                       "run.checkpoint_every=100",
                                       f"data.watch_dir={tmp_path / 'incoming'}", "data.watch_poll_s=0.05",
                                       *FAST[:3]])  # fmt: skip

@@ -158,7 +158,7 @@ def test_learners_on_the_second_node_meet_at_its_address(tmp_path):
             [TINY, f"run.run_dir={run}", f"run.address={address}", "run.total_steps=8",
              "run.checkpoint_every=4", "objective.warmup_steps=4", "sync.every=4", "run.progress=false",
              "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
-             "learner.resources={learner_node: 1}", "run.startup_timeout_s=300", "sync.timeout_s=120"],
+             "learner.resources={learner_node: 1}", "run.startup_timeout_s=300", "sync.timeout_s=120", "run.eval_path=null"],
             run, {**_ray_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}, timeout_s=600,
         )  # fmt: skip
         took = time.monotonic() - t0
