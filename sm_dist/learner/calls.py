@@ -14,13 +14,16 @@ if TYPE_CHECKING:
     from sm_dist.learner.learner import Learner
 
 
-def rendezvous_address(_: object = None, port: int | None = None) -> tuple[str, int]:
+def rendezvous_address(learner: Learner, port: int | None = None) -> tuple[str, int]:
     """Where the ranks' process group meets (run on rank 0): this node's address (the one Ray knows it
-    by) and `port` (learner.master_port), or a port free on this node now."""
-    from sm_dist.orchestrator.cluster import free_port, node_ip_address
+    by) and a port rank 0 already listens on: the group's TCPStore is opened here, on `port`
+    (learner.master_port) or on one the OS picks, and kept for `Learner.join`. Choosing a free port and
+    binding it later would race with anything on the node that takes a port meanwhile (rank 0's bind
+    then fails and the other ranks wait for it until their timeout)."""
+    from sm_dist.orchestrator.cluster import node_ip_address
 
     addr = node_ip_address()
-    return addr, port or free_port(addr)
+    return addr, learner._host_store(addr, port or 0)
 
 
 def write_token(_: object, path: str, token: str) -> str:

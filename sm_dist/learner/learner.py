@@ -78,6 +78,7 @@ class Learner:
         self.opt_p, self.total_steps = learner, total_steps
         self.sync = sync or SyncConfig()
         self.sender = None  # learner rank 0's end of the weight transport, after a connecting publish
+        self._store: Any = None  # rank 0: the group's TCPStore, opened by `_host_store` before `join`
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
@@ -130,25 +131,36 @@ class Learner:
         )
 
     def join(self, addr: str, port: int, timeout_s: float = 1800.0) -> None:
-        """Join the ranks' process group at rank 0's `addr:port` (`rendezvous_address`; every rank at
-        once: it blocks until all have joined; the driver bounds that wait by run.startup_timeout_s),
-        shard (FSDP2) or wrap (DDP) the model, then build the optimiser. The group's rendezvous and
-        collectives time out after max(timeout_s, 30 min), torch's default. One rank: nothing to do."""
-        import datetime as dt
-
+        """Join the ranks' process group at rank 0's `addr:port` (`rendezvous_address`, which opened
+        rank 0's store there; every rank at once: it blocks until all have joined; the driver bounds
+        that wait by run.startup_timeout_s), shard (FSDP2) or wrap (DDP) the model, then build the
+        optimiser. The group's rendezvous and collectives time out after max(timeout_s, 30 min),
+        torch's default. One rank: nothing to do."""
         import torch.distributed as dist
 
         if self.world_size == 1:  # no group: the constructor built the optimiser
             return
         if self.optimizer is not None:
             raise RuntimeError(f"learner rank {self.rank}: join called twice")
+        timeout = _group_timeout(timeout_s)  # also every collective's
+        if self.rank == 0 and self._store is None:
+            self._host_store(addr, port, timeout_s)
+        store = self._store or dist.TCPStore(addr, port, self.world_size, False, timeout=timeout)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://{addr}:{port}", rank=self.rank, world_size=self.world_size,
-            timeout=dt.timedelta(seconds=max(timeout_s, 1800.0)),  # also every collective's
-        )  # fmt: skip
+            backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout
+        )
         self.step_model = wrap(self.module, self.rank, self.device, self.opt_p, self.model_cfg, self._meta)
         self._build_optimizer()
+
+    def _host_store(self, addr: str, port: int, timeout_s: float = 1800.0) -> int:
+        """Rank 0: open the group's TCPStore on `addr:port` (0: a port the OS picks) and keep it for
+        `join`; returns the port it listens on."""
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore(addr, port, self.world_size, True, timeout=_group_timeout(timeout_s),
+                                    wait_for_workers=False)  # fmt: skip
+        return self._store.port
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -363,3 +375,9 @@ class Learner:
         self.scheduler.load_state_dict(st["scheduler"])
         self.c.step, self.c.skipped, self.c.sequences = st["step"], st["skipped"], st["sequences"]
         return self.c.step
+
+
+def _group_timeout(timeout_s: float):
+    import datetime as dt
+
+    return dt.timedelta(seconds=max(timeout_s, 1800.0))

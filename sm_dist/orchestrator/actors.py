@@ -214,35 +214,29 @@ def build_learners(ray, cfg: Config, model_dir: str, pg=None) -> LearnerRanks:
 
 
 def _wait(ray, futs: list, labels: list[str], timeout_s: float) -> list:
-    """`wait_all` for start-up calls: a constructor's error names the actor, a timeout the late ones."""
-    from sm_dist.sync.base import WeightSyncError, wait_all
-
-    try:
-        return wait_all(futs, labels, timeout_s, "start-up (run.startup_timeout_s)")
-    except WeightSyncError as e:  # the late ones named
-        raise ActorStartError(
-            "run.startup_timeout_s", f"{e}.",
-            "raise run.startup_timeout_s, or check that the cluster has the resources they wait for (ray status)",
-        ) from e  # fmt: skip
-    except ray.exceptions.RayActorError as e:
-        who = next((lb for f, lb in zip(futs, labels, strict=True) if _failed(ray, f)), "an actor")
-        raise ActorStartError(
-            who,
-            f"failed to start: {describe_error(e)}",
-            "check the settings it was given (rollout.engine.*, model.dir, learner.*) against the "
-            "library's limits; its full traceback is in run_dir/workers.log (--debug shows the driver's)",
-        ) from e
-
-
-def _failed(ray, fut) -> bool:
-    ready, _ = ray.wait([fut], timeout=0)
-    if not ready:
-        return False
-    try:
-        ray.get(fut, timeout=0)
-    except Exception:  # noqa: BLE001 - any error of that call means it is the one that failed
-        return True
-    return False
+    """Their results, for start-up calls. The first error raises at once, naming its actor (when one
+    rank of a group fails, the others would wait for it until their own timeout); past `timeout_s` the
+    late ones are named."""
+    deadline, pending = time.monotonic() + timeout_s, list(futs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            late = [lb for f, lb in zip(futs, labels, strict=True) if f in pending]
+            raise ActorStartError(
+                "run.startup_timeout_s",
+                f"start-up timed out after {timeout_s}s: {late} not ready ({len(futs) - len(late)}/{len(futs)} were).",
+                "raise run.startup_timeout_s, or check that the cluster has the resources they wait for (ray status)",
+            )  # fmt: skip
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayError as e:
+            raise ActorStartError(
+                labels[futs.index(ready[0])],
+                f"failed to start: {describe_error(e)}",
+                "check the settings it was given (rollout.engine.*, model.dir, learner.*) against the "
+                "library's limits; its full traceback is in run_dir/workers.log (--debug shows the driver's)",
+            ) from e
+    return ray.get(list(futs))
 
 
 def wait_ready(ray, cfg: Config, workers, names, learners) -> float:
