@@ -1,7 +1,10 @@
-"""A two-node Ray cluster on this machine: a head on 127.0.0.1 (the driver joins it with run.address) and a
-second node on 127.0.0.2 (Linux routes all of 127/8 to loopback) that alone carries the custom resource
-`learner_node`. With `learner.resources={learner_node: 1}` the learner ranks' placement group lands there,
-so their process group must meet at rank 0's node, 127.0.0.2, not at the driver's node.
+"""A two-node Ray cluster on this machine, driven the way the README's plain-cluster walk-through does it:
+`deploy/submit.sh` (`ray job submit --working-dir . -- python -m sm_dist train ...`) against a head on
+127.0.0.1 started with `ray start` (token auth on, no kubectl), and a second node on 127.0.0.2 (Linux
+routes all of 127/8 to loopback) that alone carries the custom resource `learner_node`. With
+`learner.resources={learner_node: 1}` the learner ranks' placement group lands there, so their process
+group must meet at rank 0's node, 127.0.0.2, not at the driver's node (the job's entrypoint, on the head).
+One cluster and one run for both (they were two tests, each with its own cluster and run).
 
 Both nodes run as `ray start --block` children of this test, each in its own process group, and are
 stopped by signalling those groups (never `ray stop`, which would stop other sessions' Ray too).
@@ -54,7 +57,7 @@ class EarlyExit(AssertionError):
 
 @contextmanager
 def two_nodes(head_cpus: int = 2, node_cpus: int = 2, learner_slots: int = 2, attempts: int = 2):
-    """Yield the head's GCS address once both nodes are up; stop both on the way out. A `ray start` that
+    """Yield the head's job API address once both nodes are up; stop both on the way out. A `ray start` that
     exits early (e.g. a port taken between choosing it and binding it) is retried on fresh ports once;
     its output is in the error otherwise."""
     for attempt in range(attempts):
@@ -100,14 +103,21 @@ def _bring_up(tmp: str, procs: list, head_cpus: int, node_cpus: int, learner_slo
             )  # fmt: skip
         )
 
-    start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard", "false",
-          "--num-cpus", str(head_cpus))  # fmt: skip
+    dash = free_port()  # the job API; its own agent port (start's): another Ray may hold the default one
+    start("--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host", "127.0.0.1",
+          "--dashboard-port", str(dash), "--num-cpus", str(head_cpus))  # fmt: skip
     address = f"127.0.0.1:{port}"
     _wait_nodes(address, env, 1, procs, tmp)
     start("--address", address, "--node-ip-address", "127.0.0.2", "--num-cpus", str(node_cpus),
           "--resources", json.dumps({"learner_node": learner_slots}))  # fmt: skip
     _wait_nodes(address, env, 2, procs, tmp)
-    return address
+    jobs = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while subprocess.run(["ray", "job", "list", "--address", jobs], env=env, capture_output=True).returncode:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job API at {jobs} did not answer within 120s")
+        time.sleep(2)
+    return jobs
 
 
 def _wait_nodes(address: str, env: dict, n: int, procs: list, tmp: str, timeout_s: float = 180) -> None:
@@ -129,11 +139,11 @@ def _wait_nodes(address: str, env: dict, n: int, procs: list, tmp: str, timeout_
     raise AssertionError(f"{n} Ray nodes not up at {address} after {timeout_s}s")
 
 
-def _train(args: list[str], run: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
-    """`sm-dist train` in its own process group; past `timeout_s` the group is killed and the error
-    carries the tails of driver.log and workers.log (what the run was waiting for), not just the argv."""
-    p = subprocess.Popen([sys.executable, "-m", "sm_dist", "train", *args], env=env, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+def _submit(args: list[str], run: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """`deploy/submit.sh ARGS` in its own process group; past `timeout_s` the group is killed and the
+    error carries the tails of driver.log and workers.log (what the run was waiting for)."""
+    p = subprocess.Popen(["bash", "deploy/submit.sh", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     try:
         out, _ = p.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -143,33 +153,45 @@ def _train(args: list[str], run: Path, env: dict, timeout_s: float) -> subproces
             n: (run / n).read_text()[-3000:] for n in ("driver.log", "workers.log") if (run / n).exists()
         }
         raise AssertionError(
-            f"sm-dist train still running after {timeout_s}s; output:\n{out[-3000:]}\n"
+            f"the job still running after {timeout_s}s; output:\n{out[-3000:]}\n"
             + "\n".join(f"--- {n}:\n{t}" for n, t in tails.items())
         ) from None
     return subprocess.CompletedProcess(p.args, p.returncode, out, "")
 
 
-def test_learners_on_the_second_node_meet_at_its_address(tmp_path):
+def test_a_submitted_job_trains_with_learners_on_the_second_node(tmp_path):
     run = tmp_path / "run"
-    with two_nodes() as address:
+    env = _ray_env()
+    # the plain-cluster path: kubectl never called, no RAY_AUTH_TOKEN; the token is the one
+    # `ray start --head` wrote to ~/.ray/auth_token
+    assert "RAY_AUTH_TOKEN" not in env
+    shim = tmp_path / "bin"  # a kubectl that records any call: the plain-cluster path must make none
+    shim.mkdir()
+    (shim / "kubectl").write_text(f"#!/bin/sh\necho called >> {tmp_path / 'kubectl-calls'}\nexit 1\n")
+    (shim / "kubectl").chmod(0o755)
+    with two_nodes() as jobs:
         t0 = time.monotonic()
         # the run's own deadlines sit inside the test's, so a stuck start-up or sync fails naming what was late
-        out = _train(
-            [TINY, f"run.run_dir={run}", f"run.address={address}", "run.total_steps=8",
-             "run.checkpoint_every=4", "objective.warmup_steps=4", "sync.every=4", "run.progress=false",
-             "learner.num_learners=2", "learner.cpus_per_learner=0.5", "learner.batch_size=16",
-             "learner.resources={learner_node: 1}", "run.startup_timeout_s=300", "sync.timeout_s=120", "run.eval_path=null"],
-            run, {**_ray_env(), "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}, timeout_s=600,
+        out = _submit(
+            ["configs/tiny-cpu.yaml", f"run.run_dir={run}", "run.total_steps=8", "run.checkpoint_every=4",
+             "objective.warmup_steps=4", "sync.every=4", "run.progress=false", "learner.num_learners=2",
+             "learner.cpus_per_learner=0.5", "learner.batch_size=16", "learner.resources={learner_node: 1}",
+             "run.startup_timeout_s=300", "sync.timeout_s=120", "run.eval_path=null"],
+            run, {**env, "RAY_DASHBOARD": jobs, "PATH": f"{shim}{os.pathsep}{env.get('PATH', '')}"}, timeout_s=600,
         )  # fmt: skip
         took = time.monotonic() - t0
-    assert out.returncode == 0, out.stdout[-4000:]
+    assert not (tmp_path / "kubectl-calls").exists()
+    assert out.returncode == 0 and "succeeded" in out.stdout, out.stdout[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 8, summary
     addr, _, port = summary["learner_rendezvous"].rpartition(":")
     assert addr == "127.0.0.2" and int(port) > 0, summary  # rank 0's node, the learners' own
-    assert summary["driver_node"] != "127.0.0.2", summary  # the driver stayed on the head
+    assert summary["driver_node"] != "127.0.0.2", summary  # the job's driver stayed on the head
     log = (run / "driver.log").read_text()
     assert f"learner ranks rendezvous at {summary['learner_rendezvous']}" in log
+    # the bundled sample travels with --working-dir: the real data was used, nothing generated
+    assert not list((run / "data").glob("*.generated.jsonl"))
+    assert "configs/data/arith/add_or_sub_in_base.train-easy.jsonl" in (run / "config.yaml").read_text()
     print(
-        f"two-node run: {took:.0f}s; rendezvous {summary['learner_rendezvous']}, driver {summary['driver_node']}"
+        f"two-node job: {took:.0f}s; rendezvous {summary['learner_rendezvous']}, driver {summary['driver_node']}"
     )
