@@ -42,10 +42,11 @@ def _step(model) -> float:
 CASES = [(True, False, 1e-5), (False, True, 5e-2)]  # (cpu_offload, bf16 params, tolerance)
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no port to choose and lose to another process before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = []
     for offload, bf16, _ in CASES:
         model = _model()
@@ -109,14 +110,13 @@ def test_fsdp2_offload_and_mixed_precision_steps_match_one_process(tmp_path):
     """Two gloo ranks, activation checkpointing on: with CPUOffloadPolicy the gradients equal one
     unsharded process's (fp32 <= 1e-5); with MixedPrecisionPolicy (bf16 parameters, fp32 reduction)
     they agree to bf16 precision."""
-    from sm_dist.orchestrator.cluster import free_port
 
     model = _model()
     ref_loss = _step(model)
     ref = {n: p.grad for n, p in model.named_parameters()}
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(2, free_port("127.0.0.1"), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     for (offload, bf16, tol), got in zip(CASES, torch.load(out)):
         assert abs(got["loss"] - ref_loss) <= tol * abs(ref_loss)
         worst = _worst(got["grads"], ref)

@@ -43,10 +43,11 @@ def _stream(model, use_lora: bool):
     return from_state_dict(model.state_dict(), torch.bfloat16)
 
 
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no port to choose and lose to another process before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
     for use_lora in (False, True):
         model = _model(use_lora)
@@ -63,11 +64,10 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_fsdp2_ranks_stream_the_weights_one_tensor_at_a_time(tmp_path):
-    from sm_dist.orchestrator.cluster import free_port
 
     out = str(tmp_path / "rank0.pt")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank, args=(2, free_port("127.0.0.1"), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     got = torch.load(out)
     for use_lora in (False, True):
         model = _model(use_lora)
