@@ -92,10 +92,10 @@ class Rollouts:
         self.busy.add(name)
         try:
             out = await handle.run_batch.remote()
-        except self.ray.exceptions.RayActorError as e:
-            if not is_death(self.ray, e):
+        except self.ray.exceptions.RayError as e:
+            if not is_death(self.ray, e) and name not in self.retiring:
                 raise  # an error inside a live worker (e.g. the replay buffer it writes to died)
-            self.busy.discard(name)
+            self.busy.discard(name)  # not retiring any more while it restarts
             await self._died(handle, name, e)
             return
         finally:
@@ -112,7 +112,8 @@ class Rollouts:
 
     async def _died(self, handle: Any, name: str, err: Exception) -> None:
         """Worker `name` died during a batch: wait for Ray to restart it, give it its prompt shard and the
-        latest weights; its next batch goes out once they are applied (weight_sync.py, rule 2)."""
+        latest weights; its next batch goes out once they are applied (weight_sync.py, rule 2). A
+        removed worker whose last batch failed is dropped."""
         why = describe_error(err)
         if self.retiring.pop(name, None) is not None:
             log.warning(f"rollout worker {name} failed during its last batch ({why}); dropped")
