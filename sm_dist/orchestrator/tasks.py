@@ -11,7 +11,9 @@ Only the driver's thread runs them (`Orchestrator.run`), so the tasks share stat
 error (a worker dead once too often, a wrong weight version, the replay buffer gone) ends the task that
 met it and is kept here until the learner loop calls `check` between two steps, so the step in flight
 is counted, logged and checkpointed like any other: a rescue checkpoint holds the step the metrics last
-show.
+show. A few calls still block the loop, and so hold the tasks up while they run: the buffers' own calls
+(the sampler's draws, the control snapshot's stats), the data.watch_dir poll, and `dead_rank`'s probe
+on a learner failure; the held-out accuracy and the rescue checkpoint run with the loop stopped.
 """
 
 from __future__ import annotations
