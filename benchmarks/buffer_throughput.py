@@ -34,6 +34,7 @@ measured on the development machine, and how to read them: docs/learner_scaling.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import shutil
 import statistics
@@ -79,7 +80,7 @@ class Writer:
 def driver_loop(sampler, ranks: int, stop: threading.Event, out: list) -> None:
     while not stop.is_set():
         t0 = time.perf_counter()
-        data, rep = sampler.sample(ranks, step=10, version=0)
+        data, rep = asyncio.run(sampler.sample(ranks, step=10, version=0))
         out.append((time.perf_counter() - t0, sum(b.num_rows for b in data + rep)))
 
 
@@ -112,8 +113,7 @@ def run_case(ray, args, shards: int, run_dir: str) -> dict:
         W.remote(replay.for_worker(n), args.rows_per_add, args.actions, n, i) for i, n in enumerate(names)
     ]
     ray.get([w.__ray_ready__.remote() for w in writers])
-    never_waits = SimpleNamespace(wait_one=lambda *_: None)  # buffer.wait_for_replay is off
-    sampler = BatchSampler(ray, cfg, replay, expert, never_waits, SimpleNamespace(stopping=True))
+    sampler = BatchSampler(ray, cfg, replay, expert, SimpleNamespace(stopping=True))  # never waits
     stop, samples = threading.Event(), []
     drv = threading.Thread(target=driver_loop, args=(sampler, args.ranks, stop, samples))
     before = replay.stats()["added_rows"]

@@ -1,9 +1,10 @@
 """The run orchestrator of `sm-dist train`: builds the actors and drives the actor/learner loop.
 
 - driver.py: `train` (the entry point of `sm-dist train`), set-up, and `learn`, the learner loop.
+  It runs on one event loop, beside the rollout workers' loops and the weights' confirmations.
 - run.py: the `Orchestrator`, one run's parts built together from its actors.
-- calls.py: the calls in flight as typed records, and the one place that waits on them.
-- rollouts.py: every worker's batch in flight, resubmitted as it lands; worker deaths.
+- tasks.py: the tasks beside the learner loop on the driver's one event loop, and their fatal error.
+- rollouts.py: a self-driving loop per rollout worker (submit, await, count, again); worker deaths.
 - weight_sync.py: `WeightSync`, the weights' publish, confirmations, re-sends and deadline.
 - learners.py: the learner ranks as one group (step, publish, checkpoint, rebuild).
 - sampler.py: each step's batch, expert and replay halves, bounded staleness.

@@ -1,5 +1,5 @@
 """The autoscaler (`rollout.max_workers`): the rollout workers follow the learner's wait for rollouts.
-`autoscaler(cfg, pool)` builds it (None when rollout.max_workers is null); the driver calls `tick`
+`autoscaler(cfg, pool)` builds it (None when rollout.max_workers is null); the driver awaits `tick`
 between steps, and it scales through `WorkerPool.scale_to` (sm_dist/orchestrator/scaling.py).
 """
 
@@ -29,7 +29,7 @@ class Autoscaler:
         self._last_vote = 0
         self.changes: list[tuple[int, int]] = []  # (from, to)
 
-    def tick(self, wait_s_total: float, buffer_fill: float) -> int | None:
+    async def tick(self, wait_s_total: float, buffer_fill: float) -> int | None:
         """Between steps: the new worker count when the policy changed it, else None."""
         now = self.clock()
         if self.pool.pending_joins():
@@ -55,7 +55,7 @@ class Autoscaler:
             self._last_vote = vote
             return None
         self._last_vote = 0
-        self.pool.scale_to(n + vote)
+        await self.pool.scale_to(n + vote)
         self.changes.append((n, n + vote))
         log.info(f"autoscaling: the learner waited {100 * frac:.0f}% of the last {self.window_s:g}s, replay buffer "
                  f"{100 * buffer_fill:.0f}% full: {n} -> {n + vote} rollout workers")  # fmt: skip

@@ -4,7 +4,7 @@ endpoints.
 
     ctl = Controller(run_dir, run)   # run: what the calls act on (`Controllable`: the driver's Orchestrator)
     fut = ctl.submit("scale", 3)     # any thread: a concurrent.futures.Future of the call's answer
-    ctl.apply()                      # the loop's thread, between steps (blocks while paused)
+    await ctl.apply()                # the loop's thread, between steps (waits while paused)
     ctl.update(metrics)              # the loop's thread, after a step: the snapshot /status, /metrics read
 
 Nothing the server thread calls touches the run's state: it only enqueues, or reads the last snapshot
@@ -46,20 +46,20 @@ class Controllable(Protocol):
     @property
     def paused(self) -> bool: ...
 
-    def scale(self, n: int) -> dict: ...
+    async def scale(self, n: int) -> dict: ...
 
     def pause(self, paused: bool) -> None: ...
 
     def stop(self) -> None: ...
 
-    def checkpoint(self) -> dict: ...
+    async def checkpoint(self) -> dict: ...
 
-    def between_steps(self, buffers: dict) -> None:
+    async def between_steps(self, buffers: dict) -> None:
         """Workers that started join, the autoscaler, new data.watch_dir files (`buffers`: the last
         buffer stats)."""
 
-    def poll(self, timeout_s: float) -> None:
-        """While paused: handle rollout answers for up to `timeout_s`."""
+    async def poll(self, timeout_s: float) -> None:
+        """While paused: let the rollouts' tasks run for `timeout_s` (a fatal error they met raises)."""
 
     def view(self) -> RunView: ...
 
@@ -97,18 +97,18 @@ class Controller:
         return render(self.snapshot)
 
     # ---- the loop's thread
-    def apply(self) -> None:
+    async def apply(self) -> None:
         """Run the queued calls, then the run's between-steps work (`Controllable.between_steps`); while
-        paused, keep handling worker answers and calls until resumed or stopped."""
+        paused, keep the rollouts' tasks running and taking calls until resumed or stopped."""
         while True:
-            self._drain_calls()
-            self.run.between_steps(self._buffers[1])
+            await self._drain_calls()
+            await self.run.between_steps(self._buffers[1])
             if not self.paused or self.run.stopping:
                 return
             self._refresh()
-            self.run.poll(0.2)  # batches in flight land; none are resubmitted while paused
+            await self.run.poll(0.2)  # batches in flight land; none go out while paused
 
-    def _drain_calls(self) -> None:
+    async def _drain_calls(self) -> None:
         while True:
             try:
                 command, arg, fut = self.calls.get_nowait()
@@ -117,17 +117,17 @@ class Controller:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self._run(command, arg))
+                fut.set_result(await self._run(command, arg))
             except Exception as e:  # the caller gets the error; the run goes on
                 log.warning(f"control call {command} {arg if arg is not None else ''} failed: {e}")
                 fut.set_exception(e)
 
-    def _run(self, command: str, arg: Any) -> dict:
+    async def _run(self, command: str, arg: Any) -> dict:
         log.info(f"control call: {command}{'' if arg is None else f' {arg}'}")
         if command == "scale":
-            return self.run.scale(int(arg))
+            return await self.run.scale(int(arg))
         if command == "checkpoint":
-            return self.run.checkpoint()
+            return await self.run.checkpoint()
         if command in ("pause", "resume"):
             self.run.pause(command == "pause")
         elif command == "stop":

@@ -8,9 +8,9 @@
 `train` claims the run dir and checks the inputs; `_run` sets up (data, Ray, actors, the
 `Orchestrator` of sm_dist/orchestrator/run.py) and tears down; `learn` is the loop, top to bottom:
 control calls, sample, step, publish every `sync.every` steps, the sync deadline, checkpoint, log.
-While the learners step, the rollouts go on: every worker has one batch in flight, resubmitted as
-soon as it lands (sm_dist/orchestrator/rollouts.py), the answers handled by the one wait of
-sm_dist/orchestrator/calls.py.
+`learn` runs on one event loop (the `Orchestrator`'s, on this thread) beside a loop per rollout worker
+that submits its next batch as soon as the last one lands (sm_dist/orchestrator/rollouts.py): while the
+learners' step is awaited, the workers' loops go on.
 
 Deliberate choices: expert rows live in their own `ReplayBuffer` actor (`<run_dir>/expert/buffer`) and
 rollouts in the replay buffer (`<run_dir>/buffer`: `buffer.shards` actors, sm_dist/buffer/shards.py), so
@@ -52,35 +52,37 @@ from sm_dist.service.status import RunDirBusy, check_free, claim_run_dir, note_c
 log = logging.getLogger("sm_dist.driver")
 
 
-def learn(o: Orchestrator) -> None:
-    """The learner loop, until run.total_steps or a stop (a signal, the control API)."""
+async def learn(o: Orchestrator) -> None:
+    """The learner loop, until run.total_steps or a stop (a signal, the control API). It runs on the
+    run's event loop (`o.run(learn(o))`), beside a loop per rollout worker (`o.sched`)."""
     from tqdm import tqdm
 
     cfg, s = o.cfg, o.s
     bar = tqdm(total=cfg.run.total_steps, initial=s.step, disable=not cfg.run.progress, desc="sm-dist train")
-    if cfg.run.asynchronous:
-        o.sched.submit_all()  # from now on each worker resubmits as its batch lands
+    o.sched.start()  # asynchronous mode: from now on each worker's loop resubmits on its own
     while s.step < step_limit(cfg.run) and not o.stopping:
-        o.calls.check()  # a fatal rollout answer that landed during the last step stops the run here
-        o.control.apply()  # control API calls, workers joining, autoscaler, new data; blocks while paused
+        o.tasks.check()  # a fatal error a worker's loop met during the last step stops the run here
+        await (
+            o.control.apply()
+        )  # control API calls, workers joining, autoscaler, new data; waits while paused
         if o.stopping:
             break
         try:
             if not cfg.run.asynchronous:
-                o.sched.run_round()  # synchronous mode: one batch per worker, learners idle
+                await o.sched.run_round()  # synchronous mode: one batch per worker, learners idle
             t0 = time.perf_counter()
-            data, rep = o.sampler.sample(len(o.group.learners), s.step, s.version)
-            m = o.group.step(data, rep)  # rollouts land and go out again meanwhile
+            data, rep = await o.sampler.sample(len(o.group.learners), s.step, s.version)
+            m = await o.group.step(data, rep)  # the workers' loops go on meanwhile
             m["perf/step_s"] = time.perf_counter() - t0
             s.step += 1
-            extra = o.sync.maybe_publish(s.step)
+            extra = await o.sync.maybe_publish(s.step)
             o.sync.check_deadline()
             if s.step % cfg.run.checkpoint_every == 0 and s.step < step_limit(cfg.run):
-                o.ckpt.save(o.state())
+                await o.ckpt.save(o.state())
         except o.ray.exceptions.RayError as e:
             if (rank := o.group.dead_rank(e)) is None:
                 raise
-            o.restart_learners(rank, e)  # from the latest checkpoint; its weights re-published
+            await o.restart_learners(rank, e)  # from the latest checkpoint; its weights re-published
             bar.reset(total=cfg.run.total_steps)
             bar.update(s.step)
             continue
@@ -91,9 +93,9 @@ def learn(o: Orchestrator) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{m.get('loss/total', float('nan')):.3f}", v=s.version)
     bar.close()
-    o.calls.check()
+    o.tasks.check()
     o.pool.cancel_joins()  # workers still starting never had work
-    o.sched.drain()  # let in-flight batches and syncs land so the final state counts them
+    await o.sched.drain()  # let in-flight batches and syncs land so the final state counts them
 
 
 def train(cfg: Config, resume: str | None = None, address: str | None = None) -> int:
@@ -171,14 +173,16 @@ def _finish(o: Orchestrator, run_dir: Path, final: Path, logger, acc: dict | Non
         print(f"  {text}")  # last: the line that shows what the run learned
 
 
-def _begin(o: Orchestrator, last: Path | None, data_rows: list) -> None:
+async def _begin(o: Orchestrator, last: Path | None, data_rows: list) -> None:
     """Connect the weight transport, load the checkpoint resumed from (if any), seed the expert buffer."""
-    o.sync.reconnect()
+    await o.sync.reconnect()
     if last:
-        o.group.load(str(last))
+        await o.group.load(str(last))
         log.info(f"resumed from {last} at step {o.s.step}, weights version {o.s.version}")
         o.s.version -= 1
-        o.sync.publish()  # tags the workers with the checkpoint's version (their engines loaded its weights)
+        await (
+            o.sync.publish()
+        )  # tags the workers with the checkpoint's version (their engines loaded its weights)
     if o.ray.get(o.expert.stats.remote())["rows"] == 0:
         from sm_dist.buffer.schema import rows_to_batch
 
@@ -225,26 +229,34 @@ def _run(cfg: Config, run_dir: Path, last: Path | None, address: str | None, dat
     route_worker_logs(run_dir)
     try:
         o = _start(ray, cfg, last, state, text, RunActors(prompts, targets, local), tok)
-        _begin(o, last, data_rows)
-        acc = heldout.measure(o, held, tok, "before")  # on the workers' engines (sm_dist/eval/heldout.py)
-        api = start_api(o, run_dir)
         try:
-            learn(o)
-        except Exception as e:
-            o.ckpt.rescue(o.state(), e)
-            raise
+            return _drive(o, run_dir, last, data_rows, held, tok)
         finally:
-            if api is not None:
-                api.stop()
-        # after a stop signal the final checkpoint is bounded: Ray kills the job later (run.stop_timeout_s)
-        final = o.ckpt.save(o.state(), timeout_s=cfg.run.stop_timeout_s if o.stopping else None)
-        acc = heldout.measure(o, held, tok, "after") or acc
-        o.log.close()
-        _finish(o, run_dir, final, o.log, acc)
-        return 0
+            o.close()
     finally:
         if local:
             ray.shutdown()
+
+
+def _drive(o: Orchestrator, run_dir: Path, last: Path | None, data_rows: list, held, tok) -> int:
+    """The run on its event loop: start, held-out accuracy, `learn`, the final checkpoint, the summary."""
+    o.run(_begin(o, last, data_rows))
+    acc = heldout.measure(o, held, tok, "before")  # on the workers' engines (sm_dist/eval/heldout.py)
+    api = start_api(o, run_dir)
+    try:
+        o.run(learn(o))
+    except Exception as e:
+        o.ckpt.rescue(o.state(), e)  # the event loop stopped: no worker task runs meanwhile
+        raise
+    finally:
+        if api is not None:
+            api.stop()
+    # after a stop signal the final checkpoint is bounded: Ray kills the job later (run.stop_timeout_s)
+    final = o.run(o.ckpt.save(o.state(), timeout_s=o.cfg.run.stop_timeout_s if o.stopping else None))
+    acc = heldout.measure(o, held, tok, "after") or acc
+    o.log.close()
+    _finish(o, run_dir, final, o.log, acc)
+    return 0
 
 
 def _start(

@@ -1,11 +1,12 @@
 """What a run does when something fails or it is told to stop: rollout workers that die and restart
 (`WorkerRestarts`), the signal handlers (finish the step, then a final checkpoint), the checkpoint of
 the learners' state and the rescue checkpoint after a failed loop (`Checkpointer`). Nothing here
-schedules work: `Rollouts` (rollouts.py) and the learner loop (driver.py) call in.
+schedules work: a worker's loop (rollouts.py) and the learner loop (driver.py) call in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -15,8 +16,8 @@ from typing import Any, Protocol
 
 from sm_dist.learner import checkpoint as ckpt
 from sm_dist.orchestrator.actors import describe_error
-from sm_dist.orchestrator.calls import RolloutPolicy, Waiter, WorkerSet
 from sm_dist.orchestrator.learners import LearnerDied
+from sm_dist.orchestrator.tasks import RolloutPolicy, WorkerSet, gather
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -39,28 +40,28 @@ class WorkerRestarts:
     """A dead worker is restarted by Ray (rollout.max_restarts): count its restarts, tell a real death
     from a caller's lagging view of a restart, and wait for its new process."""
 
-    def __init__(self, ray: Any, workers: WorkerSet, policy: RolloutPolicy):
-        self.ray, self.ws, self.p = ray, workers, policy
+    def __init__(self, ray: Any, workers: WorkerSet, policy: RolloutPolicy, pause_s: float = 0.5):
+        """`pause_s`: between two tries of a worker that is restarting."""
+        self.ray, self.ws, self.p, self.pause_s = ray, workers, policy, pause_s
         self.counts: dict[str, int] = {}  # name -> restarts
         self.incarnations: dict[str, str] = {}  # name -> the process a restarted worker answered from
         self.unavailable: dict[str, int] = {}  # name -> failed calls in a row while that process lives
 
-    def answered(self, i: int) -> None:
-        """Worker i answered a call."""
-        self.unavailable.pop(self.ws.names[i], None)
+    def answered(self, name: str) -> None:
+        """Worker `name` answered a call."""
+        self.unavailable.pop(name, None)
 
     def forget(self, name: str) -> None:
         """A removed worker: a later one may take the name."""
         self.incarnations.pop(name, None)
 
-    def still_alive(self, i: int, err: Exception, why: str) -> bool:
+    async def still_alive(self, name: str, err: Exception, why: str) -> bool:
         """A call that failed with ActorUnavailableError ("the actor is restarting") on a worker Ray
         already restarted, whose new process still answers: a caller's view of the restart lagged (e.g.
         the learner re-sending weights right after it), not a second death. The caller sends it again."""
-        name = self.ws.names[i]
         if not isinstance(err, self.ray.exceptions.ActorUnavailableError) or name not in self.incarnations:
             return False
-        if self.wait_restarted(i) != self.incarnations[name]:
+        if await self.wait_restarted(name) != self.incarnations[name]:
             return False  # a new process: it did die again
         n = self.unavailable[name] = self.unavailable.get(name, 0) + 1
         if n > 10:
@@ -69,13 +70,12 @@ class WorkerRestarts:
                 "the Ray cluster is unhealthy (see `ray status` and the run dir's logs)"
             ) from err
         log.warning(f"rollout worker {name} was unavailable for one call ({why}); sent again")
-        time.sleep(0.5)  # let the caller's view of the actor catch up
+        await asyncio.sleep(self.pause_s)  # let the caller's view of the actor catch up
         return True
 
-    def restarted(self, i: int, err: Exception, why: str, during: str) -> None:
-        """Worker i died `during` something: raise past rollout.max_restarts (or when the transport
+    async def restarted(self, name: str, err: Exception, why: str, during: str) -> None:
+        """Worker `name` died `during` something: raise past rollout.max_restarts (or when the transport
         cannot take it back), else wait until Ray restarted it."""
-        name = self.ws.names[i]
         n = self.counts[name] = self.counts.get(name, 0) + 1
         if n > self.p.max_restarts:
             raise RuntimeError(
@@ -88,27 +88,25 @@ class WorkerRestarts:
                 "worker restarts"
             ) from err
         log.warning(f"rollout worker {name} died during {during} ({why}); restart {n}/{self.p.max_restarts}")
-        self.incarnations[name] = self.wait_restarted(i)
+        self.incarnations[name] = await self.wait_restarted(name)
 
-    def wait_restarted(self, i: int) -> str:
-        """Wait until worker i answers (Ray restarts a dead one); returns its process (`incarnation`)."""
+    async def wait_restarted(self, name: str) -> str:
+        """Wait until worker `name` answers (Ray restarts a dead one); returns its process (`incarnation`)."""
         from sm_dist.rollout.worker import incarnation
 
         ex = self.ray.exceptions
         deadline = time.monotonic() + self.p.startup_timeout_s
         while True:  # calls fail with ActorUnavailableError while Ray restarts the actor
             try:
-                return self.ray.get(
-                    self.ws.handles[i].__ray_call__.remote(incarnation),
-                    timeout=max(1.0, deadline - time.monotonic()),
-                )
-            except (ex.ActorUnavailableError, ex.GetTimeoutError) as e:
+                call = self.ws.handle(name).__ray_call__.remote(incarnation)
+                return await asyncio.wait_for(call, max(1.0, deadline - time.monotonic()))
+            except (ex.ActorUnavailableError, TimeoutError) as e:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"rollout worker {self.ws.names[i]} did not restart within run.startup_timeout_s="
+                        f"rollout worker {name} did not restart within run.startup_timeout_s="
                         f"{self.p.startup_timeout_s}s"
                     ) from e
-                time.sleep(0.5)
+                await asyncio.sleep(self.pause_s)
 
 
 # ---- stopping --------------------------------------------------------------------------------------
@@ -144,19 +142,24 @@ class Checkpointer:
     """Checkpoints of the learners' state with the run state, and the rescue after a failed loop."""
 
     def __init__(self, ray: Any, run_dir: str, keep_last: int, sync_timeout_s: float, group: Saver,
-                 replay: Any, waiter: Waiter):  # fmt: skip
-        """`replay`: the `ReplayShards` (its stats are recorded); `waiter`: what handles the rollout
-        answers while the learners save (`Inflight`)."""
+                 replay: Any):  # fmt: skip
+        """`replay`: the `ReplayShards` (its stats are recorded)."""
         self.ray, self.run_dir, self.keep_last, self.sync_timeout_s = ray, run_dir, keep_last, sync_timeout_s
-        self.group, self.replay, self.waiter = group, replay, waiter
+        self.group, self.replay = group, replay
 
-    def save(self, state: RunState, timeout_s: float | None = None) -> Path:
+    async def save(self, state: RunState, timeout_s: float | None = None) -> Path:
+        """A checkpoint of `state`; the rollouts go on while the learners save."""
         tmp = ckpt.begin(self.run_dir, state.step)
-        futs = self.group.save_futures(str(tmp))
-        if timeout_s is None:
-            self.waiter.wait_for(futs)
-        else:  # after a failure or a stop: touch no worker future, bound the wait
-            self.ray.get(futs, timeout=timeout_s)
+        await gather(self.group.save_futures(str(tmp)), timeout_s)
+        return self._commit(tmp, state)
+
+    def save_now(self, state: RunState, timeout_s: float) -> Path:
+        """A checkpoint of `state` with the event loop stopped (after a failure: no worker task runs)."""
+        tmp = ckpt.begin(self.run_dir, state.step)
+        self.ray.get(self.group.save_futures(str(tmp)), timeout=timeout_s)
+        return self._commit(tmp, state)
+
+    def _commit(self, tmp: Path, state: RunState) -> Path:
         try:  # informational: the buffer restores itself from its own manifest on resume
             stats = self.replay.stats(timeout=self.sync_timeout_s)
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.GetTimeoutError):
@@ -186,7 +189,7 @@ class Checkpointer:
             log.warning(f"a dead learner cannot save step {state.step}: the last checkpoint stands")
         else:
             try:
-                last = self.save(state, timeout_s=self.sync_timeout_s)
+                last = self.save_now(state, timeout_s=self.sync_timeout_s)
                 log.info(f"saved checkpoint {last}")
             except Exception as e2:  # a dead or hung learner cannot save: the last checkpoint stands
                 log.error(f"could not checkpoint step {state.step} ({type(e2).__name__}: {e2})")

@@ -1,26 +1,26 @@
 """The learner side of the driver loop: the ranks as one group that steps, publishes its weights,
 checkpoints, and is rebuilt from the latest checkpoint when a rank dies.
 
-    group = LearnerGroup(ray, cfg, learners, waiter=calls, build=build_learners_fn)
-    metrics = group.step(data_shards, replay_shards)
-    delivery = group.publish(version)         # rank 0's `Delivery` (sm_dist.sync.base)
+    group = LearnerGroup(ray, cfg, learners, build=build_learners_fn)
+    metrics = await group.step(data_shards, replay_shards)
+    delivery = await group.publish(version)   # rank 0's `Delivery` (sm_dist.sync.base)
     rank = group.dead_rank(err)               # which rank's death is behind `err`, or None
-    step = group.restart(rank, err, workers, names)
+    step = await group.restart(rank, err, workers, names, at_step)
 
-Every wait goes through `waiter` (the run's `Inflight`, sm_dist/orchestrator/calls.py), so worker
-answers keep being handled while the learners work. `ray` is the module or a fake with its `wait`/`get`/`kill`/`exceptions`.
+The ranks' calls are awaited on the driver's event loop, so the rollout workers' loops
+(sm_dist/orchestrator/rollouts.py) go on while the learners work; the first rank's call that fails
+raises at once. `dead_rank` still blocks (up to `probe_s`), on the failure path only. `ray` is the
+module or a fake with its `wait`/`get`/`kill`/`exceptions`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sm_dist.learner import checkpoint as ckpt
-
-if TYPE_CHECKING:
-    from sm_dist.orchestrator.calls import Waiter
+from sm_dist.orchestrator.tasks import gather, within
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -31,40 +31,41 @@ class LearnerDied(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, ray: Any, cfg: Any, learners: list, waiter: Waiter, build: Callable[[str], list]):
+    def __init__(self, ray: Any, cfg: Any, learners: list, build: Callable[[str], list]):
         """`build(model_dir)` makes a fresh set of ranks, process group joined
         (`sm_dist.orchestrator.actors.build_learners`, in the run's placement group)."""
         self.ray, self.cfg, self.learners = ray, cfg, list(learners)
         self.rendezvous: str | None = getattr(learners, "rendezvous", None)  # where the ranks met
-        self.waiter, self.build = waiter, build
+        self.build = build
         self.restarts = 0
         self.busy_s = 0.0  # seconds the slowest rank spent in train_step, summed over steps
 
-    def step(self, data: list, replay: list) -> dict[str, float]:
+    async def step(self, data: list, replay: list) -> dict[str, float]:
         """One optimiser step on every rank (rank r gets `data[r]`, `replay[r]`); mean metrics."""
         futs = [lr.train_step.remote(d, r) for lr, d, r in zip(self.learners, data, replay, strict=True)]
-        results = self.waiter.wait_for(futs)
+        results = await gather(futs)
         self.busy_s += max(m["perf/learner_step_s"] for m in results)
         return {k: sum(m[k] for m in results) / len(results) for k in results[0]}
 
-    def connect(self, workers: list, names: list[str]) -> None:
+    async def connect(self, workers: list, names: list[str]) -> None:
         """Rank 0 connects its end of the weight transport to `workers` (every rank takes the call)."""
-        self.waiter.wait_for(
-            [lr.publish_weights.remote(workers=workers, names=names) for lr in self.learners]
-        )
+        await gather([lr.publish_weights.remote(workers=workers, names=names) for lr in self.learners])
 
-    def publish(self, version: int):
+    async def publish(self, version: int):
         """Every rank gathers (FSDP2), rank 0 sends `version`; its `Delivery`."""
-        return self.waiter.wait_for([lr.publish_weights.remote(version) for lr in self.learners])[0]
+        return (await gather([lr.publish_weights.remote(version) for lr in self.learners]))[0]
 
-    def resend(self, index: int):
+    async def resend(self, index: int):
         """Rank 0 sends the last version again to worker `index`; its `Delivery`."""
-        return self.ray.get(
-            self.learners[0].publish_weights.remote(only=index), timeout=self.cfg.sync.timeout_s
+        t = self.cfg.sync.timeout_s
+        return await within(
+            self.learners[0].publish_weights.remote(only=index),
+            t,
+            "rank 0's re-send of the weights did not finish",
         )
 
-    def load(self, ckpt_dir: str) -> None:
-        self.waiter.wait_for([lr.load.remote(ckpt_dir) for lr in self.learners])
+    async def load(self, ckpt_dir: str) -> None:
+        await gather([lr.load.remote(ckpt_dir) for lr in self.learners])
 
     def save_futures(self, ckpt_dir: str) -> list:
         return [lr.save.remote(ckpt_dir) for lr in self.learners]
@@ -92,7 +93,9 @@ class LearnerGroup:
                     return rank
         return None
 
-    def restart(self, rank: int, err: BaseException, workers: list, names: list[str], at_step: int) -> int:
+    async def restart(
+        self, rank: int, err: BaseException, workers: list, names: list[str], at_step: int
+    ) -> int:
         """Learner `rank` died: replace every rank (the survivors hang in their collective), load the
         latest checkpoint into the new ones (or start from the initial model), connect them to the
         workers, and return the step to go on from. Rollout workers, both buffers and their rows are
@@ -123,13 +126,13 @@ class LearnerGroup:
             self.ray.kill(lr, no_restart=True)
         built = self.build(str(last / "model") if last else cfg.model.dir)
         self.learners, self.rendezvous = list(built), getattr(built, "rendezvous", None)
-        self.waiter.wait_for(
+        await gather(
             [lr.__ray_call__.remote(learner_step) for lr in self.learners], cfg.run.startup_timeout_s
         )
         if last is None:
             step = 0
         else:
-            self.load(str(last))
+            await self.load(str(last))
             step = ckpt.read_run_state(last)["step"]
-        self.connect(workers, names)
+        await self.connect(workers, names)
         return step

@@ -1,49 +1,48 @@
-"""The rollout side of the run: every live worker always has one `run_batch` in flight; a landed batch
-is counted and the worker's next one goes out at once, while the learners step.
+"""The rollout side of the run: each live worker is driven by its own loop, a task on the driver's event
+loop (sm_dist/orchestrator/tasks.py) that submits `run_batch`, awaits it, counts it, and submits the
+next, while the learners step.
 
-    sched = Rollouts(ray, calls, workers, policy, group, state, every, restarts)
-    sched.submit_all()               # asynchronous mode: one batch per worker, then self-resubmitting
-    calls.wait_for(learner_futures)  # (sm_dist/orchestrator/calls.py) batches land and go out again
-    sched.sync.maybe_publish(step)   # the weights (sm_dist/orchestrator/weight_sync.py)
-    sched.drain()                    # at the end: in-flight batches and syncs land, none resubmitted
+    sched = Rollouts(ray, tasks, workers, policy, sync, restarts)
+    sched.start()                          # asynchronous mode: a loop per worker, self-resubmitting
+    await sched.next_batch(30.0, "why")    # the sampler waits for fresh rows (sampler.py)
+    await sched.run_round()                # synchronous mode: one batch per worker, learners idle
+    await sched.drain()                    # at the end: in-flight batches land, none go out again
 
-A batch is driven by its answers, not by a thread per worker: the driver's one wait
-(`Inflight.wait_for`) hands each landed batch to `on_answer`, which resubmits. A worker that dies (its
-actor process is gone) is restarted by Ray (`rollout.max_restarts`; `WorkerRestarts` in faults.py waits
-for it), given its prompt shard and the latest weights, and its batch goes out once they are applied.
-Its lost batch is simply not in the buffer; acknowledged rows are untouched.
+A worker's loop submits only while the run is neither paused nor stopping, and only once the worker
+holds the latest weights (weight_sync.py, rule 2). A worker that dies (its actor process is gone) is
+restarted by Ray (`rollout.max_restarts`; `WorkerRestarts` in faults.py waits for it) and given its
+prompt shard and the latest weights by its own loop, which goes on once they are applied. Its lost
+batch is simply not in the buffer; acknowledged rows are untouched. A removed worker (scaling.py) whose
+batch is in flight is `retiring`: its loop counts that last batch, then kills it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
-from sm_dist.orchestrator.calls import (
-    BatchCall,
-    Call,
-    Inflight,
-    RolloutPolicy,
-    SyncCall,
-    WorkerSet,
-    answer_or_death,
-)
+from sm_dist.orchestrator.actors import describe_error
 from sm_dist.orchestrator.faults import WorkerRestarts
-from sm_dist.orchestrator.weight_sync import Publisher, Versioned, WeightSync
+from sm_dist.orchestrator.tasks import RolloutPolicy, Tasks, WorkerSet, is_death
+from sm_dist.orchestrator.weight_sync import WeightSync
 
 log = logging.getLogger("sm_dist.driver")
 
 
 class Rollouts:
-    def __init__(self, ray: Any, calls: Inflight, workers: WorkerSet, policy: RolloutPolicy,
-                 group: Publisher, state: Versioned, every: int, restarts: WorkerRestarts,
-                 batches: int = 0):  # fmt: skip
-        """`group`: the learners (publish, resend); `state`: the run state the weights update;
-        `every`: sync.every; `batches`: the batches landed before (a resumed run's)."""
-        self.ray, self.calls, self.ws, self.p, self.restarts = ray, calls, workers, policy, restarts
-        self.sync = WeightSync(ray, group, calls, workers, policy, state, every, feeder=self)
+    def __init__(self, ray: Any, tasks: Tasks, workers: WorkerSet, policy: RolloutPolicy, sync: WeightSync,
+                 restarts: WorkerRestarts, batches: int = 0):  # fmt: skip
+        """`sync`: the weights on their way to the workers; `batches`: the batches landed before (a
+        resumed run's)."""
+        self.ray, self.tasks, self.ws, self.p, self.sync = ray, tasks, workers, policy, sync
+        self.restarts = restarts
+        self.loops: dict[str, asyncio.Task] = {}  # name -> its worker's loop
+        self.busy: set[str] = set()  # workers with a batch in flight
+        self.retiring: dict[str, tuple[float, Any]] = {}  # removed, batch in flight: (when, its handle)
         self.stopping = False  # a stop was asked for (a signal, the control API): nothing resubmitted
-        self.paused = False  # the control API's pause: landed batches are not resubmitted
+        self.paused = False  # the control API's pause: no batch goes out until resumed
         self.batches = batches  # rollout batches landed (all workers, the run's)
         self.gen_s = 0.0  # seconds the workers spent generating
         self.stats: dict[str, list[float]] = {}  # rollout/... values since the last `take_stats`
@@ -53,75 +52,143 @@ class Rollouts:
         """The live workers' actor handles, in index order."""
         return self.ws.handles
 
-    @property
-    def feeding(self) -> bool:
-        """Does a landed batch get its worker's next one?"""
-        return self.p.asynchronous and not self.stopping and not self.paused
+    def start(self) -> None:
+        """Asynchronous mode: every live worker's loop (call it on the event loop)."""
+        for name in self.ws.names:
+            self.add(name)
 
-    def submit(self, i: int) -> None:
-        self.calls.add(self.ws.handles[i].run_batch.remote(), BatchCall(i), self)
+    def add(self, name: str) -> None:
+        """Worker `name` (live) gets its loop, in asynchronous mode."""
+        if self.p.asynchronous and name not in self.loops:
+            self.loops[name] = self.tasks.spawn(self._drive(self.ws.handle(name), name))
 
-    def submit_all(self) -> None:
-        for i in range(len(self.ws.handles)):
-            self.submit(i)
+    def pause(self, paused: bool) -> None:
+        self.paused = paused
+        self.tasks.changed()
 
-    def resume(self) -> None:
-        """After a pause: a batch for every live worker that has none in flight (nor awaits weights)."""
-        busy = {c.worker for _, c in self.calls.of(BatchCall)}
-        for i in range(len(self.ws.handles)):
-            if i not in busy and i not in self.ws.awaiting and self.feeding:
-                self.submit(i)
+    async def _drive(self, handle: Any, name: str) -> None:
+        """Worker `name`'s loop: a batch whenever it may have one, until the run stops or it is removed."""
+        try:
+            while await self._may_submit(name):
+                await self._batch(handle, name)
+                if self.retiring.pop(name, None) is not None:
+                    self.ray.kill(handle, no_restart=True)
+                    log.info(f"rollout worker {name} removed after its last batch")
+                    return
+        finally:
+            self.loops.pop(name, None)
 
-    def on_answer(self, fut: Any, call: BatchCall) -> None:
-        out, died = answer_or_death(self.ray, fut)
-        if died is not None:
-            self.worker_died(call, died)
+    async def _may_submit(self, name: str) -> bool:
+        """Wait while paused or while its first weights are on their way; False once stopping or removed."""
+
+        def gone() -> bool:
+            return self.stopping or name not in self.ws.names
+
+        await self.tasks.until(lambda: gone() or not (self.paused or name in self.ws.awaiting))
+        return not gone()
+
+    async def _batch(self, handle: Any, name: str) -> None:
+        """One batch on worker `name`, counted when it lands; a death restarts the worker (no batch)."""
+        self.busy.add(name)
+        try:
+            out = await handle.run_batch.remote()
+        except self.ray.exceptions.RayError as e:
+            if not is_death(self.ray, e) and name not in self.retiring:
+                raise  # an error inside a live worker (e.g. the replay buffer it writes to died)
+            self.busy.discard(name)  # not retiring any more while it restarts
+            await self._died(handle, name, e)
             return
-        self.restarts.answered(call.worker)
+        finally:
+            self.busy.discard(name)
+        self.restarts.answered(name)
         self.count_batch(out)
-        if self.feeding:
-            self.submit(call.worker)
 
     def count_batch(self, out: dict) -> None:
         self.batches += 1
         self.gen_s += out.get("rollout/gen_s", 0.0)
         for k, v in out.items():
             self.stats.setdefault(k, []).append(v)
+        self.tasks.changed()
 
-    def worker_died(self, call: Call, err: Exception) -> None:
-        """Worker `call.worker` died during `call`: wait for Ray to restart it, give it its prompt shard
-        and the latest weights; its batch goes out once they are applied (weight_sync.py, rule 2)."""
-        from sm_dist.orchestrator.actors import describe_error
-
-        i, why = call.worker, describe_error(err)
-        if self.restarts.still_alive(i, err, why):  # a lagging view of a restart: the call again
-            if isinstance(call, SyncCall):
-                self.sync.resend(i)
-            elif self.feeding and i not in self.ws.awaiting:  # an awaited worker's batch follows its weights
-                self.submit(i)
+    async def _died(self, handle: Any, name: str, err: Exception) -> None:
+        """Worker `name` died during a batch: wait for Ray to restart it, give it its prompt shard and the
+        latest weights; its next batch goes out once they are applied (weight_sync.py, rule 2). A
+        removed worker whose last batch failed is dropped."""
+        why = describe_error(err)
+        if self.retiring.pop(name, None) is not None:
+            log.warning(f"rollout worker {name} failed during its last batch ({why}); dropped")
+            self.ray.kill(handle, no_restart=True)
             return
-        kind = "a batch" if isinstance(call, BatchCall) else f"the sync of version {call.version}"
-        self.restarts.restarted(i, err, why, kind)  # raises past rollout.max_restarts
-        self.calls.drop(lambda c: not (isinstance(c, (BatchCall, SyncCall)) and c.worker == i))
-        self.ws.awaiting.discard(i)
-        self.ws.rejoined(i)
-        self.sync.give(i)
+        if await self.restarts.still_alive(name, err, why):  # a lagging view of a restart: the call again
+            return
+        self.sync.forget(name)  # the weights it was sent died with it: no deadline while it restarts
+        await self.restarts.restarted(name, err, why, "a batch")  # raises past rollout.max_restarts
+        self.ws.rejoined(name)
+        await self.sync.give(name)
 
-    def _batches_in_flight(self) -> bool:
-        return bool(self.calls.of(BatchCall))
+    def retire(self, name: str, handle: Any) -> bool:
+        """Worker `name` was removed from the live set: its in-flight batch lands and is counted, then its
+        loop kills it (True); with none in flight it is killed now (False)."""
+        if name in self.busy:
+            self.retiring[name] = (time.monotonic(), handle)
+            return True
+        self._end(name, handle)
+        return False
 
-    def run_round(self) -> None:
+    def check_retiring(self, now: float | None = None) -> None:
+        """A retiring worker whose last batch has not landed within sync.timeout_s is killed (its batch
+        abandoned: none of its rows were acknowledged)."""
+        now = time.monotonic() if now is None else now
+        timeout = self.p.sync_timeout_s
+        for name, (since, handle) in list(self.retiring.items()):
+            if now - since > timeout:
+                self._end(name, handle)
+                log.warning(f"removed rollout worker {name}: its last batch was abandoned after {timeout}s")
+
+    def _end(self, name: str, handle: Any) -> None:
+        self.retiring.pop(name, None)
+        if (loop := self.loops.pop(name, None)) is not None:
+            loop.cancel()
+        self.ray.kill(handle, no_restart=True)
+
+    async def next_batch(self, timeout_s: float, what: str) -> None:
+        """Wait until a batch lands (or a stop, or a fatal error: raised); `what` says why the caller
+        waits."""
+        self.tasks.check()
+        if not self.loops:
+            raise RuntimeError(f"{what}, but no rollout call is in flight")
+        n = self.batches
+
+        def ready() -> bool:
+            return self.batches > n or self.stopping or self.tasks.failure is not None
+
+        try:
+            await asyncio.wait_for(self.tasks.until(ready), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"no rollout worker answered within {timeout_s}s while {what}") from None
+        self.tasks.check()
+
+    async def run_round(self) -> None:
         """Synchronous mode: one batch per worker, learners idle meanwhile."""
-        self.submit_all()
-        while self._batches_in_flight():
-            self.calls.wait_one(self.p.sync_timeout_s, "a synchronous rollout round runs (sync.timeout_s)")
+        await asyncio.gather(
+            *(self._batch(h, n) for h, n in zip(self.ws.handles, self.ws.names, strict=True))
+        )
 
-    def drain(self) -> None:
+    async def drain(self) -> None:
         """Stop resubmitting and let every in-flight batch and sync land, so the final state counts them
-        (cancel the joins first: `WorkerPool.cancel_joins`)."""
+        (cancel the joins first: `WorkerPool.cancel_joins`); a fatal error met meanwhile raises."""
         self.stopping = True
-        while len(self.calls):
-            self.calls.wait_one(self.p.sync_timeout_s, "the run finishes (sync.timeout_s)")
+        self.tasks.changed()
+        loops = list(self.loops.values())
+        if loops:
+            _, late = await asyncio.wait(loops, timeout=self.p.sync_timeout_s)
+            if late:
+                raise TimeoutError(
+                    f"no rollout worker answered within {self.p.sync_timeout_s}s while the run finishes "
+                    "(sync.timeout_s)"
+                )
+        await self.sync.settle()
+        self.tasks.check()
 
     def take_stats(self) -> dict[str, float]:
         """Means of the rollout/... values since the last call, and the sync and batch counters."""

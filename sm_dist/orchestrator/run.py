@@ -1,38 +1,44 @@
 """One run's parts, built together from its actors (`Orchestrator`); the learner loop that drives them
 is `learn` in sm_dist/orchestrator/driver.py.
 
-    calls = Inflight(ray)                        the calls in flight, and the one place that waits
-    group = LearnerGroup(..., waiter=calls)      the learner ranks: step, publish, checkpoint, rebuild
-    sched = Rollouts(..., group, ...)            a batch in flight per worker; its `sync` (WeightSync)
-    pool = WorkerPool(..., sched, calls)         live scaling; `autoscaler` (rollout.max_workers)
-    sampler = BatchSampler(..., calls, sched)    each step's data and replay halves
-    ckpt = Checkpointer(..., group, calls)       checkpoints, the rescue checkpoint
+    tasks = Tasks()                              the tasks beside the learner loop, their fatal error
+    group = LearnerGroup(...)                    the learner ranks: step, publish, checkpoint, rebuild
+    sync = WeightSync(..., group, tasks, ...)    publish, confirmations, re-sends, deadline
+    sched = Rollouts(..., tasks, ..., sync, ...) a self-driving loop per rollout worker
+    pool = WorkerPool(..., sched, tasks)         live scaling; `autoscaler` (rollout.max_workers)
+    sampler = BatchSampler(..., sched)           each step's data and replay halves
+    ckpt = Checkpointer(..., group, ...)         checkpoints, the rescue checkpoint
     control = Controller(run_dir, self)          the control API's calls, applied between steps
 
-Every part gets what it needs when it is built; none is rewired later. The `Orchestrator` is what the
-control API acts on (`sm_dist.orchestrator.control.Controllable`) and what a signal stops
-(`sm_dist.orchestrator.faults.Stoppable`).
+Every part gets what it needs when it is built; none is rewired later. All of them run on one event
+loop, the `Orchestrator`'s, on the driver's thread: `o.run(coro)` drives it (the learner loop,
+`await`ing its parts; set-up and the end between). The `Orchestrator` is what the control API acts on
+(`sm_dist.orchestrator.control.Controllable`) and what a signal stops (`faults.Stoppable`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sm_dist.config import Config
 from sm_dist.orchestrator.actors import build_learners
 from sm_dist.orchestrator.autoscale import autoscaler
-from sm_dist.orchestrator.calls import Inflight, RolloutPolicy, WorkerSet
 from sm_dist.orchestrator.control import Controller, RunView
 from sm_dist.orchestrator.faults import Checkpointer, RunState, WorkerRestarts
 from sm_dist.orchestrator.learners import LearnerGroup
 from sm_dist.orchestrator.rollouts import Rollouts
 from sm_dist.orchestrator.sampler import BatchSampler
 from sm_dist.orchestrator.scaling import WorkerPool
+from sm_dist.orchestrator.tasks import RolloutPolicy, Tasks, WorkerSet
+from sm_dist.orchestrator.weight_sync import WeightSync
 
 log = logging.getLogger("sm_dist.driver")
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,24 +74,33 @@ class Orchestrator:
         """`watcher`: the data.watch_dir `DataWatcher` (sm_dist/data/watch.py), or None."""
         self.ray, self.cfg, self.s, self.log, self.watcher = ray, cfg, state, logger, watcher
         self.replay, self.expert = a.replay, a.expert
-        self.calls = Inflight(ray)
+        self.loop, self.tasks = asyncio.new_event_loop(), Tasks()
         policy, ws = rollout_policy(cfg), WorkerSet(a.workers, a.names)
-        self.group = LearnerGroup(
-            ray, cfg, a.learners, self.calls, lambda d: build_learners(ray, cfg, d, a.pg)
-        )
-        self.sched = Rollouts(ray, self.calls, ws, policy, self.group, state, cfg.sync.every,
-                              WorkerRestarts(ray, ws, policy), state.rollout_batches)  # fmt: skip
-        self.sync = self.sched.sync
-        self.pool = WorkerPool(ray, cfg, self.sched, self.calls, a.prompts, a.targets, a.model_dir, a.replay,
+        self.group = LearnerGroup(ray, cfg, a.learners, lambda d: build_learners(ray, cfg, d, a.pg))
+        restarts = WorkerRestarts(ray, ws, policy)
+        self.sync = WeightSync(ray, self.group, self.tasks, ws, policy, state, cfg.sync.every, restarts)
+        self.sched = Rollouts(ray, self.tasks, ws, policy, self.sync, restarts, state.rollout_batches)
+        self.pool = WorkerPool(ray, cfg, self.sched, self.tasks, a.prompts, a.targets, a.model_dir, a.replay,
                                a.expert, fixed_size=a.local_ray)  # fmt: skip
         self.autoscaler = autoscaler(cfg, self.pool)
-        self.sampler = BatchSampler(ray, cfg, a.replay, a.expert, self.calls, self.sched)
+        self.sampler = BatchSampler(ray, cfg, a.replay, a.expert, self.sched)
         r = cfg.run
-        self.ckpt = Checkpointer(
-            ray, r.run_dir, r.keep_last, cfg.sync.timeout_s, self.group, a.replay, self.calls
-        )
+        self.ckpt = Checkpointer(ray, r.run_dir, r.keep_last, cfg.sync.timeout_s, self.group, a.replay)
         self.control = Controller(r.run_dir, self)
         self.t_start = time.perf_counter()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Drive the run's event loop until `coro` is done (tasks it started keep their place for the next
+        call: a confirmation awaited at the start is still awaited by the learner loop)."""
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        """Cancel the tasks left (a failed loop's) and close the event loop."""
+        if left := asyncio.all_tasks(self.loop):
+            for t in left:
+                t.cancel()
+            self.loop.run_until_complete(asyncio.wait(left))
+        self.loop.close()
 
     @property
     def stopping(self) -> bool:
@@ -109,15 +124,20 @@ class Orchestrator:
         """Publish the final weights if the last step did not, and wait until every worker applied them."""
         versions = self.ray.get([w.version.remote() for w in self.workers])
         if any(v != self.s.version for v in versions):
-            self.sync.publish()
-            self.sched.drain()
+            self.run(self._settle())
 
-    def restart_learners(self, rank: int, err: BaseException) -> None:
+    async def _settle(self) -> None:
+        await self.sync.publish()
+        await self.sync.settle()
+        self.tasks.check()
+
+    async def restart_learners(self, rank: int, err: BaseException) -> None:
         """Learner `rank` died: the group is rebuilt from the latest checkpoint and its weights are
         re-published under a new version (weight_sync.py, rule 1)."""
         self.sync.drop()
-        self.s.step = self.group.restart(rank, err, self.sched.workers, self.sched.ws.names, self.s.step)
-        self.sync.publish()
+        ws = self.sched.ws
+        self.s.step = await self.group.restart(rank, err, ws.handles, ws.names, self.s.step)
+        await self.sync.publish()
         log.info(f"learners restarted at step {self.s.step}, weights version {self.s.version}")
 
     def metrics(self, learner_m: dict, extra: dict) -> dict[str, float]:
@@ -132,38 +152,37 @@ class Orchestrator:
         return out
 
     # ---- the control API's side (sm_dist.orchestrator.control.Controllable)
-    def scale(self, n: int) -> dict:
-        return self.pool.scale_to(n)
+    async def scale(self, n: int) -> dict:
+        return await self.pool.scale_to(n)
 
     @property
     def paused(self) -> bool:
         return self.sched.paused
 
     def pause(self, paused: bool) -> None:
-        self.sched.paused = paused
-        if not paused:
-            self.sched.resume()
+        self.sched.pause(paused)
 
     def stop(self) -> None:
         self.sched.stopping = True
 
-    def checkpoint(self) -> dict:
-        return {"checkpoint": str(self.ckpt.save(self.state())), "step": self.s.step}
+    async def checkpoint(self) -> dict:
+        return {"checkpoint": str(await self.ckpt.save(self.state())), "step": self.s.step}
 
-    def between_steps(self, buffers: dict) -> None:
-        self.pool.admit()
+    async def between_steps(self, buffers: dict) -> None:
+        await self.pool.admit()
         if self.autoscaler is not None:
             fill = ((buffers or {}).get("replay") or {}).get("rows", 0) / self.cfg.buffer.capacity_rows
             try:
-                self.autoscaler.tick(self.sampler.wait_s, fill)
+                await self.autoscaler.tick(self.sampler.wait_s, fill)
             except ValueError as e:  # e.g. a refused size: reported, the run goes on
                 log.warning(f"autoscaling: {e}")
         if self.watcher is not None:
             # data.watch_dir (sm_dist/data/watch.py): its new files' rows
             self.s.expert_rows += self.watcher.poll(step=self.s.step)
 
-    def poll(self, timeout_s: float) -> None:
-        self.calls.poll(timeout_s)
+    async def poll(self, timeout_s: float) -> None:
+        self.tasks.check()
+        await asyncio.sleep(timeout_s)
 
     def view(self) -> RunView:
         return RunView(self.s.step, self.s.version, self.cfg.run.total_steps, list(self.sched.ws.names),

@@ -1,12 +1,13 @@
 """The learner's batch: expert rows from the expert buffer and fresh rollouts from the replay buffer,
 each split evenly over the learner ranks (DESIGN §3).
 
-    sampler = BatchSampler(ray, cfg, replay, expert, calls, run)  # replay: the ReplayShards (buffer/shards.py)
-    data, replay = sampler.sample(ranks, step, version)
+    sampler = BatchSampler(ray, cfg, replay, expert, rollouts)  # replay: the ReplayShards (buffer/shards.py)
+    data, replay = await sampler.sample(ranks, step, version)
 
 Rollout rows older than `buffer.max_staleness` versions are never sampled. After the BC warmup, with
-`buffer.wait_for_replay`, the learner waits (`calls.wait_one`: one worker answer handled) until
-enough fresh rows exist, or a stop is asked for (`run.stopping`); else a short replay half is filled with data rows (`buffer.fill_with_data`).
+`buffer.wait_for_replay`, the learner waits (`rollouts.next_batch`: until a batch lands) until enough
+fresh rows exist, or a stop is asked for (`rollouts.stopping`); else a short replay half is filled
+with data rows (`buffer.fill_with_data`). The buffers' own calls block the event loop (briefly).
 Each rank gets the same number of rows of each source, so the DDP normalisation holds (learner.py).
 Which replay shards a rank's rows come from (`buffer.shards`) is `ReplayShards.draw`'s rule.
 """
@@ -19,25 +20,24 @@ from typing import Any, Protocol
 from sm_dist.buffer.shards import deal
 
 
-class OneWaiter(Protocol):
-    def wait_one(self, timeout_s: float, what: str) -> None: ...
+class FreshRows(Protocol):
+    """The rollouts, as the sampler waits for them (`sm_dist.orchestrator.rollouts.Rollouts`)."""
 
-
-class Stopping(Protocol):
     @property
     def stopping(self) -> bool: ...
 
+    async def next_batch(self, timeout_s: float, what: str) -> None: ...
+
 
 class BatchSampler:
-    def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any, calls: OneWaiter, run: Stopping):
-        """`calls`: handles one rollout answer at a time while the learner waits (`Inflight`); `run`:
-        says when a stop was asked for (`Rollouts`)."""
+    def __init__(self, ray: Any, cfg: Any, replay: Any, expert: Any, rollouts: FreshRows):
+        """`rollouts`: what the learner waits on for fresh rows, and says when a stop was asked for."""
         self.ray, self.cfg, self.replay, self.expert = ray, cfg, replay, expert
-        self.calls, self.run = calls, run
+        self.rollouts = rollouts
         self.wait_s = 0.0  # seconds the learner spent waiting for fresh rollouts
         self.staleness = 0.0  # mean versions behind of the last replay rows sampled
 
-    def sample(self, ranks: int, step: int, version: int) -> tuple[list, list]:
+    async def sample(self, ranks: int, step: int, version: int) -> tuple[list, list]:
         """Per-rank (data, replay) Arrow batches for learner step `step` under weights `version`."""
         b = self.cfg.buffer
         n_rep, n_dat = self.cfg.split_batch()
@@ -47,10 +47,10 @@ class BatchSampler:
                 ranks, n_rep, min_version=version - b.max_staleness, newest_first=b.newest_first
             )
             got = min(r.num_rows for r in rep)  # rows each rank can have (the same for all)
-            if got * ranks >= n_rep or not need or self.run.stopping:
+            if got * ranks >= n_rep or not need or self.rollouts.stopping:
                 break
             t0 = time.perf_counter()  # bounded staleness: the learner waits for fresh rollouts
-            self.calls.wait_one(
+            await self.rollouts.next_batch(
                 self.cfg.sync.timeout_s,
                 "the learner waited for fresh rows (buffer.wait_for_replay, sync.timeout_s)",
             )

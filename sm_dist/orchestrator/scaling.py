@@ -1,18 +1,18 @@
 """Live scaling of the rollout workers: add some or remove some while the learners train.
 
-    pool = WorkerPool(ray, cfg, sched, calls, prompts, targets, model_dir, replay, expert)
-    pool.scale_to(3)      # starts the missing workers (their constructors run in the background)
-    pool.admit()          # between two learner steps: the ready ones join (weights first, then batches)
-    pool.scale_to(1)      # not-yet-joined workers are cancelled first, then the newest live ones leave
+    pool = WorkerPool(ray, cfg, sched, tasks, prompts, targets, model_dir, replay, expert)
+    await pool.scale_to(3)  # starts the missing workers (their constructors run in the background)
+    await pool.admit()      # between two learner steps: the ready ones join (weights, then batches)
+    await pool.scale_to(1)  # not-yet-joined workers are cancelled first, then the newest live ones leave
 
-An added worker's constructor call is a `JoinCall` in flight (sm_dist/orchestrator/calls.py), owned
-here; once it answered, the worker joins at the next step boundary: into the live `WorkerSet`, the
-learner's sender reconnected to the new list, the latest version re-sent (`WeightSync.give`), and its
-first batch goes out once that version is applied. A removed worker's in-flight batch becomes a
-`RetireCall`: it lands (its rows were acknowledged by the buffer before the batch returned) and then
-the worker is killed; none of its rows are lost or written twice; one that has not landed within
-sync.timeout_s is abandoned. Nothing here waits for a worker to start: the learner never waits on
-scaling. After every change of the live set the prompts are re-sharded over it
+An added worker's constructor call is awaited by a task of its own (sm_dist/orchestrator/tasks.py);
+once it answered, the worker joins at the next step boundary: into the live `WorkerSet`, the learner's
+sender reconnected to the new list, the latest version re-sent (`WeightSync.give`), and its own loop
+started (rollouts.py), whose first batch goes out once that version is applied. A removed worker with
+a batch in flight is retiring (`Rollouts.retire`): its loop lets the batch land (its rows were
+acknowledged by the buffer before the batch returned), counts it, and kills it; none of its rows are
+lost or written twice; one that has not landed within sync.timeout_s is abandoned. Nothing here waits
+for a worker to start: the learner never waits on scaling. After every change of the live set the prompts are re-sharded over it
 (`RolloutWorker.set_prompts`); a worker that Ray restarts later is given its current shard again
 (`WorkerSet.rejoined`).
 
@@ -22,14 +22,13 @@ The autoscaler (rollout.max_workers) is sm_dist/orchestrator/autoscale.py.
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import logging
-import time
 from typing import Any
 
 from sm_dist.orchestrator.actors import describe_error, make_worker, shard, worker_class
-from sm_dist.orchestrator.calls import BatchCall, Inflight, JoinCall, RetireCall, SyncCall
 from sm_dist.orchestrator.rollouts import Rollouts
+from sm_dist.orchestrator.tasks import Tasks
 
 log = logging.getLogger("sm_dist.driver")
 
@@ -39,14 +38,15 @@ class ScalingRefused(ValueError):
 
 
 class WorkerPool:
-    def __init__(self, ray: Any, cfg: Any, sched: Rollouts, calls: Inflight, prompts: list, targets: list | None,
+    def __init__(self, ray: Any, cfg: Any, sched: Rollouts, tasks: Tasks, prompts: list, targets: list | None,
                  model_dir: str, replay: Any, expert: Any, fixed_size: bool = False):  # fmt: skip
         """`fixed_size`: a local Ray (started by this driver) never gains nodes: scale within it."""
-        self.ray, self.cfg, self.sched, self.calls, self.ws = ray, cfg, sched, calls, sched.ws
+        self.ray, self.cfg, self.sched, self.tasks, self.ws = ray, cfg, sched, tasks, sched.ws
         self.prompts, self.targets, self.model_dir = prompts, targets, model_dir
         self.replay, self.expert, self.fixed_size = replay, expert, fixed_size
         self.next_id = len(self.ws.names)  # worker names are never reused: w0, w1, ... in order of creation
         self.built: dict[str, Any] = {}  # name -> the PromptShard it was built with (a restart re-reads it)
+        self.starting: dict[str, tuple[asyncio.Task, Any]] = {}  # name -> (its start-up, its handle)
         self.joined: list[tuple[Any, str]] = []  # started workers ready, waiting for `admit`
         self.shard_calls: dict[Any, str] = {}  # the last re-shard's set_prompts calls, until checked
         self._W = None
@@ -69,7 +69,7 @@ class WorkerPool:
 
     def pending_joins(self) -> int:
         """Added workers not admitted yet (starting, or ready and waiting for `admit`)."""
-        return len(self.joined) + len(self.calls.of(JoinCall))
+        return len(self.joined) + len(self.starting)
 
     def counts(self, target: int | None = None) -> dict:
         live = len(self.ws.handles)
@@ -96,7 +96,7 @@ class WorkerPool:
             )
 
     # ---- scaling
-    def scale_to(self, n: int) -> dict:
+    async def scale_to(self, n: int) -> dict:
         """Start or remove workers so that `n` are live or starting; returns `counts()`."""
         self.check(n)
         cur = self._size()
@@ -106,7 +106,7 @@ class WorkerPool:
             k = cur - n
             k -= self.cancel_joins(k)
             for _ in range(k):
-                name = self.remove_worker(len(self.ws.handles) - 1)
+                name = await self.remove_worker(len(self.ws.handles) - 1)
                 self.built.pop(name, None)
             if k:
                 self.reshard()
@@ -121,7 +121,7 @@ class WorkerPool:
             self.next_id += 1
             sh = self.built[name] = shard(self.ray, self.cfg, self.prompts, self.targets, (base + j) % n, n)
             h = make_worker(self._W, self.cfg, name, self.model_dir, sh, self.replay, self.expert, seed)
-            self.calls.add(h.version.remote(), JoinCall(h, name), self)
+            self.starting[name] = (self.tasks.spawn(self._join(h, name)), h)
             names.append(name)
         shown = names if len(names) <= 4 else f"{names[0]} .. {names[-1]} ({len(names)})"
         log.info(f"starting rollout workers {shown} (scaling to {n})")
@@ -134,91 +134,68 @@ class WorkerPool:
 
     def cancel_joins(self, most: int | None = None) -> int:
         """Kill up to `most` (None: all) added workers not admitted yet, the latest first; how many."""
-        starting = [(f, c.handle) for f, c in self.calls.of(JoinCall)]
+        starting = [(n, h) for n, (_, h) in self.starting.items()]
         victims = (starting[::-1] + [(None, h) for h, _ in self.joined[::-1]])[:most]
-        for f, h in victims:
-            if f is None:
+        for name, h in victims:
+            if name is None:
                 self.joined = [(jh, n) for jh, n in self.joined if jh is not h]
             else:
-                self.calls.pop(f)
+                self.starting.pop(name)[0].cancel()
             self.ray.kill(h, no_restart=True)
         return len(victims)
 
-    def on_answer(self, fut: Any, call: JoinCall | RetireCall) -> None:
+    async def _join(self, handle: Any, name: str) -> None:
+        """An added worker's start-up: ready, it waits for `admit`; failed, it is dropped."""
         try:
-            out = self.ray.get(fut)
+            await handle.version.remote()
         except self.ray.exceptions.RayError as e:
-            what = "failed to start" if isinstance(call, JoinCall) else "failed during its last batch"
-            log.warning(f"rollout worker {call.name} {what} ({describe_error(e)}); dropped")
-            self.ray.kill(call.handle, no_restart=True)
+            self.starting.pop(name, None)
+            log.warning(f"rollout worker {name} failed to start ({describe_error(e)}); dropped")
+            self.ray.kill(handle, no_restart=True)
             return
-        if isinstance(call, JoinCall):
-            self.joined.append((call.handle, call.name))
-            return
-        # its rows are in the buffer: the batch returns once the sink acknowledged them
-        self.sched.count_batch(out)
-        self.ray.kill(call.handle, no_restart=True)
-        log.info(f"rollout worker {call.name} removed after its last batch")
+        self.starting.pop(name, None)
+        self.joined.append((handle, name))
 
-    def admit(self) -> list[int]:
+    async def admit(self) -> list[int]:
         """Between two learner steps: the started workers that are ready join (into the live set, the
         learner's sender reconnected, the latest weights re-sent, their first batch once applied) and
         the prompts are re-sharded; removed workers whose last batch is late are abandoned. Returns the
         indices of those who joined."""
         self._check_shards()
-        self.check_retiring()
+        self.sched.check_retiring()
         if not self.joined:
             return []
-        new = []
+        new = [n for _, n in self.joined]
         for h, n in self.joined:
             self.ws.handles.append(h)
             self.ws.names.append(n)
-            new.append(len(self.ws.handles) - 1)
         self.joined = []
-        self.sched.sync.reconnect()
-        for i in new:
-            if v := self.sched.sync.give(i):
-                log.info(f"rollout worker {self.ws.names[i]} joins with weights version {v}")
-        log.info(f"rollout workers {[self.ws.names[i] for i in new]} joined; {len(self.ws.handles)} now")
-        self.reshard()
-        return new
+        await self.sched.sync.reconnect()
+        for n in new:
+            if v := await self.sched.sync.give(n):
+                log.info(f"rollout worker {n} joins with weights version {v}")
+        log.info(f"rollout workers {new} joined; {len(self.ws.handles)} now")
+        self.reshard()  # before their first batch: both calls come from this process
+        for n in new:
+            self.sched.add(n)
+        return [self.ws.index(n) for n in new]
 
-    def remove_worker(self, i: int) -> str:
-        """Take worker `i` out; returns its name. Its in-flight batch becomes a `RetireCall`; with none in
-        flight it is killed now. The indices above `i` shift down by one, and the learner's sender is
-        reconnected."""
+    async def remove_worker(self, i: int) -> str:
+        """Take worker `i` out; returns its name. With a batch in flight it retires (`Rollouts.retire`);
+        with none it is killed now. The indices above `i` shift down by one, and the learner's sender
+        is reconnected."""
         if len(self.ws.handles) <= 1:
             raise ValueError("cannot remove the last rollout worker")
         h, name = self.ws.handles.pop(i), self.ws.names.pop(i)
         self.sched.restarts.forget(name)
-        retiring = False
-        for f, c in self.calls.of(BatchCall) + self.calls.of(SyncCall):
-            if c.worker == i and isinstance(c, BatchCall):
-                self.calls.replace(f, RetireCall(h, name, time.monotonic()), owner=self)
-                retiring = True
-            elif c.worker == i:  # a weight confirmation it no longer needs
-                self.calls.pop(f)
-            elif c.worker > i:
-                self.calls.replace(f, dataclasses.replace(c, worker=c.worker - 1))
-        self.ws.awaiting = {j - (j > i) for j in self.ws.awaiting if j != i}
-        if not retiring:
-            self.ray.kill(h, no_restart=True)
-        self.sched.sync.reconnect()
+        self.sched.sync.forget(name)  # a weight confirmation it no longer needs
+        self.ws.awaiting.discard(name)
+        retiring = self.sched.retire(name, h)
+        await self.sched.sync.reconnect()
         log.info(
             f"rollout worker {name} removed{' once its batch lands' if retiring else ''}; {len(self.ws.handles)} left"
         )
         return name
-
-    def check_retiring(self, now: float | None = None) -> None:
-        """A removed worker whose last batch has not landed within sync.timeout_s is killed (its batch
-        abandoned: none of its rows were acknowledged)."""
-        now = time.monotonic() if now is None else now
-        timeout = self.sched.p.sync_timeout_s
-        for f, c in self.calls.of(RetireCall):
-            if now - c.since > timeout:
-                self.calls.pop(f)
-                self.ray.kill(c.handle, no_restart=True)
-                log.warning(f"removed rollout worker {c.name}: its last batch was abandoned after {timeout}s")
 
     # ---- prompt shards
     def reshard(self) -> None:

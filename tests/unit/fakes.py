@@ -1,8 +1,9 @@
 """Fakes of the few Ray calls the driver's parts make (`wait`, `get`, `kill`, `exceptions`, actor
-`method.remote(...)`), so their fault paths run in milliseconds without a cluster."""
+`method.remote(...)`, awaiting a ref), so their fault paths run in milliseconds without a cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from types import SimpleNamespace
 from typing import Any
@@ -55,11 +56,34 @@ _ids = itertools.count()
 
 
 class Fut:
-    """A future: `value`, or `error` raised on get; `ready=False` never lands (a hang)."""
+    """A future: `value`, or `error` raised on get or await; `ready=False` never lands (a hang) until a
+    test sets `ready = True`. Awaiting it always lets the other tasks run first, as a Ray ref does."""
 
     def __init__(self, value: Any = None, error: BaseException | None = None, ready: bool = True):
-        self.value, self.error, self.ready = value, error, ready
+        self.value, self.error, self._ready = value, error, ready
+        self._waiters: list[asyncio.Future] = []
         self.id = next(_ids)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, ready: bool) -> None:
+        self._ready = ready
+        for w in self._waiters:
+            if ready and not w.done():
+                w.set_result(None)
+
+    def __await__(self):
+        yield from asyncio.sleep(0).__await__()
+        if not self._ready:
+            w = asyncio.get_running_loop().create_future()
+            self._waiters.append(w)
+            yield from w.__await__()
+        if self.error is not None:
+            raise self.error
+        return self.value
 
     def __hash__(self):
         return self.id
@@ -127,35 +151,43 @@ class FakeGroup:
         self._resend = resend or (lambda i: Delivery(0))
         self._publish = publish or (lambda v: Delivery(v))
 
-    def resend(self, i):
+    async def resend(self, i):
         self.resent.append(i)
         return self._resend(i)
 
-    def publish(self, version):
+    async def publish(self, version):
         return self._publish(version)
 
-    def connect(self, workers, names):
+    async def connect(self, workers, names):
         self.connected.append(list(names))
 
 
 def rollouts_with(workers, policy=None, resend=None, publish=None):
     """`Rollouts` (with its `WeightSync`) over fake workers w0, w1, ...; its group is a `FakeGroup`."""
-    from sm_dist.orchestrator.calls import Inflight, RolloutPolicy, WorkerSet
     from sm_dist.orchestrator.faults import RunState, WorkerRestarts
     from sm_dist.orchestrator.rollouts import Rollouts
+    from sm_dist.orchestrator.tasks import RolloutPolicy, Tasks, WorkerSet
+    from sm_dist.orchestrator.weight_sync import WeightSync
 
-    ray = FakeRay()
+    ray, tasks = FakeRay(), Tasks()
     policy = policy or RolloutPolicy(max_restarts=1, sync_timeout_s=30.0, startup_timeout_s=5.0)
     ws = WorkerSet(list(workers), [f"w{i}" for i in range(len(workers))])
-    group = FakeGroup(resend, publish)
-    return Rollouts(ray, Inflight(ray), ws, policy, group, RunState(), 1, WorkerRestarts(ray, ws, policy))
+    restarts = WorkerRestarts(ray, ws, policy, pause_s=0.0)
+    sync = WeightSync(ray, FakeGroup(resend, publish), tasks, ws, policy, RunState(), 1, restarts)
+    return Rollouts(ray, tasks, ws, policy, sync, restarts)
 
 
-def in_flight(s) -> list:
-    """The calls in flight of `Rollouts` `s`, oldest first."""
-    return [c for _, c in s.calls.calls.values()]
+def run(coro):
+    """Run `coro` on a fresh event loop (the unit tests' stand-in for `Orchestrator.run`)."""
+    return asyncio.run(coro)
 
 
-def land(s, kind=object):
-    """Hand the oldest in-flight call of `kind` to its owner."""
-    s.calls.handle(next(f for f, (_, c) in s.calls.calls.items() if isinstance(c, kind)))
+async def settle(rounds: int = 500) -> None:
+    """Let the tasks run until they wait on something that does not land by itself."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def in_flight(s) -> dict:
+    """What `Rollouts` `s` has in flight: workers with a batch, and the weight confirmations to come."""
+    return {"batches": sorted(s.busy), "syncs": [c.name for c in s.sync.pending()]}

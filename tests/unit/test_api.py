@@ -9,6 +9,7 @@ import json
 import stat
 import urllib.error
 import urllib.request
+from asyncio import run
 from concurrent.futures import Future
 
 import pytest
@@ -150,7 +151,7 @@ class FakeRun:
     def __init__(self, step=5):
         self.stopping, self.paused, self.step, self.events = False, False, step, []
 
-    def scale(self, n):
+    async def scale(self, n):
         raise ValueError("this run cannot scale its rollout workers")
 
     def pause(self, paused):
@@ -160,13 +161,13 @@ class FakeRun:
     def stop(self):
         self.stopping = True
 
-    def checkpoint(self):
+    async def checkpoint(self):
         return {"checkpoint": "c", "step": self.step}
 
-    def between_steps(self, buffers):
+    async def between_steps(self, buffers):
         self.events.append("b")
 
-    def poll(self, timeout_s):
+    async def poll(self, timeout_s):
         self.events.append("poll")
 
     def view(self):
@@ -179,33 +180,33 @@ class FakeRun:
 
 
 def test_the_loop_applies_calls_between_steps_and_pause_blocks_until_resume(tmp_path):
-    run = FakeRun()
-    ctl = Controller(tmp_path, run, buffer_refresh_s=1e9)
+    fake = FakeRun()
+    ctl = Controller(tmp_path, fake, buffer_refresh_s=1e9)
     pause, resume = ctl.submit("pause"), ctl.submit("resume")
-    ctl.apply()  # both applied in order: not paused afterwards
+    run(ctl.apply())  # both applied in order: not paused afterwards
     assert pause.result(0)["paused"] is True and resume.result(0)["paused"] is False
-    assert run.events == ["p", "r", "b"] and not run.paused
+    assert fake.events == ["p", "r", "b"] and not fake.paused
     ctl.submit("pause")
-    run.events = []
+    fake.events = []
 
-    def poll(timeout_s):  # while paused, the loop handles answers; a resume arrives meanwhile
-        run.events.append("poll")
+    async def poll(timeout_s):  # while paused, the rollouts' tasks run; a resume arrives meanwhile
+        fake.events.append("poll")
         ctl.submit("resume")
 
-    run.poll = poll
-    ctl.apply()
-    assert run.events == ["p", "b", "poll", "r", "b"] and not ctl.paused and not run.paused
+    fake.poll = poll
+    run(ctl.apply())
+    assert fake.events == ["p", "b", "poll", "r", "b"] and not ctl.paused and not fake.paused
     stop = ctl.submit("stop")
-    ctl.apply()
-    assert stop.result(0)["stopping"] is True and run.stopping
+    run(ctl.apply())
+    assert stop.result(0)["stopping"] is True and fake.stopping
     with pytest.raises(ValueError, match="unknown command"):
         ctl.submit("reboot")
     scale = ctl.submit("scale", 2)
-    ctl.apply()
+    run(ctl.apply())
     with pytest.raises(ValueError, match="cannot scale"):
         scale.result(0)
     ckpt = ctl.submit("checkpoint")
-    ctl.apply()
+    run(ctl.apply())
     assert ckpt.result(0) == {"checkpoint": "c", "step": 5}
 
 

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from sm_dist.orchestrator.calls import BatchCall
 from sm_dist.orchestrator.driver import learn
 from sm_dist.orchestrator.faults import RunState
 from sm_dist.orchestrator.run import Orchestrator, RunActors
@@ -73,24 +72,36 @@ def orchestrator(tmp_path, learners, total_steps=3, monkeypatch=None):
         lambda ray, cfg, d, pg: built.append(d) or [learner("new")],
     )
     o = Orchestrator(ray, config(tmp_path, total_steps), a, RunState(), Logger())
-    o.sampler = SimpleNamespace(sample=lambda ranks, step, version: ([None] * ranks, [None] * ranks), wait_s=0.0,
-                                staleness=0.0)  # fmt: skip
+
+    async def sample(ranks, step, version):
+        return [None] * ranks, [None] * ranks
+
+    o.sampler = SimpleNamespace(sample=sample, wait_s=0.0, staleness=0.0)
     return o, w, built
+
+
+def run_loop(o):
+    """`learn` on the run's event loop, as the driver runs it; the loop closed afterwards."""
+    try:
+        o.run(learn(o))
+    finally:
+        o.close()
 
 
 def test_the_loop_steps_publishes_and_drains(tmp_path, monkeypatch):
     o, w, _ = orchestrator(tmp_path, [learner("a")], monkeypatch=monkeypatch)
-    learn(o)
+    run_loop(o)
     assert o.s.step == 3 and o.s.version == 3 and o.s.syncs == {"w0": 3}
     assert o.sched.batches == len(w.run_batch.calls) >= 3  # resubmitted while the learners stepped
-    assert not in_flight(o.sched) and o.sched.stopping  # drained: nothing left in flight
+    assert in_flight(o.sched) == {"batches": [], "syncs": []} and o.sched.stopping  # drained
+    assert not o.sched.loops
     assert [s for s, _ in o.log.rows] == [1, 2, 3] and o.log.rows[-1][1]["rollout/workers"] == 1.0
 
 
 def test_a_dead_learner_rank_is_rebuilt_and_its_weights_republished(tmp_path, monkeypatch):
     dead = learner("a", [STEP, Fut(error=RayActorError("rank 0 died", actor_id="a")), STEP])
     o, _, built = orchestrator(tmp_path, [dead], monkeypatch=monkeypatch)
-    learn(o)
+    run_loop(o)
     assert built == ["/models/initial"] and o.group.restarts == 1  # no checkpoint yet: the initial model
     assert o.s.step == 3  # step 1 done, the restart went back to step 0, then 3 steps
     assert o.s.version == 5 and o.ray.killed == [dead]  # 1 publish, 1 after the restart, 3 more
@@ -106,9 +117,10 @@ def test_a_stop_from_the_control_api_ends_the_loop_after_the_step(tmp_path, monk
             o.control.submit("stop")
 
     o.log.log = log
-    learn(o)
+    run_loop(o)
     assert steps == [1, 2] and o.s.step == 2 and o.stopping
-    assert all(not isinstance(c, BatchCall) for c in in_flight(o.sched))
+    assert in_flight(o.sched)["batches"] == [] and not o.sched.loops
+    assert o.sched.batches == len(w.run_batch.calls)  # every batch that went out landed and was counted
 
 
 def test_a_fatal_rollout_answer_during_a_step_stops_the_run_after_that_step(tmp_path, monkeypatch):
@@ -117,5 +129,5 @@ def test_a_fatal_rollout_answer_during_a_step_stops_the_run_after_that_step(tmp_
     o, w, _ = orchestrator(tmp_path, [learner("a")], monkeypatch=monkeypatch)
     w.run_batch = Method(Fut(error=TaskErrorFromDeadActor("the replay buffer died")))
     with pytest.raises(TaskErrorFromDeadActor, match="replay buffer died"):
-        learn(o)
+        run_loop(o)
     assert o.s.step == 1 and [s for s, _ in o.log.rows] == [1] and o.s.version == 1
