@@ -62,9 +62,8 @@ async def learn(o: Orchestrator) -> None:
     o.sched.start()  # asynchronous mode: from now on each worker's loop resubmits on its own
     while s.step < step_limit(cfg.run) and not o.stopping:
         o.tasks.check()  # a fatal error a worker's loop met during the last step stops the run here
-        await (
-            o.control.apply()
-        )  # control API calls, workers joining, autoscaler, new data; waits while paused
+        # control API calls, workers joining, the autoscaler, new data; waits while paused
+        await o.control.apply()
         if o.stopping:
             break
         try:
