@@ -23,6 +23,8 @@ def rendezvous_address(learner: Learner, port: int | None = None) -> tuple[str, 
     from sm_dist.orchestrator.cluster import node_ip_address
 
     addr = node_ip_address()
+    if learner.world_size == 1:  # no group, nothing to listen on
+        return addr, port or 0
     return addr, learner._host_store(addr, port or 0)
 
 

@@ -230,11 +230,15 @@ def _wait(ray, futs: list, labels: list[str], timeout_s: float) -> list:
         try:
             ray.get(ready[0])
         except ray.exceptions.RayError as e:
+            who = labels[futs.index(ready[0])]
+            log.debug(f"{who} failed to start:\n{e}")  # the actor's own traceback, in driver.log now
+            ray.wait(pending, num_returns=len(pending), timeout=5.0)  # the others' errors and output land too
             raise ActorStartError(
-                labels[futs.index(ready[0])],
+                who,
                 f"failed to start: {describe_error(e)}",
                 "check the settings it was given (rollout.engine.*, model.dir, learner.*) against the "
-                "library's limits; its full traceback is in run_dir/workers.log (--debug shows the driver's)",
+                "library's limits; its traceback is in run_dir/driver.log, its output in run_dir/workers.log "
+                "(--debug shows the driver's)",
             ) from e
     return ray.get(list(futs))
 
