@@ -58,11 +58,8 @@ class LearnerGroup:
     async def resend(self, index: int):
         """Rank 0 sends the last version again to worker `index`; its `Delivery`."""
         t = self.cfg.sync.timeout_s
-        return await within(
-            self.learners[0].publish_weights.remote(only=index),
-            t,
-            "rank 0's re-send of the weights did not finish",
-        )
+        late = f"rank 0's re-send of the weights did not finish within {t}s"
+        return await within(self.learners[0].publish_weights.remote(only=index), t, late)
 
     async def load(self, ckpt_dir: str) -> None:
         await gather([lr.load.remote(ckpt_dir) for lr in self.learners])

@@ -25,7 +25,7 @@ from typing import Any
 
 from sm_dist.orchestrator.actors import describe_error
 from sm_dist.orchestrator.faults import WorkerRestarts
-from sm_dist.orchestrator.tasks import RolloutPolicy, Tasks, WorkerSet, is_death
+from sm_dist.orchestrator.tasks import RolloutPolicy, Tasks, WorkerSet, is_death, within
 from sm_dist.orchestrator.weight_sync import WeightSync
 
 log = logging.getLogger("sm_dist.driver")
@@ -162,10 +162,9 @@ class Rollouts:
         def ready() -> bool:
             return self.batches > n or self.stopping or self.tasks.failure is not None
 
-        try:
-            await asyncio.wait_for(self.tasks.until(ready), timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"no rollout worker answered within {timeout_s}s while {what}") from None
+        await within(
+            self.tasks.until(ready), timeout_s, f"no rollout worker answered within {timeout_s}s while {what}"
+        )
         self.tasks.check()
 
     async def run_round(self) -> None:

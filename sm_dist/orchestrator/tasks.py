@@ -104,12 +104,12 @@ class Tasks:
             await asyncio.shield(self._changed)
 
 
-async def within(aw: Any, timeout_s: float | None, what: str) -> Any:
-    """`aw` awaited for at most `timeout_s`; a TimeoutError that says `what` was late."""
+async def within(aw: Any, timeout_s: float | None, late: str) -> Any:
+    """`aw` awaited for at most `timeout_s`; past it, a TimeoutError whose message is `late`."""
     try:
         return await asyncio.wait_for(aw, timeout_s)
     except TimeoutError:
-        raise TimeoutError(f"{what} within {timeout_s}s") from None
+        raise TimeoutError(late) from None
 
 
 async def gather(refs: list, timeout_s: float | None = None) -> list:
@@ -117,4 +117,8 @@ async def gather(refs: list, timeout_s: float | None = None) -> list:
     one learner rank dies, the others hang in their collective and would never finish)."""
     if timeout_s is None:
         return list(await asyncio.gather(*refs))
-    return list(await within(asyncio.gather(*refs), timeout_s, f"{len(refs)} calls did not finish"))
+    return list(
+        await within(
+            asyncio.gather(*refs), timeout_s, f"{len(refs)} calls did not finish within {timeout_s}s"
+        )
+    )

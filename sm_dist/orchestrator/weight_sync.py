@@ -102,8 +102,9 @@ class WeightSync:
         i = self.workers.index(name)
         d = await self.group.resend(i)
         if d.pending and not self.p.asynchronous:  # synchronous: applied before the next round
-            what = f"{name} did not apply weights version {d.version}"
-            confirm_version(name, await within(d.pending[i], self.p.sync_timeout_s, what), d.version)
+            t = self.p.sync_timeout_s
+            late = f"{name} did not apply weights version {d.version} within {t}s"
+            confirm_version(name, await within(d.pending[i], t, late), d.version)
             self._count(name)
         elif d.pending:
             self.workers.awaiting.add(name)
